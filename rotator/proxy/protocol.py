@@ -1,0 +1,616 @@
+"""The client side of the proxy: one Protocol per client connection, one Exchange per request.
+
+ClientConnection parses requests with httptools, queues them (pipelined requests
+are answered in order, one at a time) and binds each to the Route's current
+Target when its head arrives. Exchange forwards that request to an instance,
+streams both bodies without holding them whole, and maps failures to status
+codes in `error_status`, the one place that does so.
+
+Flow control: while the instance's socket is full, the client is not read;
+while the client's socket is full, the instance is not read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Callable
+
+import httptools
+
+from rotator.proxy.route import Route, Target
+from rotator.proxy.upstream import UpstreamConnection, connect
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# Set by us; a client's own values are not trusted (it could claim any address).
+FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+
+REASONS = {
+    400: b"Bad Request",
+    405: b"Method Not Allowed",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+}
+# A request body buffered while no instance connection is ready yet; past this
+# the client is not read until the body can flow.
+BODY_BUFFER_LIMIT = 256 * 1024
+KEEPALIVE_TIMEOUT = 60.0
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+def error_status(exc: BaseException | None) -> int:
+    """The one mapping from a failure talking to an instance to the status the client gets."""
+    if isinstance(exc, TimeoutError):
+        return 504
+    return 502
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+def connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """Header names that a Connection header declares hop-by-hop."""
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b","))
+    return frozenset(tokens)
+
+
+def end_to_end(headers: list[tuple[bytes, bytes]], drop: frozenset[bytes]) -> list[bytes]:
+    """`Name: value` lines of the headers that are not hop-by-hop (order and repeats kept)."""
+    extra = connection_tokens(headers) if any(n.lower() == b"connection" for n, _ in headers) else ()
+    return [
+        n + b": " + v
+        for n, v in headers
+        if (low := n.lower()) not in drop and low not in extra
+    ]
+
+
+class Exchange:
+    """One request/response through the proxy, bound to one Target for its whole life."""
+
+    __slots__ = (
+        "body_done",
+        "buffer",
+        "chunked",
+        "client",
+        "close_delimited",
+        "connecting",
+        "error",
+        "head",
+        "head_only",
+        "interim",
+        "pending",
+        "keep_alive",
+        "rechunk",
+        "response_done",
+        "response_started",
+        "retried",
+        "streamed",
+        "target",
+        "upstream",
+    )
+
+    def __init__(
+        self,
+        client: ClientConnection,
+        head: bytes,
+        *,
+        keep_alive: bool,
+        chunked: bool = False,
+        head_only: bool = False,
+        error: int = 0,
+    ) -> None:
+        self.client = client
+        self.head = head
+        self.keep_alive = keep_alive
+        self.chunked = chunked
+        self.head_only = head_only
+        self.error = error
+        self.buffer: list[bytes] = []
+        self.pending = 0  # bytes in `buffer` not yet sent
+        self.body_done = False
+        self.streamed = False  # a body byte went out that `buffer` no longer holds
+        self.target: Target | None = None
+        self.upstream: UpstreamConnection | None = None
+        self.connecting: asyncio.Task[UpstreamConnection] | None = None
+        self.interim = False
+        self.rechunk = False
+        self.close_delimited = False
+        self.response_started = False
+        self.response_done = False
+        self.retried = False
+
+    # -- request body, from the client ------------------------------------
+    def add_body(self, data: bytes) -> None:
+        self._send_body(chunk(data) if self.chunked else data)
+
+    def end_body(self) -> None:
+        self.body_done = True
+        if self.chunked:
+            self._send_body(LAST_CHUNK)
+
+    def _send_body(self, data: bytes) -> None:
+        if self.upstream is not None:
+            self.streamed = True
+            self.upstream.write(data)
+        else:
+            # Kept until the response starts, so that a retry can send it again.
+            self.buffer.append(data)
+            self.pending += len(data)
+
+    # -- binding to an instance ---------------------------------------------
+    def dispatch(self, target: Target, *, fresh: bool = False) -> None:
+        self.target = target
+        target.acquire()
+        conn = None if fresh else target.pop_idle()
+        if conn is not None:
+            self.attach(conn)
+            return
+        task = asyncio.get_running_loop().create_task(connect(target))
+        self.connecting = task
+        task.add_done_callback(self._connected)
+
+    def _connected(self, task: asyncio.Task[UpstreamConnection]) -> None:
+        self.connecting = None
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            self._before_response_failed(exc, connect_failed=True)
+        else:
+            self.attach(task.result())
+
+    def attach(self, conn: UpstreamConnection) -> None:
+        self.upstream = conn
+        self.pending = 0
+        conn.exchange = self
+        conn.write(b"".join([self.head, *self.buffer]) if self.buffer else self.head)
+        if self.client.write_paused:
+            conn.pause_reading(True)
+
+    # -- response, from the instance -----------------------------------------
+    def response_head(self, conn: UpstreamConnection, status: int) -> bool:
+        """Forward a response head. False: the response ends here although the
+        parser may expect a body (a reply to HEAD), so it must be reset."""
+        client = self.client
+        lines = end_to_end(conn.response_headers, HOP_BY_HOP)
+        reason = conn.reason or b"-"
+        if status < 200:
+            # Interim (100 Continue, 103 Early Hints): pass on, keep waiting.
+            self.interim = True
+            if client.http11:
+                client.out(b"HTTP/1.1 %d %b\r\n%b\r\n" % (status, reason, _join(lines)))
+            return True
+        self.interim = False
+        self.response_started = True
+        self.buffer = []
+        no_body = self.head_only or status in (204, 304)
+        if not no_body and not any(n.lower() == b"content-length" for n, _ in conn.response_headers):
+            chunked = any(
+                n.lower() == b"transfer-encoding" and b"chunked" in v.lower()
+                for n, v in conn.response_headers
+            )
+            self.close_delimited = not chunked
+            if client.http11:
+                self.rechunk = True
+                lines.append(b"Transfer-Encoding: chunked")
+            else:
+                self.keep_alive = False
+        if not self.keep_alive:
+            lines.append(b"Connection: close")
+        elif not client.http11:
+            lines.append(b"Connection: keep-alive")
+        client.out(b"HTTP/1.1 %d %b\r\n%b\r\n" % (status, reason, _join(lines)))
+        return not self.head_only
+
+    def response_body(self, data: bytes) -> None:
+        self.client.out(chunk(data) if self.rechunk else data)
+
+    def response_complete(self, conn: UpstreamConnection | None, keep_alive: bool) -> None:
+        if self.interim:
+            self.interim = False
+            return
+        if self.rechunk:
+            self.client.out(LAST_CHUNK)
+        if conn is not None:
+            if keep_alive and self.body_done and not self.close_delimited:
+                conn.release()
+            else:
+                conn.close()
+        self._finish()
+
+    def upstream_lost(self, conn: UpstreamConnection, exc: Exception | None) -> None:
+        if self.response_done:
+            return
+        self.upstream = None
+        if self.response_started:
+            if self.close_delimited and exc is None:
+                self.response_complete(None, keep_alive=False)
+            else:
+                self._abort_client()
+            return
+        self._before_response_failed(exc, stale=conn.used)
+
+    def upstream_failed(self, conn: UpstreamConnection, exc: Exception) -> None:
+        """The instance sent something that is not HTTP: nothing of it is passed on."""
+        conn.close()
+        self.upstream = None
+        if self.response_started:
+            self._abort_client()
+        else:
+            self.fail(502)
+
+    def _before_response_failed(
+        self, exc: BaseException | None, *, stale: bool = False, connect_failed: bool = False
+    ) -> None:
+        route_target = self.client.route.target
+        # Safe to send again: nothing of the body is lost, and either nothing
+        # reached the instance or it was a pooled connection the instance had
+        # already closed. After a rotation the retry goes to the new target.
+        if (
+            not self.retried
+            and not self.streamed
+            and route_target is not None
+            and (stale or (connect_failed and route_target is not self.target))
+        ):
+            self.retried = True
+            if self.target is not None:
+                self.target.release()
+                self.target = None
+            self.dispatch(route_target, fresh=True)
+            return
+        self.fail(error_status(exc))
+
+    # -- endings ------------------------------------------------------------------
+    def fail(self, status: int, extra: bytes = b"") -> None:
+        """Answer with an error of the proxy's own (before any response byte went out)."""
+        client = self.client
+        body = b"rotator: %b: %b\n" % (client.route.name.encode(), REASONS[status].lower())
+        self.keep_alive = self.keep_alive and self.body_done
+        conn_hdr = b"keep-alive" if self.keep_alive else b"close"
+        client.out(
+            b"HTTP/1.1 %d %b\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d\r\nConnection: %b\r\n%b\r\n%b"
+            % (status, REASONS[status], len(body), conn_hdr, extra, body)
+        )
+        self._finish()
+        client.flush()
+
+    def _abort_client(self) -> None:
+        # Part of the response is out: the only honest signal left is to cut the connection.
+        self.keep_alive = False
+        self._finish()
+
+    def _finish(self) -> None:
+        self.response_done = True
+        self.upstream = None
+        if self.target is not None:
+            self.target.release()
+            self.target = None
+        self.client.exchange_done(self)
+
+    def cancel(self) -> None:
+        """The client went away: release everything this exchange holds."""
+        if self.connecting is not None:
+            self.connecting.cancel()
+        if self.upstream is not None:
+            self.upstream.close()
+            self.upstream = None
+        if self.target is not None:
+            self.target.release()
+            self.target = None
+        self.response_done = True
+
+
+def _join(lines: list[bytes]) -> bytes:
+    return b"".join(line + b"\r\n" for line in lines)
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client connection to a component's public address."""
+
+    def __init__(self, listener: Listener) -> None:
+        self.listener = listener
+        self.route = listener.route
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.queue: collections.deque[Exchange] = collections.deque()
+        self.http11 = True
+        self.write_paused = False
+        self.idle_since: float | None = None
+        self.closing = False  # answer what is queued, then close
+        self._out: list[bytes] = []
+        self._upstream_full = False
+        self._reading_paused = False
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._forwarded = b""
+        self._hold: asyncio.Task[Target | None] | None = None
+
+    # -- asyncio.Protocol --------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        ip = peer[0].encode() if isinstance(peer, tuple) else b"unknown"
+        self._forwarded = b"X-Forwarded-For: " + ip + b"\r\nX-Forwarded-Proto: http\r\n"
+        self.listener.connections.add(self)
+        self.idle_since = asyncio.get_running_loop().time()
+
+    def data_received(self, data: bytes) -> None:
+        self.idle_since = None
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            pass  # the upgrade request itself was queued, as a plain request; see on_headers_complete
+        except httptools.HttpParserError:
+            self._reject(400)
+        self.flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.listener.connections.discard(self)
+        self.transport = None
+        if self._hold is not None:
+            self._hold.cancel()
+        for ex in self.queue:
+            ex.cancel()
+        self.queue.clear()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.queue and self.queue[0].upstream is not None:
+            self.queue[0].upstream.pause_reading(True)
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.queue and self.queue[0].upstream is not None:
+            self.queue[0].upstream.pause_reading(False)
+
+    # -- httptools callbacks -------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = []
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        method = parser.get_method()
+        self.http11 = parser.get_http_version() == "1.1"
+        # An upgrade would turn the connection into a tunnel, which this proxy
+        # does not offer: the request goes on as a plain one and the
+        # connection closes after it (the parser stops at an upgrade).
+        keep_alive = parser.should_keep_alive() and not parser.should_upgrade() and not self.closing
+        if method == b"CONNECT":
+            self._enqueue(Exchange(self, b"", keep_alive=False, error=405))
+            return
+        url = self._origin_form(self._url)
+        if url is None:
+            self._enqueue(Exchange(self, b"", keep_alive=False, error=400))
+            return
+        headers = self._headers
+        chunked = False
+        host = b""
+        for name, value in headers:
+            low = name.lower()
+            if low == b"transfer-encoding":
+                chunked = b"chunked" in value.lower()
+            elif low == b"host":
+                host = value
+        lines = end_to_end(headers, HOP_BY_HOP | FORWARDED)
+        if chunked:
+            lines.append(b"Transfer-Encoding: chunked")
+        head = b"%b %b HTTP/1.1\r\n%b%b" % (method, url, _join(lines), self._forwarded)
+        if host:
+            head += b"X-Forwarded-Host: " + host + b"\r\n\r\n"
+        else:
+            head += b"\r\n"
+        self._enqueue(
+            Exchange(self, head, keep_alive=keep_alive, chunked=chunked, head_only=method == b"HEAD")
+        )
+
+    # A response may end before its request body did (an early 413): the
+    # exchange is gone then and the rest of the body is dropped with the connection.
+    def on_body(self, body: bytes) -> None:
+        if self.queue and not self.queue[-1].response_done:
+            ex = self.queue[-1]
+            ex.add_body(body)
+            if ex.pending > BODY_BUFFER_LIMIT:
+                self._update_reading()
+
+    def on_message_complete(self) -> None:
+        if self.queue and not self.queue[-1].response_done:
+            self.queue[-1].end_body()
+
+    # -- queue of exchanges ----------------------------------------------------
+    def _enqueue(self, ex: Exchange) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.queue.append(ex)
+        if len(self.queue) == 1:
+            self._start(ex)
+        else:
+            self._update_reading()
+
+    def _start(self, ex: Exchange) -> None:
+        if ex.error:
+            ex.body_done = True
+            ex.fail(ex.error)
+            return
+        target = self.route.target
+        if target is not None:
+            ex.dispatch(target)
+            return
+        hold = asyncio.get_running_loop().create_task(self.route.wait_target())
+        self._hold = hold
+        hold.add_done_callback(lambda task: self._held(ex, task))
+
+    def _held(self, ex: Exchange, task: asyncio.Task[Target | None]) -> None:
+        self._hold = None
+        if task.cancelled() or ex.response_done:
+            return
+        target = task.result()
+        if target is None:
+            ex.fail(503, b"Retry-After: 1\r\n")
+        else:
+            ex.dispatch(target)
+
+    def exchange_done(self, ex: Exchange) -> None:
+        if not self.queue or self.queue[0] is not ex:
+            return
+        self.queue.popleft()
+        self.route.requests += 1
+        if not (ex.keep_alive and ex.body_done) or self.transport is None:
+            self.close()
+            return
+        if self.queue:
+            self._start(self.queue[0])
+        else:
+            self.idle_since = asyncio.get_running_loop().time()
+            if self.closing:
+                self.close()
+                return
+        self._update_reading()
+
+    def _reject(self, status: int) -> None:
+        """A malformed request: answered in its turn, then the connection closes."""
+        self.closing = True
+        last = self.queue[-1] if self.queue else None
+        if last is None or last.body_done:
+            self._enqueue(Exchange(self, b"", keep_alive=False, error=status))
+        elif len(self.queue) == 1 and not last.response_started:
+            # Its body broke mid-way: whatever was forwarded of it is void.
+            if self._hold is not None:
+                self._hold.cancel()
+            last.cancel()
+            last.keep_alive = False
+            last.body_done = True
+            last.fail(status)
+        elif self.transport is not None:
+            self.transport.abort()
+
+    @staticmethod
+    def _origin_form(url: bytes) -> bytes | None:
+        """The path and query to send on. An absolute URL's host is ignored: the
+        target is always the component's own instance (no open proxy)."""
+        if url.startswith(b"/") or url == b"*":
+            return url
+        try:
+            parsed = httptools.parse_url(url)
+        except httptools.HttpParserInvalidURLError:
+            return None
+        if parsed.schema not in (b"http", b"https"):
+            return None
+        path = parsed.path or b"/"
+        return path + b"?" + parsed.query if parsed.query else path
+
+    # -- output and flow control ---------------------------------------------
+    def out(self, data: bytes) -> None:
+        self._out.append(data)
+
+    def flush(self) -> None:
+        if self._out:
+            data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
+            self._out = []
+            if self.transport is not None:
+                self.transport.write(data)
+
+    def upstream_full(self, full: bool) -> None:
+        self._upstream_full = full
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        if self.transport is None:
+            return
+        pause = (
+            self._upstream_full
+            or len(self.queue) > 1
+            or (bool(self.queue) and self.queue[0].pending > BODY_BUFFER_LIMIT)
+        )
+        if pause != self._reading_paused:
+            self._reading_paused = pause
+            if pause:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
+
+    def close(self) -> None:
+        self.flush()
+        if self.transport is not None:
+            self.transport.close()
+
+    def close_when_idle(self) -> None:
+        """Shutdown: finish what is queued, accept nothing more on this connection."""
+        self.closing = True
+        if not self.queue:
+            self.close()
+
+
+class Listener:
+    """A component's public address: accepts clients for its Route. Bound once."""
+
+    def __init__(self, route: Route, host: str, port: int) -> None:
+        self.route = route
+        self.host = host
+        self.port = port
+        self.connections: set[ClientConnection] = set()
+        self.server: asyncio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        factory: Callable[[], ClientConnection] = lambda: ClientConnection(self)  # noqa: E731
+        self.server = await loop.create_server(
+            factory, self.host, self.port, reuse_address=True, backlog=1024
+        )
+        self._sweeper = loop.create_task(self._sweep_idle())
+
+    async def _sweep_idle(self) -> None:
+        # One periodic pass instead of a timer per request keeps the hot path free of timers.
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(KEEPALIVE_TIMEOUT / 4)
+            now = loop.time()
+            for conn in list(self.connections):
+                if conn.idle_since is not None and now - conn.idle_since > KEEPALIVE_TIMEOUT:
+                    conn.close()
+
+    def stop_accepting(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    async def shutdown(self, timeout: float) -> None:
+        """Stop accepting, let requests in progress finish (up to `timeout`), close the rest."""
+        self.stop_accepting()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for conn in list(self.connections):
+            conn.close_when_idle()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.connections and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.abort()

@@ -1,0 +1,132 @@
+"""Where a component's traffic goes: its Route and the Targets it switches between.
+
+A Target is one instance as the proxy sees it: an address, the requests in
+flight on it and its keep-alive connections. A Route holds the component's
+current Target; `swap()` replaces it in one step, so a request is bound to
+whichever Target was current when its head arrived and stays there.
+
+No sockets are opened here; connections register themselves (see upstream.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rotator.proxy.upstream import UpstreamConnection
+
+# Idle keep-alive connections kept per target; more would only hold sockets
+# (and file descriptors) open on the instance for no benefit.
+MAX_IDLE_PER_TARGET = 64
+
+
+class Target:
+    """One instance: where to connect, what is in flight, which connections are open."""
+
+    __slots__ = ("_drained", "connections", "host", "idle", "in_flight", "label", "port", "retired", "served")
+
+    def __init__(self, host: str, port: int, label: str = "") -> None:
+        self.host = host
+        self.port = port
+        self.label = label or f"{host}:{port}"
+        self.in_flight = 0
+        self.served = 0
+        self.retired = False
+        self.idle: list[UpstreamConnection] = []
+        self.connections: set[UpstreamConnection] = set()
+        self._drained: asyncio.Future[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<Target {self.label} in_flight={self.in_flight}>"
+
+    def acquire(self) -> None:
+        self.in_flight += 1
+
+    def release(self) -> None:
+        self.in_flight -= 1
+        self.served += 1
+        if self.in_flight == 0 and self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    def pop_idle(self) -> UpstreamConnection | None:
+        while self.idle:
+            conn = self.idle.pop()
+            if conn.usable:
+                return conn
+        return None
+
+    def put_idle(self, conn: UpstreamConnection) -> None:
+        # A retired target's instance is about to be stopped: pooling would
+        # only hand out a connection that is certain to die.
+        if self.retired or len(self.idle) >= MAX_IDLE_PER_TARGET:
+            conn.close()
+        else:
+            self.idle.append(conn)
+
+    async def drain(self, timeout: float) -> int:
+        """Wait until nothing is in flight here, at most `timeout` seconds.
+
+        Returns how many requests were still in flight at the deadline (0 = drained).
+        """
+        if self.in_flight == 0:
+            return 0
+        loop = asyncio.get_running_loop()
+        if self._drained is None or self._drained.done():
+            self._drained = loop.create_future()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._drained), timeout)
+        except TimeoutError:
+            pass
+        return self.in_flight
+
+    def retire(self) -> None:
+        """No new request will come here: close the idle pool now, the rest as they finish."""
+        self.retired = True
+        for conn in self.idle:
+            conn.close()
+        self.idle.clear()
+
+    def close_all(self) -> None:
+        """Cut every connection, busy or idle (used after a drain deadline passed)."""
+        self.retire()
+        for conn in list(self.connections):
+            conn.close()
+
+
+class Route:
+    """A component's current Target; never None during a rotation, only before the first
+    instance is healthy or after the component was stopped."""
+
+    __slots__ = ("_waiters", "hold_timeout", "name", "requests", "target")
+
+    def __init__(self, name: str, hold_timeout: float) -> None:
+        self.name = name
+        self.hold_timeout = hold_timeout
+        self.target: Target | None = None
+        self.requests = 0
+        self._waiters: list[asyncio.Future[Target]] = []
+
+    def swap(self, new: Target | None) -> Target | None:
+        """Make `new` the current target in one step and return the one it replaced."""
+        old, self.target = self.target, new
+        if new is not None:
+            waiters, self._waiters = self._waiters, []
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(new)
+        return old
+
+    async def wait_target(self) -> Target | None:
+        """The current target, waiting up to hold_timeout for one; None if none came."""
+        if self.target is not None:
+            return self.target
+        fut: asyncio.Future[Target] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            return await asyncio.wait_for(fut, self.hold_timeout)
+        except TimeoutError:
+            return None
+        finally:
+            if fut in self._waiters:
+                self._waiters.remove(fut)

@@ -1,0 +1,150 @@
+"""The instance side of the proxy: one keep-alive HTTP/1.1 connection to an instance.
+
+An UpstreamConnection parses responses with httptools and hands each event to the
+Exchange it currently serves (see protocol.py); between exchanges it waits in its
+Target's idle pool. It decides nothing about framing or status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+import httptools
+
+from rotator.proxy.route import Target
+
+if TYPE_CHECKING:
+    from rotator.proxy.protocol import Exchange
+
+# Bounds the connect, not the request: an instance that accepts nothing within
+# this time is treated as gone (the request may then be retried elsewhere).
+CONNECT_TIMEOUT = 5.0
+
+
+class UpstreamConnection(asyncio.Protocol):
+    __slots__ = (
+        "_reset_parser",
+        "exchange",
+        "parser",
+        "reason",
+        "response_headers",
+        "target",
+        "transport",
+        "used",
+    )
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.exchange: Exchange | None = None
+        self.reason = b""
+        self.response_headers: list[tuple[bytes, bytes]] = []
+        self.used = False  # served a response before: a failure may be a stale keep-alive
+        self._reset_parser = False
+
+    @property
+    def usable(self) -> bool:
+        return self.transport is not None and not self.transport.is_closing()
+
+    # -- asyncio.Protocol --------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.target.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        ex = self.exchange
+        if ex is None:
+            # Bytes nobody asked for: the connection's framing can't be trusted.
+            self.close()
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            ex.upstream_failed(self, exc)
+            return
+        if self._reset_parser:
+            # A response without a body where the parser expected one (HEAD):
+            # start afresh for the next response on this connection.
+            self._reset_parser = False
+            self.parser = httptools.HttpResponseParser(self)
+            ex.response_complete(self, keep_alive=True)
+        ex.client.flush()
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.target.connections.discard(self)
+        self.transport = None
+        ex, self.exchange = self.exchange, None
+        if ex is not None:
+            ex.upstream_lost(self, exc)
+
+    def pause_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.client.upstream_full(True)
+
+    def resume_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.client.upstream_full(False)
+
+    # -- httptools callbacks -------------------------------------------------
+    def on_message_begin(self) -> None:
+        self.reason = b""
+        self.response_headers = []
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.response_headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        assert self.exchange is not None
+        status = self.parser.get_status_code()
+        if not self.exchange.response_head(self, status):
+            self._reset_parser = True
+
+    def on_body(self, body: bytes) -> None:
+        if self.exchange is not None and not self._reset_parser:
+            self.exchange.response_body(body)
+
+    def on_message_complete(self) -> None:
+        if self.exchange is not None and not self._reset_parser:
+            self.exchange.response_complete(self, keep_alive=self.parser.should_keep_alive())
+
+    # -- used by Exchange ----------------------------------------------------
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def pause_reading(self, paused: bool) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            if paused:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
+
+    def release(self) -> None:
+        """The exchange is over and left the connection clean: back to the pool."""
+        self.exchange = None
+        self.used = True
+        self.pause_reading(False)
+        self.target.put_idle(self)
+
+    def close(self) -> None:
+        self.exchange = None
+        if self.transport is not None:
+            self.transport.close()
+
+
+async def connect(target: Target) -> UpstreamConnection:
+    loop = asyncio.get_running_loop()
+    _, conn = await asyncio.wait_for(
+        loop.create_connection(lambda: UpstreamConnection(target), target.host, target.port),
+        CONNECT_TIMEOUT,
+    )
+    return conn
