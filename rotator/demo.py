@@ -1,0 +1,243 @@
+"""The demo component: a small aiohttp app for the example config, tests and benchmarks.
+
+Run as `python -m rotator.demo --port P`. Flags make it misbehave on purpose
+(slow start, crash, never healthy, ignore SIGTERM, leave a child process,
+close every connection); routes echo what they received so tests can check
+what the proxy forwarded. Every response carries X-Instance-Pid/-Port.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+CHUNK = 64 * 1024
+PATTERN = bytes(range(256)) * (CHUNK // 256)  # /bytes body: byte i is i % 256
+
+
+@dataclass
+class Config:
+    name: str
+    host: str
+    port: int  # the bound port once listening (matters for --port 0)
+    close: bool
+    never_healthy: bool
+
+
+CONFIG = web.AppKey("config", Config)
+
+
+def say(line: str) -> None:
+    print(line, flush=True)
+
+
+def query_num(request: web.Request, key: str, default: float) -> float:
+    try:
+        return max(0.0, float(request.query.get(key, default)))
+    except ValueError:
+        raise web.HTTPBadRequest(text=f"{key} must be a number") from None
+
+
+async def health(request: web.Request) -> web.Response:
+    if request.app[CONFIG].never_healthy:
+        return web.Response(status=503, text="never healthy")
+    return web.Response(text="ok")
+
+
+async def index(request: web.Request) -> web.Response:
+    cfg, url = request.app[CONFIG], request.rel_url
+    info = {"name": cfg.name, "pid": os.getpid(), "port": cfg.port, "method": request.method}
+    return web.json_response({**info, "path": url.path, "query": url.raw_query_string})
+
+
+async def slow(request: web.Request) -> web.Response:
+    seconds = query_num(request, "seconds", 1)
+    await asyncio.sleep(seconds)
+    port = request.app[CONFIG].port
+    return web.json_response({"pid": os.getpid(), "port": port, "slept": seconds})
+
+
+async def some_bytes(request: web.Request) -> web.StreamResponse:
+    n = int(query_num(request, "n", 0))
+    resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+    resp.content_length = n
+    await resp.prepare(request)
+    while n > 0:
+        await resp.write(PATTERN[: min(n, CHUNK)])
+        n -= CHUNK
+    await resp.write_eof()
+    return resp
+
+
+async def echo(request: web.Request) -> web.StreamResponse:
+    resp = web.StreamResponse()
+    if "Content-Type" in request.headers:
+        resp.headers["Content-Type"] = request.headers["Content-Type"]
+    if request.content_length is not None:
+        resp.content_length = request.content_length
+        resp.headers["X-Echo-Length"] = str(request.content_length)
+    await resp.prepare(request)
+    async for data in request.content.iter_any():
+        await resp.write(data)
+    await resp.write_eof()
+    return resp
+
+
+async def headers(request: web.Request) -> web.Response:
+    return web.json_response(
+        {
+            "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in request.raw_headers],
+            "method": request.method,
+            "path_qs": request.raw_path,
+            "http_version": f"{request.version.major}.{request.version.minor}",
+        }
+    )
+
+
+async def chunked(request: web.Request) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "text/plain"})
+    resp.enable_chunked_encoding()
+    await resp.prepare(request)
+    for i in range(int(query_num(request, "n", 3))):
+        if i:
+            await asyncio.sleep(0.01)
+        await resp.write(f"chunk {i}\n".encode())
+    await resp.write_eof()
+    return resp
+
+
+async def cookies(request: web.Request) -> web.Response:
+    resp = web.Response(text="cookies")
+    resp.set_cookie("a", "1")
+    resp.set_cookie("b", "2")
+    return resp
+
+
+async def status(request: web.Request) -> web.Response:
+    code = int(request.match_info["code"])
+    if not 200 <= code <= 599:
+        raise web.HTTPBadRequest(text="status must be 200-599")
+    return web.Response(status=code)
+
+
+async def on_prepare(request: web.Request, resp: web.StreamResponse) -> None:
+    cfg = request.app[CONFIG]
+    resp.headers["X-Instance-Pid"] = str(os.getpid())
+    resp.headers["X-Instance-Port"] = str(cfg.port)
+    if cfg.close:  # like gunicorn sync workers: the server closes, TIME_WAIT stays on our port
+        resp.force_close()  # headers are computed before this hook: say it ourselves too
+        resp.headers["Connection"] = "close"
+
+
+def make_app(cfg: Config) -> web.Application:
+    app = web.Application()
+    app[CONFIG] = cfg
+    app.on_response_prepare.append(on_prepare)
+    app.router.add_get("/health", health)
+    app.router.add_get("/slow", slow)
+    app.router.add_get("/bytes", some_bytes)
+    app.router.add_post("/echo", echo)
+    app.router.add_get("/headers", headers)
+    app.router.add_get("/chunked", chunked)
+    app.router.add_get("/cookies", cookies)
+    app.router.add_get(r"/status/{code:\d+}", status)
+    app.router.add_get("/{tail:.*}", index)  # "/" and any other path
+    return app
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    env = os.environ
+    p = argparse.ArgumentParser(
+        prog="python -m rotator.demo", description="The rotator demo component."
+    )
+    p.add_argument(
+        "--port", type=int, default=env.get("PORT") or None, help="default: $PORT (0: any)"
+    )
+    p.add_argument("--host", default=env.get("HOST", "127.0.0.1"))
+    p.add_argument("--name", default=env.get("NAME", "demo"))
+    p.add_argument("--startup-delay", type=float, default=0.0, metavar="SECONDS")
+    p.add_argument("--close", action="store_true", help="answer with Connection: close")
+    p.add_argument("--crash-on-start", action="store_true", help="exit 3 before binding")
+    p.add_argument("--never-healthy", action="store_true", help="/health answers 503")
+    p.add_argument("--ignore-sigterm", action="store_true", help="only SIGKILL stops it")
+    p.add_argument("--spawn-child", action="store_true", help="leave a child in our group")
+    p.add_argument("--access-log", action="store_true")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS")
+    args = p.parse_args(argv)
+    if args.port is None:
+        p.error("--port or $PORT is required")
+    return args
+
+
+def spawn_child() -> int:
+    """A long sleeper in our process group, with SIGTERM's default action restored."""
+    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_DFL); time.sleep(3600)"
+    child = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return child.pid
+
+
+async def serve(args: argparse.Namespace) -> int:
+    cfg = Config(args.name, args.host, args.port, args.close, args.never_healthy)
+    tag = f"demo {cfg.name} pid {os.getpid()}"
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if sig == signal.SIGTERM and args.ignore_sigterm:
+            signal.signal(sig, signal.SIG_IGN)
+            continue
+        with contextlib.suppress(NotImplementedError):  # Windows
+            loop.add_signal_handler(sig, stop.set)
+
+    if args.spawn_child:
+        say(f"{tag} spawned child pid {spawn_child()}")
+    if args.startup_delay > 0:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), args.startup_delay)
+        if stop.is_set():
+            say(f"{tag} stopping")
+            return 0
+    if args.crash_on_start:
+        say(f"{tag} crashing on start (--crash-on-start)")
+        return 3
+
+    access: dict[str, Any] = {} if args.access_log else {"access_log": None}
+    if args.access_log:
+        logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+    runner = web.AppRunner(make_app(cfg), shutdown_timeout=args.shutdown_timeout, **access)
+    await runner.setup()
+    try:
+        try:
+            await web.TCPSite(runner, cfg.host, cfg.port).start()
+        except OSError as exc:
+            say(f"{tag} cannot listen on {cfg.host}:{cfg.port}: {exc}")
+            return 1
+        cfg.port = int(runner.addresses[0][1])
+        say(f"{tag} listening on {cfg.host}:{cfg.port}")
+        await stop.wait()
+        say(f"{tag} stopping")
+    finally:
+        await runner.cleanup()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return asyncio.run(serve(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
