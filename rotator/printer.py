@@ -1,0 +1,56 @@
+"""Text for people: the status table and event lines. Formatting only."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+
+def duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours}h{minutes:02d}m"
+    return f"{hours // 24}d{hours % 24:02d}h"
+
+
+def status_table(status: dict[str, Any], now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    header = ("COMPONENT", "STATE", "LISTEN", "PID", "PORT", "UPTIME", "REQUESTS", "IN FLIGHT", "RESTARTS", "LAST ROTATION")
+    rows = [header]
+    notes = []
+    for c in status["components"]:
+        active = c.get("active")
+        last = c.get("last_rotation")
+        rows.append(
+            (
+                c["name"],
+                c["state"] + ("" if active is None or active["healthy"] else " (unhealthy)"),
+                c["listen"],
+                str(active["pid"]) if active else "-",
+                str(active["port"]) if active else "-",
+                duration(now - active["since"]) if active else "-",
+                str(c.get("requests", 0)),
+                str(c.get("in_flight", 0)),
+                str(c["restarts"]),
+                f"{duration(now - last['at'])} ago, took {duration(last['seconds'])}" if last else "-",
+            )
+        )
+        for d in c["draining"]:
+            notes.append(f"  {c['name']}: draining pid {d['pid']} on port {d['port']} ({d['in_flight']} in flight)")
+        if c.get("last_error") and c["state"] != "running":
+            notes.append(f"  {c['name']}: {c['last_error']}")
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    return "\n".join(lines + notes)
+
+
+def event_line(event: dict[str, Any], since: float | None = None) -> str:
+    prefix = f"[{duration(max(0.0, event['time'] - since)):>6}] " if since is not None else ""
+    return f"{prefix}{event['component']}: {event['message']}"
