@@ -34,11 +34,15 @@ class CommandError(Exception):
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "-c", "--config", type=Path, default=argparse.SUPPRESS,
+        "-c",
+        "--config",
+        type=Path,
+        default=argparse.SUPPRESS,
         help="config file (default: $ROTATOR_CONFIG, else ./rotator.yaml)",
     )
     parser = argparse.ArgumentParser(
-        prog="rotator", parents=[common],
+        prog="rotator",
+        parents=[common],
         description="Zero-downtime port rotation for local HTTP services.",
         epilog="exit codes: 0 ok, 1 operation failed, 2 usage or config error",
     )
@@ -47,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("up", parents=[common], help="run the daemon in the foreground")
     status = sub.add_parser("status", parents=[common], help="show components and their instances")
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    restart = sub.add_parser("restart", parents=[common], help="rotate components with zero downtime")
+    restart = sub.add_parser(
+        "restart", parents=[common], help="rotate components with zero downtime"
+    )
     restart.add_argument("names", nargs="+", metavar="NAME")
     sub.add_parser("down", parents=[common], help="stop the daemon gracefully")
     sub.add_parser("check", parents=[common], help="validate the config and exit")
@@ -92,7 +98,9 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
 def cmd_restart(config: Config, args: argparse.Namespace) -> int:
     unknown = [n for n in args.names if n not in config.names]
     if unknown:
-        raise CommandError(f"unknown component {unknown[0]!r} (have: {', '.join(config.names)})", USAGE)
+        raise CommandError(
+            f"unknown component {unknown[0]!r} (have: {', '.join(config.names)})", USAGE
+        )
     admin = Admin(config)
     for i, name in enumerate(args.names):
         began = time.time()
@@ -104,7 +112,10 @@ def cmd_restart(config: Config, args: argparse.Namespace) -> int:
             else:
                 result = line
         if result.get("result") != "ok":
-            print(f"rotator: {name}: restart failed: {result.get('error', 'no result from the daemon')}", file=sys.stderr)
+            print(
+                f"rotator: {name}: restart failed: {result.get('error', 'no result from the daemon')}",
+                file=sys.stderr,
+            )
             for log_line in result.get("log_tail", []):
                 print(f"    | {log_line}", file=sys.stderr)
             rest = args.names[i + 1 :]
@@ -131,7 +142,13 @@ def cmd_down(config: Config, args: argparse.Namespace) -> int:
     raise CommandError(f"daemon {pid} is still running after {longest + 10:g}s")
 
 
-COMMANDS = {"up": cmd_up, "check": cmd_check, "status": cmd_status, "restart": cmd_restart, "down": cmd_down}
+COMMANDS = {
+    "up": cmd_up,
+    "check": cmd_check,
+    "status": cmd_status,
+    "restart": cmd_restart,
+    "down": cmd_down,
+}
 
 
 # -- the admin API, over stdlib HTTP --------------------------------------------
@@ -159,7 +176,9 @@ class Admin:
         if method != "GET":
             request.add_header("Authorization", f"Bearer {self._token()}")
         try:
-            return urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request, timeout=timeout)
+            return urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
+                request, timeout=timeout
+            )
         except urllib.error.HTTPError as exc:
             raise CommandError(_error_text(exc)) from None
         except (urllib.error.URLError, ConnectionError) as exc:
@@ -168,13 +187,11 @@ class Admin:
             ) from exc
 
     def _token(self) -> str:
-        from rotator.daemon import token_path  # noqa: PLC0415
-
         try:
-            return token_path(self.config).read_text().strip()
+            return self.config.token_path.read_text().strip()
         except OSError as exc:
             raise CommandError(
-                f"cannot read the admin token {token_path(self.config)}: {exc.strerror} (is the daemon running?)"
+                f"cannot read the admin token {self.config.token_path}: {exc.strerror} (is the daemon running?)"
             ) from None
 
 

@@ -134,13 +134,18 @@ class Component:
         if self.active is not None:
             in_use.add(self.active.port)
         try:
-            choice = choose_port(spec.ports, self.last_port, in_use, lambda p: self._probe(self.host, p))
+            choice = choose_port(
+                spec.ports, self.last_port, in_use, lambda p: self._probe(self.host, p)
+            )
         except NoFreePort:
             raise RotationFailed(describe_exhausted(spec.ports, port_holders(spec.ports))) from None
         port = choice.port
         self.last_port = port
         if choice.state is PortState.TIME_WAIT:
-            self.emit("port", f"every free port of the pool has TIME_WAIT left; using {port}, which SO_REUSEADDR accepts")
+            self.emit(
+                "port",
+                f"every free port of the pool has TIME_WAIT left; using {port}, which SO_REUSEADDR accepts",
+            )
         argv, env = spec.render(port, self.host)
         try:
             inst = await self._spawn(self.name, port, argv, env, spec.cwd, self.log_path)
@@ -151,12 +156,19 @@ class Component:
             seconds = await self.health.wait_until_healthy(self.host, port, inst.wait())
         except NotHealthy as exc:
             await inst.stop(spec.stop_signal, spec.stop_timeout)
-            raise RotationFailed(f"new instance pid {inst.pid} on port {port} {exc}", inst.tail(LOG_TAIL)) from None
+            raise RotationFailed(
+                f"new instance pid {inst.pid} on port {port} {exc}", inst.tail(LOG_TAIL)
+            ) from None
         except asyncio.CancelledError:
             # Shutdown during a start: nobody else knows this instance yet.
             await asyncio.shield(inst.stop(spec.stop_signal, spec.stop_timeout))
             raise
-        self.emit("healthy", f"pid {inst.pid} healthy after {seconds * 1000:.0f} ms", pid=inst.pid, ms=round(seconds * 1000))
+        self.emit(
+            "healthy",
+            f"pid {inst.pid} healthy after {seconds * 1000:.0f} ms",
+            pid=inst.pid,
+            ms=round(seconds * 1000),
+        )
         return inst
 
     def _switch(self, new: Instance) -> Draining | None:
@@ -168,8 +180,13 @@ class Component:
         self._watchers.add(watcher)
         watcher.add_done_callback(self._watchers.discard)
         was = f":{old.instance.port} -> " if old is not None else ""
-        self.emit("switched", f"switched {was}:{new.port} (pid {new.pid})", pid=new.pid, port=new.port,
-                  in_flight=old_target.in_flight if old_target is not None else 0)
+        self.emit(
+            "switched",
+            f"switched {was}:{new.port} (pid {new.pid})",
+            pid=new.pid,
+            port=new.port,
+            in_flight=old_target.in_flight if old_target is not None else 0,
+        )
         return old
 
     def _drop_active(self, target: Target | None = None) -> Draining | None:
@@ -196,18 +213,35 @@ class Component:
         took = time.monotonic() - began
         if left:
             target.close_all()
-            self.emit("drained", f"drain_timeout {spec.drain_timeout:g}s passed with {left} request(s) of pid {inst.pid} in flight: cut",
-                      pid=inst.pid, cut=left)
+            self.emit(
+                "drained",
+                f"drain_timeout {spec.drain_timeout:g}s passed with {left} request(s) of pid {inst.pid} in flight: cut",
+                pid=inst.pid,
+                cut=left,
+            )
         else:
-            self.emit("drained", f"drained {in_flight} request(s) from pid {inst.pid} in {took:.2f} s",
-                      pid=inst.pid, requests=in_flight, seconds=round(took, 3))
+            self.emit(
+                "drained",
+                f"drained {in_flight} request(s) from pid {inst.pid} in {took:.2f} s",
+                pid=inst.pid,
+                requests=in_flight,
+                seconds=round(took, 3),
+            )
         result = await inst.stop(spec.stop_signal, spec.stop_timeout)
         self.last_stop = result.outcome
         if result.survivors:
-            self.emit("stopped", f"pid {inst.pid}: processes {list(result.survivors)} survived SIGKILL", pid=inst.pid)
+            self.emit(
+                "stopped",
+                f"pid {inst.pid}: processes {list(result.survivors)} survived SIGKILL",
+                pid=inst.pid,
+            )
         else:
-            self.emit("stopped", f"stopped pid {inst.pid} ({result.outcome}, {result.seconds * 1000:.0f} ms)",
-                      pid=inst.pid, outcome=result.outcome)
+            self.emit(
+                "stopped",
+                f"stopped pid {inst.pid} ({result.outcome}, {result.seconds * 1000:.0f} ms)",
+                pid=inst.pid,
+                outcome=result.outcome,
+            )
         self.draining.remove(old)
 
     async def _watch(self, inst: Instance) -> None:

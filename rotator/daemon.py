@@ -33,15 +33,9 @@ from rotator.ports import describe_holders, port_holders, probe_port
 from rotator.proxy.protocol import Listener
 from rotator.proxy.route import Route
 
-TOKEN_FILE = "admin.token"
-
 
 class DaemonError(Exception):
     """Startup failed for a reason the user can act on; the message says which."""
-
-
-def token_path(config: Config) -> Path:
-    return config.state_dir / TOKEN_FILE
 
 
 class Daemon:
@@ -92,7 +86,7 @@ class Daemon:
         await self._start_admin(token)
         # Only once the admin address is ours: a second daemon for the same
         # config must not replace the token of the first.
-        _write_private(token_path(config), token)
+        _write_private(config.token_path, token)
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(force_close=True, limit=0), trust_env=False
         )
@@ -102,24 +96,33 @@ class Daemon:
             try:
                 await listener.start()
             except OSError as exc:
-                raise DaemonError(_bind_error(f"components.{spec.name}.listen", str(spec.listen), exc)) from None
+                raise DaemonError(
+                    _bind_error(f"components.{spec.name}.listen", str(spec.listen), exc)
+                ) from None
             self.listeners.append(listener)
             self.components[spec.name] = Component(
                 spec,
                 route,
                 self.bus,
                 health=HealthCheck(self._session, spec.health),
-                log_path=config.state_dir / "logs" / f"{spec.name}.log",
+                log_path=config.log_path(spec.name),
                 probe=probe_port,
             )
         self.out(
             f"rotator {__version__}: admin on http://{config.admin.listen}, "
             f"{len(self.components)} component(s), event loop {self.event_loop}"
         )
-        results = await asyncio.gather(*(c.rotate() for c in self.components.values()), return_exceptions=True)
-        failed = [c.name for c, r in zip(self.components.values(), results, strict=True) if r is not None]
+        results = await asyncio.gather(
+            *(c.rotate() for c in self.components.values()), return_exceptions=True
+        )
+        failed = [
+            c.name for c, r in zip(self.components.values(), results, strict=True) if r is not None
+        ]
         ready = len(results) - len(failed)
-        self.out(f"rotator: {ready} of {len(results)} component(s) running" + (f"; failed: {', '.join(failed)}" if failed else ""))
+        self.out(
+            f"rotator: {ready} of {len(results)} component(s) running"
+            + (f"; failed: {', '.join(failed)}" if failed else "")
+        )
 
     async def _start_admin(self, token: str) -> None:
         listen = self.config.admin.listen
@@ -156,7 +159,7 @@ class Daemon:
         if self._runner is not None:
             await self._runner.cleanup()
             with contextlib.suppress(FileNotFoundError):
-                token_path(self.config).unlink()
+                self.config.token_path.unlink()
 
     # -- reporting --------------------------------------------------------------
     def status(self) -> dict[str, Any]:

@@ -94,5 +94,9 @@ def _host(host: str) -> str:
 
 def _client_error(exc: aiohttp.ClientError) -> str:
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return "connection refused" if isinstance(exc.os_error, ConnectionRefusedError) else str(exc.os_error)
+        return (
+            "connection refused"
+            if isinstance(exc.os_error, ConnectionRefusedError)
+            else str(exc.os_error)
+        )
     return type(exc).__name__

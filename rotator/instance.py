@@ -31,7 +31,9 @@ class SpawnError(Exception):
 
 @dataclass(frozen=True)
 class StopResult:
-    outcome: str  # "graceful": exited on the stop signal; "forced": killed; "gone": was already dead
+    outcome: (
+        str  # "graceful": exited on the stop signal; "forced": killed; "gone": was already dead
+    )
     seconds: float
     survivors: tuple[int, ...] = ()  # pids still alive after everything: should never happen
 
@@ -74,7 +76,9 @@ class Instance:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as log:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-            log.write(f"==== rotator: {name} on port {port} at {stamp}: {shlex.join(argv)}\n".encode())
+            log.write(
+                f"==== rotator: {name} on port {port} at {stamp}: {shlex.join(argv)}\n".encode()
+            )
             log.flush()
             offset = log.tell()
             try:

@@ -22,7 +22,18 @@ def duration(seconds: float) -> str:
 
 def status_table(status: dict[str, Any], now: float | None = None) -> str:
     now = time.time() if now is None else now
-    header = ("COMPONENT", "STATE", "LISTEN", "PID", "PORT", "UPTIME", "REQUESTS", "IN FLIGHT", "RESTARTS", "LAST ROTATION")
+    header = (
+        "COMPONENT",
+        "STATE",
+        "LISTEN",
+        "PID",
+        "PORT",
+        "UPTIME",
+        "REQUESTS",
+        "IN FLIGHT",
+        "RESTARTS",
+        "LAST ROTATION",
+    )
     rows = [header]
     notes = []
     for c in status["components"]:
@@ -39,15 +50,22 @@ def status_table(status: dict[str, Any], now: float | None = None) -> str:
                 str(c.get("requests", 0)),
                 str(c.get("in_flight", 0)),
                 str(c["restarts"]),
-                f"{duration(now - last['at'])} ago, took {duration(last['seconds'])}" if last else "-",
+                f"{duration(now - last['at'])} ago, took {duration(last['seconds'])}"
+                if last
+                else "-",
             )
         )
         for d in c["draining"]:
-            notes.append(f"  {c['name']}: draining pid {d['pid']} on port {d['port']} ({d['in_flight']} in flight)")
+            notes.append(
+                f"  {c['name']}: draining pid {d['pid']} on port {d['port']} ({d['in_flight']} in flight)"
+            )
         if c.get("last_error") and c["state"] != "running":
             notes.append(f"  {c['name']}: {c['last_error']}")
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
     return "\n".join(lines + notes)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 from collections.abc import Callable
+from typing import cast
 
 import httptools
 
@@ -74,11 +75,11 @@ def connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
 
 def end_to_end(headers: list[tuple[bytes, bytes]], drop: frozenset[bytes]) -> list[bytes]:
     """`Name: value` lines of the headers that are not hop-by-hop (order and repeats kept)."""
-    extra = connection_tokens(headers) if any(n.lower() == b"connection" for n, _ in headers) else ()
+    extra = (
+        connection_tokens(headers) if any(n.lower() == b"connection" for n, _ in headers) else ()
+    )
     return [
-        n + b": " + v
-        for n, v in headers
-        if (low := n.lower()) not in drop and low not in extra
+        n + b": " + v for n, v in headers if (low := n.lower()) not in drop and low not in extra
     ]
 
 
@@ -96,8 +97,8 @@ class Exchange:
         "head",
         "head_only",
         "interim",
-        "pending",
         "keep_alive",
+        "pending",
         "rechunk",
         "response_done",
         "response_started",
@@ -202,7 +203,9 @@ class Exchange:
         self.response_started = True
         self.buffer = []
         no_body = self.head_only or status in (204, 304)
-        if not no_body and not any(n.lower() == b"content-length" for n, _ in conn.response_headers):
+        if not no_body and not any(
+            n.lower() == b"content-length" for n, _ in conn.response_headers
+        ):
             chunked = any(
                 n.lower() == b"transfer-encoding" and b"chunked" in v.lower()
                 for n, v in conn.response_headers
@@ -346,8 +349,8 @@ class ClientConnection(asyncio.Protocol):
 
     # -- asyncio.Protocol --------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, but behave as one.
+        self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         ip = peer[0].encode() if isinstance(peer, tuple) else b"unknown"
         self._forwarded = b"X-Forwarded-For: " + ip + b"\r\nX-Forwarded-Proto: http\r\n"
@@ -427,7 +430,9 @@ class ClientConnection(asyncio.Protocol):
         else:
             head += b"\r\n"
         self._enqueue(
-            Exchange(self, head, keep_alive=keep_alive, chunked=chunked, head_only=method == b"HEAD")
+            Exchange(
+                self, head, keep_alive=keep_alive, chunked=chunked, head_only=method == b"HEAD"
+            )
         )
 
     # A response may end before its request body did (an early 413): the

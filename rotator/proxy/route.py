@@ -11,6 +11,7 @@ No sockets are opened here; connections register themselves (see upstream.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -24,7 +25,17 @@ MAX_IDLE_PER_TARGET = 64
 class Target:
     """One instance: where to connect, what is in flight, which connections are open."""
 
-    __slots__ = ("_drained", "connections", "host", "idle", "in_flight", "label", "port", "retired", "served")
+    __slots__ = (
+        "_drained",
+        "connections",
+        "host",
+        "idle",
+        "in_flight",
+        "label",
+        "port",
+        "retired",
+        "served",
+    )
 
     def __init__(self, host: str, port: int, label: str = "") -> None:
         self.host = host
@@ -74,10 +85,8 @@ class Target:
         loop = asyncio.get_running_loop()
         if self._drained is None or self._drained.done():
             self._drained = loop.create_future()
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(self._drained), timeout)
-        except TimeoutError:
-            pass
         return self.in_flight
 
     def retire(self) -> None:

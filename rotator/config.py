@@ -1,0 +1,578 @@
+"""Configuration: read rotator.yaml, validate it, and turn it into frozen specs.
+
+Pure: it reads the config file (and checks that `cwd` directories exist) but opens no
+sockets and starts no processes. Every problem is collected with the line of the offending
+value and raised together in one ConfigError, so a broken file is fixed in one pass.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+import shlex
+import signal
+import sys
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+T = TypeVar("T")
+Entry = tuple[Node, Node]  # (key node, value node): keys carry the line for "unknown key"
+
+TOP_KEYS = ("admin", "state_dir", "defaults", "components")
+HEALTH_KEYS = ("path", "interval", "timeout", "start_timeout")
+DEFAULT_KEYS = (
+    "health",
+    "drain_timeout",
+    "stop_signal",
+    "stop_timeout",
+    "hold_timeout",
+    "cwd",
+    "env",
+)
+PER_COMPONENT_KEYS = ("listen", "ports", "command")
+COMPONENT_KEYS = PER_COMPONENT_KEYS + DEFAULT_KEYS
+
+STR_TAG = "tag:yaml.org,2002:str"
+NULL_TAG = "tag:yaml.org,2002:null"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_ADDRESS = re.compile(r"(?:\[([^\]\s]+)\]|([^\s:\[\]]+)):(\d+)")
+_PORTS = re.compile(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?")
+_DURATION = re.compile(r"([-+]?(?:\d+(?:\.\d*)?|\.\d+))\s*(ms|s|m|h)?")
+_UNITS: dict[str | None, float] = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+# A regex rather than str.format, so literal braces (awk scripts, JSON) pass through untouched.
+_PLACEHOLDER = re.compile(r"\{(port|host|name|python)\}")
+_WILDCARDS = {"0.0.0.0", "::"}
+
+
+@dataclass(frozen=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        # An IPv6 literal needs brackets, or the port would be ambiguous.
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class HealthSpec:
+    path: str = "/health"
+    interval: float = 1.0
+    timeout: float = 2.0
+    start_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    name: str
+    listen: Address
+    ports: tuple[int, ...]
+    command: tuple[str, ...]
+    cwd: Path
+    env: Mapping[str, str] = field(
+        hash=False
+    )  # a MappingProxyType is unhashable; keep specs hashable
+    health: HealthSpec
+    drain_timeout: float = 30.0
+    stop_signal: signal.Signals = signal.SIGTERM
+    stop_timeout: float = 10.0
+    hold_timeout: float = 5.0
+
+    def render(self, port: int, host: str | None = None) -> tuple[list[str], dict[str, str]]:
+        """argv and env additions for an instance on `port`, placeholders substituted."""
+        host = self.listen.host if host is None else host
+        # {python}: the interpreter rotator runs on, so that a Python component
+        # finds the same environment without relying on PATH.
+        values = {"port": str(port), "host": host, "name": self.name, "python": sys.executable}
+
+        def sub(text: str) -> str:
+            return _PLACEHOLDER.sub(lambda m: values[m[1]], text)
+
+        env = {key: sub(value) for key, value in self.env.items()}
+        env.update(PORT=str(port), HOST=host)  # last, so the instance always learns its real port
+        return [sub(word) for word in self.command], env
+
+
+@dataclass(frozen=True)
+class AdminSpec:
+    listen: Address = Address("127.0.0.1", 9900)
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    admin: AdminSpec
+    state_dir: Path
+    components: tuple[ComponentSpec, ...]
+
+    def component(self, name: str) -> ComponentSpec:
+        for spec in self.components:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(spec.name for spec in self.components)
+
+    @property
+    def token_path(self) -> Path:
+        """Where the daemon leaves the admin token for the CLI (mode 0600)."""
+        return self.state_dir / "admin.token"
+
+    def log_path(self, name: str) -> Path:
+        return self.state_dir / "logs" / f"{name}.log"
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    line: int | None
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = self.file if self.line is None else f"{self.file}:{self.line}"
+        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+
+
+class ConfigError(Exception):
+    """The config is unusable; `problems` lists everything wrong, in file order."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__("\n".join(str(problem) for problem in problems))
+        self.problems = problems
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from 250ms, 2s, 1.5m, 1h or a bare number of seconds (30, 0.5, "30")."""
+    seconds: float | None = None
+    try:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            seconds = float(value)
+        elif isinstance(value, str) and (m := _DURATION.fullmatch(value.strip())):
+            seconds = float(m[1]) * _UNITS[m[2]]
+    except OverflowError:
+        seconds = None
+    if seconds is None or not math.isfinite(seconds):
+        raise ValueError(f"{value!r} is not a duration (use 250ms, 2s, 1m or a number of seconds)")
+    if seconds < 0:
+        raise ValueError(f"{value!r} is negative (a duration must be 0 or more)")
+    return seconds
+
+
+def default_path(env: Mapping[str, str]) -> Path:
+    return Path(env.get("ROTATOR_CONFIG") or "rotator.yaml")
+
+
+def load(path: Path | str) -> Config:
+    path = Path(path).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        problem = Problem(str(path), None, "", f"cannot read the config file: {reason}")
+        raise ConfigError([problem]) from None
+    return parse(text, path)
+
+
+def parse(text: str, path: Path) -> Config:
+    parser = _Parser(Path(path))
+    config = parser.config(text)
+    if parser.problems or config is None:
+        raise ConfigError(sorted(parser.problems, key=lambda p: p.line or 0))
+    return config
+
+
+class _Parser:
+    """Walks the YAML node tree (not plain dicts) so every problem can name its line."""
+
+    def __init__(self, path: Path) -> None:
+        self.file = str(path)
+        self.path = Path(os.path.abspath(path.expanduser()))
+        self.base = self.path.parent
+        self.loader = yaml.SafeLoader("")  # only its constructors are used, to type scalars
+        self.problems: list[Problem] = []
+        # For the cross-component checks: (owner, value, node, field path).
+        self.listens: list[tuple[str, Address, Node | None, str]] = []
+        self.pools: list[tuple[str, tuple[int, ...], Node, str]] = []
+
+    def fail(self, node: Node | None, path: str, message: str) -> None:
+        line = None if node is None else node.start_mark.line + 1
+        self.problems.append(Problem(self.file, line, path, message))
+
+    # -- the file ----------------------------------------------------------------------------
+
+    def config(self, text: str) -> Config | None:
+        try:
+            root = yaml.compose(text, Loader=yaml.SafeLoader)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+            line = None if mark is None else mark.line + 1
+            reason = getattr(exc, "problem", None) or str(exc)
+            self.problems.append(Problem(self.file, line, "", f"invalid YAML: {reason}"))
+            return None
+        top = self.mapping(root, "", TOP_KEYS)
+        if top is None:
+            return None
+        admin = AdminSpec()
+        admin_keys = self.mapping(_value(top, "admin"), "admin", ("listen",)) or {}
+        if "listen" in admin_keys and (
+            addr := self.address(admin_keys["listen"][1], "admin.listen")
+        ):
+            admin = AdminSpec(addr)
+        self.listens.append(
+            ("the admin API", admin.listen, _value(admin_keys, "listen"), "admin.listen")
+        )
+        state_dir = self.base.joinpath(".rotator").resolve()
+        if "state_dir" in top and (found := self.path_value(top["state_dir"][1], "state_dir")):
+            state_dir = found
+            if state_dir.exists() and not state_dir.is_dir():
+                self.fail(top["state_dir"][1], "state_dir", f"{state_dir} is not a directory")
+        defaults = self.defaults(_value(top, "defaults"))
+        components = self.components(top.get("components"), defaults)
+        self.check_overlaps()
+        return Config(self.path, admin, state_dir, components)
+
+    def defaults(self, node: Node | None) -> dict[str, Any]:
+        # Parsed once, so a bad default is reported once, at its defaults.* path.
+        found = self.mapping(node, "defaults", DEFAULT_KEYS + PER_COMPONENT_KEYS) or {}
+        for key in PER_COMPONENT_KEYS:
+            if key in found:
+                self.fail(found[key][0], f"defaults.{key}", "can only be set per component")
+        return self.shared(found, "defaults")
+
+    def components(
+        self, entry: Entry | None, defaults: dict[str, Any]
+    ) -> tuple[ComponentSpec, ...]:
+        if entry is None:
+            self.fail(None, "components", "missing (at least one component is required)")
+            return ()
+        found = self.mapping(entry[1], "components")
+        if found == {}:
+            self.fail(entry[1], "components", "must list at least one component")
+        specs = (self.component(name, *kv, defaults) for name, kv in (found or {}).items())
+        return tuple(spec for spec in specs if spec is not None)
+
+    def component(
+        self, name: str, key: Node, node: Node, defaults: dict[str, Any]
+    ) -> ComponentSpec | None:
+        path = f"components.{name}"
+        if not _NAME.fullmatch(name):  # names end up in file names
+            self.fail(
+                key,
+                path,
+                f"{name!r} is not a valid name (letters, digits, '_', '.', '-';"
+                " starting with a letter or digit)",
+            )
+        found = self.mapping(node, path, COMPONENT_KEYS)
+        if found is None:
+            return None
+        listen = self.required(found, key, path, "listen", "the public host:port", self.address)
+        ports = self.required(found, key, path, "ports", "the pool of private ports", self.ports)
+        command = self.required(
+            found, key, path, "command", "the command that starts an instance", self.command
+        )
+        if listen:
+            self.listens.append(
+                (f"component {name!r}", listen, found["listen"][1], f"{path}.listen")
+            )
+        if ports:
+            self.pools.append((name, ports, found["ports"][1], f"{path}.ports"))
+        own = self.shared(found, path)
+        # Component wins: health field by field, env key by key, the rest as a whole.
+        health = HealthSpec(**{**defaults.get("health", {}), **own.pop("health", {})})
+        env = {**defaults.get("env", {}), **own.pop("env", {})}
+        rest = {k: v for k, v in defaults.items() if k not in ("health", "env")} | own
+        rest.setdefault("cwd", self.base.resolve())
+        if listen is None or ports is None or command is None:
+            return None
+        return ComponentSpec(
+            name, listen, ports, command, env=MappingProxyType(env), health=health, **rest
+        )
+
+    def shared(self, found: dict[str, Entry], path: str) -> dict[str, Any]:
+        """The keys a component shares with `defaults`; only valid values are returned."""
+        readers: dict[str, Callable[[Node, str], Any]] = {
+            "health": self.health,
+            "drain_timeout": lambda node, at: self.duration(node, at, allow_zero=True),
+            "stop_timeout": self.duration,
+            "hold_timeout": self.duration,
+            "stop_signal": self.stop_signal,
+            "cwd": self.directory,
+            "env": self.env,
+        }
+        values = {
+            key: read(found[key][1], f"{path}.{key}")
+            for key, read in readers.items()
+            if key in found
+        }
+        return {key: value for key, value in values.items() if value is not None}
+
+    def check_overlaps(self) -> None:
+        """Binds that would fail, or steal each other's traffic, at runtime."""
+        for i, (_, addr, node, path) in enumerate(self.listens):
+            for other, prior, _, _ in self.listens[:i]:
+                if addr == prior:
+                    self.fail(node, path, f"{addr} is also the listen address of {other}")
+                elif addr.port == prior.port and (
+                    addr.host.lower() == prior.host.lower() or {addr.host, prior.host} & _WILDCARDS
+                ):
+                    self.fail(node, path, f"{addr} overlaps {prior}, the listen address of {other}")
+        public: dict[int, str] = {}
+        for owner, addr, _, _ in self.listens:
+            public.setdefault(addr.port, owner)
+        for i, (_, pool, pool_node, pool_path) in enumerate(self.pools):
+            for port, owner in public.items():
+                if port in pool:
+                    self.fail(pool_node, pool_path, f"port {port} is the listen port of {owner}")
+            for other_name, other_pool, _, _ in self.pools[:i]:
+                if shared := sorted(set(pool) & set(other_pool)):
+                    self.fail(
+                        pool_node,
+                        pool_path,
+                        f"{_ports_phrase(shared)} also in the pool of component {other_name!r}",
+                    )
+
+    # -- node helpers ------------------------------------------------------------------------
+
+    def mapping(
+        self, node: Node | None, path: str, keys: Collection[str] | None = None
+    ) -> dict[str, Entry] | None:
+        """Key -> (key node, value node), or None if not a mapping. An empty value is {}."""
+        if node is None or node.tag == NULL_TAG:
+            return {}
+        if not isinstance(node, MappingNode):
+            self.fail(node, path, f"must be a mapping, not {_kind(node)}")
+            return None
+        found: dict[str, Entry] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, ScalarNode):
+                self.fail(key_node, path, f"a key must be a plain name, not {_kind(key_node)}")
+                continue
+            key, here = key_node.value, _join(path, key_node.value)
+            if key in found:  # PyYAML would silently keep the last one
+                first = found[key][0].start_mark.line + 1
+                self.fail(key_node, here, f"duplicate key (first set on line {first})")
+            elif keys is not None and key not in keys:
+                self.fail(key_node, here, "unknown key" + _did_you_mean(key, keys))
+            else:
+                found[key] = (key_node, value_node)
+        return found
+
+    def scalar(self, node: Node, path: str, raw: bool = False) -> Any:
+        """The typed value of a scalar (or its text as written, if raw); None once reported."""
+        if not isinstance(node, ScalarNode):
+            self.fail(node, path, f"must be a single value, not {_kind(node)}")
+            return None
+        if node.tag == NULL_TAG:
+            self.fail(node, path, "needs a value")
+            return None
+        if raw:
+            return node.value
+        try:
+            return self.loader.construct_object(node)
+        except (yaml.YAMLError, ValueError) as exc:  # e.g. an unknown !tag
+            self.fail(node, path, f"invalid value: {getattr(exc, 'problem', None) or exc}")
+            return None
+
+    def required(
+        self,
+        found: dict[str, Entry],
+        at: Node,
+        path: str,
+        key: str,
+        what: str,
+        read: Callable[[Node, str], T | None],
+    ) -> T | None:
+        if key not in found:
+            self.fail(at, f"{path}.{key}", f"missing ({what})")
+            return None
+        return read(found[key][1], f"{path}.{key}")
+
+    # -- field readers: each returns the value, or None after reporting ------------------------
+
+    def address(self, node: Node, path: str) -> Address | None:
+        text = self.scalar(node, path, raw=True)  # raw: YAML would read 1:30 as a number
+        if text is None:
+            return None
+        if not (m := _ADDRESS.fullmatch(text.strip())):
+            self.fail(node, path, f"{text!r} is not host:port (e.g. 127.0.0.1:8001 or [::1]:8001)")
+            return None
+        if not 1 <= (port := int(m[3])) <= 65535:
+            self.fail(node, path, f"{port} is not a port (1-65535)")
+            return None
+        return Address(m[1] or m[2], port)
+
+    def ports(self, node: Node, path: str) -> tuple[int, ...] | None:
+        items = node.value if isinstance(node, SequenceNode) else [node]
+        ranges = [self.port_range(item, path) for item in items]
+        if None in ranges:
+            return None
+        pool = tuple(dict.fromkeys(port for r in ranges if r for port in r))  # ordered de-dup
+        if not pool:
+            self.fail(node, path, "the pool is empty (give at least one port)")
+            return None
+        return pool
+
+    def port_range(self, node: Node, path: str) -> range | None:
+        value = self.scalar(node, path)
+        if value is None:
+            return None
+        if isinstance(value, int) and not isinstance(value, bool):
+            low = high = value
+        elif isinstance(value, str) and (m := _PORTS.fullmatch(value)):
+            low, high = int(m[1]), int(m[2] or m[1])
+        else:
+            self.fail(
+                node,
+                path,
+                f"{value!r} is not a port or range (use 18001, 18001-18010 or a list of them)",
+            )
+            return None
+        if bad := [p for p in (low, high) if not 1 <= p <= 65535]:
+            self.fail(node, path, f"{bad[0]} is not a port (1-65535)")
+            return None
+        if low > high:
+            self.fail(node, path, f"{low}-{high} is an empty range")
+            return None
+        return range(low, high + 1)
+
+    def command(self, node: Node, path: str) -> tuple[str, ...] | None:
+        if isinstance(node, SequenceNode):
+            bad = [
+                item
+                for item in node.value
+                if not (isinstance(item, ScalarNode) and item.tag == STR_TAG)
+            ]
+            for item in bad:
+                what = f"{item.value!r} (quote it)" if isinstance(item, ScalarNode) else _kind(item)
+                self.fail(item, path, f"list items must be strings, not {what}")
+            if bad:
+                return None
+            words = [item.value for item in node.value]
+        elif isinstance(node, MappingNode):
+            self.fail(node, path, "must be a string or a list of strings, not a mapping")
+            return None
+        else:
+            if (text := self.scalar(node, path, raw=True)) is None:
+                return None
+            try:
+                words = shlex.split(text)
+            except ValueError as exc:
+                self.fail(node, path, f"cannot be split into words: {exc}")
+                return None
+        if not words:
+            self.fail(node, path, "is empty")
+            return None
+        return tuple(words)
+
+    def duration(self, node: Node, path: str, allow_zero: bool = False) -> float | None:
+        if (value := self.scalar(node, path)) is None:
+            return None
+        try:
+            seconds = parse_duration(value)
+        except ValueError as exc:
+            self.fail(node, path, str(exc))
+            return None
+        if seconds == 0 and not allow_zero:
+            self.fail(node, path, "must be greater than 0")
+            return None
+        return seconds
+
+    def health(self, node: Node, path: str) -> dict[str, Any]:
+        found = self.mapping(node, path, HEALTH_KEYS) or {}
+        values: dict[str, Any] = {}
+        if "path" in found:
+            node, here = found["path"][1], f"{path}.path"
+            if (text := self.scalar(node, here, raw=True)) is not None and text.startswith("/"):
+                values["path"] = text
+            elif text is not None:
+                self.fail(node, here, f"{text!r} must start with '/'")
+        for key in ("interval", "timeout", "start_timeout"):
+            if key in found and (seconds := self.duration(found[key][1], f"{path}.{key}")):
+                values[key] = seconds
+        return values
+
+    def stop_signal(self, node: Node, path: str) -> signal.Signals | None:
+        if (value := self.scalar(node, path)) is None:
+            return None
+        name = str(value).upper()
+        name = name if name.startswith("SIG") else f"SIG{name}"
+        if isinstance(value, str) and name in signal.Signals.__members__:
+            return signal.Signals[name]
+        self.fail(
+            node,
+            path,
+            f"{value!r} is not a signal (use e.g. TERM, INT, HUP, QUIT, KILL, USR1 or USR2)",
+        )
+        return None
+
+    def path_value(self, node: Node, path: str) -> Path | None:
+        if (text := self.scalar(node, path, raw=True)) is None:
+            return None
+        return self.base.joinpath(Path(text).expanduser()).resolve()
+
+    def directory(self, node: Node, path: str) -> Path | None:
+        if (found := self.path_value(node, path)) is None or found.is_dir():
+            return found
+        problem = "is not a directory" if found.exists() else "does not exist"
+        self.fail(node, path, f"{found} {problem}")
+        return None
+
+    def env(self, node: Node, path: str) -> dict[str, str]:
+        values: dict[str, str] = {}
+        for key, (key_node, value_node) in (self.mapping(node, path) or {}).items():
+            if key_node.tag != STR_TAG or not key or "=" in key:
+                self.fail(
+                    key_node,
+                    f"{path}.{key}",
+                    "is not a valid variable name (a string without '='; quote numbers)",
+                )
+            elif not isinstance(value_node, ScalarNode):
+                self.fail(
+                    value_node, f"{path}.{key}", f"must be a single value, not {_kind(value_node)}"
+                )
+            else:  # the text as written: `yes` stays "yes", 1.50 stays "1.50"; empty is ""
+                values[key] = "" if value_node.tag == NULL_TAG else value_node.value
+        return values
+
+
+def _value(found: dict[str, Entry], key: str) -> Node | None:
+    return found[key][1] if key in found else None
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _kind(node: Node) -> str:
+    if isinstance(node, MappingNode):
+        return "a mapping"
+    return "a list" if isinstance(node, SequenceNode) else "a single value"
+
+
+def _did_you_mean(key: str, keys: Collection[str]) -> str:
+    if close := difflib.get_close_matches(key, list(keys), n=1):
+        return f" (did you mean {close[0]!r}?)"
+    return f" (expected one of: {', '.join(keys)})"
+
+
+def _ports_phrase(ports: list[int]) -> str:
+    """[18005, 18006, 18009] -> 'ports 18005-18006, 18009 are': short enough for a message."""
+    runs: list[list[int]] = []
+    for port in ports:
+        if runs and port == runs[-1][1] + 1:
+            runs[-1][1] = port
+        else:
+            runs.append([port, port])
+    text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+    return f"ports {text} are" if len(ports) > 1 else f"port {text} is"

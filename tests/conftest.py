@@ -1,0 +1,254 @@
+"""Shared fixtures: free ports, config files, a real daemon, the real CLI, and a load generator."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+import pytest
+import yaml
+
+PY = sys.executable
+DEMO = f"{PY} -m rotator.demo --port {{port}} --name {{name}}"
+
+
+# Below the ephemeral ranges (Linux 32768-60999, macOS 49152-65535): a pool
+# port that the kernel also hands out as a client port can carry a TIME_WAIT
+# that no SO_REUSEADDR bind gets past, which would make tests flaky.
+_PORT_RANGE = (20000, 32000)
+_handed_out: set[int] = set()
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct ports, outside the ephemeral range, that nothing holds right now."""
+    ports: list[int] = []
+    while len(ports) < n:
+        port = random.randint(*_PORT_RANGE)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        ports.append(port)
+    return ports
+
+
+def component(pool: int = 4, command: str = DEMO, **extra: Any) -> dict[str, Any]:
+    ports = free_ports(pool + 1)
+    return {"listen": f"127.0.0.1:{ports[0]}", "ports": ports[1:], "command": command, **extra}
+
+
+def write_config(directory: Path, components: dict[str, dict[str, Any]], **top: Any) -> Path:
+    config = {
+        "admin": {"listen": f"127.0.0.1:{free_ports(1)[0]}"},
+        "state_dir": "state",
+        "defaults": {
+            "health": {"interval": "200ms", "timeout": "1s", "start_timeout": "10s"},
+            "drain_timeout": "5s",
+            "stop_timeout": "3s",
+        },
+        "components": components,
+        **top,
+    }
+    path = directory / "rotator.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def cli(config: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PY, "-m", "rotator", "-c", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+class RunningDaemon:
+    """`rotator up` as a real subprocess."""
+
+    def __init__(self, config: Path) -> None:
+        self.config = config
+        self.data = yaml.safe_load(config.read_text())
+        self.admin = f"http://{self.data['admin']['listen']}"
+        self.log = config.parent / "daemon.out"
+        self.proc = subprocess.Popen(
+            [PY, "-m", "rotator", "up", "-c", str(config)],
+            stdout=self.log.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.pids_seen: set[int] = set()
+
+    def status(self) -> dict[str, Any]:
+        with urllib.request.urlopen(self.admin + "/v1/status", timeout=5) as resp:
+            status: dict[str, Any] = json.load(resp)
+        for c in status["components"]:
+            if c["active"]:
+                self.pids_seen.add(c["active"]["pid"])
+            self.pids_seen.update(d["pid"] for d in c["draining"])
+        return status
+
+    def component(self, name: str) -> dict[str, Any]:
+        return next(c for c in self.status()["components"] if c["name"] == name)
+
+    def wait_running(self, timeout: float = 20) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.output()}")
+            with contextlib.suppress(OSError):
+                status = self.status()
+                if all(c["state"] in ("running", "failed") for c in status["components"]):
+                    return status
+            time.sleep(0.05)
+        raise AssertionError(f"daemon not running after {timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def url(self, name: str, path: str = "/") -> str:
+        return f"http://{self.data['components'][name]['listen']}{path}"
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def kill_everything(self) -> None:
+        """Test cleanup: nothing this daemon started may outlive the test."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        for pid in self.pids_seen:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)
+
+
+@pytest.fixture
+def daemon_factory() -> Iterator[Any]:
+    started: list[RunningDaemon] = []
+
+    def start(config: Path, wait: bool = True) -> RunningDaemon:
+        d = RunningDaemon(config)
+        started.append(d)
+        if wait:
+            d.wait_running()
+        return d
+
+    yield start
+    for d in started:
+        d.stop()
+        d.kill_everything()
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def wait_until(predicate: Any, timeout: float = 10, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
+
+
+@dataclass
+class LoadReport:
+    ok: int = 0
+    failures: collections.Counter[str] = field(default_factory=collections.Counter)
+    longest_gap: float = 0.0
+    pids: collections.Counter[int] = field(default_factory=collections.Counter)
+    samples: list[str] = field(default_factory=list)
+
+    @property
+    def failed(self) -> int:
+        return sum(self.failures.values())
+
+
+class Load:
+    """Concurrent clients hammering a URL from a background thread until stopped:
+    half keep their connections alive, half open a new one per request."""
+
+    def __init__(self, url: str, clients: int = 16) -> None:
+        self.url = url
+        self.clients = clients
+        self.report = LoadReport()
+        self._stop = threading.Event()
+        self._last_ok = 0.0
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    def __enter__(self) -> Load:
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while self.report.ok < self.clients and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    async def _run(self) -> None:
+        keep = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+        fresh = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(force_close=True),
+            timeout=aiohttp.ClientTimeout(total=30),
+        )
+        self._last_ok = time.monotonic()
+        async with keep, fresh:
+            await asyncio.gather(
+                *(self._client(keep if i % 2 == 0 else fresh) for i in range(self.clients))
+            )
+
+    async def _client(self, session: aiohttp.ClientSession) -> None:
+        report = self.report
+        while not self._stop.is_set():
+            try:
+                async with session.get(self.url) as resp:
+                    body = await resp.read()
+                    if resp.status != 200:
+                        report.failures[f"status {resp.status}"] += 1
+                        report.samples.append(body[:200].decode(errors="replace"))
+                        continue
+                    report.pids[int(resp.headers.get("X-Instance-Pid", 0))] += 1
+            except Exception as exc:  # every kind of failure is what we count
+                report.failures[type(exc).__name__] += 1
+                report.samples.append(repr(exc)[:200])
+                continue
+            now = time.monotonic()
+            report.longest_gap = max(report.longest_gap, now - self._last_ok)
+            self._last_ok = now
+            report.ok += 1
