@@ -17,17 +17,22 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from rotator.config import ComponentSpec
 from rotator.events import Event, EventBus
-from rotator.health import HealthCheck, NotHealthy
+from rotator.health import NotHealthy
 from rotator.instance import Instance, SpawnError
 from rotator.ports import NoFreePort, PortState, choose_port, describe_exhausted, port_holders
 from rotator.proxy.route import Route, Target
 
 Spawner = Callable[[str, int, list[str], dict[str, str], Path, Path], Awaitable[Instance]]
 Probe = Callable[[str, int], PortState]
+
+
+class HealthGate(Protocol):
+    async def wait_until_healthy(self, host: str, port: int, exited: Awaitable[int]) -> float: ...
+
 
 LOG_TAIL = 20
 
@@ -57,7 +62,7 @@ class Component:
         route: Route,
         bus: EventBus,
         *,
-        health: HealthCheck,
+        health: HealthGate,
         log_path: Path,
         spawn: Spawner = Instance.spawn,
         probe: Probe,

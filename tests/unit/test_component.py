@@ -1,0 +1,276 @@
+"""The rotation state machine, driven with fake instances, health gates and port probes:
+no processes, no sockets, no sleeping."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Awaitable
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import pytest
+
+from rotator.component import Component, RotationFailed
+from rotator.config import Address, ComponentSpec, HealthSpec
+from rotator.events import Event, EventBus
+from rotator.health import NotHealthy
+from rotator.instance import StopResult
+from rotator.ports import PortState
+from rotator.proxy.route import Route
+
+SPEC = ComponentSpec(
+    name="web",
+    listen=Address("127.0.0.1", 8000),
+    ports=(9001, 9002, 9003),
+    command=("app", "--port", "{port}"),
+    cwd=Path("/"),
+    env=MappingProxyType({}),
+    health=HealthSpec(),
+    drain_timeout=5.0,
+    stop_signal=signal.SIGTERM,
+    stop_timeout=1.0,
+)
+
+
+class FakeInstance:
+    def __init__(self, pid: int, port: int) -> None:
+        self.pid, self.port = pid, port
+        self.started = 0.0
+        self.stopping = False
+        self.stopped_with: signal.Signals | None = None
+        self.exit: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    @property
+    def returncode(self) -> int | None:
+        return self.exit.result() if self.exit.done() else None
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self.exit)
+
+    async def stop(self, sig: signal.Signals, timeout: float) -> StopResult:
+        self.stopped_with = sig
+        if not self.exit.done():
+            self.exit.set_result(-sig)
+        return StopResult("graceful", 0.01)
+
+    def tail(self, lines: int = 20) -> list[str]:
+        return [f"log of {self.pid}"]
+
+
+class World:
+    """The side effects a Component sees, scripted."""
+
+    def __init__(self) -> None:
+        self.bus = EventBus()
+        self.events: list[Event] = []
+        self.bus.subscribe(self.events.append)
+        self.route = Route("web", hold_timeout=1.0)
+        self.instances: list[FakeInstance] = []
+        self.health_script: list[BaseException | None] = []  # per spawn: None = healthy
+        self.gate: asyncio.Event | None = None  # when set, health waits for it
+        self.busy: set[int] = set()
+
+    async def spawn(
+        self, name: str, port: int, argv: list[str], env: dict[str, str], cwd: Path, log: Path
+    ) -> Any:
+        assert argv == ["app", "--port", str(port)] and env["PORT"] == str(port)
+        inst = FakeInstance(1000 + len(self.instances), port)
+        self.instances.append(inst)
+        return inst
+
+    async def wait_until_healthy(self, host: str, port: int, exited: Awaitable[int]) -> float:
+        asyncio.ensure_future(
+            exited
+        ).cancel()  # a real gate watches for the exit; this one is scripted
+        outcome = self.health_script.pop(0) if self.health_script else None
+        if self.gate is not None:
+            await self.gate.wait()
+        if outcome is not None:
+            raise outcome
+        return 0.05
+
+    def probe(self, host: str, port: int) -> PortState:
+        return PortState.BUSY if port in self.busy else PortState.FREE
+
+    def component(self) -> Component:
+        return Component(
+            SPEC,
+            self.route,
+            self.bus,
+            health=self,
+            log_path=Path("/dev/null"),
+            spawn=self.spawn,
+            probe=self.probe,
+        )
+
+    def kinds(self) -> list[str]:
+        return [e.kind for e in self.events if e.kind != "state"]
+
+
+def run(coro: Awaitable[Any]) -> Any:
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def test_first_rotation_starts_and_routes() -> None:
+    async def scenario() -> None:
+        w = World()
+        c = w.component()
+        await c.rotate()
+        assert c.state == "running" and c.restarts == 0
+        assert w.route.target is not None and w.route.target.port == 9001
+        assert w.kinds() == ["spawned", "healthy", "switched"]
+        assert c.status()["active"] == {"pid": 1000, "port": 9001, "healthy": True, "since": 0.0}
+
+    run(scenario())
+
+
+def test_rotation_switches_then_drains_then_stops_the_old_instance() -> None:
+    async def scenario() -> None:
+        w = World()
+        c = w.component()
+        await c.rotate()
+        old_target = w.route.target
+        assert old_target is not None
+        await c.rotate()
+        assert w.route.target is not None and w.route.target.port == 9002
+        assert old_target.retired
+        assert w.instances[0].stopped_with == signal.SIGTERM
+        assert w.kinds()[3:] == ["spawned", "healthy", "switched", "drained", "stopped"]
+        assert c.restarts == 1 and c.draining == [] and c.last_stop == "graceful"
+
+    run(scenario())
+
+
+def test_ports_go_round_robin_and_skip_busy_ones() -> None:
+    async def scenario() -> None:
+        w = World()
+        w.busy = {9002}
+        c = w.component()
+        ports = []
+        for _ in range(4):
+            await c.rotate()
+            assert c.active is not None
+            ports.append(c.active.port)
+        assert ports == [9001, 9003, 9001, 9003]
+
+    run(scenario())
+
+
+def test_failed_health_gate_leaves_old_instance_and_route_untouched() -> None:
+    async def scenario() -> None:
+        w = World()
+        c = w.component()
+        await c.rotate()
+        target = w.route.target
+        w.health_script = [NotHealthy("exited with code 3 before becoming healthy")]
+        with pytest.raises(RotationFailed) as failed:
+            await c.rotate()
+        assert "exited with code 3" in failed.value.reason
+        assert failed.value.log_tail == ["log of 1001"]
+        assert w.route.target is target and not target.retired
+        assert c.state == "running" and c.active is w.instances[0] and c.restarts == 0
+        assert w.instances[1].stopped_with == signal.SIGTERM  # the failed one is stopped
+        assert w.instances[0].stopped_with is None
+
+    run(scenario())
+
+
+def test_exhausted_pool_fails_without_spawning() -> None:
+    async def scenario() -> None:
+        w = World()
+        c = w.component()
+        await c.rotate()
+        w.busy = {9002, 9003}
+        with pytest.raises(RotationFailed, match="no free port in pool 9001-9003"):
+            await c.rotate()
+        assert len(w.instances) == 1 and c.state == "running"
+
+    run(scenario())
+
+
+def test_first_start_failure_marks_the_component_failed() -> None:
+    async def scenario() -> None:
+        w = World()
+        w.health_script = [NotHealthy("not healthy within start_timeout 30s")]
+        c = w.component()
+        with pytest.raises(RotationFailed):
+            await c.rotate()
+        assert c.state == "failed" and c.active is None and w.route.target is None
+        assert c.status()["last_error"].endswith("not healthy within start_timeout 30s")
+
+    run(scenario())
+
+
+def test_second_rotation_waits_for_the_first() -> None:
+    async def scenario() -> None:
+        w = World()
+        c = w.component()
+        await c.rotate()
+        w.gate = asyncio.Event()
+        first = asyncio.ensure_future(c.rotate())
+        await asyncio.sleep(0)
+        second = asyncio.ensure_future(c.rotate())
+        await asyncio.sleep(0)
+        assert "waiting" in w.kinds()
+        assert len(w.instances) == 2  # the second has not spawned yet
+        w.gate.set()
+        await asyncio.gather(first, second)
+        assert len(w.instances) == 3 and c.restarts == 2
+        spawned = [e.data["pid"] for e in w.events if e.kind == "spawned"]
+        switched = [e.data["pid"] for e in w.events if e.kind == "switched"]
+        assert spawned == switched  # never interleaved
+
+    run(scenario())
+
+
+def test_drain_waits_for_requests_in_flight_on_the_old_target() -> None:
+    async def scenario() -> None:
+        w = World()
+        c = w.component()
+        await c.rotate()
+        old = w.route.target
+        assert old is not None
+        old.acquire()  # a request bound to the old instance
+        rotation = asyncio.ensure_future(c.rotate())
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert w.route.target is not old  # switched already
+        assert not rotation.done() and w.instances[0].stopped_with is None
+        assert c.status()["draining"] == [{"pid": 1000, "port": 9001, "in_flight": 1}]
+        old.release()
+        await rotation
+        assert w.instances[0].stopped_with == signal.SIGTERM
+        drained = next(e for e in w.events if e.kind == "drained")
+        assert drained.data["requests"] == 1
+
+    run(scenario())
+
+
+def test_active_instance_exiting_marks_the_component_failed() -> None:
+    async def scenario() -> None:
+        w = World()
+        c = w.component()
+        await c.rotate()
+        w.instances[0].exit.set_result(137)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert c.state == "failed" and w.route.target is None
+        assert c.last_error == "pid 1000 exited with code 137"
+        await c.rotate()  # a restart brings it back
+        assert c.state == "running" and w.route.target is not None
+
+    run(scenario())
+
+
+def test_stop_drains_and_stops_everything() -> None:
+    async def scenario() -> None:
+        w = World()
+        c = w.component()
+        await c.rotate()
+        await c.stop()
+        assert c.state == "stopped" and w.route.target is None and c.active is None
+        assert w.instances[0].stopped_with == signal.SIGTERM
+
+    run(scenario())
