@@ -193,6 +193,10 @@ class Exchange:
         client = self.client
         lines = end_to_end(conn.response_headers, HOP_BY_HOP)
         reason = conn.reason or b"-"
+        if status == 101:
+            # We never forward Upgrade, so a switch of protocols is a broken instance.
+            self.upstream_failed(conn, None)
+            return True
         if status < 200:
             # Interim (100 Continue, 103 Early Hints): pass on, keep waiting.
             self.interim = True
@@ -251,7 +255,7 @@ class Exchange:
             return
         self._before_response_failed(exc, stale=conn.used)
 
-    def upstream_failed(self, conn: UpstreamConnection, exc: Exception) -> None:
+    def upstream_failed(self, conn: UpstreamConnection, exc: Exception | None) -> None:
         """The instance sent something that is not HTTP: nothing of it is passed on."""
         conn.close()
         self.upstream = None
