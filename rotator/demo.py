@@ -145,10 +145,12 @@ def make_app(cfg: Config) -> web.Application:
     app.on_response_prepare.append(on_prepare)
     app.router.add_get("/health", health)
     app.router.add_get("/slow", slow)
-    app.router.add_get("/bytes", some_bytes)
+    # Streaming handlers write their body themselves: no HEAD for them, since
+    # aiohttp would send that body even in reply to HEAD.
+    app.router.add_get("/bytes", some_bytes, allow_head=False)
     app.router.add_post("/echo", echo)
     app.router.add_get("/headers", headers)
-    app.router.add_get("/chunked", chunked)
+    app.router.add_get("/chunked", chunked, allow_head=False)
     app.router.add_get("/cookies", cookies)
     app.router.add_get(r"/status/{code:\d+}", status)
     app.router.add_get("/{tail:.*}", index)  # "/" and any other path

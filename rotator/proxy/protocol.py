@@ -96,6 +96,8 @@ class Exchange:
         "error",
         "head",
         "head_only",
+        "http11",
+        "idempotent",
         "interim",
         "keep_alive",
         "pending",
@@ -115,14 +117,17 @@ class Exchange:
         *,
         keep_alive: bool,
         chunked: bool = False,
-        head_only: bool = False,
+        method: bytes = b"GET",
+        http11: bool = True,
         error: int = 0,
     ) -> None:
         self.client = client
         self.head = head
+        self.head_only = method == b"HEAD"
+        self.idempotent = method in IDEMPOTENT
+        self.http11 = http11
         self.keep_alive = keep_alive
         self.chunked = chunked
-        self.head_only = head_only
         self.error = error
         self.buffer: list[bytes] = []
         self.pending = 0  # bytes in `buffer` not yet sent
@@ -173,6 +178,10 @@ class Exchange:
         if task.cancelled():
             return
         exc = task.exception()
+        if self.response_done:  # the client left while we were connecting
+            if exc is None:
+                task.result().close()
+            return
         if exc is not None:
             self._before_response_failed(exc, connect_failed=True)
         else:
@@ -185,6 +194,7 @@ class Exchange:
         conn.write(b"".join([self.head, *self.buffer]) if self.buffer else self.head)
         if self.client.write_paused:
             conn.pause_reading(True)
+        self.client.update_reading()  # the buffered body is on its way: read the client again
 
     # -- response, from the instance -----------------------------------------
     def response_head(self, conn: UpstreamConnection, status: int) -> bool:
@@ -200,7 +210,7 @@ class Exchange:
         if status < 200:
             # Interim (100 Continue, 103 Early Hints): pass on, keep waiting.
             self.interim = True
-            if client.http11:
+            if self.http11:
                 client.out(b"HTTP/1.1 %d %b\r\n%b\r\n" % (status, reason, _join(lines)))
             return True
         self.interim = False
@@ -215,14 +225,16 @@ class Exchange:
                 for n, v in conn.response_headers
             )
             self.close_delimited = not chunked
-            if client.http11:
+            if self.http11:
                 self.rechunk = True
                 lines.append(b"Transfer-Encoding: chunked")
             else:
                 self.keep_alive = False
+        if client.closing and len(client.queue) == 1:  # shutting down: nothing follows this one
+            self.keep_alive = False
         if not self.keep_alive:
             lines.append(b"Connection: close")
-        elif not client.http11:
+        elif not self.http11:
             lines.append(b"Connection: keep-alive")
         client.out(b"HTTP/1.1 %d %b\r\n%b\r\n" % (status, reason, _join(lines)))
         return not self.head_only
@@ -269,13 +281,17 @@ class Exchange:
     ) -> None:
         route_target = self.client.route.target
         # Safe to send again: nothing of the body is lost, and either nothing
-        # reached the instance or it was a pooled connection the instance had
-        # already closed. After a rotation the retry goes to the new target.
+        # reached the instance (connect failed), or the request is idempotent and
+        # went out on a pooled connection the instance may have closed while idle
+        # (RFC 9110 9.2.2: never re-send a POST on a guess). After a rotation the
+        # retry goes to the new target.
         if (
             not self.retried
             and not self.streamed
             and route_target is not None
-            and (stale or (connect_failed and route_target is not self.target))
+            and (
+                (stale and self.idempotent) or (connect_failed and route_target is not self.target)
+            )
         ):
             self.retried = True
             if self.target is not None:
@@ -339,7 +355,6 @@ class ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.queue: collections.deque[Exchange] = collections.deque()
-        self.http11 = True
         self.write_paused = False
         self.idle_since: float | None = None
         self.closing = False  # answer what is queued, then close
@@ -404,7 +419,7 @@ class ClientConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         parser = self.parser
         method = parser.get_method()
-        self.http11 = parser.get_http_version() == "1.1"
+        http11 = parser.get_http_version() == "1.1"
         # An upgrade would turn the connection into a tunnel, which this proxy
         # does not offer: the request goes on as a plain one and the
         # connection closes after it (the parser stops at an upgrade).
@@ -432,10 +447,11 @@ class ClientConnection(asyncio.Protocol):
         if host:
             head += b"X-Forwarded-Host: " + host + b"\r\n\r\n"
         else:
-            head += b"\r\n"
+            # HTTP/1.0 needs no Host, but we speak HTTP/1.1 to the instance, where it is required.
+            head += self.listener.host_header + b"\r\n"
         self._enqueue(
             Exchange(
-                self, head, keep_alive=keep_alive, chunked=chunked, head_only=method == b"HEAD"
+                self, head, keep_alive=keep_alive, chunked=chunked, method=method, http11=http11
             )
         )
 
@@ -446,7 +462,7 @@ class ClientConnection(asyncio.Protocol):
             ex = self.queue[-1]
             ex.add_body(body)
             if ex.pending > BODY_BUFFER_LIMIT:
-                self._update_reading()
+                self.update_reading()
 
     def on_message_complete(self) -> None:
         if self.queue and not self.queue[-1].response_done:
@@ -460,7 +476,7 @@ class ClientConnection(asyncio.Protocol):
         if len(self.queue) == 1:
             self._start(ex)
         else:
-            self._update_reading()
+            self.update_reading()
 
     def _start(self, ex: Exchange) -> None:
         if ex.error:
@@ -490,6 +506,8 @@ class ClientConnection(asyncio.Protocol):
             return
         self.queue.popleft()
         self.route.requests += 1
+        # Back-pressure from the exchange's instance connection ends with the exchange.
+        self._upstream_full = False
         if not (ex.keep_alive and ex.body_done) or self.transport is None:
             self.close()
             return
@@ -500,7 +518,7 @@ class ClientConnection(asyncio.Protocol):
             if self.closing:
                 self.close()
                 return
-        self._update_reading()
+        self.update_reading()
 
     def _reject(self, status: int) -> None:
         """A malformed request: answered in its turn, then the connection closes."""
@@ -529,7 +547,7 @@ class ClientConnection(asyncio.Protocol):
             parsed = httptools.parse_url(url)
         except httptools.HttpParserInvalidURLError:
             return None
-        if parsed.schema not in (b"http", b"https"):
+        if parsed.schema.lower() not in (b"http", b"https"):
             return None
         path = parsed.path or b"/"
         return path + b"?" + parsed.query if parsed.query else path
@@ -547,9 +565,9 @@ class ClientConnection(asyncio.Protocol):
 
     def upstream_full(self, full: bool) -> None:
         self._upstream_full = full
-        self._update_reading()
+        self.update_reading()
 
-    def _update_reading(self) -> None:
+    def update_reading(self) -> None:
         if self.transport is None:
             return
         pause = (
@@ -585,6 +603,8 @@ class Listener:
         self.port = port
         self.connections: set[ClientConnection] = set()
         self.server: asyncio.Server | None = None
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.host_header = b"Host: " + address.encode() + b"\r\n"
         self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:

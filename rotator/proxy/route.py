@@ -100,7 +100,7 @@ class Target:
         """Cut every connection, busy or idle (used after a drain deadline passed)."""
         self.retire()
         for conn in list(self.connections):
-            conn.close()
+            conn.cut()
 
 
 class Route:

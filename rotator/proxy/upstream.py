@@ -62,6 +62,8 @@ class UpstreamConnection(asyncio.Protocol):
             return
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            pass  # a 101: response_head has already failed the exchange
         except httptools.HttpParserError as exc:
             ex.upstream_failed(self, exc)
             return
@@ -69,9 +71,23 @@ class UpstreamConnection(asyncio.Protocol):
             # A response without a body where the parser expected one (HEAD):
             # start afresh for the next response on this connection.
             self._reset_parser = False
+            keep_alive = self._keeps_alive()
             self.parser = httptools.HttpResponseParser(self)
-            ex.response_complete(self, keep_alive=True)
+            ex.response_complete(self, keep_alive=keep_alive)
         ex.client.flush()
+
+    def _keeps_alive(self) -> bool:
+        # The parser's own verdict counts a response with no length as ending at
+        # EOF, which a reply to HEAD does not: only the Connection header decides.
+        tokens = {
+            t.strip().lower()
+            for name, value in self.response_headers
+            if name.lower() == b"connection"
+            for t in value.split(b",")
+        }
+        if self.parser.get_http_version() == "1.0":
+            return b"keep-alive" in tokens
+        return b"close" not in tokens
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
@@ -136,9 +152,20 @@ class UpstreamConnection(asyncio.Protocol):
         self.target.put_idle(self)
 
     def close(self) -> None:
+        """Done with this connection (its exchange, if any, is already settled)."""
         self.exchange = None
         if self.transport is not None:
             self.transport.close()
+
+    def cut(self) -> None:
+        """Close it under a request in flight (drain deadline): the exchange learns
+        of it now and is not retried elsewhere."""
+        ex, self.exchange = self.exchange, None
+        self.used = False
+        if self.transport is not None:
+            self.transport.close()
+        if ex is not None:
+            ex.upstream_lost(self, ConnectionAbortedError("cut at the drain deadline"))
 
 
 async def connect(target: Target) -> UpstreamConnection:
