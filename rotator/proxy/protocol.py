@@ -356,7 +356,7 @@ class ClientConnection(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.queue: collections.deque[Exchange] = collections.deque()
         self.write_paused = False
-        self.idle_since: float | None = None
+        self.idle_since = 0.0
         self.closing = False  # answer what is queued, then close
         self._out: list[bytes] = []
         self._upstream_full = False
@@ -377,7 +377,6 @@ class ClientConnection(asyncio.Protocol):
         self.idle_since = asyncio.get_running_loop().time()
 
     def data_received(self, data: bytes) -> None:
-        self.idle_since = None
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -597,8 +596,11 @@ class ClientConnection(asyncio.Protocol):
 class Listener:
     """A component's public address: accepts clients for its Route. Bound once."""
 
-    def __init__(self, route: Route, host: str, port: int) -> None:
+    def __init__(
+        self, route: Route, host: str, port: int, keepalive_timeout: float = KEEPALIVE_TIMEOUT
+    ) -> None:
         self.route = route
+        self.keepalive_timeout = keepalive_timeout
         self.host = host
         self.port = port
         self.connections: set[ClientConnection] = set()
@@ -619,10 +621,12 @@ class Listener:
         # One periodic pass instead of a timer per request keeps the hot path free of timers.
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(KEEPALIVE_TIMEOUT / 4)
+            await asyncio.sleep(self.keepalive_timeout / 4)
             now = loop.time()
             for conn in list(self.connections):
-                if conn.idle_since is not None and now - conn.idle_since > KEEPALIVE_TIMEOUT:
+                # Idle = nothing queued since idle_since; a request head that takes
+                # longer than the timeout to arrive counts as idle too.
+                if not conn.queue and now - conn.idle_since > self.keepalive_timeout:
                     conn.close()
 
     def stop_accepting(self) -> None:

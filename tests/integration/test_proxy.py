@@ -443,11 +443,15 @@ class Proxy:
 
 @contextlib.asynccontextmanager
 async def running_proxy(
-    target: Target | None, *, name: str = "demo", hold_timeout: float = 1.0
+    target: Target | None,
+    *,
+    name: str = "demo",
+    hold_timeout: float = 1.0,
+    keepalive_timeout: float = 60.0,
 ) -> AsyncIterator[Proxy]:
     p = Proxy(Route(name, hold_timeout=hold_timeout), free_port())
     p.swap(target)
-    p.listener = Listener(p.route, HOST, p.port)
+    p.listener = Listener(p.route, HOST, p.port, keepalive_timeout=keepalive_timeout)
     await p.listener.start()
     try:
         yield p
@@ -1533,3 +1537,22 @@ async def test_keepalive_idle_sweep(monkeypatch: pytest.MonkeyPatch, backend: Ba
         started = time.monotonic()
         assert await c.rest(timeout=3) == b""
         assert 0.3 <= time.monotonic() - started < 2
+
+
+@aio(10)
+async def test_idle_and_half_sent_connections_are_closed_after_keepalive_timeout(
+    backend: Backend,
+) -> None:
+    async with running_proxy(Target(HOST, backend.port), keepalive_timeout=0.4) as p:
+        idle = await p.connect()
+        assert (await idle.request("GET", "/")).status == 200
+        slow = await p.connect()
+        slow.send(b"GET / HTTP/1.1\r\nHost: x\r\n")  # a head that never ends
+        busy = await p.connect()
+        busy.send(request_bytes("GET", "/slow?seconds=1"))
+        await asyncio.sleep(0.1)
+        assert len(p.listener.connections) == 3
+        assert await asyncio.wait_for(idle.rest(), 2) == b""
+        assert await asyncio.wait_for(slow.rest(), 2) == b""
+        response = await busy.response()  # in progress: never swept
+        assert response.status == 200
