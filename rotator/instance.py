@@ -1,10 +1,13 @@
-"""One OS process of a component: spawn it, know when it exits, stop its whole tree.
+"""One OS process of a component: spawn or adopt it, know when it exits, stop its whole tree.
 
 An instance runs in its own session (so its process group id is its pid) with
-its output appended to the component's log file. Stopping signals the process
-group and every descendant found through psutil (some leave the group), waits,
-then kills what is left and checks that nothing survived. Deciding *when* to
-start or stop is the component's job, not this module's.
+its output appended to the component's log file, and carries a marker in its
+environment (ROTATOR_INSTANCE) that its descendants inherit. Stopping signals
+the process group, every descendant found through psutil, and every process
+still carrying the marker (a double fork leaves both the group and the tree),
+waits, kills what is left and checks that nothing survived. Identity is pid
+*and* create time: a bare pid may have been reused. Deciding *when* to start or
+stop is the component's job, not this module's.
 """
 
 from __future__ import annotations
@@ -15,14 +18,21 @@ import os
 import shlex
 import signal
 import time
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
+MARKER = "ROTATOR_INSTANCE"
 # After SIGKILL, how long to wait for the kernel to reap what was killed.
 KILL_GRACE = 3.0
 POLL = 0.02
+# How often an adopted instance (not our child: no exit notification) is checked.
+ADOPTED_POLL = 0.25
+# psutil's create_time is a float derived from boot time and clock ticks.
+CREATE_TIME_SLACK = 0.05
 
 
 class SpawnError(Exception):
@@ -38,27 +48,40 @@ class StopResult:
     survivors: tuple[int, ...] = ()  # pids still alive after everything: should never happen
 
 
+def new_marker(scope: str, name: str) -> str:
+    """A marker unique to one instance; `scope` ties it to one state_dir."""
+    return f"{scope}:{name}:{uuid.uuid4().hex[:12]}"
+
+
 class Instance:
     def __init__(
         self,
         name: str,
         port: int,
-        process: asyncio.subprocess.Process,
+        pid: int,
+        marker: str,
         log_path: Path,
         log_offset: int,
+        process: asyncio.subprocess.Process | None = None,
+        create_time: float | None = None,
+        started: float | None = None,
     ) -> None:
         self.name = name
         self.port = port
-        self.process = process
-        self.pid = process.pid
+        self.pid = pid
+        self.marker = marker
+        self.process = process  # None when adopted from an earlier daemon
         self.log_path = log_path
         self.log_offset = log_offset
-        self.started = time.time()
+        self.started = time.time() if started is None else started
         self.stopping = False
-        try:
-            self.create_time: float | None = psutil.Process(self.pid).create_time()
-        except psutil.Error:
-            self.create_time = None
+        self._exit_code: int | None = None
+        if create_time is None:
+            try:
+                create_time = psutil.Process(pid).create_time()
+            except psutil.Error:
+                create_time = 0.0
+        self.create_time = create_time
 
     def __repr__(self) -> str:
         return f"{self.name}[{self.pid} :{self.port}]"
@@ -72,7 +95,9 @@ class Instance:
         env: dict[str, str],
         cwd: Path,
         log_path: Path,
+        marker: str = "",
     ) -> Instance:
+        marker = marker or new_marker("-", name)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as log:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -85,23 +110,64 @@ class Instance:
                 process = await asyncio.create_subprocess_exec(
                     *argv,
                     cwd=cwd,
-                    env={**os.environ, **env},
+                    env={**os.environ, **env, MARKER: marker},
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=log,
                     stderr=asyncio.subprocess.STDOUT,
                     start_new_session=True,
                 )
+            except FileNotFoundError as exc:
+                log.write(f"==== rotator: command not found: {argv[0]}\n".encode())
+                raise SpawnError(f"command not found: {argv[0]}") from exc
             except OSError as exc:
                 log.write(f"==== rotator: could not start: {exc}\n".encode())
                 raise SpawnError(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from exc
-        return cls(name, port, process, log_path, offset)
+        return cls(name, port, process.pid, marker, log_path, offset, process=process)
+
+    @classmethod
+    def adopt(
+        cls, name: str, port: int, pid: int, create_time: float, marker: str, started: float, log_path: Path
+    ) -> Instance | None:
+        """The instance an earlier daemon started, if that very process still runs."""
+        try:
+            proc = psutil.Process(pid)
+            if abs(proc.create_time() - create_time) > CREATE_TIME_SLACK or not _alive(proc):
+                return None
+        except psutil.Error:
+            return None
+        try:
+            offset = log_path.stat().st_size
+        except OSError:
+            offset = 0
+        return cls(name, port, pid, marker, log_path, offset, create_time=create_time, started=started)
+
+    @property
+    def adopted(self) -> bool:
+        return self.process is None
 
     @property
     def returncode(self) -> int | None:
-        return self.process.returncode
+        if self.process is not None:
+            return self.process.returncode
+        return self._exit_code
 
     async def wait(self) -> int:
-        return await self.process.wait()
+        """The exit code; for an adopted instance (not our child) -1, as its code is unknowable."""
+        if self.process is not None:
+            return await self.process.wait()
+        while self._exit_code is None:
+            if not self._root_alive():
+                self._exit_code = -1
+                break
+            await asyncio.sleep(ADOPTED_POLL)
+        return self._exit_code
+
+    def _root_alive(self) -> bool:
+        try:
+            proc = psutil.Process(self.pid)
+            return abs(proc.create_time() - self.create_time) <= CREATE_TIME_SLACK and _alive(proc)
+        except psutil.Error:
+            return False
 
     def tail(self, lines: int = 20) -> list[str]:
         """The last lines this instance wrote (not its predecessors')."""
@@ -114,41 +180,48 @@ class Instance:
         own = data.split(b"\n==== rotator: ", 1)[0]
         return own.decode(errors="replace").splitlines()[-lines:]
 
-    async def stop(self, sig: signal.Signals, timeout: float) -> StopResult:
+    async def stop(self, sig: signal.Signals, timeout: float, *, force: bool = False) -> StopResult:
+        """Stop the whole tree: `sig`, up to `timeout` seconds, then SIGKILL (at once with force)."""
         self.stopping = True
         began = time.monotonic()
         tree = self._tree()
-        if self.returncode is not None and not tree:
+        if not tree and (self.returncode is not None or not self._root_alive()):
             return StopResult("gone", 0.0)
-        self._signal(sig, tree)
-        if await self._wait_gone(tree, timeout):
-            return StopResult("graceful", time.monotonic() - began)
-        self._signal(signal.SIGKILL, tree + self._tree())
+        if not force:
+            self._signal(sig, tree)
+            if await self._wait_gone(tree, timeout):
+                return StopResult("graceful", time.monotonic() - began)
+        tree = _union(tree, self._tree())
+        self._signal(signal.SIGKILL, tree)
         await self._wait_gone(tree, KILL_GRACE)
-        survivors = tuple(p.pid for p in tree if _alive(p))
+        survivors = tuple(p.pid for p in _union(tree, self._tree()) if _alive(p))
         return StopResult("forced", time.monotonic() - began, survivors)
 
     def _tree(self) -> list[psutil.Process]:
-        """The root, its descendants, and whatever else is in its process group
-        (children whose parent exited early are reparented away from the root)."""
+        """The root and its descendants, whatever else is in its process group
+        (children whose parent exited are reparented away from the root), and
+        whatever still carries its marker (double forks leave both)."""
         procs: dict[int, psutil.Process] = {}
-        with contextlib.suppress(psutil.Error):
-            root = psutil.Process(self.pid)
-            if self.create_time is None or root.create_time() == self.create_time:
+        if self._root_alive():
+            with contextlib.suppress(psutil.Error):
+                root = psutil.Process(self.pid)
                 procs[root.pid] = root
                 for child in root.children(recursive=True):
                     procs[child.pid] = child
-        for proc in psutil.process_iter():
+        for proc in _candidates(self.create_time):
             if proc.pid in procs:
                 continue
             with contextlib.suppress(psutil.Error, OSError):
-                if os.getpgid(proc.pid) == self.pid:
+                if os.getpgid(proc.pid) == self.pid or proc.environ().get(MARKER) == self.marker:
                     procs[proc.pid] = proc
         return [p for p in procs.values() if _alive(p)]
 
     def _signal(self, sig: signal.Signals, tree: list[psutil.Process]) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, sig)
+        # The group signal reaches what forks between our scan and now; sent only
+        # while the group is provably ours (a member found above).
+        if any(_pgid(p) == self.pid for p in tree):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, sig)
         for proc in tree:
             with contextlib.suppress(psutil.Error):
                 proc.send_signal(sig)
@@ -156,12 +229,50 @@ class Instance:
     async def _wait_gone(self, tree: list[psutil.Process], timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.process.wait(), timeout)
+            await asyncio.wait_for(self.wait(), timeout)
         while time.monotonic() < deadline:
             if not any(_alive(p) for p in tree):
                 return True
             await asyncio.sleep(POLL)
         return not any(_alive(p) for p in tree)
+
+
+def _candidates(since: float) -> Iterator[psutil.Process]:
+    """Processes that could belong to an instance created at `since`: ours, and not older."""
+    uid = os.getuid()
+    for proc in psutil.process_iter(["create_time", "uids"]):
+        info = proc.info
+        if info.get("uids") is not None and info["uids"].real != uid:
+            continue
+        if info.get("create_time") is not None and info["create_time"] + CREATE_TIME_SLACK < since:
+            continue
+        yield proc
+
+
+def marked_processes(prefix: str) -> dict[str, list[psutil.Process]]:
+    """Live processes whose marker starts with `prefix`, by marker: what instances of a
+    state_dir left behind, whatever the state file says."""
+    found: dict[str, list[psutil.Process]] = {}
+    for proc in _candidates(0.0):
+        with contextlib.suppress(psutil.Error, OSError):
+            marker = proc.environ().get(MARKER, "")
+            if marker.startswith(prefix) and _alive(proc):
+                found.setdefault(marker, []).append(proc)
+    return found
+
+
+def _pgid(proc: psutil.Process) -> int | None:
+    try:
+        return os.getpgid(proc.pid)
+    except OSError:
+        return None
+
+
+def _union(a: list[psutil.Process], b: list[psutil.Process]) -> list[psutil.Process]:
+    seen = {p.pid: p for p in a}
+    for p in b:
+        seen.setdefault(p.pid, p)
+    return list(seen.values())
 
 
 def _alive(proc: psutil.Process) -> bool:

@@ -279,27 +279,25 @@ class Exchange:
     def _before_response_failed(
         self, exc: BaseException | None, *, stale: bool = False, connect_failed: bool = False
     ) -> None:
-        route_target = self.client.route.target
         # Safe to send again: nothing of the body is lost, and either nothing
-        # reached the instance (connect failed), or the request is idempotent and
-        # went out on a pooled connection the instance may have closed while idle
-        # (RFC 9110 9.2.2: never re-send a POST on a guess). After a rotation the
-        # retry goes to the new target.
-        if (
-            not self.retried
-            and not self.streamed
-            and route_target is not None
-            and (
-                (stale and self.idempotent) or (connect_failed and route_target is not self.target)
-            )
-        ):
-            self.retried = True
-            if self.target is not None:
-                self.target.release()
-                self.target = None
-            self.dispatch(route_target, fresh=True)
+        # reached the instance (connect failed: it just died, or was replaced),
+        # or the request is idempotent and went out on a pooled connection the
+        # instance may have closed while idle (RFC 9110 9.2.2: never re-send a
+        # POST on a guess). The retry goes to the current target; when that is
+        # the one that failed, it waits (within hold_timeout) for a replacement.
+        if self.retried or self.streamed or not (connect_failed or (stale and self.idempotent)):
+            self.fail(error_status(exc))
             return
-        self.fail(error_status(exc))
+        self.retried = True
+        failed, self.target = self.target, None
+        if failed is not None:
+            failed.release()
+        if stale:
+            target = self.client.route.target
+            if target is not None:
+                self.dispatch(target, fresh=True)
+                return
+        self.client.hold(self, exclude=failed)
 
     # -- endings ------------------------------------------------------------------
     def fail(self, status: int, extra: bytes = b"") -> None:
@@ -485,8 +483,12 @@ class ClientConnection(asyncio.Protocol):
         target = self.route.target
         if target is not None:
             ex.dispatch(target)
-            return
-        hold = asyncio.get_running_loop().create_task(self.route.wait_target())
+        else:
+            self.hold(ex)
+
+    def hold(self, ex: Exchange, exclude: Target | None = None) -> None:
+        """Dispatch `ex` once there is a target (not `exclude`), or answer 503 after hold_timeout."""
+        hold = asyncio.get_running_loop().create_task(self.route.wait_target(exclude))
         self._hold = hold
         hold.add_done_callback(lambda task: self._held(ex, task))
 
@@ -498,7 +500,7 @@ class ClientConnection(asyncio.Protocol):
         if target is None:
             ex.fail(503, b"Retry-After: 1\r\n")
         else:
-            ex.dispatch(target)
+            ex.dispatch(target, fresh=ex.retried)
 
     def exchange_done(self, ex: Exchange) -> None:
         if not self.queue or self.queue[0] is not ex:

@@ -107,11 +107,14 @@ class Route:
     """A component's current Target; never None during a rotation, only before the first
     instance is healthy or after the component was stopped."""
 
-    __slots__ = ("_waiters", "hold_timeout", "name", "requests", "target")
+    __slots__ = ("_waiters", "hold_timeout", "holding", "name", "requests", "target")
 
     def __init__(self, name: str, hold_timeout: float) -> None:
         self.name = name
         self.hold_timeout = hold_timeout
+        # False while the component is stopped on purpose: no instance is coming,
+        # so requests are answered 503 at once instead of being held.
+        self.holding = True
         self.target: Target | None = None
         self.requests = 0
         self._waiters: list[asyncio.Future[Target]] = []
@@ -126,10 +129,13 @@ class Route:
                     fut.set_result(new)
         return old
 
-    async def wait_target(self) -> Target | None:
-        """The current target, waiting up to hold_timeout for one; None if none came."""
-        if self.target is not None:
+    async def wait_target(self, exclude: Target | None = None) -> Target | None:
+        """The current target (other than `exclude`, one that just failed), waiting up
+        to hold_timeout for one; None if none came."""
+        if self.target is not None and self.target is not exclude:
             return self.target
+        if not self.holding:
+            return None
         fut: asyncio.Future[Target] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
         try:

@@ -1105,16 +1105,31 @@ async def test_client_leaving_while_held_leaves_nothing_behind(backend: Backend)
 
 
 @aio(10)
-async def test_dead_backend_502() -> None:
-    async with running_proxy(Target(HOST, free_port()), name="shop") as p:
+async def test_refused_backend_is_held_then_503() -> None:
+    # A refused connect means the instance is gone: the request waits (hold_timeout)
+    # for a replacement, and without one answers 503, whatever the method.
+    async with running_proxy(Target(HOST, free_port()), name="shop", hold_timeout=0.3) as p:
         c = await p.connect()
+        started = time.monotonic()
         r = await c.request("GET", "/")
-        assert (r.status, r.reason) == (502, b"Bad Gateway")
-        assert r.body == b"rotator: shop: bad gateway\n"
-        assert r.get("Retry-After") is None
-        # POST with body: also 502, and the target's counters balance.
+        assert time.monotonic() - started >= 0.25
+        assert (r.status, r.reason) == (503, b"Service Unavailable")
+        assert r.body == b"rotator: shop: service unavailable\n"
+        assert r.get("Retry-After") == b"1"
         r = await c.request("POST", "/echo", body=b"abc")
-        assert r.status == 502
+        assert r.status == 503
+        assert p.targets[0].in_flight == 0
+
+
+@aio(10)
+async def test_refused_request_is_retried_on_the_replacement(backend: Backend) -> None:
+    async with running_proxy(Target(HOST, free_port()), hold_timeout=3.0) as p:
+        c = await p.connect()
+        c.send(request_bytes("POST", "/echo", body=b"payload"))
+        await asyncio.sleep(0.2)  # refused, now held
+        p.swap(Target(HOST, backend.port))
+        r = await c.response()
+        assert (r.status, r.body) == (200, b"payload")
         assert p.targets[0].in_flight == 0
 
 
