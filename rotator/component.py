@@ -1,11 +1,18 @@
-"""The rotation of one component: start, rotate, stop.
+"""The life of one component: start, rotate, deploy, roll back, supervise, stop, adopt.
 
 A rotation is: choose a port, spawn, wait until healthy, switch the route,
-then (outside the lock) drain the replaced instance and stop its tree. A
-failed start leaves the route and the old instance untouched. One lock covers
-spawn to switch, so rotations of a component never interleave; draining the
-replaced instance happens after the lock is released, so a slow drain does
-not hold the next rotation back.
+optionally verify the new instance for a while (rolling back to the old one,
+which is still running, when it fails), then, outside the lock, drain the
+replaced instance and stop its tree. A failed start leaves the route and the
+old instance untouched. One lock covers spawn to switch (and verify), so
+rotations of a component never interleave; draining happens after the lock is
+released, so a slow drain does not hold the next rotation back.
+
+While an instance is active, a guard task watches it: an exit or
+`unhealthy_threshold` failed health checks start a replacement, with
+exponential backoff (tenacity) and at most `max_restarts` per
+`restart_window`, after which the component is `failed` until a manual
+restart or start.
 
 The side effects (spawning, health checks, port probes) come in as objects.
 """
@@ -13,28 +20,34 @@ The side effects (spawning, health checks, port probes) come in as objects.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from rotator.config import ComponentSpec
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
+
+from rotator.config import ComponentSpec, definition_of
 from rotator.events import Event, EventBus
 from rotator.health import NotHealthy
-from rotator.instance import Instance, SpawnError
+from rotator.instance import Instance, SpawnError, new_marker
 from rotator.ports import NoFreePort, PortState, choose_port, describe_exhausted, port_holders
 from rotator.proxy.route import Route, Target
+from rotator.state import ComponentRecord, InstanceRecord
 
-Spawner = Callable[[str, int, list[str], dict[str, str], Path, Path], Awaitable[Instance]]
+Spawner = Callable[..., Awaitable[Instance]]
 Probe = Callable[[str, int], PortState]
+
+LOG_TAIL = 20
 
 
 class HealthGate(Protocol):
     async def wait_until_healthy(self, host: str, port: int, exited: Awaitable[int]) -> float: ...
 
-
-LOG_TAIL = 20
+    async def probe(self, host: str, port: int) -> str | None: ...
 
 
 class RotationFailed(Exception):
@@ -44,10 +57,11 @@ class RotationFailed(Exception):
         self.log_tail = log_tail or []
 
 
-@dataclass
+@dataclass(eq=False)
 class Draining:
     instance: Instance
     target: Target
+    task: asyncio.Task[None] | None = None  # the drain-and-stop, once begun
 
 
 def instance_host(listen_host: str) -> str:
@@ -66,14 +80,20 @@ class Component:
         log_path: Path,
         spawn: Spawner = Instance.spawn,
         probe: Probe,
+        marker_scope: str = "-",
     ) -> None:
-        self.spec = spec
+        self.config_spec = spec
+        self.spec = spec  # the definition instances start from: the config's, or a deployed one
+        self.definition_source = "config"
+        self.deployed_at: float | None = None
+        self.previous: ComponentSpec | None = None
         self.route = route
         self.bus = bus
         self.health = health
         self.log_path = log_path
         self._spawn = spawn
         self._probe = probe
+        self._marker_scope = marker_scope
         self.host = instance_host(spec.listen.host)
         self.state = "stopped"
         self.active: Instance | None = None
@@ -81,11 +101,16 @@ class Component:
         self.restarts = 0
         self.last_port: int | None = None
         self.last_error: str | None = None
+        self.last_exit: int | None = None
+        self.last_log_tail: list[str] = []
         self.last_stop: str | None = None
         self.last_rotation: dict[str, Any] | None = None
+        self.stopped_on_purpose = False
+        self._crashes: collections.deque[float] = collections.deque()
         self._lock = asyncio.Lock()
-        self._retiring: set[asyncio.Task[None]] = set()
-        self._watchers: set[asyncio.Task[None]] = set()
+        self._recovery: asyncio.Task[None] | None = None
+        self._guards: dict[Instance, asyncio.Task[None]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     @property
     def name(self) -> str:
@@ -94,47 +119,109 @@ class Component:
     def emit(self, kind: str, message: str, **data: Any) -> None:
         self.bus.publish(Event(self.name, kind, message, data))
 
-    # -- operations ---------------------------------------------------------
+    # -- operations (each is one admin API call) --------------------------------
     async def rotate(self) -> None:
-        """Start a new instance and make it the active one; the replaced one is
-        drained and stopped before this returns. Raises RotationFailed."""
+        """Replace the active instance (or start one) with zero downtime. Raises RotationFailed."""
+        self._reset_supervision()
+        await self._rotate(self.spec)
+
+    async def start(self) -> None:
+        if self.active is not None:
+            self.emit("start", f"already running (pid {self.active.pid})")
+            return
+        self._reset_supervision()
+        await self._rotate(self.spec)
+
+    async def deploy(self, spec: ComponentSpec) -> None:
+        """Rotate to a new definition; it becomes the component's own only if the
+        new instance is healthy (and passes `verify`). Raises RotationFailed."""
+        self._reset_supervision()
+        await self._rotate(spec, verify=spec.verify)
+        self.previous, self.spec = self.spec, spec
+        self.definition_source = "deployed"
+        self.deployed_at = time.time()
+        self.emit("deployed", f"now running the deployed definition: {' '.join(spec.command)}")
+
+    async def rollback(self) -> None:
+        if self.previous is None:
+            raise RotationFailed("nothing to roll back to: no earlier definition was deployed")
+        self._reset_supervision()
+        target = self.previous
+        await self._rotate(target)
+        self.previous, self.spec = self.spec, target
+        self.definition_source = "config" if target is self.config_spec else "deployed"
+        self.deployed_at = None if target is self.config_spec else time.time()
+        self.emit(
+            "rolledback",
+            f"back to the {self.definition_source} definition: {' '.join(target.command)}",
+        )
+
+    async def stop(self, *, force: bool = False) -> None:
+        """Take the component out of service; its public address answers 503 at once."""
+        self._cancel_recovery()
+        self.stopped_on_purpose = True
+        self.route.holding = False
+        async with self._lock:
+            self._drop_active(self.route.swap(None))
+            self._set_state("stopped")
+        while self.draining:
+            await asyncio.gather(*(self._retire_soon(d, force=force) for d in list(self.draining)))
+
+    async def shutdown(self) -> None:
+        """The daemon is going down: stop, and end every task of ours."""
+        await self.stop()
+        for task in list(self._tasks):
+            task.cancel()
+
+    def mark_failed(self, reason: str) -> None:
+        """Not started at all (a dependency is not running)."""
+        self.last_error = reason
+        self._set_state("failed")
+        self.emit("failed", reason)
+
+    def adopt(self, inst: Instance) -> None:
+        """Make an instance an earlier daemon started the active one, as it is."""
+        self.last_port = inst.port
+        self._make_active(inst)
+        self._ensure_guard(inst)
+        self._set_state("running")
+        self.emit(
+            "adopted", f"adopted pid {inst.pid} on port {inst.port}", pid=inst.pid, port=inst.port
+        )
+
+    # -- the rotation ------------------------------------------------------------
+    async def _rotate(
+        self, spec: ComponentSpec, *, verify: float = 0.0, recovering: bool = False
+    ) -> None:
         if self._lock.locked():
             self.emit("waiting", "waiting for the rotation in progress")
         began = time.monotonic()
         async with self._lock:
+            self.stopped_on_purpose = False
+            self.route.holding = True
             replacing = self.active is not None
             self._set_state("rotating" if replacing else "starting")
             try:
-                new = await self._launch()
+                new = await self._launch(spec)
+                old = self._switch(new)
+                if verify > 0:
+                    await self._verify(new, old, spec, verify)
+                self._ensure_guard(new)
             except RotationFailed as exc:
                 self.last_error = exc.reason
-                self._set_state("running" if self.active is not None else "failed")
+                idle = "starting" if recovering else "failed"
+                self._set_state("running" if self.active is not None else idle)
                 self.emit("failed", exc.reason, log_tail=exc.log_tail)
                 raise
-            old = self._switch(new)
             self.last_error = None
-            if replacing:
+            if replacing or recovering:
                 self.restarts += 1
             self._set_state("running")
         if old is not None:
             await self._retire_soon(old)
         self.last_rotation = {"at": time.time(), "seconds": round(time.monotonic() - began, 3)}
 
-    async def stop(self) -> None:
-        """Take the component out of service: drain and stop every instance."""
-        async with self._lock:
-            old = self._drop_active(self.route.swap(None))
-            self._set_state("stopped")
-        if old is not None:
-            await self._retire_soon(old)
-        while self._retiring:
-            await asyncio.gather(*self._retiring, return_exceptions=True)
-        for watcher in self._watchers:
-            watcher.cancel()
-
-    # -- steps ---------------------------------------------------------------
-    async def _launch(self) -> Instance:
-        spec = self.spec
+    async def _launch(self, spec: ComponentSpec) -> Instance:
         in_use = {d.instance.port for d in self.draining}
         if self.active is not None:
             in_use.add(self.active.port)
@@ -152,8 +239,9 @@ class Component:
                 f"every free port of the pool has TIME_WAIT left; using {port}, which SO_REUSEADDR accepts",
             )
         argv, env = spec.render(port, self.host)
+        marker = new_marker(self._marker_scope, self.name)
         try:
-            inst = await self._spawn(self.name, port, argv, env, spec.cwd, self.log_path)
+            inst = await self._spawn(self.name, port, argv, env, spec.cwd, self.log_path, marker)
         except SpawnError as exc:
             raise RotationFailed(str(exc)) from None
         self.emit("spawned", f"started pid {inst.pid} on port {port}", pid=inst.pid, port=port)
@@ -177,24 +265,74 @@ class Component:
         return inst
 
     def _switch(self, new: Instance) -> Draining | None:
-        target = Target(self.host, new.port, label=f"{self.name}[{new.pid} :{new.port}]")
-        old_target = self.route.swap(target)
-        old = self._drop_active(old_target)
-        self.active = new
-        watcher = asyncio.get_running_loop().create_task(self._watch(new))
-        self._watchers.add(watcher)
-        watcher.add_done_callback(self._watchers.discard)
+        old = self._drop_active(self.route.target)
+        self._make_active(new)
         was = f":{old.instance.port} -> " if old is not None else ""
         self.emit(
             "switched",
             f"switched {was}:{new.port} (pid {new.pid})",
             pid=new.pid,
             port=new.port,
-            in_flight=old_target.in_flight if old_target is not None else 0,
+            in_flight=old.target.in_flight if old is not None else 0,
         )
         return old
 
-    def _drop_active(self, target: Target | None = None) -> Draining | None:
+    async def _verify(
+        self, new: Instance, old: Draining | None, spec: ComponentSpec, window: float
+    ) -> None:
+        """Watch the new instance for `window` seconds after the switch; on failure send
+        traffic back to the old instance (still running) and stop the new one."""
+        threshold = spec.health.unhealthy_threshold
+        deadline = time.monotonic() + window
+        failures, problem = 0, None
+        while time.monotonic() < deadline and failures < threshold and new.returncode is None:
+            await asyncio.sleep(min(spec.health.interval, max(0.0, deadline - time.monotonic())))
+            problem = await self.health.probe(self.host, new.port)
+            failures = failures + 1 if problem else 0
+        if failures < threshold and new.returncode is None:
+            self.emit("verified", f"pid {new.pid} stayed healthy for {window:g}s", pid=new.pid)
+            return
+        reason = (
+            f"exited with code {new.returncode}"
+            if new.returncode is not None
+            else f"{failures} failed checks ({problem})"
+        )
+        if old is not None:
+            self.draining.remove(old)
+            old.instance.stopping = False
+            self.route.swap(old.target)
+            self.active = old.instance
+            self._ensure_guard(old.instance)
+        else:
+            self.route.swap(None)
+            self.active = None
+        self.emit(
+            "rollback",
+            f"pid {new.pid} failed verification ({reason}): traffic back to "
+            + (f"pid {old.instance.pid}" if old else "nobody"),
+            pid=new.pid,
+        )
+        new.stopping = True
+        draining = Draining(new, Target(self.host, new.port))
+        self.draining.append(draining)
+        self._retire_soon(draining)
+        raise RotationFailed(
+            f"rolled back: new instance pid {new.pid} {reason} within verify {window:g}s",
+            new.tail(LOG_TAIL),
+        )
+
+    def _make_active(self, inst: Instance) -> None:
+        self.active = inst
+        self.route.swap(Target(self.host, inst.port, label=f"{self.name}[{inst.pid} :{inst.port}]"))
+
+    def _ensure_guard(self, inst: Instance) -> None:
+        guard = self._guards.get(inst)
+        if guard is None or guard.done():
+            guard = self._spawn_task(self._guard(inst))
+            self._guards[inst] = guard
+            guard.add_done_callback(lambda _: self._guards.pop(inst, None))
+
+    def _drop_active(self, target: Target | None) -> Draining | None:
         inst, self.active = self.active, None
         if inst is None:
             return None
@@ -203,26 +341,28 @@ class Component:
         self.draining.append(draining)
         return draining
 
-    async def _retire_soon(self, old: Draining) -> None:
-        task = asyncio.get_running_loop().create_task(self._retire(old))
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
-        await asyncio.shield(task)
+    def _retire_soon(self, old: Draining, *, force: bool = False) -> asyncio.Task[None]:
+        """Drain and stop `old`, once: later callers wait for the same task."""
+        if old.task is None:
+            old.task = self._spawn_task(self._retire(old, force=force))
+        return old.task
 
-    async def _retire(self, old: Draining) -> None:
+    async def _retire(self, old: Draining, *, force: bool = False) -> None:
         spec, inst, target = self.spec, old.instance, old.target
         target.retire()
         in_flight = target.in_flight
         began = time.monotonic()
-        left = await target.drain(spec.drain_timeout)
+        left = 0 if force else await target.drain(spec.drain_timeout)
         took = time.monotonic() - began
-        if left:
+        if left or (force and target.in_flight):
+            cut = left or target.in_flight
             target.close_all()
             self.emit(
                 "drained",
-                f"drain_timeout {spec.drain_timeout:g}s passed with {left} request(s) of pid {inst.pid} in flight: cut",
+                f"{'forced stop' if force else f'drain_timeout {spec.drain_timeout:g}s passed'}: "
+                f"cut {cut} request(s) of pid {inst.pid}",
                 pid=inst.pid,
-                cut=left,
+                cut=cut,
             )
         else:
             self.emit(
@@ -232,7 +372,7 @@ class Component:
                 requests=in_flight,
                 seconds=round(took, 3),
             )
-        result = await inst.stop(spec.stop_signal, spec.stop_timeout)
+        result = await inst.stop(spec.stop_signal, spec.stop_timeout, force=force)
         self.last_stop = result.outcome
         if result.survivors:
             self.emit(
@@ -247,26 +387,161 @@ class Component:
                 pid=inst.pid,
                 outcome=result.outcome,
             )
-        self.draining.remove(old)
+        with contextlib.suppress(ValueError):
+            self.draining.remove(old)
 
-    async def _watch(self, inst: Instance) -> None:
-        code = await inst.wait()
-        if inst is not self.active or inst.stopping:
+    # -- supervision ------------------------------------------------------------------
+    async def _guard(self, inst: Instance, check_health: bool = True) -> None:
+        """Watch the active instance: its exit, and (unless told not to) its health every interval."""
+        health = self.spec.health
+        exited = asyncio.ensure_future(inst.wait())
+        failures = 0
+        try:
+            while inst is self.active:
+                await asyncio.wait({exited}, timeout=health.interval)
+                if inst is not self.active or inst.stopping:
+                    return
+                if exited.done():
+                    self._crashed(
+                        inst, f"pid {inst.pid} exited with code {exited.result()}", exited.result()
+                    )
+                    return
+                if not check_health:
+                    continue
+                problem = await self.health.probe(self.host, inst.port)
+                failures = failures + 1 if problem else 0
+                if problem and inst is self.active:
+                    self.emit(
+                        "unhealthy",
+                        f"pid {inst.pid} failed check {failures}/{health.unhealthy_threshold}: {problem}",
+                        pid=inst.pid,
+                    )
+                if failures >= health.unhealthy_threshold and inst is self.active:
+                    self._crashed(
+                        inst,
+                        f"pid {inst.pid} failed {failures} health checks in a row ({problem})",
+                        None,
+                    )
+                    return
+        finally:
+            exited.cancel()
+
+    def _crashed(self, inst: Instance, reason: str, code: int | None) -> None:
+        self.last_error = reason
+        self.last_exit = code
+        self.last_log_tail = inst.tail(LOG_TAIL)
+        if code is not None:
+            # Gone: requests are held (hold_timeout) until the replacement is ready.
+            self.active = None
+            self.route.swap(None)
+        self.emit(
+            "exited" if code is not None else "unhealthy",
+            reason,
+            pid=inst.pid,
+            code=code,
+            log_tail=self.last_log_tail,
+        )
+        if self._recovery is None or self._recovery.done():
+            self._recovery = self._spawn_task(self._recover())
+
+    async def _recover(self) -> None:
+        spec = self.spec
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(RotationFailed),
+            wait=wait_exponential(multiplier=spec.restart_backoff, max=spec.restart_backoff_max),
+            stop=lambda _: self._budget_spent(),
+            before_sleep=self._announce_backoff,
+            reraise=True,
+        )
+        # A crash soon after the last one waits first: the backoff spans crashes, not only
+        # failed starts, so a crash loop slows down before it is given up.
+        recent = self._recent_crashes()
+        if recent:
+            await asyncio.sleep(
+                min(spec.restart_backoff * 2 ** (recent - 1), spec.restart_backoff_max)
+            )
+        try:
+            if self._budget_spent():
+                raise RotationFailed("restart budget spent")
+            async for attempt in retrying:
+                with attempt:
+                    self._crashes.append(time.monotonic())
+                    self.emit(
+                        "restarting",
+                        f"starting a replacement (restart {self._recent_crashes()} of at most "
+                        f"{spec.max_restarts} in {spec.restart_window:g}s)",
+                    )
+                    await self._rotate(self.spec, recovering=True)
+        except RotationFailed:
+            self._give_up()
+
+    def _announce_backoff(self, retry_state: RetryCallState) -> None:
+        delay = retry_state.next_action.sleep if retry_state.next_action else 0.0
+        self.emit("backoff", f"next restart attempt in {delay:.1f}s")
+
+    def _recent_crashes(self) -> int:
+        horizon = time.monotonic() - self.spec.restart_window
+        while self._crashes and self._crashes[0] < horizon:
+            self._crashes.popleft()
+        return len(self._crashes)
+
+    def _budget_spent(self) -> bool:
+        return self._recent_crashes() >= self.spec.max_restarts
+
+    def _give_up(self) -> None:
+        if self.active is not None:
+            # Unhealthy but alive: it keeps serving what it can, watched for its exit only.
+            self.last_error = f"no healthy replacement could be started; last: {self.last_error}"
+            self.emit("failed", self.last_error)
+            self._guards[self.active] = self._spawn_task(
+                self._guard(self.active, check_health=False)
+            )
             return
-        # Crash supervision (restart with backoff) builds on this; for now the
-        # component is marked failed and its public address answers 503.
-        self.active = None
+        self.route.holding = False
         self.route.swap(None)
-        self.last_error = f"pid {inst.pid} exited with code {code}"
-        self.emit("exited", self.last_error, pid=inst.pid, code=code, log_tail=inst.tail(LOG_TAIL))
+        self.last_error = (
+            f"gave up after {self._recent_crashes()} restarts in {self.spec.restart_window:g}s; "
+            f"last: {self.last_error}"
+        )
         self._set_state("failed")
+        self.emit("failed", self.last_error, log_tail=self.last_log_tail)
+
+    def _reset_supervision(self) -> None:
+        self._crashes.clear()
+        self._cancel_recovery()
+
+    def _cancel_recovery(self) -> None:
+        if self._recovery is not None and self._recovery is not asyncio.current_task():
+            self._recovery.cancel()
+        self._recovery = None
+
+    def _spawn_task(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     def _set_state(self, state: str) -> None:
         if state != self.state:
             was, self.state = self.state, state
             self.emit("state", f"{was} -> {state}", was=was, now=state)
 
-    # -- reporting -----------------------------------------------------------
+    # -- reporting ----------------------------------------------------------------------
+    def record(self) -> ComponentRecord:
+        """What the state file keeps of this component."""
+        return ComponentRecord(
+            name=self.name,
+            active=_record(self.active),
+            draining=tuple(r for d in self.draining if (r := _record(d.instance)) is not None),
+            definition=definition_of(self.spec) if self.definition_source == "deployed" else None,
+            definition_source=self.definition_source,
+            deployed_at=self.deployed_at,
+            previous_definition=definition_of(self.previous)
+            if self.previous is not None and self.previous is not self.config_spec
+            else None,
+            stopped=self.stopped_on_purpose,
+        )
+
     def status(self) -> dict[str, Any]:
         active = self.active
         return {
@@ -280,6 +555,7 @@ class Component:
                 "port": active.port,
                 "healthy": active.returncode is None,
                 "since": active.started,
+                "adopted": active.adopted,
             },
             "draining": [
                 {"pid": d.instance.pid, "port": d.instance.port, "in_flight": d.target.in_flight}
@@ -288,11 +564,31 @@ class Component:
             "restarts": self.restarts,
             "requests": self.route.requests,
             "in_flight": sum(t.in_flight for t in self._targets()),
+            "definition": {
+                "source": self.definition_source,
+                "at": self.deployed_at,
+                "command": list(self.spec.command),
+                "can_roll_back": self.previous is not None,
+            },
             "last_rotation": self.last_rotation,
             "last_stop": self.last_stop,
             "last_error": self.last_error,
+            "last_exit": self.last_exit,
+            "log_tail": self.last_log_tail if self.state == "failed" else [],
         }
 
     def _targets(self) -> list[Target]:
         current = [self.route.target] if self.route.target is not None else []
         return current + [d.target for d in self.draining]
+
+
+def _record(inst: Instance | None) -> InstanceRecord | None:
+    if inst is None:
+        return None
+    return InstanceRecord(
+        pid=inst.pid,
+        create_time=inst.create_time,
+        port=inst.port,
+        marker=inst.marker,
+        started=inst.started,
+    )

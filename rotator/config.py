@@ -3,10 +3,18 @@
 Pure: it reads the config file (and checks that `cwd` directories exist) but opens no
 sockets and starts no processes. Every problem is collected with the line of the offending
 value and raised together in one ConfigError, so a broken file is fixed in one pass.
+
+Besides parsing, it derives specs for `rotator deploy` (`with_overrides`,
+`parse_env_assignments`) and turns a spec's definition (command, cwd, env) into JSON for
+the state file and back (`definition_of`, `apply_definition`).
+
+Layout: the public specs and functions first, then the private `_Parser`, which walks the
+YAML node tree, and its helpers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import os
@@ -27,17 +35,23 @@ T = TypeVar("T")
 Entry = tuple[Node, Node]  # (key node, value node): keys carry the line for "unknown key"
 
 TOP_KEYS = ("admin", "state_dir", "defaults", "components")
-HEALTH_KEYS = ("path", "interval", "timeout", "start_timeout")
+HEALTH_KEYS = ("path", "interval", "timeout", "start_timeout", "unhealthy_threshold")
 DEFAULT_KEYS = (
     "health",
     "drain_timeout",
     "stop_signal",
     "stop_timeout",
     "hold_timeout",
+    "verify",
+    "max_restarts",
+    "restart_window",
+    "restart_backoff",
+    "restart_backoff_max",
     "cwd",
     "env",
 )
-PER_COMPONENT_KEYS = ("listen", "ports", "command")
+PER_COMPONENT_KEYS = ("listen", "ports", "command", "depends_on")
+DEFINITION_KEYS = ("command", "cwd", "env")  # what `rotator deploy` may change
 COMPONENT_KEYS = PER_COMPONENT_KEYS + DEFAULT_KEYS
 
 STR_TAG = "tag:yaml.org,2002:str"
@@ -45,6 +59,7 @@ NULL_TAG = "tag:yaml.org,2002:null"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _ADDRESS = re.compile(r"(?:\[([^\]\s]+)\]|([^\s:\[\]]+)):(\d+)")
 _PORTS = re.compile(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?")
+_INTEGER = re.compile(r"\s*[-+]?\d+\s*")
 _DURATION = re.compile(r"([-+]?(?:\d+(?:\.\d*)?|\.\d+))\s*(ms|s|m|h)?")
 _UNITS: dict[str | None, float] = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 # A regex rather than str.format, so literal braces (awk scripts, JSON) pass through untouched.
@@ -68,6 +83,8 @@ class HealthSpec:
     interval: float = 1.0
     timeout: float = 2.0
     start_timeout: float = 30.0
+    # Consecutive failed checks before a running instance counts as unhealthy (also in verify).
+    unhealthy_threshold: int = 3
 
 
 @dataclass(frozen=True)
@@ -85,6 +102,12 @@ class ComponentSpec:
     stop_signal: signal.Signals = signal.SIGTERM
     stop_timeout: float = 10.0
     hold_timeout: float = 5.0
+    depends_on: tuple[str, ...] = ()  # started before this one, stopped after it
+    verify: float = 0.0  # seconds of health checks after a deploy's switch; 0 = off
+    max_restarts: int = 5  # more crash restarts than this within restart_window: failed
+    restart_window: float = 60.0
+    restart_backoff: float = 0.5  # delay before the first crash restart, doubled each time
+    restart_backoff_max: float = 30.0
 
     def render(self, port: int, host: str | None = None) -> tuple[list[str], dict[str, str]]:
         """argv and env additions for an instance on `port`, placeholders substituted."""
@@ -130,6 +153,33 @@ class Config:
 
     def log_path(self, name: str) -> Path:
         return self.state_dir / "logs" / f"{name}.log"
+
+    def start_order(self) -> tuple[str, ...]:
+        """Component names, each after the components it depends on; ties in file order.
+
+        Each step takes the first component in file order whose dependencies are all
+        placed; stopping everything goes in the reverse of this order. Names in
+        `depends_on` that are not components here are ignored (a parsed config has none);
+        a cycle (only possible in a hand-built Config) is a ValueError.
+        """
+        names = set(self.names)
+        placed: dict[str, None] = {}  # an ordered set
+        pending = list(self.components)
+        while pending:
+            ready = next(
+                (
+                    spec
+                    for spec in pending
+                    if all(dep in placed or dep not in names for dep in spec.depends_on)
+                ),
+                None,
+            )
+            if ready is None:
+                left = ", ".join(spec.name for spec in pending)
+                raise ValueError(f"dependency cycle among components {left}")
+            pending.remove(ready)
+            placed[ready.name] = None
+        return tuple(placed)
 
 
 @dataclass(frozen=True)
@@ -192,6 +242,120 @@ def parse(text: str, path: Path) -> Config:
     return config
 
 
+# -- deploy overrides and stored definitions ---------------------------------------------------
+
+
+def parse_env_assignments(items: list[str]) -> dict[str, str]:
+    """{"K": "V"} from `--env K=V` arguments; split at the first '=', a later K wins."""
+    env: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--env {item!r} is not NAME=VALUE (no '=')")
+        if not name:
+            raise ValueError(f"--env {item!r} has an empty name (use NAME=VALUE)")
+        env[name] = value
+    return env
+
+
+def with_overrides(
+    spec: ComponentSpec,
+    *,
+    command: str | list[str] | None = None,
+    cwd: str | None = None,
+    env: Mapping[str, str] | None = None,
+    base: Path | None = None,
+) -> ComponentSpec:
+    """`spec` with `rotator deploy`'s --command, --cwd and --env applied; None keeps a field.
+
+    A string command is split like `command:` in the file; `cwd` is resolved against
+    `base` (default: the current directory) and must be an existing directory; `env`
+    entries are merged over the spec's env. ValueError (one line) on a bad value.
+    """
+    words = spec.command
+    if isinstance(command, str):
+        try:
+            words = tuple(shlex.split(command))
+        except ValueError as exc:
+            raise ValueError(f"command {command!r} cannot be split into words: {exc}") from None
+    elif command is not None:
+        words = tuple(_strings(command, "command"))
+    if not words:
+        raise ValueError("command is empty")
+    directory = spec.cwd
+    if cwd is not None:
+        if not cwd:
+            raise ValueError("cwd is empty")
+        directory = (base or Path.cwd()).joinpath(Path(cwd).expanduser()).resolve()
+        if not directory.is_dir():
+            problem = "is not a directory" if directory.exists() else "does not exist"
+            raise ValueError(f"cwd {directory} {problem}")
+    merged = dict(spec.env)
+    if env is not None:
+        merged.update(_env_strings(env, "env"))
+    return dataclasses.replace(spec, command=words, cwd=directory, env=MappingProxyType(merged))
+
+
+def definition_of(spec: ComponentSpec) -> dict[str, Any]:
+    """What deploy may change, as JSON-ready data: {"command": [...], "cwd": str, "env": {}}."""
+    return {"command": list(spec.command), "cwd": str(spec.cwd), "env": dict(spec.env)}
+
+
+def apply_definition(spec: ComponentSpec, definition: Mapping[str, Any]) -> ComponentSpec:
+    """`spec` with a stored definition (see `definition_of`) on top. The definition replaces
+    command, cwd and env as a whole; a missing key (or a null cwd) keeps the spec's value.
+    ValueError on a bad shape: not a mapping, an unknown key, an empty command or one that is
+    not a list of strings, a cwd that is not an absolute path, env not strings to strings.
+    The cwd is not checked on disk: it may have gone since, and starting will say so.
+    """
+    if not isinstance(definition, Mapping):
+        raise ValueError(f"definition must be a mapping, not {type(definition).__name__}")
+    if unknown := [key for key in definition if key not in DEFINITION_KEYS]:
+        raise ValueError(
+            f"definition: unknown key {unknown[0]!r} (expected {', '.join(DEFINITION_KEYS)})"
+        )
+    changes: dict[str, Any] = {}
+    if "command" in definition:
+        command = definition["command"]
+        if isinstance(command, str) or not isinstance(command, list | tuple):
+            raise ValueError(
+                f"definition.command must be a list of strings, not {type(command).__name__}"
+            )
+        if not command:
+            raise ValueError("definition.command is empty")
+        changes["command"] = tuple(_strings(command, "definition.command"))
+    if definition.get("cwd") is not None:
+        cwd = definition["cwd"]
+        if not isinstance(cwd, str) or not Path(cwd).is_absolute():
+            raise ValueError(f"definition.cwd must be an absolute path, not {cwd!r}")
+        changes["cwd"] = Path(cwd)
+    if "env" in definition:
+        changes["env"] = MappingProxyType(_env_strings(definition["env"], "definition.env"))
+    return dataclasses.replace(spec, **changes)
+
+
+def _strings(items: Any, what: str) -> list[str]:
+    words = list(items)
+    for i, word in enumerate(words):
+        if not isinstance(word, str):
+            raise ValueError(f"{what}[{i}] must be a string, not {type(word).__name__}")
+    return words
+
+
+def _env_strings(env: Any, what: str) -> dict[str, str]:
+    if not isinstance(env, Mapping):
+        raise ValueError(f"{what} must be a mapping, not {type(env).__name__}")
+    for name, value in env.items():
+        if not isinstance(name, str) or not name or "=" in name:
+            raise ValueError(f"{what}: {name!r} is not a variable name (a string without '=')")
+        if not isinstance(value, str):
+            raise ValueError(f"{what}.{name} must be a string, not {type(value).__name__}")
+    return dict(env)
+
+
+# -- private: walking the YAML node tree ---------------------------------------------------------
+
+
 class _Parser:
     """Walks the YAML node tree (not plain dicts) so every problem can name its line."""
 
@@ -204,6 +368,8 @@ class _Parser:
         # For the cross-component checks: (owner, value, node, field path).
         self.listens: list[tuple[str, Address, Node | None, str]] = []
         self.pools: list[tuple[str, tuple[int, ...], Node, str]] = []
+        # (component, field path, [(dependency name, its node)]) for check_dependencies.
+        self.dependencies: list[tuple[str, str, list[tuple[str, Node]]]] = []
 
     def fail(self, node: Node | None, path: str, message: str) -> None:
         line = None if node is None else node.start_mark.line + 1
@@ -248,7 +414,9 @@ class _Parser:
         for key in PER_COMPONENT_KEYS:
             if key in found:
                 self.fail(found[key][0], f"defaults.{key}", "can only be set per component")
-        return self.shared(found, "defaults")
+        values = self.shared(found, "defaults")
+        self.check_backoff(found, values, {}, "defaults")
+        return values
 
     def components(
         self, entry: Entry | None, defaults: dict[str, Any]
@@ -259,7 +427,8 @@ class _Parser:
         found = self.mapping(entry[1], "components")
         if found == {}:
             self.fail(entry[1], "components", "must list at least one component")
-        specs = (self.component(name, *kv, defaults) for name, kv in (found or {}).items())
+        specs = [self.component(name, *kv, defaults) for name, kv in (found or {}).items()]
+        self.check_dependencies(list(found or {}))
         return tuple(spec for spec in specs if spec is not None)
 
     def component(
@@ -287,7 +456,12 @@ class _Parser:
             )
         if ports:
             self.pools.append((name, ports, found["ports"][1], f"{path}.ports"))
+        depends_on: list[tuple[str, Node]] = []
+        if "depends_on" in found:
+            depends_on = self.names_list(found["depends_on"][1], f"{path}.depends_on") or []
+            self.dependencies.append((name, f"{path}.depends_on", depends_on))
         own = self.shared(found, path)
+        self.check_backoff(found, own, defaults, path)
         # Component wins: health field by field, env key by key, the rest as a whole.
         health = HealthSpec(**{**defaults.get("health", {}), **own.pop("health", {})})
         env = {**defaults.get("env", {}), **own.pop("env", {})}
@@ -296,7 +470,14 @@ class _Parser:
         if listen is None or ports is None or command is None:
             return None
         return ComponentSpec(
-            name, listen, ports, command, env=MappingProxyType(env), health=health, **rest
+            name,
+            listen,
+            ports,
+            command,
+            env=MappingProxyType(env),
+            health=health,
+            depends_on=tuple(dict.fromkeys(dep for dep, _ in depends_on)),
+            **rest,
         )
 
     def shared(self, found: dict[str, Entry], path: str) -> dict[str, Any]:
@@ -306,6 +487,11 @@ class _Parser:
             "drain_timeout": lambda node, at: self.duration(node, at, allow_zero=True),
             "stop_timeout": self.duration,
             "hold_timeout": self.duration,
+            "verify": lambda node, at: self.duration(node, at, allow_zero=True),
+            "max_restarts": lambda node, at: self.integer(node, at, minimum=0),
+            "restart_window": self.duration,
+            "restart_backoff": self.duration,
+            "restart_backoff_max": self.duration,
             "stop_signal": self.stop_signal,
             "cwd": self.directory,
             "env": self.env,
@@ -316,6 +502,60 @@ class _Parser:
             if key in found
         }
         return {key: value for key, value in values.items() if value is not None}
+
+    def check_backoff(
+        self, found: dict[str, Entry], values: dict[str, Any], base: dict[str, Any], path: str
+    ) -> None:
+        """restart_backoff <= restart_backoff_max, for the values this block sets.
+
+        `values` are the block's valid values, `base` what it is merged over (defaults).
+        Blocks that set neither, or set one invalidly (already reported), are skipped.
+        """
+        keys = ("restart_backoff", "restart_backoff_max")
+        if not any(k in values for k in keys) or any(k in found and k not in values for k in keys):
+            return
+        initial, most = (values.get(k, base.get(k, _SPEC_DEFAULTS[k])) for k in keys)
+        if most >= initial:
+            return
+        if "restart_backoff_max" in values:
+            message = f"{_seconds(most)} is less than restart_backoff ({_seconds(initial)})"
+            self.fail(found["restart_backoff_max"][1], f"{path}.restart_backoff_max", message)
+        else:
+            message = f"{_seconds(initial)} is more than restart_backoff_max ({_seconds(most)})"
+            self.fail(found["restart_backoff"][1], f"{path}.restart_backoff", message)
+
+    def check_dependencies(self, names: list[str]) -> None:
+        """Unknown names, self-dependencies, duplicates, then one problem per cycle."""
+        edges: dict[str, list[tuple[str, Node]]] = {name: [] for name in names}
+        for name, path, deps in self.dependencies:
+            seen: set[str] = set()
+            others = [other for other in names if other != name]  # for the did-you-mean
+            for dep, node in deps:
+                if dep == name:
+                    self.fail(node, path, f"{name!r} cannot depend on itself")
+                elif dep in seen:
+                    self.fail(node, path, f"{dep!r} is listed twice")
+                elif dep not in edges:
+                    hint = (
+                        _did_you_mean(dep, others) if others else " (there is no other component)"
+                    )
+                    self.fail(node, path, f"unknown component {dep!r}{hint}")
+                else:
+                    edges[name].append((dep, node))
+                seen.add(dep)
+        reach = {name: _reachable(name, edges) for name in names}
+        done: set[str] = set()
+        for name in names:  # file order: a cycle is reported at its first component
+            if name in done or name not in reach[name]:
+                continue
+            members = {other for other in reach[name] if name in reach[other]}
+            done |= members
+            cycle, first = _shortest_cycle(name, edges, members)
+            self.fail(
+                first,
+                f"components.{name}.depends_on",
+                f"dependency cycle: {' -> '.join(cycle)}",
+            )
 
     def check_overlaps(self) -> None:
         """Binds that would fail, or steal each other's traffic, at runtime."""
@@ -500,7 +740,32 @@ class _Parser:
         for key in ("interval", "timeout", "start_timeout"):
             if key in found and (seconds := self.duration(found[key][1], f"{path}.{key}")):
                 values[key] = seconds
+        if "unhealthy_threshold" in found:
+            here = f"{path}.unhealthy_threshold"
+            if (count := self.integer(found["unhealthy_threshold"][1], here, 1)) is not None:
+                values["unhealthy_threshold"] = count
         return values
+
+    def integer(self, node: Node, path: str, minimum: int) -> int | None:
+        if (value := self.scalar(node, path)) is None:
+            return None
+        if isinstance(value, str) and _INTEGER.fullmatch(value):
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            self.fail(node, path, f"{value!r} is not a whole number")
+            return None
+        if value < minimum:
+            self.fail(node, path, f"must be {minimum} or more, not {value}")
+            return None
+        return value
+
+    def names_list(self, node: Node, path: str) -> list[tuple[str, Node]] | None:
+        """Component names: a list of them, or a single name; each with its node."""
+        items = node.value if isinstance(node, SequenceNode) else [node]
+        names = [(self.scalar(item, path, raw=True), item) for item in items]
+        if any(name is None for name, _ in names):
+            return None
+        return names
 
     def stop_signal(self, node: Node, path: str) -> signal.Signals | None:
         if (value := self.scalar(node, path)) is None:
@@ -544,6 +809,49 @@ class _Parser:
             else:  # the text as written: `yes` stays "yes", 1.50 stays "1.50"; empty is ""
                 values[key] = "" if value_node.tag == NULL_TAG else value_node.value
         return values
+
+
+def _reachable(start: str, edges: dict[str, list[tuple[str, Node]]]) -> set[str]:
+    """Names reachable from `start` by one or more edges (so `start` only if on a cycle)."""
+    seen: set[str] = set()
+    stack = [dep for dep, _ in edges[start]]
+    while stack:
+        if (name := stack.pop()) not in seen:
+            seen.add(name)
+            stack.extend(dep for dep, _ in edges[name])
+    return seen
+
+
+def _shortest_cycle(
+    start: str, edges: dict[str, list[tuple[str, Node]]], members: set[str]
+) -> tuple[list[str], Node]:
+    """The shortest cycle start -> ... -> start (edges in listed order break ties), and the
+    node of its first edge, for the line of the problem."""
+    came_from: dict[str, tuple[str, Node]] = {}
+    queue = [start]
+    for name in queue:  # breadth first; the list grows while iterated
+        for dep, node in edges[name]:
+            if dep in members and dep not in came_from:
+                came_from[dep] = (name, node)
+                queue.append(dep)
+        if start in came_from:
+            break
+    cycle, name = [start], start
+    while True:
+        name, node = came_from[name]
+        cycle.append(name)
+        if name == start:
+            break
+    cycle.reverse()
+    return cycle, node
+
+
+def _seconds(seconds: float) -> str:
+    """0.5 -> '500ms', 30.0 -> '30s': durations in messages, close to how they are written."""
+    return f"{seconds * 1000:g}ms" if seconds < 1 else f"{seconds:g}s"
+
+
+_SPEC_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ComponentSpec)}
 
 
 def _value(found: dict[str, Entry], key: str) -> Node | None:

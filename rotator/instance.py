@@ -126,7 +126,14 @@ class Instance:
 
     @classmethod
     def adopt(
-        cls, name: str, port: int, pid: int, create_time: float, marker: str, started: float, log_path: Path
+        cls,
+        name: str,
+        port: int,
+        pid: int,
+        create_time: float,
+        marker: str,
+        started: float,
+        log_path: Path,
     ) -> Instance | None:
         """The instance an earlier daemon started, if that very process still runs."""
         try:
@@ -139,7 +146,9 @@ class Instance:
             offset = log_path.stat().st_size
         except OSError:
             offset = 0
-        return cls(name, port, pid, marker, log_path, offset, create_time=create_time, started=started)
+        return cls(
+            name, port, pid, marker, log_path, offset, create_time=create_time, started=started
+        )
 
     @property
     def adopted(self) -> bool:

@@ -120,7 +120,11 @@ class RunningDaemon:
                 raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.output()}")
             with contextlib.suppress(OSError):
                 status = self.status()
-                if all(c["state"] in ("running", "failed") for c in status["components"]):
+                states = [c["state"] for c in status["components"]]
+                if len(states) == len(self.data["components"]) and set(states) <= {
+                    "running",
+                    "failed",
+                }:
                     return status
             time.sleep(0.05)
         raise AssertionError(f"daemon not running after {timeout}s:\n{self.output()}")
@@ -167,6 +171,7 @@ def daemon_factory() -> Iterator[Any]:
     for d in started:
         d.stop()
         d.kill_everything()
+        print(f"---- daemon output ({d.config}):\n{d.output()}")  # shown when the test failed
 
 
 def alive(pid: int) -> bool:

@@ -271,7 +271,7 @@ def test_second_daemon_for_the_same_config_is_refused(tmp_path: Path, daemon_fac
     daemon_factory(config)
     second = cli(config, "up", timeout=20)
     assert second.returncode == 1
-    assert "is in use: is rotator already running" in second.stderr
+    assert "rotator is already running for" in second.stderr and "pid" in second.stderr
     assert cli(config, "status").returncode == 0  # the first one's token was not replaced
 
 

@@ -4,6 +4,7 @@ no processes, no sockets, no sleeping."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 from collections.abc import Awaitable
 from pathlib import Path
@@ -38,6 +39,9 @@ class FakeInstance:
     def __init__(self, pid: int, port: int) -> None:
         self.pid, self.port = pid, port
         self.started = 0.0
+        self.adopted = False
+        self.marker = f"m{pid}"
+        self.create_time = 1.0
         self.stopping = False
         self.stopped_with: signal.Signals | None = None
         self.exit: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -49,14 +53,27 @@ class FakeInstance:
     async def wait(self) -> int:
         return await asyncio.shield(self.exit)
 
-    async def stop(self, sig: signal.Signals, timeout: float) -> StopResult:
-        self.stopped_with = sig
+    async def stop(self, sig: signal.Signals, timeout: float, *, force: bool = False) -> StopResult:
+        self.stopped_with = signal.SIGKILL if force else sig
         if not self.exit.done():
             self.exit.set_result(-sig)
         return StopResult("graceful", 0.01)
 
     def tail(self, lines: int = 20) -> list[str]:
         return [f"log of {self.pid}"]
+
+
+class ScriptedHealth:
+    """The health gate as the component sees it, answering from the World's script."""
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+
+    async def wait_until_healthy(self, host: str, port: int, exited: Awaitable[int]) -> float:
+        return await self.world.wait_until_healthy(host, port, exited)
+
+    async def probe(self, host: str, port: int) -> str | None:
+        return self.world.probe_script.pop(0) if self.world.probe_script else None
 
 
 class World:
@@ -71,9 +88,17 @@ class World:
         self.health_script: list[BaseException | None] = []  # per spawn: None = healthy
         self.gate: asyncio.Event | None = None  # when set, health waits for it
         self.busy: set[int] = set()
+        self.probe_script: list[str | None] = []  # answers of health probes while running
 
     async def spawn(
-        self, name: str, port: int, argv: list[str], env: dict[str, str], cwd: Path, log: Path
+        self,
+        name: str,
+        port: int,
+        argv: list[str],
+        env: dict[str, str],
+        cwd: Path,
+        log: Path,
+        marker: str,
     ) -> Any:
         assert argv == ["app", "--port", str(port)] and env["PORT"] == str(port)
         inst = FakeInstance(1000 + len(self.instances), port)
@@ -94,12 +119,12 @@ class World:
     def probe(self, host: str, port: int) -> PortState:
         return PortState.BUSY if port in self.busy else PortState.FREE
 
-    def component(self) -> Component:
+    def component(self, spec: ComponentSpec = SPEC) -> Component:
         return Component(
-            SPEC,
+            spec,
             self.route,
             self.bus,
-            health=self,
+            health=ScriptedHealth(self),
             log_path=Path("/dev/null"),
             spawn=self.spawn,
             probe=self.probe,
@@ -121,7 +146,13 @@ def test_first_rotation_starts_and_routes() -> None:
         assert c.state == "running" and c.restarts == 0
         assert w.route.target is not None and w.route.target.port == 9001
         assert w.kinds() == ["spawned", "healthy", "switched"]
-        assert c.status()["active"] == {"pid": 1000, "port": 9001, "healthy": True, "since": 0.0}
+        assert c.status()["active"] == {
+            "pid": 1000,
+            "port": 9001,
+            "healthy": True,
+            "since": 0.0,
+            "adopted": False,
+        }
 
     run(scenario())
 
@@ -248,18 +279,104 @@ def test_drain_waits_for_requests_in_flight_on_the_old_target() -> None:
     run(scenario())
 
 
-def test_active_instance_exiting_marks_the_component_failed() -> None:
+def test_active_instance_exiting_is_replaced() -> None:
     async def scenario() -> None:
         w = World()
         c = w.component()
         await c.rotate()
         w.instances[0].exit.set_result(137)
-        for _ in range(5):
+        for _ in range(50):
             await asyncio.sleep(0)
-        assert c.state == "failed" and w.route.target is None
-        assert c.last_error == "pid 1000 exited with code 137"
-        await c.rotate()  # a restart brings it back
-        assert c.state == "running" and w.route.target is not None
+            if len(w.instances) == 2 and c.state == "running":
+                break
+        assert c.state == "running" and len(w.instances) == 2
+        assert w.route.target is not None and w.route.target.port == 9002
+        assert c.last_exit == 137 and c.restarts == 1
+        assert "exited" in w.kinds()
+
+    run(scenario())
+
+
+def test_crash_loop_ends_in_failed_and_a_restart_revives() -> None:
+    async def scenario() -> None:
+        w = World()
+        spec = dataclasses.replace(
+            SPEC, max_restarts=3, restart_backoff=0.001, restart_backoff_max=0.002
+        )
+        c = w.component(spec)
+        await c.rotate()
+        w.health_script = [NotHealthy("exited with code 1 before becoming healthy")] * 10
+        w.instances[0].exit.set_result(1)
+        for _ in range(500):
+            await asyncio.sleep(0.001)
+            if c.state == "failed":
+                break
+        assert c.state == "failed"
+        assert len(w.instances) == 1 + 3  # the crashed one and max_restarts attempts
+        assert w.route.target is None and not w.route.holding  # 503 at once now
+        assert "gave up after 3 restarts" in (c.last_error or "")
+        w.health_script = []
+        await c.rotate()  # a manual restart clears it
+        assert c.state == "running" and w.route.holding
+
+    run(scenario())
+
+
+def test_unhealthy_instance_is_replaced_while_it_keeps_serving() -> None:
+    async def scenario() -> None:
+        w = World()
+        spec = dataclasses.replace(SPEC, health=HealthSpec(interval=0.001, unhealthy_threshold=2))
+        c = w.component(spec)
+        await c.rotate()
+        w.probe_script = ["/health answered 500", "/health answered 500"]
+        for _ in range(500):
+            await asyncio.sleep(0.001)
+            if len(w.instances) == 2 and c.state == "running" and not c.draining:
+                break
+        assert w.route.target is not None and w.route.target.port == 9002
+        assert w.instances[0].stopped_with == signal.SIGTERM  # replaced, then stopped
+        assert "unhealthy" in w.kinds()
+
+    run(scenario())
+
+
+def test_deploy_with_failed_verify_rolls_back_to_the_old_instance() -> None:
+    async def scenario() -> None:
+        w = World()
+        c = w.component()
+        await c.rotate()
+        old_target = w.route.target
+        new_spec = dataclasses.replace(
+            SPEC, verify=0.05, health=HealthSpec(interval=0.001, unhealthy_threshold=2)
+        )
+        w.probe_script = ["/health answered 500"] * 2
+        with pytest.raises(RotationFailed, match="rolled back"):
+            await c.deploy(new_spec)
+        assert w.route.target is old_target and c.active is w.instances[0]
+        assert c.spec is SPEC and c.definition_source == "config"
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert w.instances[1].stopped_with == signal.SIGTERM and w.instances[0].stopped_with is None
+
+    run(scenario())
+
+
+def test_deploy_then_rollback_switch_definitions() -> None:
+    async def scenario() -> None:
+        w = World()
+        c = w.component()
+        await c.rotate()
+        v2 = dataclasses.replace(SPEC, env=MappingProxyType({"VERSION": "2"}))
+        await c.deploy(v2)
+        assert c.spec is v2 and c.definition_source == "deployed" and c.previous is SPEC
+        assert c.record().definition == {
+            "command": ["app", "--port", "{port}"],
+            "cwd": "/",
+            "env": {"VERSION": "2"},
+        }
+        await c.rollback()
+        assert c.spec is SPEC and c.definition_source == "config" and c.previous is v2
+        assert len(w.instances) == 3
 
     run(scenario())
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import signal
 import textwrap
 from pathlib import Path
+from types import MappingProxyType
+from typing import Any
 
 import pytest
 
@@ -17,10 +20,14 @@ from rotator.config import (
     ConfigError,
     HealthSpec,
     Problem,
+    apply_definition,
     default_path,
+    definition_of,
     load,
     parse,
     parse_duration,
+    parse_env_assignments,
+    with_overrides,
 )
 
 # One valid component; cases append keys to it or replace it. Line 2 is `hermes:`.
@@ -653,3 +660,444 @@ def test_default_path() -> None:
     assert default_path({"ROTATOR_CONFIG": "/etc/r.yaml"}) == Path("/etc/r.yaml")
     assert default_path({}) == Path("rotator.yaml")
     assert default_path({"ROTATOR_CONFIG": ""}) == Path("rotator.yaml")
+
+
+# -- lifecycle keys: depends_on, verify, crash restarts ------------------------------------------
+
+
+def graph(**deps: str) -> str:
+    """Components in keyword order, each 5 lines with `depends_on: <value>` on its second:
+    component i (from 0) is on line 2 + 5i, its depends_on on line 3 + 5i."""
+    text = "components:\n"
+    for i, (name, value) in enumerate(deps.items()):
+        text += (
+            f"  {name}:\n    depends_on: {value}\n    listen: 127.0.0.1:{8001 + i}\n"
+            f"    ports: {18001 + 10 * i}\n    command: run\n"
+        )
+    return text
+
+
+# (yaml text, field path, exact message, line): each is the only problem of its text.
+LIFECYCLE_CASES = [
+    # depends_on
+    (
+        graph(a="[bb]", b="[]"),
+        "components.a.depends_on",
+        "unknown component 'bb' (did you mean 'b'?)",
+        3,
+    ),
+    (
+        graph(a="[zzz]", b="[]", c="[]"),
+        "components.a.depends_on",
+        "unknown component 'zzz' (expected one of: b, c)",
+        3,
+    ),
+    (
+        graph(a="[b]"),
+        "components.a.depends_on",
+        "unknown component 'b' (there is no other component)",
+        3,
+    ),
+    (graph(a="[a]"), "components.a.depends_on", "'a' cannot depend on itself", 3),
+    (graph(a="[b, b]", b="[]"), "components.a.depends_on", "'b' is listed twice", 3),
+    (
+        graph(a="[b]", b="[c]", c="[a]"),
+        "components.a.depends_on",
+        "dependency cycle: a -> b -> c -> a",
+        3,
+    ),
+    (
+        graph(a="[]", b="[c]", c="[b]"),
+        "components.b.depends_on",
+        "dependency cycle: b -> c -> b",
+        8,
+    ),
+    (
+        # one strongly connected a, b, c: one problem, its shortest cycle from a
+        graph(a="[c, b]", b="[c, a]", c="[a]"),
+        "components.a.depends_on",
+        "dependency cycle: a -> c -> a",
+        3,
+    ),
+    (
+        # the line is that of the list item starting the cycle
+        graph(a="\n      - c\n      - b", b="[a]", c="[]"),
+        "components.a.depends_on",
+        "dependency cycle: a -> b -> a",
+        5,
+    ),
+    (
+        graph(a="[[b]]", b="[]"),
+        "components.a.depends_on",
+        "must be a single value, not a list",
+        3,
+    ),
+    (graph(a="", b="[]"), "components.a.depends_on", "needs a value", 3),
+    (graph(a="{b: 1}"), "components.a.depends_on", "must be a single value, not a mapping", 3),
+    (
+        "defaults:\n  depends_on: [a]\n" + HERMES,
+        "defaults.depends_on",
+        "can only be set per component",
+        2,
+    ),
+    # health.unhealthy_threshold
+    (
+        HERMES + "    health: {unhealthy_threshold: 0}\n",
+        "components.hermes.health.unhealthy_threshold",
+        "must be 1 or more, not 0",
+        6,
+    ),
+    (
+        HERMES + "    health: {unhealthy_threshold: 1.5}\n",
+        "components.hermes.health.unhealthy_threshold",
+        "1.5 is not a whole number",
+        6,
+    ),
+    (
+        "defaults:\n  health:\n    unhealthy_threshold: many\n" + HERMES,
+        "defaults.health.unhealthy_threshold",
+        "'many' is not a whole number",
+        3,
+    ),
+    (
+        HERMES + "    health: {unhealthy_treshold: 2}\n",
+        "components.hermes.health.unhealthy_treshold",
+        "unknown key (did you mean 'unhealthy_threshold'?)",
+        6,
+    ),
+    # verify
+    (
+        HERMES + "    verify: -1s\n",
+        "components.hermes.verify",
+        "'-1s' is negative (a duration must be 0 or more)",
+        6,
+    ),
+    (
+        "defaults:\n  verify: a while\n" + HERMES,
+        "defaults.verify",
+        "'a while' is not a duration (use 250ms, 2s, 1m or a number of seconds)",
+        2,
+    ),
+    # max_restarts, restart_window
+    (
+        HERMES + "    max_restarts: -1\n",
+        "components.hermes.max_restarts",
+        "must be 0 or more, not -1",
+        6,
+    ),
+    (
+        HERMES + "    max_restarts: true\n",
+        "components.hermes.max_restarts",
+        "True is not a whole number",
+        6,
+    ),
+    (
+        HERMES + "    max_restarts: [1]\n",
+        "components.hermes.max_restarts",
+        "must be a single value, not a list",
+        6,
+    ),
+    (
+        HERMES + "    max_restart: 3\n",
+        "components.hermes.max_restart",
+        "unknown key (did you mean 'max_restarts'?)",
+        6,
+    ),
+    (
+        HERMES + "    restart_window: 0\n",
+        "components.hermes.restart_window",
+        "must be greater than 0",
+        6,
+    ),
+    # restart_backoff, restart_backoff_max
+    (
+        HERMES + "    restart_backoff: 0ms\n",
+        "components.hermes.restart_backoff",
+        "must be greater than 0",
+        6,
+    ),
+    (
+        HERMES + "    restart_backoff_max: 100ms\n",
+        "components.hermes.restart_backoff_max",
+        "100ms is less than restart_backoff (500ms)",
+        6,
+    ),
+    (
+        HERMES + "    restart_backoff: 1m\n",
+        "components.hermes.restart_backoff",
+        "60s is more than restart_backoff_max (30s)",
+        6,
+    ),
+    (
+        HERMES + "    restart_backoff: 2s\n    restart_backoff_max: 1.5s\n",
+        "components.hermes.restart_backoff_max",
+        "1.5s is less than restart_backoff (2s)",
+        7,
+    ),
+    (
+        "defaults:\n  restart_backoff_max: 250ms\n" + HERMES,
+        "defaults.restart_backoff_max",
+        "250ms is less than restart_backoff (500ms)",
+        2,
+    ),
+    (
+        # the component's own value against the merged default
+        "defaults:\n  restart_backoff_max: 1s\n" + HERMES + "    restart_backoff: 2s\n",
+        "components.hermes.restart_backoff",
+        "2s is more than restart_backoff_max (1s)",
+        8,
+    ),
+    (
+        # an invalid value is reported once, not compared as well
+        HERMES + "    restart_backoff: 1m\n    restart_backoff_max: soon\n",
+        "components.hermes.restart_backoff_max",
+        "'soon' is not a duration (use 250ms, 2s, 1m or a number of seconds)",
+        7,
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "path", "message", "line"), LIFECYCLE_CASES)
+def test_lifecycle_rule(text: str, path: str, message: str, line: int, tmp_path: Path) -> None:
+    problems = problems_of(text, tmp_path / "rotator.yaml")
+    assert [(p.path, p.message, p.line) for p in problems] == [(path, message, line)]
+
+
+def test_each_cycle_is_one_problem_and_other_errors_do_not_hide_it(tmp_path: Path) -> None:
+    text = graph(a="[b]", b="[a]", c="[d]", d="[c]").replace("127.0.0.1:8001", "nope")
+    problems = problems_of(text, tmp_path / "rotator.yaml")
+    assert [str(p) for p in problems] == [
+        f"{tmp_path / 'rotator.yaml'}:3: components.a.depends_on: dependency cycle: a -> b -> a",
+        f"{tmp_path / 'rotator.yaml'}:4: components.a.listen: 'nope' is not host:port"
+        " (e.g. 127.0.0.1:8001 or [::1]:8001)",
+        f"{tmp_path / 'rotator.yaml'}:13: components.c.depends_on: dependency cycle: c -> d -> c",
+    ]
+
+
+def test_lifecycle_keys_parse_and_merge(tmp_path: Path) -> None:
+    config = parse_ok(
+        """\
+        defaults:
+          health: {unhealthy_threshold: 2, interval: 3s}
+          verify: 10s
+          max_restarts: 0
+          restart_window: 2m
+          restart_backoff: 1s
+          restart_backoff_max: 1m
+        components:
+          db:
+            listen: 127.0.0.1:8001
+            ports: 18001
+            command: run
+            health: {timeout: 1s}
+            verify: 0
+            max_restarts: "7"
+            restart_backoff: 250ms
+          api:
+            listen: 127.0.0.1:8002
+            ports: 18002
+            command: run
+            depends_on: db
+            health: {unhealthy_threshold: 1}
+            restart_backoff_max: 1s
+          web:
+            listen: 127.0.0.1:8003
+            ports: 18003
+            command: run
+            depends_on: [api, db]
+        """,
+        tmp_path / "rotator.yaml",
+    )
+    db, api, web = config.components
+    assert db.health == HealthSpec(interval=3.0, timeout=1.0, unhealthy_threshold=2)
+    assert (db.verify, db.max_restarts, db.restart_window) == (0.0, 7, 120.0)
+    assert (db.restart_backoff, db.restart_backoff_max, db.depends_on) == (0.25, 60.0, ())
+    assert api.health == HealthSpec(interval=3.0, unhealthy_threshold=1)
+    assert (api.verify, api.max_restarts, api.depends_on) == (10.0, 0, ("db",))
+    assert (api.restart_backoff, api.restart_backoff_max) == (1.0, 1.0)  # equal is fine
+    assert web.depends_on == ("api", "db")
+    assert config.start_order() == ("db", "api", "web")
+
+
+def test_lifecycle_defaults_when_omitted(tmp_path: Path) -> None:
+    spec = parse_ok(HERMES, tmp_path / "rotator.yaml").component("hermes")
+    assert spec.health.unhealthy_threshold == 3
+    assert (spec.depends_on, spec.verify, spec.max_restarts, spec.restart_window) == (
+        (),
+        0.0,
+        5,
+        60.0,
+    )
+    assert (spec.restart_backoff, spec.restart_backoff_max) == (0.5, 30.0)
+    built = ComponentSpec(
+        name="hermes",
+        listen=spec.listen,
+        ports=spec.ports,
+        command=spec.command,
+        cwd=spec.cwd,
+        env={},
+        health=HealthSpec(),
+    )
+    assert spec == built  # the constructor's defaults are the file's defaults
+    assert parse_ok(graph(a="[]"), tmp_path / "r.yaml").component("a").depends_on == ()
+
+
+# (depends_on per component, in file order; expected start order)
+START_ORDERS = [
+    ({"a": "[]", "b": "[]", "c": "[]"}, ("a", "b", "c")),
+    ({"web": "[api]", "api": "[db]", "db": "[]"}, ("db", "api", "web")),
+    ({"a": "[c]", "b": "[]", "c": "[]"}, ("b", "c", "a")),  # each step: first ready in file order
+    ({"a": "[b, c]", "b": "[c]", "c": "[]"}, ("c", "b", "a")),
+    ({"a": "c", "b": "[a]", "c": "[]", "d": "[]"}, ("c", "a", "b", "d")),
+    ({"x": "[z]", "y": "[z]", "z": "[]"}, ("z", "x", "y")),
+]
+
+
+@pytest.mark.parametrize(("deps", "order"), START_ORDERS)
+def test_start_order(deps: dict[str, str], order: tuple[str, ...], tmp_path: Path) -> None:
+    config = parse_ok(graph(**deps), tmp_path / "rotator.yaml")
+    assert config.start_order() == order
+    position = {name: i for i, name in enumerate(order)}
+    for spec in config.components:
+        assert all(position[dep] < position[spec.name] for dep in spec.depends_on)
+
+
+def test_start_order_of_a_hand_built_config(tmp_path: Path) -> None:
+    spec = parse_ok(HERMES, tmp_path / "rotator.yaml").component("hermes")
+    a = dataclasses.replace(spec, name="a", depends_on=("b", "elsewhere"))
+    b = dataclasses.replace(spec, name="b")
+    config = Config(tmp_path / "r.yaml", AdminSpec(), tmp_path, (a, b))
+    assert config.start_order() == ("b", "a")  # names that are not components are ignored
+    looped = dataclasses.replace(config, components=(a, dataclasses.replace(b, depends_on=("a",))))
+    with pytest.raises(ValueError, match="dependency cycle among components a, b"):
+        looped.start_order()
+
+
+# -- deploy: --env, overrides and stored definitions ---------------------------------------------
+
+
+def test_parse_env_assignments() -> None:
+    assert parse_env_assignments([]) == {}
+    assert parse_env_assignments(["A=1", "B=", "C=x=y", "A=2"]) == {
+        "A": "2",
+        "B": "",
+        "C": "x=y",
+    }
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ("A", "--env 'A' is not NAME=VALUE (no '=')"),
+        ("", "--env '' is not NAME=VALUE (no '=')"),
+        ("=1", "--env '=1' has an empty name (use NAME=VALUE)"),
+    ],
+)
+def test_parse_env_assignments_rejects(item: str, message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_env_assignments(["OK=1", item])
+    assert str(info.value) == message
+
+
+@pytest.fixture
+def spec(tmp_path: Path) -> ComponentSpec:
+    text = HERMES + "    env: {A: a, B: b}\n    depends_on: []\n    verify: 5s\n"
+    return parse_ok(text, tmp_path / "rotator.yaml").component("hermes")
+
+
+def test_with_overrides(
+    spec: ComponentSpec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "v2").mkdir()
+    command = "serve --port {port} 'two words'"
+    new = with_overrides(spec, command=command, cwd="v2", env={"B": "new", "C": "c"}, base=tmp_path)
+    assert new.command == ("serve", "--port", "{port}", "two words")
+    assert new.cwd == (tmp_path / "v2").resolve()
+    assert dict(new.env) == {"A": "a", "B": "new", "C": "c"}
+    assert isinstance(new.env, MappingProxyType)
+    assert dataclasses.replace(new, command=spec.command, cwd=spec.cwd, env=spec.env) == spec
+    assert dict(spec.env) == {"A": "a", "B": "b"}  # the original is untouched
+    assert new.render(18001)[0] == ["serve", "--port", "18001", "two words"]
+    # a list is used as is; None keeps a field; cwd defaults to the current directory
+    monkeypatch.chdir(tmp_path / "v2")
+    other = with_overrides(spec, command=["a b", "{port}"], cwd=".")
+    assert (other.command, other.cwd, other.env) == (("a b", "{port}"), new.cwd, spec.env)
+    assert with_overrides(spec) == spec
+    home = with_overrides(spec, cwd=str(tmp_path / "v2"), base=Path("/nonexistent"))
+    assert home.cwd == new.cwd  # an absolute cwd ignores base
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"command": ""}, "command is empty"),
+        ({"command": "   "}, "command is empty"),
+        ({"command": []}, "command is empty"),
+        (
+            {"command": "run 'oops"},
+            """command "run 'oops" cannot be split into words: No closing quotation""",
+        ),
+        ({"command": ["run", 4]}, "command[1] must be a string, not int"),
+        ({"cwd": ""}, "cwd is empty"),
+        ({"cwd": "missing"}, "cwd {tmp}/missing does not exist"),
+        ({"cwd": "file"}, "cwd {tmp}/file is not a directory"),
+        ({"env": {"A=B": "x"}}, "env: 'A=B' is not a variable name (a string without '=')"),
+        ({"env": {"": "x"}}, "env: '' is not a variable name (a string without '=')"),
+        ({"env": {"A": 1}}, "env.A must be a string, not int"),
+        ({"env": ["A=1"]}, "env must be a mapping, not list"),
+    ],
+)
+def test_with_overrides_rejects(
+    kwargs: dict[str, Any], message: str, spec: ComponentSpec, tmp_path: Path
+) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError) as info:
+        with_overrides(spec, base=tmp_path, **kwargs)
+    assert str(info.value) == message.format(tmp=tmp_path.resolve())
+
+
+def test_definition_round_trips_through_json(spec: ComponentSpec, tmp_path: Path) -> None:
+    assert definition_of(spec) == {
+        "command": ["run", "--port", "{port}"],
+        "cwd": str(tmp_path.resolve()),
+        "env": {"A": "a", "B": "b"},
+    }
+    (tmp_path / "v2").mkdir()
+    deployed = with_overrides(spec, command="v2 {port}", cwd="v2", env={"C": "c"}, base=tmp_path)
+    stored = json.loads(json.dumps(definition_of(deployed)))
+    again = apply_definition(spec, stored)
+    assert again == deployed
+    assert dict(again.env) == {"A": "a", "B": "b", "C": "c"}
+    assert isinstance(again.env, MappingProxyType)
+    assert hash(again) == hash(deployed)
+    # the definition replaces env as a whole; missing keys and a null cwd keep the spec's
+    assert dict(apply_definition(spec, {"env": {"Z": "z"}}).env) == {"Z": "z"}
+    assert apply_definition(spec, {}) == spec
+    assert apply_definition(spec, {"cwd": None, "command": ("x",)}).cwd == spec.cwd
+    # the cwd is not checked on disk (it may have gone since)
+    assert apply_definition(spec, {"cwd": "/gone/away"}).cwd == Path("/gone/away")
+
+
+@pytest.mark.parametrize(
+    ("definition", "message"),
+    [
+        (["run"], "definition must be a mapping, not list"),
+        ({"cmd": ["x"]}, "definition: unknown key 'cmd' (expected command, cwd, env)"),
+        ({"command": "run x"}, "definition.command must be a list of strings, not str"),
+        ({"command": None}, "definition.command must be a list of strings, not NoneType"),
+        ({"command": []}, "definition.command is empty"),
+        ({"command": ["x", None]}, "definition.command[1] must be a string, not NoneType"),
+        ({"cwd": "relative/dir"}, "definition.cwd must be an absolute path, not 'relative/dir'"),
+        ({"cwd": 5}, "definition.cwd must be an absolute path, not 5"),
+        ({"env": None}, "definition.env must be a mapping, not NoneType"),
+        ({"env": {"A": 1}}, "definition.env.A must be a string, not int"),
+        (
+            {"env": {"A=": "1"}},
+            "definition.env: 'A=' is not a variable name (a string without '=')",
+        ),
+    ],
+)
+def test_apply_definition_rejects(definition: Any, message: str, spec: ComponentSpec) -> None:
+    with pytest.raises(ValueError) as info:
+        apply_definition(spec, definition)
+    assert str(info.value) == message

@@ -1,0 +1,322 @@
+"""What the daemon remembers across its own death, and the lock that keeps it single.
+
+`StateFile` saves a `State` (which instance of each component is active or being
+drained, as (pid, create_time) identities, plus deployed definitions) atomically
+as readable JSON, and loads it back with strict validation. A file that cannot be
+trusted (corrupt, wrong shape, older format) is moved aside and reported as a
+`StateError`, so the caller can log it, continue with an empty state, and leave
+the instances it named alone; a file from a newer rotator (`StateTooNew`) stays
+in place. `DaemonLock` is a flock on a file in the state dir: the kernel drops it
+when the daemon dies, even by SIGKILL, and the fd is not inherited by instances.
+
+Only files are touched here. Checking that a recorded process still is the one
+we started (pid, create_time, marker), adopting or stopping it, and deciding
+when to save are left to the caller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+STATE_VERSION = 1
+SOURCES = ("config", "deployed")
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    pid: int
+    create_time: float  # psutil.Process(pid).create_time() at spawn; identity = (pid, create_time)
+    port: int
+    marker: str  # ROTATOR_INSTANCE in the instance's environment, unique per instance
+    started: float  # unix time
+
+
+@dataclass(frozen=True)
+class ComponentRecord:
+    name: str
+    active: InstanceRecord | None
+    draining: tuple[InstanceRecord, ...] = ()  # being drained/stopped when written
+    definition: Mapping[str, Any] | None = None  # {"command", "cwd", "env"}; None = the config's
+    definition_source: str = "config"  # "config" | "deployed"
+    deployed_at: float | None = None
+    previous_definition: Mapping[str, Any] | None = None  # for rollback; None = the config's
+    stopped: bool = False  # stopped on purpose with `rotator stop`
+
+
+@dataclass(frozen=True)
+class State:
+    components: Mapping[str, ComponentRecord]
+    daemon_pid: int | None = None
+    written_at: float | None = None
+
+
+class StateError(Exception):
+    """The state file cannot be used; the message is one line. `moved_to` is where
+    the file was moved aside, or None if it was left in place."""
+
+    def __init__(self, message: str, moved_to: Path | None = None) -> None:
+        super().__init__(message.replace("\r", "\\r").replace("\n", "\\n"))
+        self.moved_to = moved_to
+
+
+class StateTooNew(StateError):
+    """Written by a newer rotator and left in place: the caller must not overwrite it."""
+
+
+class _Bad(Exception):
+    """A shape problem, found at the place its message starts with."""
+
+
+_TYPES: dict[str, type | tuple[type, ...]] = {
+    "int": int, "pid": int, "port": int, "number": (int, float),
+    "str": str, "bool": bool, "object": dict, "list": list,
+}  # fmt: skip
+_INSTANCE = {"pid": "pid", "create_time": "number", "port": "port", "marker": "str",
+             "started": "number"}  # fmt: skip
+_COMPONENT = {"active": "instance?", "draining": "instances", "definition": "definition?",
+              "definition_source": "source", "deployed_at": "number?",
+              "previous_definition": "definition?", "stopped": "bool"}  # fmt: skip
+_TOP = {"version": "int", "daemon_pid": "pid?", "written_at": "number?",
+        "components": "components"}  # fmt: skip
+
+
+def _fields(obj: Any, where: str, spec: dict[str, str]) -> dict[str, Any]:
+    _value(obj, "object", where)
+    if missing := [k for k in spec if k not in obj]:
+        raise _Bad(f"{where}: missing key {missing[0]!r}")
+    if extra := sorted(set(obj) - set(spec)):
+        raise _Bad(f"{where}: unexpected key {extra[0]!r}")
+    return {
+        k: _value(obj[k], kind, f"{where}.{k}".removeprefix("top level."))
+        for k, kind in spec.items()
+    }
+
+
+def _value(value: Any, kind: str, where: str) -> Any:
+    if kind.endswith("?"):
+        return None if value is None else _value(value, kind[:-1], where)
+    if kind == "instance":
+        return InstanceRecord(**_fields(value, where, _INSTANCE))
+    if kind == "instances":
+        items = _value(value, "list", where)
+        return tuple(_value(v, "instance", f"{where}[{i}]") for i, v in enumerate(items))
+    if kind == "components":
+        return {
+            name: ComponentRecord(name=name, **_fields(c, f"components.{name}", _COMPONENT))
+            for name, c in _value(value, "object", where).items()
+        }
+    if kind == "source":
+        if _value(value, "str", where) not in SOURCES:
+            raise _Bad(f"{where}: unknown value {value!r}")
+        return value
+    if kind == "definition":
+        _value(value, "object", where)
+        for i, word in enumerate(_value(value.get("command", []), "list", f"{where}.command")):
+            _value(word, "str", f"{where}.command[{i}]")
+        _value(value.get("cwd"), "str?", f"{where}.cwd")
+        for key, v in _value(value.get("env", {}), "object", f"{where}.env").items():
+            _value(v, "str", f"{where}.env.{key}")
+        return dict(value)
+    ok = isinstance(value, _TYPES[kind]) and (kind == "bool" or not isinstance(value, bool))
+    if not ok:
+        raise _Bad(f"{where}: expected {kind}, got {type(value).__name__}")
+    if kind == "number" and not (math.isfinite(value) and abs(value) < 1e300):
+        raise _Bad(f"{where}: {value} is not a usable number")
+    if kind in ("pid", "port") and not 0 < value <= (65535 if kind == "port" else 2**62):
+        raise _Bad(f"{where}: {value} is out of range")  # a pid <= 0 would signal a group
+    return float(value) if kind == "number" else value
+
+
+def _json_default(value: object) -> Any:
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, InstanceRecord):
+        return asdict(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+class StateFile:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def load(self) -> State:
+        """The saved State; an empty one if there is no file. Raises StateError."""
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return State(components={})
+        except OSError as exc:
+            raise StateError(f"state file {self.path} cannot be read ({exc.strerror})") from exc
+        try:
+            doc = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise self._corrupt("not UTF-8 text") from exc
+        except json.JSONDecodeError as exc:
+            raise self._corrupt(f"line {exc.lineno}: {exc.msg}") from exc
+        except (ValueError, RecursionError) as exc:  # e.g. a huge integer, absurd nesting
+            raise self._corrupt(str(exc) or type(exc).__name__) from exc
+        if not isinstance(doc, dict):
+            raise self._corrupt(f"expected a JSON object, got {type(doc).__name__}")
+        version = doc.get("version")
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise self._corrupt("version: missing or not an integer")
+        if version > STATE_VERSION:
+            raise StateTooNew(
+                f"state file {self.path} was written by a newer rotator (format {version}; "
+                f"this one reads format {STATE_VERSION}); upgrade rotator to use it "
+                "(the file was left in place)"
+            )
+        if version < STATE_VERSION:
+            moved = self._move_aside()
+            raise StateError(f"state file {self.path} was written by an older rotator "
+                             f"(format {version}){self._tail(moved)}", moved)  # fmt: skip
+        try:
+            top = _fields(doc, "top level", _TOP)
+        except _Bad as exc:
+            raise self._corrupt(str(exc)) from exc
+        return State(top["components"], top["daemon_pid"], top["written_at"])
+
+    def save(self, state: State) -> None:
+        """Write atomically (temp file, fsync, replace, fsync dir), mode 0600.
+        written_at is filled in with the current time when None."""
+        components: dict[str, Any] = {}
+        for key, comp in state.components.items():
+            if key != comp.name:
+                raise ValueError(f"component record {comp.name!r} filed under {key!r}")
+            components[key] = {f.name: getattr(comp, f.name) for f in fields(comp)[1:]}  # but name
+        doc = {
+            "version": STATE_VERSION,
+            "daemon_pid": state.daemon_pid,
+            "written_at": time.time() if state.written_at is None else state.written_at,
+            "components": components,
+        }
+        directory = self.path.parent
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=directory)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                os.fchmod(f.fileno(), 0o600)
+                json.dump(doc, f, indent=2, sort_keys=True, allow_nan=False, default=_json_default)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        with contextlib.suppress(OSError):  # not every platform/filesystem fsyncs a directory
+            dir_fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+
+    def _corrupt(self, detail: str) -> StateError:
+        moved = self._move_aside()
+        return StateError(f"state file {self.path} is corrupt ({detail}){self._tail(moved)}", moved)
+
+    def _tail(self, moved: Path | None) -> str:
+        where = f"it was moved aside to {moved}" if moved else "it could not be moved aside"
+        return f"; {where}; instances it named are left alone"
+
+    def _move_aside(self) -> Path | None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for n in range(100):
+            target = self.path.with_name(
+                f"{self.path.name}.corrupt-{stamp}" + (f"-{n}" if n else "")
+            )
+            if target.exists():
+                continue
+            try:
+                os.rename(self.path, target)
+            except OSError:
+                return None
+            return target
+        return None
+
+
+class AlreadyRunning(Exception):
+    def __init__(self, pid: int | None) -> None:
+        self.pid = pid
+        super().__init__(
+            f"rotator is already running for this state_dir (pid {pid if pid else 'unknown'})"
+        )
+
+
+class DaemonLock:
+    """An exclusive flock held for the daemon's life; the file holds the owner's pid."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        if self._fd is not None:
+            raise RuntimeError(f"{self.path} is already locked by this DaemonLock")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)  # not inheritable (PEP 446)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                for _ in range(10):  # the holder may not have written its pid yet
+                    if (pid := _read_pid(fd)) is not None:
+                        break
+                    time.sleep(0.02)
+                os.close(fd)
+                raise AlreadyRunning(pid) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            if _same_file(fd, self.path):  # else a releasing owner unlinked what we opened
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:  # unlink while still locked, so no one can lock a file on its way out
+            if _read_pid(fd) == os.getpid() and _same_file(fd, self.path):
+                os.unlink(self.path)
+        except OSError:
+            pass
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def __enter__(self) -> DaemonLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 64, 0).decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(text) if text.isdigit() and int(text) > 0 else None
