@@ -59,8 +59,21 @@ def status_table(status: dict[str, Any], now: float | None = None) -> str:
             notes.append(
                 f"  {c['name']}: draining pid {d['pid']} on port {d['port']} ({d['in_flight']} in flight)"
             )
+        definition = c.get("definition") or {}
+        if definition.get("source") == "deployed":
+            since = (
+                f" since {time.strftime('%Y-%m-%d %H:%M', time.localtime(definition['at']))}"
+                if definition.get("at")
+                else ""
+            )
+            notes.append(
+                f"  {c['name']}: runs its deployed definition{since}: {' '.join(definition.get('command', []))}"
+            )
+        if c.get("last_stop"):
+            notes.append(f"  {c['name']}: last instance stop was {c['last_stop']}")
         if c.get("last_error") and c["state"] != "running":
             notes.append(f"  {c['name']}: {c['last_error']}")
+            notes.extend(f"    | {line}" for line in c.get("log_tail", []))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = [
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
