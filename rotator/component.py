@@ -156,10 +156,11 @@ class Component:
             f"back to the {self.definition_source} definition: {' '.join(target.command)}",
         )
 
-    async def stop(self, *, force: bool = False) -> None:
-        """Take the component out of service; its public address answers 503 at once."""
+    async def stop(self, *, force: bool = False, on_purpose: bool = True) -> None:
+        """Take the component out of service; its public address answers 503 at once.
+        On purpose (`rotator stop`), it stays stopped across daemon restarts."""
         self._cancel_recovery()
-        self.stopped_on_purpose = True
+        self.stopped_on_purpose = on_purpose or self.stopped_on_purpose
         self.route.holding = False
         async with self._lock:
             self._drop_active(self.route.swap(None))
@@ -169,7 +170,7 @@ class Component:
 
     async def shutdown(self) -> None:
         """The daemon is going down: stop, and end every task of ours."""
-        await self.stop()
+        await self.stop(on_purpose=False)
         for task in list(self._tasks):
             task.cancel()
 

@@ -121,10 +121,8 @@ class RunningDaemon:
             with contextlib.suppress(OSError):
                 status = self.status()
                 states = [c["state"] for c in status["components"]]
-                if len(states) == len(self.data["components"]) and set(states) <= {
-                    "running",
-                    "failed",
-                }:
+                settled = {"running", "failed", "stopped"}
+                if len(states) == len(self.data["components"]) and set(states) <= settled:
                     return status
             time.sleep(0.05)
         raise AssertionError(f"daemon not running after {timeout}s:\n{self.output()}")

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import psutil
+import pytest
 
 from tests.conftest import DEMO, PY, Load, alive, cli, component, wait_until, write_config
 
@@ -353,3 +355,21 @@ def _accepts(host: str, port: int) -> bool:
         return True
     except OSError:
         return False
+
+
+def test_after_a_graceful_down_up_starts_everything_but_what_was_stopped_on_purpose(
+    tmp_path: Path, daemon_factory
+) -> None:
+    config = write_config(tmp_path, {"web": component(), "api": component()})
+    first = daemon_factory(config)
+    assert cli(config, "stop", "api").returncode == 0
+    assert first.stop() == 0
+    second = daemon_factory(config)
+    assert second.component("web")["state"] == "running"
+    api = second.component("api")
+    assert api["state"] == "stopped" and api["active"] is None
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(second.url("api"), timeout=5)
+    assert refused.value.code == 503
+    assert cli(config, "start", "api").returncode == 0
+    assert second.component("api")["state"] == "running"
