@@ -435,6 +435,9 @@ class Component:
             # Gone: requests are held (hold_timeout) until the replacement is ready.
             self.active = None
             self.route.swap(None)
+            # What it started may have outlived it (a master's workers): stop the rest of its tree.
+            inst.stopping = True
+            self._spawn_task(inst.stop(self.spec.stop_signal, self.spec.stop_timeout))
         self.emit(
             "exited" if code is not None else "unhealthy",
             reason,
