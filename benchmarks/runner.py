@@ -1,0 +1,156 @@
+"""Run every benchmark, each in a process of its own with a time limit, then a summary.
+
+Started by `benchmarks/run`. Each benchmark writes benchmarks/results/<name>.json
+and cleans up after itself; this runner also stops a benchmark that overruns
+its limit (SIGTERM, which it turns into its normal cleanup, then SIGKILL) and
+kills anything still carrying that benchmark's tag afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from benchlib import RESULTS, RUN_ENV, handle_sigterm, machine, sweep, table
+
+HERE = Path(__file__).resolve().parent
+# name: (time limit of a full run, of a --quick run), seconds
+BENCHMARKS = {
+    "proxy_overhead": (600.0, 180.0),
+    "restart_under_load": (420.0, 180.0),
+}
+
+
+def run_one(name: str, extra: list[str], limit: float) -> int | str:
+    tag = uuid.uuid4().hex
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / f"{name}.py"), *extra],
+        env={**os.environ, RUN_ENV: tag},
+        start_new_session=True,  # Ctrl-C reaches us; we pass it on as SIGTERM
+    )
+    outcome: int | str
+    try:
+        outcome = proc.wait(limit)
+    except subprocess.TimeoutExpired:
+        outcome = f"stopped after its limit of {limit:g}s"
+    except KeyboardInterrupt:
+        outcome = "interrupted"
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(45)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        leaked = sweep(RUN_ENV, tag)
+        if leaked:
+            print(f"runner: {name} left processes behind, killed: {leaked}", file=sys.stderr)
+    return outcome
+
+
+def load(name: str, since: float) -> dict[str, Any] | None:
+    path = RESULTS / f"{name}.json"
+    if not path.exists() or path.stat().st_mtime < since:
+        return None
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+def summary(started: float) -> None:
+    proxy = load("proxy_overhead", started)
+    if proxy and "summary" in proxy:
+        rows = [r for r in proxy["summary"] if r["connections"] == 16]
+        print("proxy overhead (wrk -t1 -c16, medians):")
+        print(
+            table(
+                ["body", "variant", "req/s", "x direct", "p50 ms", "p99 ms"],
+                [
+                    [
+                        r["body"],
+                        r["variant"],
+                        f"{r['rps']:.0f}",
+                        f"{r['ratio_vs_direct']:.2f}",
+                        f"{r['p50_ms']:.3f}",
+                        f"{r['p99_ms']:.3f}",
+                    ]
+                    for r in rows
+                ],
+            )
+        )
+        for line in proxy.get("targets", []):
+            print(f"  {line}")
+        print()
+    restart = load("restart_under_load", started)
+    if restart and "scenarios" in restart:
+        print("restart under load:")
+        print(
+            table(
+                ["round", "scenario", "requests", "failed", "longest gap ms", "ok/s", "p99 ms"],
+                [
+                    [
+                        r["round"],
+                        r["scenario"],
+                        r["requests"],
+                        r["failed"],
+                        f"{r['longest_gap_ms']:.1f}",
+                        r["ok_per_second_median"],
+                        r["p99_ms"],
+                    ]
+                    for r in restart["scenarios"]
+                ],
+            )
+        )
+        for line in restart.get("targets", []):
+            print(f"  {line}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="benchmarks/run", description="Run rotator's benchmarks.")
+    p.add_argument("--quick", action="store_true", help="short runs: a smoke test")
+    p.add_argument("--only", choices=list(BENCHMARKS), action="append", help="repeatable")
+    args = p.parse_args(argv)
+    handle_sigterm()
+    info = machine()
+    print(
+        f"machine: {info['nproc']} cpu(s), python {info['python']}, uvloop {info['uvloop'] or 'no'}, "
+        f"{info['wrk'] or 'no wrk'}, {info['nginx'] or 'no nginx'}, load {info['load_average']}",
+        flush=True,
+    )
+    started = time.time()
+    failed: list[str] = []
+    try:
+        for name in args.only or list(BENCHMARKS):
+            full, quick = BENCHMARKS[name]
+            print(f"\n== {name}", flush=True)
+            outcome = run_one(
+                name, ["--quick"] if args.quick else [], quick if args.quick else full
+            )
+            if outcome != 0:
+                failed.append(
+                    f"{name}: {outcome if isinstance(outcome, str) else f'exit {outcome}'}"
+                )
+                if outcome == "interrupted":
+                    break
+    except KeyboardInterrupt:
+        failed.append("interrupted")
+    print("\n== summary")
+    summary(started)
+    for line in failed:
+        print(f"runner: {line}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
