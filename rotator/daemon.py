@@ -27,7 +27,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from rotator import __version__
@@ -73,10 +72,11 @@ class Daemon:
         self.scope = hashlib.sha1(str(config.state_dir).encode()).hexdigest()[:10]
         self.state_file = StateFile(config.state_dir / "state.json")
         self._can_save = False
+        self._saving: asyncio.Task[None] | None = None
+        self._save_again = False
         self._lock = DaemonLock(config.state_dir / "daemon.lock")
         self._shutdown: asyncio.Event | None = None
         self._runner: web.AppRunner | None = None
-        self._session: aiohttp.ClientSession | None = None
         self.bus.subscribe(self._on_event)
 
     # -- lifecycle ------------------------------------------------------------
@@ -117,9 +117,6 @@ class Daemon:
                 f"rotator is already running for {config.path} (pid {exc.pid or 'unknown'}); "
                 "stop it with: rotator down"
             ) from None
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(force_close=True, limit=0), trust_env=False
-        )
         for spec in config.components:
             await self._add_component(spec)
         token = secrets.token_urlsafe(32)
@@ -148,7 +145,6 @@ class Daemon:
         )
 
     async def _add_component(self, spec: ComponentSpec) -> None:
-        assert self._session is not None
         route = Route(spec.name, spec.hold_timeout)
         listener = Listener(route, spec.listen.host, spec.listen.port)
         try:
@@ -162,7 +158,7 @@ class Daemon:
             spec,
             route,
             self.bus,
-            health=HealthCheck(self._session, spec.health),
+            health=HealthCheck(spec.health),
             log_path=self.config.log_path(spec.name),
             probe=probe_port,
             marker_scope=self.scope,
@@ -233,6 +229,8 @@ class Daemon:
 
         if self.components:
             await self._in_dependency_order(stop, reverse=True)
+            if self._saving is not None:
+                await asyncio.gather(self._saving, return_exceptions=True)
             self._save()
         await self._release()
         if self.components:
@@ -241,8 +239,6 @@ class Daemon:
     async def _release(self) -> None:
         for listener in self.listeners:
             listener.stop_accepting()
-        if self._session is not None:
-            await self._session.close()
         if self._runner is not None:
             await self._runner.cleanup()
             with contextlib.suppress(FileNotFoundError):
@@ -318,20 +314,49 @@ class Daemon:
     def _on_event(self, event: Event) -> None:
         self._print_event(event)
         if event.kind not in NO_STATE_CHANGE:
-            self._save()
+            self._save_soon()
 
-    def _save(self) -> None:
+    def _save_soon(self) -> None:
+        """Write the state file in a thread: its fsyncs take milliseconds that the
+        proxy, on this loop, must not wait for (they showed as gaps at switches).
+        One writer at a time; changes during a write cause one more write."""
         if not self._can_save:
             return  # never overwrite a state file we have not read
-        state = State(
+        if self._saving is not None and not self._saving.done():
+            self._save_again = True
+            return
+        self._saving = asyncio.ensure_future(self._write_state())
+
+    async def _write_state(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._save_again = False
+            state = self._snapshot()  # taken on the loop: consistent
+            try:
+                await loop.run_in_executor(None, self.state_file.save, state)
+            except OSError as exc:
+                self.out(
+                    f"rotator: cannot write the state file {self.state_file.path}: {exc.strerror}"
+                )
+            if not self._save_again:
+                return
+
+    def _save(self) -> None:
+        """Write the state file now (startup and shutdown, where nothing else runs)."""
+        if self._can_save:
+            try:
+                self.state_file.save(self._snapshot())
+            except OSError as exc:
+                self.out(
+                    f"rotator: cannot write the state file {self.state_file.path}: {exc.strerror}"
+                )
+
+    def _snapshot(self) -> State:
+        return State(
             components={name: comp.record() for name, comp in self.components.items()},
             daemon_pid=os.getpid(),
             written_at=time.time(),
         )
-        try:
-            self.state_file.save(state)
-        except OSError as exc:
-            self.out(f"rotator: cannot write the state file {self.state_file.path}: {exc.strerror}")
 
     # -- reporting --------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

@@ -2,15 +2,22 @@
 
 `wait_until_healthy` polls fast so that the switch follows readiness closely,
 and gives up early when the process exits. It reports; the component decides.
+
+A probe is a plain HTTP/1.1 GET on a fresh connection that *we* close once the
+answer is read. Asking the instance to close instead (`Connection: close`, as
+HTTP clients do for one-off requests) would leave a TIME_WAIT on the instance's
+own port after every probe; here it lands on our ephemeral port, and the pool
+port stays clean for the next instance.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable
 
-import aiohttp
+import httptools
 from tenacity import AsyncRetrying, RetryError, retry_if_result, stop_after_delay, wait_fixed
 
 from rotator.config import HealthSpec
@@ -18,6 +25,8 @@ from rotator.config import HealthSpec
 # The gap between a process becoming ready and traffic reaching it is at most
 # this, plus one probe; probes that are refused cost next to nothing.
 START_POLL = 0.025
+# A health answer larger than this is not read to its end (and counts as an answer).
+MAX_ANSWER = 1024 * 1024
 
 
 class NotHealthy(Exception):
@@ -25,27 +34,23 @@ class NotHealthy(Exception):
 
 
 class HealthCheck:
-    def __init__(self, session: aiohttp.ClientSession, spec: HealthSpec) -> None:
-        self.session = session
+    def __init__(self, spec: HealthSpec) -> None:
         self.spec = spec
 
     async def probe(self, host: str, port: int) -> str | None:
         """None when healthy, otherwise what was wrong (for messages)."""
-        url = f"http://{_host(host)}:{port}{self.spec.path}"
+        path = self.spec.path
         try:
-            async with self.session.get(
-                url,
-                timeout=aiohttp.ClientTimeout(total=self.spec.timeout),
-                allow_redirects=False,
-            ) as resp:
-                await resp.read()
-                if 200 <= resp.status < 400:
-                    return None
-                return f"{self.spec.path} answered {resp.status}"
+            status = await asyncio.wait_for(_get(host, port, path), self.spec.timeout)
         except TimeoutError:
-            return f"{self.spec.path} did not answer within {self.spec.timeout:g}s"
-        except aiohttp.ClientError as exc:
-            return f"{self.spec.path}: {_client_error(exc)}"
+            return f"{path} did not answer within {self.spec.timeout:g}s"
+        except ConnectionRefusedError:
+            return f"{path}: connection refused"
+        except (OSError, httptools.HttpParserError, EOFError) as exc:
+            return f"{path}: {_describe(exc)}"
+        if 200 <= status < 400:
+            return None
+        return f"{path} answered {status}"
 
     async def wait_until_healthy(self, host: str, port: int, exited: Awaitable[int]) -> float:
         """Seconds until the first healthy probe. Raises NotHealthy when the
@@ -84,19 +89,46 @@ class HealthCheck:
             ) from None
 
 
-def _host(host: str) -> str:
-    if host in ("0.0.0.0", ""):
-        return "127.0.0.1"
-    if host == "::":
-        return "[::1]"
-    return f"[{host}]" if ":" in host else host
+class _Answer:
+    """httptools callbacks: the status code, and whether the message is complete."""
+
+    def __init__(self) -> None:
+        self.complete = False
+
+    def on_message_complete(self) -> None:
+        self.complete = True
 
 
-def _client_error(exc: aiohttp.ClientError) -> str:
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return (
-            "connection refused"
-            if isinstance(exc.os_error, ConnectionRefusedError)
-            else str(exc.os_error)
+async def _get(host: str, port: int, path: str) -> int:
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        writer.write(
+            f"GET {path} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: rotator-health\r\n"
+            "Accept: */*\r\n\r\n".encode()
         )
-    return type(exc).__name__
+        answer = _Answer()
+        parser = httptools.HttpResponseParser(answer)
+        received = 0
+        # Read to the end: closing with unread bytes would reset the connection.
+        while not answer.complete and received < MAX_ANSWER:
+            data = await reader.read(65536)
+            if not data:
+                if received:
+                    break  # a body delimited by the close: the status is what counts
+                raise EOFError("closed the connection without answering")
+            received += len(data)
+            parser.feed_data(data)
+        return parser.get_status_code()
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, httptools.HttpParserError):
+        return "answered something that is not HTTP"
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__
+    return str(exc)

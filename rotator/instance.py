@@ -193,17 +193,20 @@ class Instance:
         """Stop the whole tree: `sig`, up to `timeout` seconds, then SIGKILL (at once with force)."""
         self.stopping = True
         began = time.monotonic()
-        tree = self._tree()
+        # Scanning processes takes milliseconds: off the event loop, which carries the proxy.
+        loop = asyncio.get_running_loop()
+        tree = await loop.run_in_executor(None, self._tree)
         if not tree and (self.returncode is not None or not self._root_alive()):
             return StopResult("gone", 0.0)
         if not force:
             self._signal(sig, tree)
             if await self._wait_gone(tree, timeout):
                 return StopResult("graceful", time.monotonic() - began)
-        tree = _union(tree, self._tree())
+        tree = _union(tree, await loop.run_in_executor(None, self._tree))
         self._signal(signal.SIGKILL, tree)
         await self._wait_gone(tree, KILL_GRACE)
-        survivors = tuple(p.pid for p in _union(tree, self._tree()) if _alive(p))
+        tree = _union(tree, await loop.run_in_executor(None, self._tree))
+        survivors = tuple(p.pid for p in tree if _alive(p))
         return StopResult("forced", time.monotonic() - began, survivors)
 
     def _tree(self) -> list[psutil.Process]:

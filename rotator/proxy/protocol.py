@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 from collections.abc import Callable
-from typing import cast
+from typing import NamedTuple, cast
 
 import httptools
 
@@ -64,23 +64,39 @@ def chunk(data: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(data), data)
 
 
-def connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    """Header names that a Connection header declares hop-by-hop."""
-    tokens: set[bytes] = set()
+class Headers(NamedTuple):
+    block: bytes  # the end-to-end headers as CRLF-terminated lines, order and repeats kept
+    has_length: bool  # a Content-Length was among them
+    chunked: bool  # a Transfer-Encoding naming chunked was among the dropped ones
+    host: bytes  # the Host header's value, or b""
+
+
+def end_to_end(headers: list[tuple[bytes, bytes]], drop: frozenset[bytes]) -> Headers:
+    """One pass over a message's headers (this is per request, so it counts):
+    what to forward, and the framing facts the proxy needs."""
+    kept: list[tuple[bytes, bytes]] = []
+    tokens: set[bytes] | None = None  # headers that Connection declares hop-by-hop
+    has_length = chunked = False
+    host = b""
     for name, value in headers:
-        if name.lower() == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b","))
-    return frozenset(tokens)
-
-
-def end_to_end(headers: list[tuple[bytes, bytes]], drop: frozenset[bytes]) -> list[bytes]:
-    """`Name: value` lines of the headers that are not hop-by-hop (order and repeats kept)."""
-    extra = (
-        connection_tokens(headers) if any(n.lower() == b"connection" for n, _ in headers) else ()
-    )
-    return [
-        n + b": " + v for n, v in headers if (low := n.lower()) not in drop and low not in extra
-    ]
+        low = name.lower()
+        if low in drop:
+            if low == b"connection":
+                tokens = tokens or set()
+                tokens.update(t.strip().lower() for t in value.split(b","))
+            elif low == b"transfer-encoding":
+                chunked = chunked or b"chunked" in value.lower()
+            continue
+        if low == b"content-length":
+            has_length = True
+        elif low == b"host":
+            host = value
+        kept.append((low, name + b": " + value + b"\r\n"))
+    if tokens:
+        block = b"".join(line for low, line in kept if low not in tokens)
+    else:
+        block = b"".join(line for _, line in kept)
+    return Headers(block, has_length, chunked, host)
 
 
 class Exchange:
@@ -201,7 +217,7 @@ class Exchange:
         """Forward a response head. False: the response ends here although the
         parser may expect a body (a reply to HEAD), so it must be reset."""
         client = self.client
-        lines = end_to_end(conn.response_headers, HOP_BY_HOP)
+        headers = end_to_end(conn.response_headers, HOP_BY_HOP)
         reason = conn.reason or b"-"
         if status == 101:
             # We never forward Upgrade, so a switch of protocols is a broken instance.
@@ -211,32 +227,26 @@ class Exchange:
             # Interim (100 Continue, 103 Early Hints): pass on, keep waiting.
             self.interim = True
             if self.http11:
-                client.out(b"HTTP/1.1 %d %b\r\n%b\r\n" % (status, reason, _join(lines)))
+                client.out(b"HTTP/1.1 %d %b\r\n%b\r\n" % (status, reason, headers.block))
             return True
         self.interim = False
         self.response_started = True
         self.buffer = []
-        no_body = self.head_only or status in (204, 304)
-        if not no_body and not any(
-            n.lower() == b"content-length" for n, _ in conn.response_headers
-        ):
-            chunked = any(
-                n.lower() == b"transfer-encoding" and b"chunked" in v.lower()
-                for n, v in conn.response_headers
-            )
-            self.close_delimited = not chunked
+        framing = b""
+        if not (self.head_only or status in (204, 304) or headers.has_length):
+            self.close_delimited = not headers.chunked
             if self.http11:
                 self.rechunk = True
-                lines.append(b"Transfer-Encoding: chunked")
+                framing = b"Transfer-Encoding: chunked\r\n"
             else:
                 self.keep_alive = False
         if client.closing and len(client.queue) == 1:  # shutting down: nothing follows this one
             self.keep_alive = False
         if not self.keep_alive:
-            lines.append(b"Connection: close")
+            framing += b"Connection: close\r\n"
         elif not self.http11:
-            lines.append(b"Connection: keep-alive")
-        client.out(b"HTTP/1.1 %d %b\r\n%b\r\n" % (status, reason, _join(lines)))
+            framing += b"Connection: keep-alive\r\n"
+        client.out(b"HTTP/1.1 %d %b\r\n%b%b\r\n" % (status, reason, headers.block, framing))
         return not self.head_only
 
     def response_body(self, data: bytes) -> None:
@@ -340,10 +350,6 @@ class Exchange:
         self.response_done = True
 
 
-def _join(lines: list[bytes]) -> bytes:
-    return b"".join(line + b"\r\n" for line in lines)
-
-
 class ClientConnection(asyncio.Protocol):
     """One client connection to a component's public address."""
 
@@ -428,21 +434,17 @@ class ClientConnection(asyncio.Protocol):
         if url is None:
             self._enqueue(Exchange(self, b"", keep_alive=False, error=400))
             return
-        headers = self._headers
-        chunked = False
-        host = b""
-        for name, value in headers:
-            low = name.lower()
-            if low == b"transfer-encoding":
-                chunked = b"chunked" in value.lower()
-            elif low == b"host":
-                host = value
-        lines = end_to_end(headers, HOP_BY_HOP | FORWARDED)
-        if chunked:
-            lines.append(b"Transfer-Encoding: chunked")
-        head = b"%b %b HTTP/1.1\r\n%b%b" % (method, url, _join(lines), self._forwarded)
-        if host:
-            head += b"X-Forwarded-Host: " + host + b"\r\n\r\n"
+        headers = end_to_end(self._headers, HOP_BY_HOP | FORWARDED)
+        chunked = headers.chunked
+        head = b"%b %b HTTP/1.1\r\n%b%b%b" % (
+            method,
+            url,
+            headers.block,
+            b"Transfer-Encoding: chunked\r\n" if chunked else b"",
+            self._forwarded,
+        )
+        if headers.host:
+            head += b"X-Forwarded-Host: " + headers.host + b"\r\n\r\n"
         else:
             # HTTP/1.0 needs no Host, but we speak HTTP/1.1 to the instance, where it is required.
             head += self.listener.host_header + b"\r\n"
