@@ -50,6 +50,8 @@ REASONS = {
 # the client is not read until the body can flow.
 BODY_BUFFER_LIMIT = 256 * 1024
 KEEPALIVE_TIMEOUT = 60.0
+# Retries of one request at most: one after a stale keep-alive, one after a refused connect.
+MAX_TRIES = 2
 LAST_CHUNK = b"0\r\n\r\n"
 
 
@@ -120,7 +122,7 @@ class Exchange:
         "rechunk",
         "response_done",
         "response_started",
-        "retried",
+        "retries",
         "streamed",
         "target",
         "upstream",
@@ -157,7 +159,7 @@ class Exchange:
         self.close_delimited = False
         self.response_started = False
         self.response_done = False
-        self.retried = False
+        self.retries = 0
 
     # -- request body, from the client ------------------------------------
     def add_body(self, data: bytes) -> None:
@@ -295,10 +297,17 @@ class Exchange:
         # instance may have closed while idle (RFC 9110 9.2.2: never re-send a
         # POST on a guess). The retry goes to the current target; when that is
         # the one that failed, it waits (within hold_timeout) for a replacement.
-        if self.retried or self.streamed or not (connect_failed or (stale and self.idempotent)):
+        # A stale retry may land on an instance that just died: its refused
+        # connect still earns the wait for the replacement, hence two tries.
+        allowed = MAX_TRIES if connect_failed else 1
+        if (
+            self.streamed
+            or self.retries >= allowed
+            or not (connect_failed or (stale and self.idempotent))
+        ):
             self.fail(error_status(exc))
             return
-        self.retried = True
+        self.retries += 1
         failed, self.target = self.target, None
         if failed is not None:
             failed.release()
@@ -502,7 +511,7 @@ class ClientConnection(asyncio.Protocol):
         if target is None:
             ex.fail(503, b"Retry-After: 1\r\n")
         else:
-            ex.dispatch(target, fresh=ex.retried)
+            ex.dispatch(target, fresh=ex.retries > 0)
 
     def exchange_done(self, ex: Exchange) -> None:
         if not self.queue or self.queue[0] is not ex:
