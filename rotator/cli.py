@@ -279,6 +279,11 @@ class Admin:
                 request, timeout=timeout
             )
         except urllib.error.HTTPError as exc:
+            if exc.code == 401:
+                raise CommandError(
+                    f"the daemon at {self.base} did not accept the token in {self.config.token_path} "
+                    "(stale? is that daemon running from another config with the same admin address?)"
+                ) from None
             # 400: the daemon found the request itself wrong (a bad --cwd, say): a usage error.
             raise CommandError(_error_text(exc), USAGE if exc.code == 400 else FAILED) from None
         except (urllib.error.URLError, ConnectionError) as exc:

@@ -373,3 +373,12 @@ def test_after_a_graceful_down_up_starts_everything_but_what_was_stopped_on_purp
     assert refused.value.code == 503
     assert cli(config, "start", "api").returncode == 0
     assert second.component("api")["state"] == "running"
+
+
+def test_a_stale_token_gets_a_clear_one_line_error(tmp_path: Path, daemon_factory) -> None:
+    config = write_config(tmp_path, {"web": component()})
+    daemon_factory(config)
+    (tmp_path / "state" / "admin.token").write_text("stale-token-from-an-earlier-run\n")
+    result = cli(config, "restart", "web")
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "did not accept the token" in result.stderr
