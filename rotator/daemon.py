@@ -69,6 +69,7 @@ class Daemon:
         self.listeners: list[Listener] = []
         self.out = out or _print
         self.event_loop = "asyncio"
+        self.ready = False  # startup done: every component started, adopted or given up
         self.scope = hashlib.sha1(str(config.state_dir).encode()).hexdigest()[:10]
         self.state_file = StateFile(config.state_dir / "state.json")
         self._can_save = False
@@ -137,6 +138,7 @@ class Daemon:
             if c.active is not None or c.stopped_on_purpose
         }
         await self._in_dependency_order(self._start_one, skip)
+        self.ready = True
         running = sum(c.state == "running" for c in self.components.values())
         failed = [c.name for c in self.components.values() if c.state == "failed"]
         self.out(
@@ -366,6 +368,7 @@ class Daemon:
                 "version": __version__,
                 "config": str(self.config.path),
                 "event_loop": self.event_loop,
+                "ready": self.ready,
             },
             "components": [c.status() for c in self.components.values()],
         }

@@ -228,7 +228,7 @@ class StateFile:
 
     def _tail(self, moved: Path | None) -> str:
         where = f"it was moved aside to {moved}" if moved else "it could not be moved aside"
-        return f"; {where}; instances it named are left alone"
+        return f"; {where}; its pids are not trusted (leftovers of the earlier run are found by their marker)"
 
     def _move_aside(self) -> Path | None:
         stamp = time.strftime("%Y%m%d-%H%M%S")

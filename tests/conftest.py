@@ -120,9 +120,7 @@ class RunningDaemon:
                 raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.output()}")
             with contextlib.suppress(OSError):
                 status = self.status()
-                states = [c["state"] for c in status["components"]]
-                settled = {"running", "failed", "stopped"}
-                if len(states) == len(self.data["components"]) and set(states) <= settled:
+                if status["daemon"]["ready"]:
                     return status
             time.sleep(0.05)
         raise AssertionError(f"daemon not running after {timeout}s:\n{self.output()}")

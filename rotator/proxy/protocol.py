@@ -50,7 +50,7 @@ REASONS = {
 # the client is not read until the body can flow.
 BODY_BUFFER_LIMIT = 256 * 1024
 KEEPALIVE_TIMEOUT = 60.0
-# Retries of one request at most: one after a stale keep-alive, one after a refused connect.
+# Retries of one request at most (say, a stale keep-alive, then a refused connect).
 MAX_TRIES = 2
 LAST_CHUNK = b"0\r\n\r\n"
 
@@ -267,7 +267,9 @@ class Exchange:
                 conn.close()
         self._finish()
 
-    def upstream_lost(self, conn: UpstreamConnection, exc: Exception | None) -> None:
+    def upstream_lost(
+        self, conn: UpstreamConnection, exc: Exception | None, *, retry: bool = True
+    ) -> None:
         if self.response_done:
             return
         self.upstream = None
@@ -277,7 +279,10 @@ class Exchange:
             else:
                 self._abort_client()
             return
-        self._before_response_failed(exc, stale=conn.used)
+        if retry:
+            self._before_response_failed(exc, stale=conn.used)
+        else:
+            self.fail(error_status(exc))
 
     def upstream_failed(self, conn: UpstreamConnection, exc: Exception | None) -> None:
         """The instance sent something that is not HTTP: nothing of it is passed on."""
@@ -291,32 +296,26 @@ class Exchange:
     def _before_response_failed(
         self, exc: BaseException | None, *, stale: bool = False, connect_failed: bool = False
     ) -> None:
-        # Safe to send again: nothing of the body is lost, and either nothing
-        # reached the instance (connect failed: it just died, or was replaced),
-        # or the request is idempotent and went out on a pooled connection the
-        # instance may have closed while idle (RFC 9110 9.2.2: never re-send a
-        # POST on a guess). The retry goes to the current target; when that is
-        # the one that failed, it waits (within hold_timeout) for a replacement.
-        # A stale retry may land on an instance that just died: its refused
-        # connect still earns the wait for the replacement, hence two tries.
-        allowed = MAX_TRIES if connect_failed else 1
-        if (
-            self.streamed
-            or self.retries >= allowed
-            or not (connect_failed or (stale and self.idempotent))
-        ):
+        # Safe to send again when nothing of the body is lost and either nothing
+        # reached the instance (the connect failed: it just died, or was replaced)
+        # or the request is idempotent and no byte of an answer came (RFC 9110
+        # 9.2.2: never re-send a POST on a guess). A pooled connection may just
+        # have been closed by a healthy instance while idle: that retry goes to
+        # the current target at once. Otherwise the instance is likely dying
+        # (refused, or reset from a backlog nobody will read): wait, within
+        # hold_timeout, for a target other than the one that failed.
+        if self.streamed or self.retries >= MAX_TRIES or not (connect_failed or self.idempotent):
             self.fail(error_status(exc))
             return
         self.retries += 1
         failed, self.target = self.target, None
         if failed is not None:
             failed.release()
-        if stale:
-            target = self.client.route.target
-            if target is not None:
-                self.dispatch(target, fresh=True)
-                return
-        self.client.hold(self, exclude=failed)
+        target = self.client.route.target
+        if stale and target is not None:
+            self.dispatch(target, fresh=True)
+        else:
+            self.client.hold(self, exclude=failed)
 
     # -- endings ------------------------------------------------------------------
     def fail(self, status: int, extra: bytes = b"") -> None:

@@ -161,11 +161,10 @@ class UpstreamConnection(asyncio.Protocol):
         """Close it under a request in flight (drain deadline): the exchange learns
         of it now and is not retried elsewhere."""
         ex, self.exchange = self.exchange, None
-        self.used = False
         if self.transport is not None:
             self.transport.close()
         if ex is not None:
-            ex.upstream_lost(self, ConnectionAbortedError("cut at the drain deadline"))
+            ex.upstream_lost(self, ConnectionAbortedError("cut at the drain deadline"), retry=False)
 
 
 async def connect(target: Target) -> UpstreamConnection:

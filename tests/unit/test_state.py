@@ -157,7 +157,7 @@ def assert_moved_aside(path: Path, error: StateError, *fragments: str) -> None:
     assert str(path) in message
     for fragment in fragments:
         assert fragment in message
-    assert "instances it named are left alone" in message
+    assert "its pids are not trusted" in message
     assert not path.exists()
     aside = [p for p in path.parent.iterdir() if p.name.startswith("state.json.corrupt-")]
     assert len(aside) == 1
