@@ -14,6 +14,7 @@ YAML node tree, and its helpers.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import math
@@ -49,6 +50,13 @@ DEFAULT_KEYS = (
     "restart_backoff_max",
     "cwd",
     "env",
+    "connect_timeout",
+    "read_timeout",
+    "request_timeout",
+    "keepalive_timeout",
+    "trust_forwarded",
+    "max_header_size",
+    "max_headers",
 )
 PER_COMPONENT_KEYS = ("listen", "ports", "command", "depends_on")
 DEFINITION_KEYS = ("command", "cwd", "env")  # what `rotator deploy` may change
@@ -62,6 +70,9 @@ _PORTS = re.compile(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?")
 _INTEGER = re.compile(r"\s*[-+]?\d+\s*")
 _DURATION = re.compile(r"([-+]?(?:\d+(?:\.\d*)?|\.\d+))\s*(ms|s|m|h)?")
 _UNITS: dict[str | None, float] = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_SIZE = re.compile(r"([-+]?\d+)\s*(B|KiB|MiB)?")
+_SIZE_UNITS: dict[str | None, int] = {"B": 1, "KiB": 1024, "MiB": 1024 * 1024, None: 1}
+_BOOLEANS = {"true": True, "false": False}
 # A regex rather than str.format, so literal braces (awk scripts, JSON) pass through untouched.
 _PLACEHOLDER = re.compile(r"\{(port|host|name|python)\}")
 _WILDCARDS = {"0.0.0.0", "::"}
@@ -108,6 +119,14 @@ class ComponentSpec:
     restart_window: float = 60.0
     restart_backoff: float = 0.5  # delay before the first crash restart, doubled each time
     restart_backoff_max: float = 30.0
+    # The proxy in front of the instances (seconds, bytes); see docs/configuration.md.
+    connect_timeout: float = 5.0  # connecting to an instance; past it: 504
+    read_timeout: float = 60.0  # waiting for the instance's next bytes (head or more body)
+    request_timeout: float = 0.0  # the whole exchange; 0 = no limit
+    keepalive_timeout: float = 60.0  # an idle client connection (or a trickling head) is closed
+    trust_forwarded: bool = False  # keep incoming X-Forwarded-* (append to -For) or replace them
+    max_header_size: int = 64 * 1024  # a larger request head: 431
+    max_headers: int = 100  # more request header lines: 431
 
     def render(self, port: int, host: str | None = None) -> tuple[list[str], dict[str, str]]:
         """argv and env additions for an instance on `port`, placeholders substituted."""
@@ -217,6 +236,21 @@ def parse_duration(value: object) -> float:
     if seconds < 0:
         raise ValueError(f"{value!r} is negative (a duration must be 0 or more)")
     return seconds
+
+
+def parse_size(value: object) -> int:
+    """Bytes from 512B, 64KiB, 1MiB or a bare number of bytes (65536, "65536")."""
+    size: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif isinstance(value, str) and (m := _SIZE.fullmatch(value.strip())):
+        with contextlib.suppress(ValueError):  # more digits than int() converts
+            size = int(m[1]) * _SIZE_UNITS[m[2]]
+    if size is None:
+        raise ValueError(f"{value!r} is not a size (use 512B, 64KiB, 1MiB or a number of bytes)")
+    if size < 0:
+        raise ValueError(f"{value!r} is negative (a size must be 0 or more)")
+    return size
 
 
 def default_path(env: Mapping[str, str]) -> Path:
@@ -495,6 +529,13 @@ class _Parser:
             "stop_signal": self.stop_signal,
             "cwd": self.directory,
             "env": self.env,
+            "connect_timeout": self.duration,
+            "read_timeout": self.duration,
+            "request_timeout": lambda node, at: self.duration(node, at, allow_zero=True),
+            "keepalive_timeout": self.duration,
+            "trust_forwarded": self.boolean,
+            "max_header_size": lambda node, at: self.size(node, at, minimum=1024),
+            "max_headers": lambda node, at: self.integer(node, at, minimum=1),
         }
         values = {
             key: read(found[key][1], f"{path}.{key}")
@@ -728,6 +769,28 @@ class _Parser:
             return None
         return seconds
 
+    def size(self, node: Node, path: str, minimum: int) -> int | None:
+        if (value := self.scalar(node, path)) is None:
+            return None
+        try:
+            size = parse_size(value)
+        except ValueError as exc:
+            self.fail(node, path, str(exc))
+            return None
+        if size < minimum:
+            self.fail(node, path, f"must be {_bytes(minimum)} or more, not {_bytes(size)}")
+            return None
+        return size
+
+    def boolean(self, node: Node, path: str) -> bool | None:
+        """true or false as written (any case, quoted or not); YAML 1.1's yes/no/on/off and
+        numbers are refused, so a typo cannot silently read as a boolean."""
+        if (text := self.scalar(node, path, raw=True)) is None:
+            return None
+        if (value := _BOOLEANS.get(text.strip().lower())) is None:
+            self.fail(node, path, f"{text!r} is not a boolean (use true or false)")
+        return value
+
     def health(self, node: Node, path: str) -> dict[str, Any]:
         found = self.mapping(node, path, HEALTH_KEYS) or {}
         values: dict[str, Any] = {}
@@ -849,6 +912,14 @@ def _shortest_cycle(
 def _seconds(seconds: float) -> str:
     """0.5 -> '500ms', 30.0 -> '30s': durations in messages, close to how they are written."""
     return f"{seconds * 1000:g}ms" if seconds < 1 else f"{seconds:g}s"
+
+
+def _bytes(size: int) -> str:
+    """65536 -> '64KiB', 1048576 -> '1MiB', 1000 -> '1000B': sizes in messages."""
+    for unit, factor in (("MiB", 1024 * 1024), ("KiB", 1024)):
+        if size and size % factor == 0:
+            return f"{size // factor}{unit}"
+    return f"{size}B"
 
 
 _SPEC_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ComponentSpec)}

@@ -123,6 +123,19 @@ async def cookies(request: web.Request) -> web.Response:
     return resp
 
 
+async def websocket(request: web.Request) -> web.WebSocketResponse:
+    """Echo: text and binary frames come back as sent; the text "pid" gets this
+    instance's pid (to see which instance a websocket is on)."""
+    ws = web.WebSocketResponse()
+    await ws.prepare(request)
+    async for msg in ws:
+        if msg.type == web.WSMsgType.TEXT:
+            await ws.send_str(str(os.getpid()) if msg.data == "pid" else msg.data)
+        elif msg.type == web.WSMsgType.BINARY:
+            await ws.send_bytes(msg.data)
+    return ws
+
+
 async def status(request: web.Request) -> web.Response:
     code = int(request.match_info["code"])
     if not 200 <= code <= 599:
@@ -152,6 +165,7 @@ def make_app(cfg: Config) -> web.Application:
     app.router.add_get("/headers", headers)
     app.router.add_get("/chunked", chunked, allow_head=False)
     app.router.add_get("/cookies", cookies)
+    app.router.add_get("/ws", websocket)
     app.router.add_get(r"/status/{code:\d+}", status)
     app.router.add_get("/{tail:.*}", index)  # "/" and any other path
     return app

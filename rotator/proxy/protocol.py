@@ -21,6 +21,7 @@ import httptools
 
 from rotator.proxy.route import Route, Target
 from rotator.proxy.upstream import UpstreamConnection, connect
+from rotator.proxy.websocket import GOING_AWAY
 
 HOP_BY_HOP = frozenset(
     {
@@ -125,6 +126,8 @@ class Exchange:
         "retries",
         "streamed",
         "target",
+        "tunnel",
+        "upgrade",
         "upstream",
     )
 
@@ -138,12 +141,15 @@ class Exchange:
         method: bytes = b"GET",
         http11: bool = True,
         error: int = 0,
+        upgrade: bytes = b"",
     ) -> None:
         self.client = client
         self.head = head
         self.head_only = method == b"HEAD"
         self.idempotent = method in IDEMPOTENT
         self.http11 = http11
+        self.upgrade = upgrade  # the Upgrade header of a websocket handshake, else b""
+        self.tunnel = False  # after a 101: bytes flow both ways untouched
         self.keep_alive = keep_alive
         self.chunked = chunked
         self.error = error
@@ -222,8 +228,10 @@ class Exchange:
         headers = end_to_end(conn.response_headers, HOP_BY_HOP)
         reason = conn.reason or b"-"
         if status == 101:
-            # We never forward Upgrade, so a switch of protocols is a broken instance.
-            self.upstream_failed(conn, None)
+            if not self.upgrade:  # a switch nobody asked for: a broken instance
+                self.upstream_failed(conn, None)
+            else:
+                self._open_tunnel(conn, status, reason, headers.block)
             return True
         if status < 200:
             # Interim (100 Continue, 103 Early Hints): pass on, keep waiting.
@@ -251,11 +259,27 @@ class Exchange:
         client.out(b"HTTP/1.1 %d %b\r\n%b%b\r\n" % (status, reason, headers.block, framing))
         return not self.head_only
 
+    def _open_tunnel(
+        self, conn: UpstreamConnection, status: int, reason: bytes, block: bytes
+    ) -> None:
+        """The instance accepted the websocket handshake: pass its 101 on, and from now
+        on pump bytes both ways untouched. The exchange (and its in-flight count on the
+        target) lasts until either side closes, so a drain waits for it."""
+        self.tunnel = conn.tunnel = True
+        self.response_started = True
+        self.keep_alive = False
+        client = self.client
+        client.out(
+            b"HTTP/1.1 %d %b\r\n%bConnection: Upgrade\r\nUpgrade: %b\r\n\r\n"
+            % (status, reason, block, self.upgrade)
+        )
+        client.tunnel = conn
+
     def response_body(self, data: bytes) -> None:
         self.client.out(chunk(data) if self.rechunk else data)
 
     def response_complete(self, conn: UpstreamConnection | None, keep_alive: bool) -> None:
-        if self.interim:
+        if self.interim or self.tunnel:
             self.interim = False
             return
         if self.rechunk:
@@ -273,6 +297,12 @@ class Exchange:
         if self.response_done:
             return
         self.upstream = None
+        if self.tunnel:
+            if not retry and conn.frames.between_frames:
+                # Cut at the drain deadline: tell the client to reconnect (1001).
+                self.client.out(GOING_AWAY)
+            self._abort_client()
+            return
         if self.response_started:
             if self.close_delimited and exc is None:
                 self.response_complete(None, keep_alive=False)
@@ -377,6 +407,7 @@ class ClientConnection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._forwarded = b""
         self._hold: asyncio.Task[Target | None] | None = None
+        self.tunnel: UpstreamConnection | None = None  # set once a websocket is established
 
     # -- asyncio.Protocol --------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -389,10 +420,17 @@ class ClientConnection(asyncio.Protocol):
         self.idle_since = asyncio.get_running_loop().time()
 
     def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.write(data)
+            return
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            pass  # the upgrade request itself was queued, as a plain request; see on_headers_complete
+        except httptools.HttpParserUpgrade as exc:
+            # The parser stops at an upgrade handshake; what follows it belongs to
+            # the websocket (kept until the instance has accepted).
+            rest = data[exc.args[0] :]
+            if rest and self.queue and self.queue[-1].upgrade:
+                self.queue[-1].add_body(rest)
         except httptools.HttpParserError:
             self._reject(400)
         self.flush()
@@ -431,9 +469,13 @@ class ClientConnection(asyncio.Protocol):
         parser = self.parser
         method = parser.get_method()
         http11 = parser.get_http_version() == "1.1"
-        # An upgrade would turn the connection into a tunnel, which this proxy
-        # does not offer: the request goes on as a plain one and the
-        # connection closes after it (the parser stops at an upgrade).
+        # After an upgrade handshake the connection is a tunnel (a websocket) or,
+        # when the instance declines, closes after the answer: the parser stops there.
+        upgrade = b""
+        if parser.should_upgrade():
+            upgrade = next((v for n, v in self._headers if n.lower() == b"upgrade"), b"")
+            if b"websocket" not in upgrade.lower():
+                upgrade = b""  # only websockets are tunnelled; others go on as plain requests
         keep_alive = parser.should_keep_alive() and not parser.should_upgrade() and not self.closing
         if method == b"CONNECT":
             self._enqueue(Exchange(self, b"", keep_alive=False, error=405))
@@ -451,6 +493,8 @@ class ClientConnection(asyncio.Protocol):
             b"Transfer-Encoding: chunked\r\n" if chunked else b"",
             self._forwarded,
         )
+        if upgrade:
+            head += b"Connection: Upgrade\r\nUpgrade: " + upgrade + b"\r\n"
         if headers.host:
             head += b"X-Forwarded-Host: " + headers.host + b"\r\n\r\n"
         else:
@@ -458,7 +502,13 @@ class ClientConnection(asyncio.Protocol):
             head += self.listener.host_header + b"\r\n"
         self._enqueue(
             Exchange(
-                self, head, keep_alive=keep_alive, chunked=chunked, method=method, http11=http11
+                self,
+                head,
+                keep_alive=keep_alive,
+                chunked=chunked,
+                method=method,
+                http11=http11,
+                upgrade=upgrade,
             )
         )
 
@@ -574,6 +624,11 @@ class ClientConnection(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.write(data)
 
+    def transport_write(self, data: bytes) -> None:
+        """Straight out, for a tunnel: its bytes need no batching."""
+        if self.transport is not None:
+            self.transport.write(data)
+
     def upstream_full(self, full: bool) -> None:
         self._upstream_full = full
         self.update_reading()
@@ -657,5 +712,9 @@ class Listener:
         while self.connections and loop.time() < deadline:
             await asyncio.sleep(0.02)
         for conn in list(self.connections):
-            if conn.transport is not None:
+            if conn.tunnel is not None:  # a websocket still open: ask its client to reconnect
+                if conn.tunnel.frames.between_frames:
+                    conn.out(GOING_AWAY)
+                conn.close()
+            elif conn.transport is not None:
                 conn.transport.abort()

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, cast
 import httptools
 
 from rotator.proxy.route import Target
+from rotator.proxy.websocket import FrameBoundary
 
 if TYPE_CHECKING:
     from rotator.proxy.protocol import Exchange
@@ -26,11 +27,13 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "_reset_parser",
         "exchange",
+        "frames",
         "parser",
         "reason",
         "response_headers",
         "target",
         "transport",
+        "tunnel",
         "used",
     )
 
@@ -42,6 +45,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.reason = b""
         self.response_headers: list[tuple[bytes, bytes]] = []
         self.used = False  # served a response before: a failure may be a stale keep-alive
+        self.tunnel = False  # a websocket: bytes go to the client untouched
+        self.frames = FrameBoundary()  # where the websocket's frames end, once it is one
         self._reset_parser = False
 
     @property
@@ -60,10 +65,17 @@ class UpstreamConnection(asyncio.Protocol):
             # Bytes nobody asked for: the connection's framing can't be trusted.
             self.close()
             return
+        if self.tunnel:
+            self.frames.feed(data)
+            ex.client.transport_write(data)
+            return
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            pass  # a 101: response_head has already failed the exchange
+        except httptools.HttpParserUpgrade as exc:
+            # A 101. For a websocket, what follows its head is the first frames.
+            if self.tunnel and len(data) > exc.args[0]:
+                self.frames.feed(data[exc.args[0] :])
+                ex.client.out(data[exc.args[0] :])
         except httptools.HttpParserError as exc:
             ex.upstream_failed(self, exc)
             return

@@ -772,15 +772,30 @@ async def test_hop_by_hop_response_headers_dropped() -> None:
 
 
 @aio(10)
-async def test_upgrade_request_is_forwarded_plain_then_connection_closes(backend: Backend) -> None:
+async def test_non_websocket_upgrade_is_forwarded_plain_then_connection_closes(
+    backend: Backend,
+) -> None:
     async with running_proxy(Target(HOST, backend.port)) as p:
         c = await p.connect()
-        headers = [("Connection", "Upgrade"), ("Upgrade", "websocket")]
+        headers = [("Connection", "Upgrade"), ("Upgrade", "h2c")]
         r = await c.request("GET", "/headers", headers)
         assert r.status == 200
         assert r.get("Connection") == b"close"
         names = [h[0].lower() for h in r.json()["headers"]]
         assert "upgrade" not in names and "connection" not in names
+        assert await c.rest() == b""
+
+
+@aio(10)
+async def test_websocket_upgrade_headers_reach_the_instance(backend: Backend) -> None:
+    # The instance declines (an ordinary 200): the answer passes, then the connection closes.
+    async with running_proxy(Target(HOST, backend.port)) as p:
+        c = await p.connect()
+        headers = [("Connection", "keep-alive, Upgrade"), ("Upgrade", "websocket")]
+        r = await c.request("GET", "/headers", headers)
+        assert r.status == 200 and r.get("Connection") == b"close"
+        got = {h[0].lower(): h[1] for h in r.json()["headers"]}
+        assert got["upgrade"] == "websocket" and got["connection"] == "Upgrade"
         assert await c.rest() == b""
 
 

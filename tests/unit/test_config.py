@@ -27,6 +27,7 @@ from rotator.config import (
     parse,
     parse_duration,
     parse_env_assignments,
+    parse_size,
     with_overrides,
 )
 
@@ -971,6 +972,314 @@ def test_start_order_of_a_hand_built_config(tmp_path: Path) -> None:
     looped = dataclasses.replace(config, components=(a, dataclasses.replace(b, depends_on=("a",))))
     with pytest.raises(ValueError, match="dependency cycle among components a, b"):
         looped.start_order()
+
+
+# -- proxy keys: timeouts, forwarded headers, request-head limits ---------------------------------
+
+
+# (yaml text, field path, exact message, line): each is the only problem of its text.
+PROXY_CASES = [
+    # timeouts: durations, > 0 except request_timeout (0 = no limit)
+    (
+        HERMES + "    connect_timeout: 0\n",
+        "components.hermes.connect_timeout",
+        "must be greater than 0",
+        6,
+    ),
+    (
+        HERMES + "    read_timeout: 0s\n",
+        "components.hermes.read_timeout",
+        "must be greater than 0",
+        6,
+    ),
+    (
+        HERMES + "    keepalive_timeout: 0ms\n",
+        "components.hermes.keepalive_timeout",
+        "must be greater than 0",
+        6,
+    ),
+    (
+        HERMES + "    request_timeout: -1s\n",
+        "components.hermes.request_timeout",
+        "'-1s' is negative (a duration must be 0 or more)",
+        6,
+    ),
+    (
+        "defaults:\n  read_timeout: a minute\n" + HERMES,
+        "defaults.read_timeout",
+        "'a minute' is not a duration (use 250ms, 2s, 1m or a number of seconds)",
+        2,
+    ),
+    (
+        HERMES + "    connect_timeout: [1s]\n",
+        "components.hermes.connect_timeout",
+        "must be a single value, not a list",
+        6,
+    ),
+    (
+        HERMES + "    conect_timeout: 1s\n",
+        "components.hermes.conect_timeout",
+        "unknown key (did you mean 'connect_timeout'?)",
+        6,
+    ),
+    # trust_forwarded: true or false only, the value named as written
+    (
+        HERMES + "    trust_forwarded: yes\n",
+        "components.hermes.trust_forwarded",
+        "'yes' is not a boolean (use true or false)",
+        6,
+    ),
+    (
+        HERMES + "    trust_forwarded: on\n",
+        "components.hermes.trust_forwarded",
+        "'on' is not a boolean (use true or false)",
+        6,
+    ),
+    (
+        "defaults:\n  trust_forwarded: 1\n" + HERMES,
+        "defaults.trust_forwarded",
+        "'1' is not a boolean (use true or false)",
+        2,
+    ),
+    (
+        HERMES + "    trust_forwarded: maybe\n",
+        "components.hermes.trust_forwarded",
+        "'maybe' is not a boolean (use true or false)",
+        6,
+    ),
+    (
+        HERMES + "    trust_forwarded: ''\n",
+        "components.hermes.trust_forwarded",
+        "'' is not a boolean (use true or false)",
+        6,
+    ),
+    (
+        HERMES + "    trust_forwarded:\n",
+        "components.hermes.trust_forwarded",
+        "needs a value",
+        6,
+    ),
+    (
+        HERMES + "    trust_forwarded: {a: 1}\n",
+        "components.hermes.trust_forwarded",
+        "must be a single value, not a mapping",
+        6,
+    ),
+    (
+        HERMES + "    trust_forwared: true\n",
+        "components.hermes.trust_forwared",
+        "unknown key (did you mean 'trust_forwarded'?)",
+        6,
+    ),
+    # max_header_size: a size, at least 1KiB
+    (
+        HERMES + "    max_header_size: 64KB\n",
+        "components.hermes.max_header_size",
+        "'64KB' is not a size (use 512B, 64KiB, 1MiB or a number of bytes)",
+        6,
+    ),
+    (
+        HERMES + "    max_header_size: 1.5\n",
+        "components.hermes.max_header_size",
+        "1.5 is not a size (use 512B, 64KiB, 1MiB or a number of bytes)",
+        6,
+    ),
+    (
+        HERMES + "    max_header_size: true\n",
+        "components.hermes.max_header_size",
+        "True is not a size (use 512B, 64KiB, 1MiB or a number of bytes)",
+        6,
+    ),
+    (
+        HERMES + "    max_header_size: 512\n",
+        "components.hermes.max_header_size",
+        "must be 1KiB or more, not 512B",
+        6,
+    ),
+    (
+        "defaults:\n  max_header_size: 1023B\n" + HERMES,
+        "defaults.max_header_size",
+        "must be 1KiB or more, not 1023B",
+        2,
+    ),
+    (
+        HERMES + "    max_header_size: -1KiB\n",
+        "components.hermes.max_header_size",
+        "'-1KiB' is negative (a size must be 0 or more)",
+        6,
+    ),
+    (
+        HERMES + "    max_header_sise: 8KiB\n",
+        "components.hermes.max_header_sise",
+        "unknown key (did you mean 'max_header_size'?)",
+        6,
+    ),
+    # max_headers: a whole number, at least 1
+    (
+        HERMES + "    max_headers: 0\n",
+        "components.hermes.max_headers",
+        "must be 1 or more, not 0",
+        6,
+    ),
+    (
+        "defaults:\n  max_headers: lots\n" + HERMES,
+        "defaults.max_headers",
+        "'lots' is not a whole number",
+        2,
+    ),
+    (
+        HERMES + "    max_header: 50\n",
+        "components.hermes.max_header",
+        "unknown key (did you mean 'max_headers'?)",
+        6,
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "path", "message", "line"), PROXY_CASES)
+def test_proxy_rule(text: str, path: str, message: str, line: int, tmp_path: Path) -> None:
+    problems = problems_of(text, tmp_path / "rotator.yaml")
+    assert [(p.path, p.message, p.line) for p in problems] == [(path, message, line)]
+
+
+def test_proxy_keys_parse_and_merge(tmp_path: Path) -> None:
+    config = parse_ok(
+        """\
+        defaults:
+          connect_timeout: 2s
+          read_timeout: 30s
+          request_timeout: 2m
+          keepalive_timeout: 15s
+          trust_forwarded: true
+          max_header_size: 16KiB
+          max_headers: 50
+        components:
+          a:
+            listen: 127.0.0.1:8001
+            ports: 18001
+            command: run
+          b:
+            listen: 127.0.0.1:8002
+            ports: 18002
+            command: run
+            connect_timeout: 250ms
+            read_timeout: 5
+            request_timeout: 0
+            keepalive_timeout: "1m"
+            trust_forwarded: false
+            max_header_size: 1MiB
+            max_headers: "200"
+          c:
+            listen: 127.0.0.1:8003
+            ports: 18003
+            command: run
+            max_header_size: 4096
+            trust_forwarded: False
+        """,
+        tmp_path / "rotator.yaml",
+    )
+    a, b, c = config.components
+    assert (a.connect_timeout, a.read_timeout, a.request_timeout, a.keepalive_timeout) == (
+        2.0,
+        30.0,
+        120.0,
+        15.0,
+    )
+    assert (a.trust_forwarded, a.max_header_size, a.max_headers) == (True, 16384, 50)
+    assert (b.connect_timeout, b.read_timeout, b.request_timeout, b.keepalive_timeout) == (
+        0.25,
+        5.0,
+        0.0,
+        60.0,
+    )
+    assert (b.trust_forwarded, b.max_header_size, b.max_headers) == (False, 1048576, 200)
+    # each key is merged on its own: c sets two and inherits the rest from defaults
+    assert (c.connect_timeout, c.request_timeout, c.max_headers) == (2.0, 120.0, 50)
+    assert (c.trust_forwarded, c.max_header_size) == (False, 4096)
+    assert isinstance(a.max_header_size, int) and isinstance(a.trust_forwarded, bool)
+
+
+def test_proxy_defaults_when_omitted(tmp_path: Path) -> None:
+    spec = parse_ok(HERMES, tmp_path / "rotator.yaml").component("hermes")
+    assert (spec.connect_timeout, spec.read_timeout, spec.request_timeout) == (5.0, 60.0, 0.0)
+    assert spec.keepalive_timeout == 60.0
+    assert (spec.trust_forwarded, spec.max_header_size, spec.max_headers) == (False, 65536, 100)
+    built = ComponentSpec(
+        name="hermes",
+        listen=spec.listen,
+        ports=spec.ports,
+        command=spec.command,
+        cwd=spec.cwd,
+        env={},
+        health=HealthSpec(),
+    )
+    assert spec == built  # the constructor's defaults are the file's defaults
+    tuned = dataclasses.replace(built, trust_forwarded=True, max_headers=10)
+    assert (tuned.trust_forwarded, tuned.max_headers, tuned.read_timeout) == (True, 10, 60.0)
+    assert hash(tuned) != hash(built)
+
+
+@pytest.mark.parametrize(
+    ("written", "value"),
+    [
+        ("true", True),
+        ("false", False),
+        ("True", True),
+        ("FALSE", False),
+        ('"true"', True),
+        ("'false'", False),
+    ],
+)
+def test_trust_forwarded_values(written: str, value: bool, tmp_path: Path) -> None:
+    text = HERMES + f"    trust_forwarded: {written}\n"
+    assert parse_ok(text, tmp_path / "rotator.yaml").component("hermes").trust_forwarded is value
+
+
+@pytest.mark.parametrize(
+    ("value", "size"),
+    [
+        (65536, 65536),
+        ("65536", 65536),
+        ("512B", 512),
+        ("64KiB", 65536),
+        ("1KiB", 1024),
+        ("1MiB", 1048576),
+        ("2 MiB", 2097152),
+        (" 8 KiB ", 8192),
+        ("+4KiB", 4096),
+        (0, 0),
+        ("0B", 0),
+        (10**12, 10**12),
+    ],
+)
+def test_parse_size(value: object, size: int) -> None:
+    assert parse_size(value) == size
+    assert isinstance(parse_size(value), int)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("64KB", "'64KB' is not a size (use 512B, 64KiB, 1MiB or a number of bytes)"),
+        ("1MB", "'1MB' is not a size (use 512B, 64KiB, 1MiB or a number of bytes)"),
+        ("64kib", "'64kib' is not a size (use 512B, 64KiB, 1MiB or a number of bytes)"),
+        ("1.5KiB", "'1.5KiB' is not a size (use 512B, 64KiB, 1MiB or a number of bytes)"),
+        ("1GiB", "'1GiB' is not a size (use 512B, 64KiB, 1MiB or a number of bytes)"),
+        ("KiB", "'KiB' is not a size (use 512B, 64KiB, 1MiB or a number of bytes)"),
+        ("", "'' is not a size (use 512B, 64KiB, 1MiB or a number of bytes)"),
+        (1.5, "1.5 is not a size (use 512B, 64KiB, 1MiB or a number of bytes)"),
+        (True, "True is not a size (use 512B, 64KiB, 1MiB or a number of bytes)"),
+        (None, "None is not a size (use 512B, 64KiB, 1MiB or a number of bytes)"),
+        ([1], "[1] is not a size (use 512B, 64KiB, 1MiB or a number of bytes)"),
+        ("9" * 5000, "is not a size (use 512B, 64KiB, 1MiB or a number of bytes)"),
+        (-1, "-1 is negative (a size must be 0 or more)"),
+        ("-2KiB", "'-2KiB' is negative (a size must be 0 or more)"),
+    ],
+)
+def test_parse_size_rejects(value: object, message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_size(value)
+    assert str(info.value).endswith(message)
 
 
 # -- deploy: --env, overrides and stored definitions ---------------------------------------------
