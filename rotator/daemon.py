@@ -38,7 +38,7 @@ from rotator.health import HealthCheck
 from rotator.instance import Instance, marked_processes
 from rotator.ports import describe_holders, port_holders, probe_port
 from rotator.proxy.protocol import Listener
-from rotator.proxy.route import Route
+from rotator.proxy.route import Limits, Route
 from rotator.state import (
     AlreadyRunning,
     ComponentRecord,
@@ -147,8 +147,16 @@ class Daemon:
         )
 
     async def _add_component(self, spec: ComponentSpec) -> None:
-        route = Route(spec.name, spec.hold_timeout)
-        listener = Listener(route, spec.listen.host, spec.listen.port)
+        limits = Limits(
+            connect_timeout=spec.connect_timeout,
+            read_timeout=spec.read_timeout,
+            request_timeout=spec.request_timeout,
+            trust_forwarded=spec.trust_forwarded,
+            max_header_size=spec.max_header_size,
+            max_headers=spec.max_headers,
+        )
+        route = Route(spec.name, spec.hold_timeout, limits)
+        listener = Listener(route, spec.listen.host, spec.listen.port, spec.keepalive_timeout)
         try:
             await listener.start()
         except OSError as exc:

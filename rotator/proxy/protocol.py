@@ -43,6 +43,7 @@ IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"
 REASONS = {
     400: b"Bad Request",
     405: b"Method Not Allowed",
+    431: b"Request Header Fields Too Large",
     502: b"Bad Gateway",
     503: b"Service Unavailable",
     504: b"Gateway Timeout",
@@ -51,6 +52,8 @@ REASONS = {
 # the client is not read until the body can flow.
 BODY_BUFFER_LIMIT = 256 * 1024
 KEEPALIVE_TIMEOUT = 60.0
+# The longest a timeout may fire late (the sweep runs at least this often).
+SWEEP_INTERVAL = 1.0
 # Retries of one request at most (say, a stale keep-alive, then a refused connect).
 MAX_TRIES = 2
 LAST_CHUNK = b"0\r\n\r\n"
@@ -124,6 +127,7 @@ class Exchange:
         "response_done",
         "response_started",
         "retries",
+        "started",
         "streamed",
         "target",
         "tunnel",
@@ -166,6 +170,7 @@ class Exchange:
         self.response_started = False
         self.response_done = False
         self.retries = 0
+        self.started = 0.0  # loop time of the first dispatch (request_timeout)
 
     # -- request body, from the client ------------------------------------
     def add_body(self, data: bytes) -> None:
@@ -187,13 +192,15 @@ class Exchange:
 
     # -- binding to an instance ---------------------------------------------
     def dispatch(self, target: Target, *, fresh: bool = False) -> None:
+        if not self.started:
+            self.started = self.client.loop.time()
         self.target = target
         target.acquire()
         conn = None if fresh else target.pop_idle()
         if conn is not None:
             self.attach(conn)
             return
-        task = asyncio.get_running_loop().create_task(connect(target))
+        task = self.client.loop.create_task(connect(target, self.client.limits.connect_timeout))
         self.connecting = task
         task.add_done_callback(self._connected)
 
@@ -206,7 +213,9 @@ class Exchange:
             if exc is None:
                 task.result().close()
             return
-        if exc is not None:
+        if isinstance(exc, TimeoutError):  # accepts nothing: not a crash to wait out
+            self.fail(504, detail=f"connect_timeout {self.client.limits.connect_timeout:g}s")
+        elif exc is not None:
             self._before_response_failed(exc, connect_failed=True)
         else:
             self.attach(task.result())
@@ -215,6 +224,7 @@ class Exchange:
         self.upstream = conn
         self.pending = 0
         conn.exchange = self
+        conn.last_read = self.client.loop.time()  # read_timeout counts from the send
         conn.write(b"".join([self.head, *self.buffer]) if self.buffer else self.head)
         if self.client.write_paused:
             conn.pause_reading(True)
@@ -348,10 +358,11 @@ class Exchange:
             self.client.hold(self, exclude=failed)
 
     # -- endings ------------------------------------------------------------------
-    def fail(self, status: int, extra: bytes = b"") -> None:
+    def fail(self, status: int, extra: bytes = b"", detail: str = "") -> None:
         """Answer with an error of the proxy's own (before any response byte went out)."""
         client = self.client
-        body = b"rotator: %b: %b\n" % (client.route.name.encode(), REASONS[status].lower())
+        why = REASONS[status].lower() + (b" (" + detail.encode() + b")" if detail else b"")
+        body = b"rotator: %b: %b\n" % (client.route.name.encode(), why)
         self.keep_alive = self.keep_alive and self.body_done
         conn_hdr = b"keep-alive" if self.keep_alive else b"close"
         client.out(
@@ -361,6 +372,19 @@ class Exchange:
         )
         self._finish()
         client.flush()
+
+    def timed_out(self, which: str) -> None:
+        """The instance took too long: 504 if nothing was answered yet, else cut."""
+        if self.upstream is not None:
+            self.upstream.close()  # mid-response: it cannot be reused
+            self.upstream = None
+        if self.connecting is not None:
+            self.connecting.cancel()
+            self.connecting = None
+        if self.response_started:
+            self._abort_client()
+        else:
+            self.fail(504, b"", detail=which)
 
     def _abort_client(self) -> None:
         # Part of the response is out: the only honest signal left is to cut the connection.
@@ -394,6 +418,8 @@ class ClientConnection(asyncio.Protocol):
     def __init__(self, listener: Listener) -> None:
         self.listener = listener
         self.route = listener.route
+        self.limits = listener.route.limits
+        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.queue: collections.deque[Exchange] = collections.deque()
@@ -406,6 +432,9 @@ class ClientConnection(asyncio.Protocol):
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._forwarded = b""
+        self._ip = b""
+        self._head_size = 0  # bytes of the request head so far (max_header_size)
+        self._too_large = False
         self._hold: asyncio.Task[Target | None] | None = None
         self.tunnel: UpstreamConnection | None = None  # set once a websocket is established
 
@@ -415,6 +444,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         ip = peer[0].encode() if isinstance(peer, tuple) else b"unknown"
+        self._ip = ip
         self._forwarded = b"X-Forwarded-For: " + ip + b"\r\nX-Forwarded-Proto: http\r\n"
         self.listener.connections.add(self)
         self.idle_since = asyncio.get_running_loop().time()
@@ -432,7 +462,7 @@ class ClientConnection(asyncio.Protocol):
             if rest and self.queue and self.queue[-1].upgrade:
                 self.queue[-1].add_body(rest)
         except httptools.HttpParserError:
-            self._reject(400)
+            self._reject(431 if self._too_large else 400)
         self.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -458,12 +488,27 @@ class ClientConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._url = b""
         self._headers = []
+        self._head_size = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
+        self._count_head(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
+        self._count_head(len(name) + len(value) + 4)
+        if len(self._headers) > self.limits.max_headers:
+            self._head_too_large()
+
+    def _count_head(self, size: int) -> None:
+        self._head_size += size
+        if self._head_size > self.limits.max_header_size:
+            self._head_too_large()
+
+    def _head_too_large(self) -> None:
+        # Raising in a callback stops the parser (HttpParserCallbackError): answered 431.
+        self._too_large = True
+        raise ValueError("request head too large")
 
     def on_headers_complete(self) -> None:
         parser = self.parser
@@ -484,22 +529,27 @@ class ClientConnection(asyncio.Protocol):
         if url is None:
             self._enqueue(Exchange(self, b"", keep_alive=False, error=400))
             return
-        headers = end_to_end(self._headers, HOP_BY_HOP | FORWARDED)
+        if self.limits.trust_forwarded:
+            headers, forwarded = self._trusted_forwarding()
+        else:
+            headers = end_to_end(self._headers, HOP_BY_HOP | FORWARDED)
+            forwarded = self._forwarded
+            if headers.host:
+                forwarded += b"X-Forwarded-Host: " + headers.host + b"\r\n"
         chunked = headers.chunked
         head = b"%b %b HTTP/1.1\r\n%b%b%b" % (
             method,
             url,
             headers.block,
             b"Transfer-Encoding: chunked\r\n" if chunked else b"",
-            self._forwarded,
+            forwarded,
         )
         if upgrade:
             head += b"Connection: Upgrade\r\nUpgrade: " + upgrade + b"\r\n"
-        if headers.host:
-            head += b"X-Forwarded-Host: " + headers.host + b"\r\n\r\n"
-        else:
+        if not headers.host:
             # HTTP/1.0 needs no Host, but we speak HTTP/1.1 to the instance, where it is required.
-            head += self.listener.host_header + b"\r\n"
+            head += self.listener.host_header
+        head += b"\r\n"
         self._enqueue(
             Exchange(
                 self,
@@ -598,6 +648,19 @@ class ClientConnection(asyncio.Protocol):
         elif self.transport is not None:
             self.transport.abort()
 
+    def _trusted_forwarding(self) -> tuple[Headers, bytes]:
+        """trust_forwarded: a proxy in front of rotator is believed. X-Forwarded-For
+        gets the client's address appended; Proto and Host are kept when present."""
+        chain = [v for n, v in self._headers if n.lower() == b"x-forwarded-for"]
+        headers = end_to_end(self._headers, HOP_BY_HOP | {b"x-forwarded-for"})
+        names = {n.lower() for n, _ in self._headers}
+        forwarded = b"X-Forwarded-For: " + b", ".join([*chain, self._ip]) + b"\r\n"
+        if b"x-forwarded-proto" not in names:
+            forwarded += b"X-Forwarded-Proto: http\r\n"
+        if b"x-forwarded-host" not in names and headers.host:
+            forwarded += b"X-Forwarded-Host: " + headers.host + b"\r\n"
+        return headers, forwarded
+
     @staticmethod
     def _origin_form(url: bytes) -> bytes | None:
         """The path and query to send on. An absolute URL's host is ignored: the
@@ -682,19 +745,33 @@ class Listener:
         self.server = await loop.create_server(
             factory, self.host, self.port, reuse_address=True, backlog=1024
         )
-        self._sweeper = loop.create_task(self._sweep_idle())
+        self._sweeper = loop.create_task(self._sweep())
 
-    async def _sweep_idle(self) -> None:
-        # One periodic pass instead of a timer per request keeps the hot path free of timers.
+    async def _sweep(self) -> None:
+        """Enforce keepalive_timeout, read_timeout and request_timeout. One periodic
+        pass instead of a timer per request keeps the hot path free of timers; the
+        price is that a timeout fires up to one sweep interval late."""
         loop = asyncio.get_running_loop()
+        limits = self.route.limits
+        timeouts = [self.keepalive_timeout, limits.read_timeout, limits.request_timeout or 1e9]
+        interval = min(SWEEP_INTERVAL, *(t / 4 for t in timeouts))
         while True:
-            await asyncio.sleep(self.keepalive_timeout / 4)
+            await asyncio.sleep(interval)
             now = loop.time()
             for conn in list(self.connections):
-                # Idle = nothing queued since idle_since; a request head that takes
-                # longer than the timeout to arrive counts as idle too.
-                if not conn.queue and now - conn.idle_since > self.keepalive_timeout:
-                    conn.close()
+                if not conn.queue:
+                    # Idle since idle_since; a request head that takes longer than
+                    # the timeout to arrive counts as idle too.
+                    if now - conn.idle_since > self.keepalive_timeout:
+                        conn.close()
+                    continue
+                ex = conn.queue[0]
+                if ex.tunnel or not ex.started:
+                    continue  # a websocket may be quiet; a held request has hold_timeout
+                if limits.request_timeout and now - ex.started > limits.request_timeout:
+                    ex.timed_out(f"request_timeout {limits.request_timeout:g}s")
+                elif ex.upstream is not None and now - ex.upstream.last_read > limits.read_timeout:
+                    ex.timed_out(f"read_timeout {limits.read_timeout:g}s")
 
     def stop_accepting(self) -> None:
         if self.server is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -20,6 +21,18 @@ if TYPE_CHECKING:
 # Idle keep-alive connections kept per target; more would only hold sockets
 # (and file descriptors) open on the instance for no benefit.
 MAX_IDLE_PER_TARGET = 64
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How long and how much the proxy allows, per component (see docs/configuration.md)."""
+
+    connect_timeout: float = 5.0
+    read_timeout: float = 60.0  # between two reads from the instance
+    request_timeout: float = 0.0  # the whole exchange; 0 = no limit
+    trust_forwarded: bool = False
+    max_header_size: int = 64 * 1024
+    max_headers: int = 100
 
 
 class Target:
@@ -107,11 +120,12 @@ class Route:
     """A component's current Target; never None during a rotation, only before the first
     instance is healthy or after the component was stopped."""
 
-    __slots__ = ("_waiters", "hold_timeout", "holding", "name", "requests", "target")
+    __slots__ = ("_waiters", "hold_timeout", "holding", "limits", "name", "requests", "target")
 
-    def __init__(self, name: str, hold_timeout: float) -> None:
+    def __init__(self, name: str, hold_timeout: float, limits: Limits | None = None) -> None:
         self.name = name
         self.hold_timeout = hold_timeout
+        self.limits = limits or Limits()
         # False while the component is stopped on purpose: no instance is coming,
         # so requests are answered 503 at once instead of being held.
         self.holding = True

@@ -18,16 +18,13 @@ from rotator.proxy.websocket import FrameBoundary
 if TYPE_CHECKING:
     from rotator.proxy.protocol import Exchange
 
-# Bounds the connect, not the request: an instance that accepts nothing within
-# this time is treated as gone (the request may then be retried elsewhere).
-CONNECT_TIMEOUT = 5.0
-
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "_reset_parser",
         "exchange",
         "frames",
+        "last_read",
         "parser",
         "reason",
         "response_headers",
@@ -45,6 +42,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.reason = b""
         self.response_headers: list[tuple[bytes, bytes]] = []
         self.used = False  # served a response before: a failure may be a stale keep-alive
+        self.last_read = 0.0  # loop time of the last bytes from the instance (read_timeout)
         self.tunnel = False  # a websocket: bytes go to the client untouched
         self.frames = FrameBoundary()  # where the websocket's frames end, once it is one
         self._reset_parser = False
@@ -65,6 +63,7 @@ class UpstreamConnection(asyncio.Protocol):
             # Bytes nobody asked for: the connection's framing can't be trusted.
             self.close()
             return
+        self.last_read = ex.client.loop.time()
         if self.tunnel:
             self.frames.feed(data)
             ex.client.transport_write(data)
@@ -179,10 +178,12 @@ class UpstreamConnection(asyncio.Protocol):
             ex.upstream_lost(self, ConnectionAbortedError("cut at the drain deadline"), retry=False)
 
 
-async def connect(target: Target) -> UpstreamConnection:
+async def connect(target: Target, timeout: float) -> UpstreamConnection:
+    """A new connection to the instance; an instance that accepts nothing within
+    `timeout` is treated as gone (TimeoutError: 504, or a retry elsewhere)."""
     loop = asyncio.get_running_loop()
     _, conn = await asyncio.wait_for(
         loop.create_connection(lambda: UpstreamConnection(target), target.host, target.port),
-        CONNECT_TIMEOUT,
+        timeout,
     )
     return conn

@@ -30,7 +30,7 @@ import psutil
 import pytest
 
 from rotator.proxy.protocol import Listener
-from rotator.proxy.route import Route, Target
+from rotator.proxy.route import Limits, Route, Target
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="process groups are POSIX")
 
@@ -448,8 +448,9 @@ async def running_proxy(
     name: str = "demo",
     hold_timeout: float = 1.0,
     keepalive_timeout: float = 60.0,
+    limits: Limits | None = None,
 ) -> AsyncIterator[Proxy]:
-    p = Proxy(Route(name, hold_timeout=hold_timeout), free_port())
+    p = Proxy(Route(name, hold_timeout=hold_timeout, limits=limits), free_port())
     p.swap(target)
     p.listener = Listener(p.route, HOST, p.port, keepalive_timeout=keepalive_timeout)
     await p.listener.start()
@@ -1581,3 +1582,95 @@ async def test_idle_and_half_sent_connections_are_closed_after_keepalive_timeout
         assert await asyncio.wait_for(slow.rest(), 2) == b""
         response = await busy.response()  # in progress: never swept
         assert response.status == 200
+
+
+# == limits: timeouts, trusted forwarding, header sizes ==================================
+
+
+@aio(10)
+async def test_read_timeout_gives_504_naming_the_component(backend: Backend) -> None:
+    limits = Limits(read_timeout=0.3)
+    async with running_proxy(Target(HOST, backend.port), name="shop", limits=limits) as p:
+        c = await p.connect()
+        started = time.monotonic()
+        r = await c.request("GET", "/slow?seconds=3")
+        assert time.monotonic() - started < 2
+        assert (r.status, r.body) == (504, b"rotator: shop: gateway timeout (read_timeout 0.3s)\n")
+        assert (await c.request("GET", "/")).status == 200  # the connection goes on
+        assert p.targets[0].in_flight == 0
+
+
+@aio(10)
+async def test_read_timeout_mid_body_cuts_the_connection(backend: Backend) -> None:
+    # /chunked sends a chunk every 10 ms: never idle long enough for read_timeout...
+    limits = Limits(read_timeout=0.5, request_timeout=0.4)
+    async with running_proxy(Target(HOST, backend.port), limits=limits) as p:
+        c = await p.connect()
+        c.send(request_bytes("GET", "/chunked?n=200"))
+        assert (await c.head()).status == 200
+        # ...but request_timeout bounds the whole exchange: cut mid-body.
+        rest = await c.rest(timeout=3)
+        assert not rest.endswith(b"0\r\n\r\n")
+
+
+@aio(10)
+async def test_forwarded_headers_are_replaced_unless_trusted(backend: Backend) -> None:
+    claimed = [
+        ("X-Forwarded-For", "6.6.6.6"),
+        ("X-Forwarded-Proto", "https"),
+        ("X-Forwarded-Host", "shop.example"),
+    ]
+    for trust, expected in (
+        (
+            False,
+            {"x-forwarded-for": "127.0.0.1", "x-forwarded-proto": "http", "x-forwarded-host": "x"},
+        ),
+        (
+            True,
+            {
+                "x-forwarded-for": "6.6.6.6, 127.0.0.1",
+                "x-forwarded-proto": "https",
+                "x-forwarded-host": "shop.example",
+            },
+        ),
+    ):
+        limits = Limits(trust_forwarded=trust)
+        async with running_proxy(Target(HOST, backend.port), limits=limits) as p:
+            c = await p.connect()
+            r = await c.request("GET", "/headers", claimed, host="x")
+            got = [
+                (h[0].lower(), h[1])
+                for h in r.json()["headers"]
+                if h[0].lower().startswith("x-forwarded")
+            ]
+            assert sorted(got) == sorted(expected.items()), trust
+
+
+@aio(10)
+async def test_trusted_forwarding_adds_what_is_missing(backend: Backend) -> None:
+    async with running_proxy(Target(HOST, backend.port), limits=Limits(trust_forwarded=True)) as p:
+        c = await p.connect()
+        r = await c.request("GET", "/headers", host="x")
+        got = {h[0].lower(): h[1] for h in r.json()["headers"]}
+        assert got["x-forwarded-for"] == "127.0.0.1"
+        assert got["x-forwarded-proto"] == "http" and got["x-forwarded-host"] == "x"
+
+
+@aio(10)
+async def test_too_many_or_too_large_headers_get_431(backend: Backend) -> None:
+    limits = Limits(max_headers=10, max_header_size=2048)
+    async with running_proxy(Target(HOST, backend.port), limits=limits) as p:
+        many = await p.connect()
+        many.send(request_bytes("GET", "/", [(f"X-H{i}", "v") for i in range(11)]))
+        r = await many.response()
+        assert r.status == 431 and r.get("Connection") == b"close"
+        large = await p.connect()
+        large.send(request_bytes("GET", "/", [("X-Big", "v" * 3000)]))
+        assert (await large.response()).status == 431
+        long_url = await p.connect()
+        long_url.send(request_bytes("GET", "/" + "a" * 3000))
+        assert (await long_url.response()).status == 431
+        ok = await p.connect()
+        r = await ok.request("GET", "/", [(f"X-H{i}", "v") for i in range(8)])
+        assert r.status == 200
+        assert p.targets[0].served == 1  # none of the refused ones reached the instance
