@@ -14,7 +14,14 @@ exponential backoff (tenacity) and at most `max_restarts` per
 `restart_window`, after which the component is `failed` until a manual
 restart or start.
 
-The side effects (spawning, health checks, port probes) come in as objects.
+A `transport: unix` component's instances listen on Unix sockets instead of ports:
+the same rotation, with a socket path chosen round-robin from the component's pool
+(`choose_socket`), a stale socket file at that path removed before the spawn, and
+the file removed again once its instance has stopped. Such instances are left out
+of the state file (its records need a port), so a later daemon does not adopt
+them: its marker sweep stops them, and the component starts afresh.
+
+The side effects (spawning, health checks, port and socket probes) come in as objects.
 """
 
 from __future__ import annotations
@@ -22,8 +29,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import enum
+import errno
+import os
+import signal
+import socket
+import stat
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,8 +46,15 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 from rotator.config import ComponentSpec, definition_of
 from rotator.events import Event, EventBus
 from rotator.health import NotHealthy
-from rotator.instance import Instance, SpawnError, new_marker
-from rotator.ports import NoFreePort, PortState, choose_port, describe_exhausted, port_holders
+from rotator.instance import Instance, SpawnError, StopResult, new_marker
+from rotator.ports import (
+    NoFreePort,
+    PortState,
+    choose_port,
+    describe_exhausted,
+    port_holders,
+    rotation_order,
+)
 from rotator.proxy.route import Route, Target
 from rotator.state import ComponentRecord, InstanceRecord
 
@@ -45,9 +65,68 @@ LOG_TAIL = 20
 
 
 class HealthGate(Protocol):
-    async def wait_until_healthy(self, host: str, port: int, exited: Awaitable[int]) -> float: ...
+    """`unix` is passed (only) for an instance on a Unix socket: the path to probe."""
 
-    async def probe(self, host: str, port: int) -> str | None: ...
+    async def wait_until_healthy(
+        self, host: str, port: int, exited: Awaitable[int], *, unix: str | None = None
+    ) -> float: ...
+
+    async def probe(self, host: str, port: int, *, unix: str | None = None) -> str | None: ...
+
+
+class SocketState(enum.Enum):
+    FREE = "free"  # nothing at the path
+    STALE = "stale"  # a socket file nobody listens on: removed before the path is used
+    BUSY = "busy"  # someone listens there, or it is not a socket file: left alone
+
+
+SocketProbe = Callable[[str], SocketState]
+
+
+class NoFreeSocket(Exception):
+    def __init__(self, pool: Sequence[str]) -> None:
+        super().__init__(
+            f"no free socket in the pool {', '.join(pool)}: each is used by an instance "
+            "or held by another listener"
+        )
+
+
+def choose_socket(
+    pool: Sequence[str], last_used: str | None, in_use: Collection[str], probe: SocketProbe
+) -> tuple[str, SocketState]:
+    """The first path in round-robin order after `last_used` (as for ports) that is not
+    `in_use` (never probed) and not BUSY, with its state (FREE or STALE); else NoFreeSocket."""
+    last = pool.index(last_used) if last_used in pool else None
+    for i in rotation_order(range(len(pool)), last):
+        path = pool[i]
+        if path in in_use:
+            continue
+        state = probe(path)
+        if state is not SocketState.BUSY:
+            return path, state
+    raise NoFreeSocket(pool)
+
+
+def probe_socket(path: str) -> SocketState:
+    """Is anyone listening on the Unix socket `path`? Connects (never blocking) to find out."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return SocketState.FREE
+    except OSError:
+        return SocketState.BUSY
+    if not stat.S_ISSOCK(mode):
+        return SocketState.BUSY
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.setblocking(False)
+        try:
+            sock.connect(path)
+        except FileNotFoundError:
+            return SocketState.FREE
+        except OSError as exc:
+            # Refused: a file without a listener. EAGAIN: a listener with a full backlog.
+            return SocketState.STALE if exc.errno == errno.ECONNREFUSED else SocketState.BUSY
+    return SocketState.BUSY
 
 
 class RotationFailed(Exception):
@@ -80,6 +159,7 @@ class Component:
         log_path: Path,
         spawn: Spawner = Instance.spawn,
         probe: Probe,
+        socket_probe: SocketProbe = probe_socket,
         marker_scope: str = "-",
     ) -> None:
         self.config_spec = spec
@@ -93,6 +173,7 @@ class Component:
         self.log_path = log_path
         self._spawn = spawn
         self._probe = probe
+        self._socket_probe = socket_probe
         self._marker_scope = marker_scope
         self.host = instance_host(spec.listen.host)
         self.state = "stopped"
@@ -100,6 +181,9 @@ class Component:
         self.draining: list[Draining] = []
         self.restarts = 0
         self.last_port: int | None = None
+        self.last_socket: str | None = None
+        # The socket path of each instance on one (transport: unix), until it has stopped.
+        self._sockets: dict[Instance, str] = {}
         self.last_error: str | None = None
         self.last_exit: int | None = None
         self.last_log_tail: list[str] = []
@@ -223,6 +307,43 @@ class Component:
         self.last_rotation = {"at": time.time(), "seconds": round(time.monotonic() - began, 3)}
 
     async def _launch(self, spec: ComponentSpec) -> Instance:
+        path = self._choose_socket(spec) if spec.unix else None
+        port = 0 if spec.unix else self._choose_port(spec)
+        where = f"socket {path}" if path is not None else f"port {port}"
+        argv, env = spec.render(port, self.host, path)
+        marker = new_marker(self._marker_scope, self.name)
+        try:
+            inst = await self._spawn(self.name, port, argv, env, spec.cwd, self.log_path, marker)
+        except SpawnError as exc:
+            raise RotationFailed(str(exc)) from None
+        if path is not None:
+            self._sockets[inst] = path
+        self.emit("spawned", f"started pid {inst.pid} on {where}", pid=inst.pid, **self._at(inst))
+        try:
+            if path is None:
+                seconds = await self.health.wait_until_healthy(self.host, port, inst.wait())
+            else:
+                seconds = await self.health.wait_until_healthy(
+                    self.host, port, inst.wait(), unix=path
+                )
+        except NotHealthy as exc:
+            await self._stop(inst, spec.stop_signal, spec.stop_timeout)
+            raise RotationFailed(
+                f"new instance pid {inst.pid} on {where} {exc}", inst.tail(LOG_TAIL)
+            ) from None
+        except asyncio.CancelledError:
+            # Shutdown during a start: nobody else knows this instance yet.
+            await asyncio.shield(self._stop(inst, spec.stop_signal, spec.stop_timeout))
+            raise
+        self.emit(
+            "healthy",
+            f"pid {inst.pid} healthy after {seconds * 1000:.0f} ms",
+            pid=inst.pid,
+            ms=round(seconds * 1000),
+        )
+        return inst
+
+    def _choose_port(self, spec: ComponentSpec) -> int:
         in_use = {d.instance.port for d in self.draining}
         if self.active is not None:
             in_use.add(self.active.port)
@@ -239,41 +360,69 @@ class Component:
                 "port",
                 f"every free port of the pool has TIME_WAIT left; using {port}, which SO_REUSEADDR accepts",
             )
-        argv, env = spec.render(port, self.host)
-        marker = new_marker(self._marker_scope, self.name)
+        return port
+
+    def _choose_socket(self, spec: ComponentSpec) -> str:
+        """The next socket path of the pool, ready to bind: its directory made, a stale
+        socket file at it removed. The paths of our instances that have not stopped
+        yet (a crashed one included) are never chosen."""
         try:
-            inst = await self._spawn(self.name, port, argv, env, spec.cwd, self.log_path, marker)
-        except SpawnError as exc:
+            path, state = choose_socket(
+                spec.sockets, self.last_socket, set(self._sockets.values()), self._socket_probe
+            )
+        except NoFreeSocket as exc:
             raise RotationFailed(str(exc)) from None
-        self.emit("spawned", f"started pid {inst.pid} on port {port}", pid=inst.pid, port=port)
+        self.last_socket = path
         try:
-            seconds = await self.health.wait_until_healthy(self.host, port, inst.wait())
-        except NotHealthy as exc:
-            await inst.stop(spec.stop_signal, spec.stop_timeout)
-            raise RotationFailed(
-                f"new instance pid {inst.pid} on port {port} {exc}", inst.tail(LOG_TAIL)
-            ) from None
-        except asyncio.CancelledError:
-            # Shutdown during a start: nobody else knows this instance yet.
-            await asyncio.shield(inst.stop(spec.stop_signal, spec.stop_timeout))
-            raise
-        self.emit(
-            "healthy",
-            f"pid {inst.pid} healthy after {seconds * 1000:.0f} ms",
-            pid=inst.pid,
-            ms=round(seconds * 1000),
-        )
-        return inst
+            Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if state is SocketState.STALE:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                self.emit("socket", f"removed the stale socket file {path}", socket=path)
+        except OSError as exc:
+            raise RotationFailed(f"cannot use socket {path}: {exc.strerror or exc}") from None
+        return path
+
+    def _at(self, inst: Instance) -> dict[str, Any]:
+        """Where an instance listens, for event data: {"port": P} or {"socket": path}."""
+        path = self._sockets.get(inst)
+        return {"port": inst.port} if path is None else {"socket": path}
+
+    def _short(self, inst: Instance) -> str:
+        """Where an instance listens, in a few characters: ':18001' or 'web.1.sock'."""
+        path = self._sockets.get(inst)
+        return f":{inst.port}" if path is None else os.path.basename(path)
+
+    def _target(self, inst: Instance, label: str = "") -> Target:
+        return Target(self.host, inst.port, label=label, path=self._sockets.get(inst))
+
+    def _check(self, inst: Instance) -> Awaitable[str | None]:
+        """One health probe of `inst`, on its port or its socket."""
+        path = self._sockets.get(inst)
+        if path is None:
+            return self.health.probe(self.host, inst.port)
+        return self.health.probe(self.host, inst.port, unix=path)
+
+    async def _stop(
+        self, inst: Instance, sig: signal.Signals, timeout: float, *, force: bool = False
+    ) -> StopResult:
+        """Stop `inst`'s tree; then its socket file, if it had one, goes too."""
+        result = await inst.stop(sig, timeout, force=force)
+        path = self._sockets.pop(inst, None)
+        if path is not None and path not in self._sockets.values():
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        return result
 
     def _switch(self, new: Instance) -> Draining | None:
         old = self._drop_active(self.route.target)
         self._make_active(new)
-        was = f":{old.instance.port} -> " if old is not None else ""
+        was = f"{self._short(old.instance)} -> " if old is not None else ""
         self.emit(
             "switched",
-            f"switched {was}:{new.port} (pid {new.pid})",
+            f"switched {was}{self._short(new)} (pid {new.pid})",
             pid=new.pid,
-            port=new.port,
+            **self._at(new),
             in_flight=old.target.in_flight if old is not None else 0,
         )
         return old
@@ -288,7 +437,7 @@ class Component:
         failures, problem = 0, None
         while time.monotonic() < deadline and failures < threshold and new.returncode is None:
             await asyncio.sleep(min(spec.health.interval, max(0.0, deadline - time.monotonic())))
-            problem = await self.health.probe(self.host, new.port)
+            problem = await self._check(new)
             failures = failures + 1 if problem else 0
         if failures < threshold and new.returncode is None:
             self.emit("verified", f"pid {new.pid} stayed healthy for {window:g}s", pid=new.pid)
@@ -314,7 +463,7 @@ class Component:
             pid=new.pid,
         )
         new.stopping = True
-        draining = Draining(new, Target(self.host, new.port))
+        draining = Draining(new, self._target(new))
         self.draining.append(draining)
         self._retire_soon(draining)
         raise RotationFailed(
@@ -324,7 +473,7 @@ class Component:
 
     def _make_active(self, inst: Instance) -> None:
         self.active = inst
-        self.route.swap(Target(self.host, inst.port, label=f"{self.name}[{inst.pid} :{inst.port}]"))
+        self.route.swap(self._target(inst, label=f"{self.name}[{inst.pid} {self._short(inst)}]"))
 
     def _ensure_guard(self, inst: Instance) -> None:
         guard = self._guards.get(inst)
@@ -338,7 +487,7 @@ class Component:
         if inst is None:
             return None
         inst.stopping = True
-        draining = Draining(inst, target or Target(self.host, inst.port))
+        draining = Draining(inst, target or self._target(inst))
         self.draining.append(draining)
         return draining
 
@@ -373,7 +522,7 @@ class Component:
                 requests=in_flight,
                 seconds=round(took, 3),
             )
-        result = await inst.stop(spec.stop_signal, spec.stop_timeout, force=force)
+        result = await self._stop(inst, spec.stop_signal, spec.stop_timeout, force=force)
         self.last_stop = result.outcome
         if result.survivors:
             self.emit(
@@ -409,7 +558,7 @@ class Component:
                     return
                 if not check_health:
                     continue
-                problem = await self.health.probe(self.host, inst.port)
+                problem = await self._check(inst)
                 failures = failures + 1 if problem else 0
                 if problem and inst is self.active:
                     self.emit(
@@ -437,7 +586,7 @@ class Component:
             self.route.swap(None)
             # What it started may have outlived it (a master's workers): stop the rest of its tree.
             inst.stopping = True
-            self._spawn_task(inst.stop(self.spec.stop_signal, self.spec.stop_timeout))
+            self._spawn_task(self._stop(inst, self.spec.stop_signal, self.spec.stop_timeout))
         self.emit(
             "exited" if code is not None else "unhealthy",
             reason,
@@ -535,8 +684,8 @@ class Component:
         """What the state file keeps of this component."""
         return ComponentRecord(
             name=self.name,
-            active=_record(self.active),
-            draining=tuple(r for d in self.draining if (r := _record(d.instance)) is not None),
+            active=self._record(self.active),
+            draining=tuple(r for d in self.draining if (r := self._record(d.instance)) is not None),
             definition=definition_of(self.spec) if self.definition_source == "deployed" else None,
             definition_source=self.definition_source,
             deployed_at=self.deployed_at,
@@ -556,13 +705,19 @@ class Component:
             if active is None
             else {
                 "pid": active.pid,
-                "port": active.port,
+                "port": None if active in self._sockets else active.port,
+                "socket": self._sockets.get(active),
                 "healthy": active.returncode is None,
                 "since": active.started,
                 "adopted": active.adopted,
             },
             "draining": [
-                {"pid": d.instance.pid, "port": d.instance.port, "in_flight": d.target.in_flight}
+                {
+                    "pid": d.instance.pid,
+                    "port": None if d.instance in self._sockets else d.instance.port,
+                    "socket": self._sockets.get(d.instance),
+                    "in_flight": d.target.in_flight,
+                }
                 for d in self.draining
             ],
             "restarts": self.restarts,
@@ -585,10 +740,15 @@ class Component:
         current = [self.route.target] if self.route.target is not None else []
         return current + [d.target for d in self.draining]
 
+    def _record(self, inst: Instance | None) -> InstanceRecord | None:
+        # An instance on a Unix socket has no port to record: it is left out, and a
+        # later daemon stops it by its marker instead of adopting it.
+        if inst is None or inst in self._sockets:
+            return None
+        return _record(inst)
 
-def _record(inst: Instance | None) -> InstanceRecord | None:
-    if inst is None:
-        return None
+
+def _record(inst: Instance) -> InstanceRecord:
     return InstanceRecord(
         pid=inst.pid,
         create_time=inst.create_time,

@@ -57,6 +57,9 @@ DEFAULT_KEYS = (
     "trust_forwarded",
     "max_header_size",
     "max_headers",
+    "max_connections",
+    "transport",
+    "sockets",
 )
 PER_COMPONENT_KEYS = ("listen", "ports", "command", "depends_on")
 DEFINITION_KEYS = ("command", "cwd", "env")  # what `rotator deploy` may change
@@ -74,8 +77,13 @@ _SIZE = re.compile(r"([-+]?\d+)\s*(B|KiB|MiB)?")
 _SIZE_UNITS: dict[str | None, int] = {"B": 1, "KiB": 1024, "MiB": 1024 * 1024, None: 1}
 _BOOLEANS = {"true": True, "false": False}
 # A regex rather than str.format, so literal braces (awk scripts, JSON) pass through untouched.
-_PLACEHOLDER = re.compile(r"\{(port|host|name|python)\}")
+_PLACEHOLDER = re.compile(r"\{(port|socket|host|name|python)\}")
 _WILDCARDS = {"0.0.0.0", "::"}
+TRANSPORTS = ("tcp", "unix")
+# The longest Unix socket path that binds everywhere: sun_path is 104 bytes on macOS
+# (108 on Linux), including the terminating NUL.
+MAX_SOCKET_PATH = 103
+DEFAULT_SOCKETS = 4  # the socket pool's size when `sockets` is not set
 
 
 @dataclass(frozen=True)
@@ -127,19 +135,40 @@ class ComponentSpec:
     trust_forwarded: bool = False  # keep incoming X-Forwarded-* (append to -For) or replace them
     max_header_size: int = 64 * 1024  # a larger request head: 431
     max_headers: int = 100  # more request header lines: 431
+    max_connections: int = 0  # requests passed to instances at once; 0 = no limit
+    # "tcp": instances listen on a port of `ports`; "unix": on a socket path of `sockets`
+    # (state_dir/sockets/<name>.<n>.sock), and `ports` is empty.
+    transport: str = "tcp"
+    sockets: tuple[str, ...] = ()
 
-    def render(self, port: int, host: str | None = None) -> tuple[list[str], dict[str, str]]:
-        """argv and env additions for an instance on `port`, placeholders substituted."""
+    @property
+    def unix(self) -> bool:
+        return self.transport == "unix"
+
+    def render(
+        self, port: int, host: str | None = None, socket: str | None = None
+    ) -> tuple[list[str], dict[str, str]]:
+        """argv and env additions for an instance on `port` (or, given `socket`, on that
+        Unix socket path), placeholders substituted."""
         host = self.listen.host if host is None else host
         # {python}: the interpreter rotator runs on, so that a Python component
         # finds the same environment without relying on PATH.
-        values = {"port": str(port), "host": host, "name": self.name, "python": sys.executable}
+        values = {"host": host, "name": self.name, "python": sys.executable}
+        if socket is None:
+            values["port"] = str(port)
+        else:
+            values["socket"] = socket
 
         def sub(text: str) -> str:
-            return _PLACEHOLDER.sub(lambda m: values[m[1]], text)
+            # A placeholder of the other transport has no value: it stays as written.
+            return _PLACEHOLDER.sub(lambda m: values.get(m[1], m[0]), text)
 
         env = {key: sub(value) for key, value in self.env.items()}
-        env.update(PORT=str(port), HOST=host)  # last, so the instance always learns its real port
+        # Last, so the instance always learns its real address.
+        if socket is None:
+            env.update(PORT=str(port), HOST=host)
+        else:
+            env.update(ROTATOR_SOCKET=socket)
         return [sub(word) for word in self.command], env
 
 
@@ -316,6 +345,8 @@ def with_overrides(
         words = tuple(_strings(command, "command"))
     if not words:
         raise ValueError("command is empty")
+    if problem := _foreign_placeholder(words, spec.transport):
+        raise ValueError(f"command: {problem}")
     directory = spec.cwd
     if cwd is not None:
         if not cwd:
@@ -368,6 +399,20 @@ def apply_definition(spec: ComponentSpec, definition: Mapping[str, Any]) -> Comp
     return dataclasses.replace(spec, **changes)
 
 
+def socket_paths(state_dir: Path, name: str, count: int) -> tuple[str, ...]:
+    """The socket pool of a `transport: unix` component: state_dir/sockets/<name>.<n>.sock."""
+    return tuple(str(state_dir / "sockets" / f"{name}.{n}.sock") for n in range(count))
+
+
+def _foreign_placeholder(words: Collection[str], transport: str) -> str | None:
+    """Why `words` cannot be a command of a `transport` component: a placeholder that
+    has no value there ({port} with unix, {socket} with tcp); None if fine."""
+    foreign, own = ("port", "socket") if transport == "unix" else ("socket", "port")
+    if any(m[1] == foreign for word in words for m in _PLACEHOLDER.finditer(word)):
+        return f"{{{foreign}}} has no value with transport: {transport} (use {{{own}}})"
+    return None
+
+
 def _strings(items: Any, what: str) -> list[str]:
     words = list(items)
     for i, word in enumerate(words):
@@ -397,6 +442,7 @@ class _Parser:
         self.file = str(path)
         self.path = Path(os.path.abspath(path.expanduser()))
         self.base = self.path.parent
+        self.state_dir = self.base.joinpath(".rotator").resolve()
         self.loader = yaml.SafeLoader("")  # only its constructors are used, to type scalars
         self.problems: list[Problem] = []
         # For the cross-component checks: (owner, value, node, field path).
@@ -432,9 +478,9 @@ class _Parser:
         self.listens.append(
             ("the admin API", admin.listen, _value(admin_keys, "listen"), "admin.listen")
         )
-        state_dir = self.base.joinpath(".rotator").resolve()
+        state_dir = self.state_dir
         if "state_dir" in top and (found := self.path_value(top["state_dir"][1], "state_dir")):
-            state_dir = found
+            state_dir = self.state_dir = found
             if state_dir.exists() and not state_dir.is_dir():
                 self.fail(top["state_dir"][1], "state_dir", f"{state_dir} is not a directory")
         defaults = self.defaults(_value(top, "defaults"))
@@ -480,10 +526,28 @@ class _Parser:
         if found is None:
             return None
         listen = self.required(found, key, path, "listen", "the public host:port", self.address)
-        ports = self.required(found, key, path, "ports", "the pool of private ports", self.ports)
+        # Read quietly here (a bad value is reported with the shared keys): it decides
+        # whether `ports` is required or refused.
+        transport = self.peek_transport(found, defaults)
+        ports: tuple[int, ...] | None = ()
+        if transport == "unix":
+            if "ports" in found:
+                self.fail(
+                    found["ports"][0],
+                    f"{path}.ports",
+                    "ports is not used with transport: unix (instances listen on Unix sockets)",
+                )
+        elif transport == "tcp":
+            ports = self.required(
+                found, key, path, "ports", "the pool of private ports", self.ports
+            )
+        elif "ports" in found:
+            ports = self.ports(found["ports"][1], f"{path}.ports")
         command = self.required(
             found, key, path, "command", "the command that starts an instance", self.command
         )
+        if command and transport and (problem := _foreign_placeholder(command, transport)):
+            self.fail(found["command"][1], f"{path}.command", problem)
         if listen:
             self.listens.append(
                 (f"component {name!r}", listen, found["listen"][1], f"{path}.listen")
@@ -501,7 +565,20 @@ class _Parser:
         env = {**defaults.get("env", {}), **own.pop("env", {})}
         rest = {k: v for k, v in defaults.items() if k not in ("health", "env")} | own
         rest.setdefault("cwd", self.base.resolve())
-        if listen is None or ports is None or command is None:
+        count = rest.pop("sockets", DEFAULT_SOCKETS)
+        sockets = socket_paths(self.state_dir, name, count) if transport == "unix" else ()
+        if transport == "tcp" and "sockets" in found:
+            self.fail(found["sockets"][0], f"{path}.sockets", "is only used with transport: unix")
+        if sockets and (size := len(os.fsencode(sockets[-1]))) > MAX_SOCKET_PATH:
+            at = found["transport"][1] if "transport" in found else key
+            self.fail(
+                at,
+                f"{path}.transport",
+                f"socket path {sockets[-1]} is {size} bytes, more than the {MAX_SOCKET_PATH}"
+                " a Unix socket path may have; choose a shorter state_dir",
+            )
+            return None
+        if listen is None or ports is None or command is None or transport is None:
             return None
         return ComponentSpec(
             name,
@@ -511,8 +588,19 @@ class _Parser:
             env=MappingProxyType(env),
             health=health,
             depends_on=tuple(dict.fromkeys(dep for dep, _ in depends_on)),
+            sockets=sockets,
             **rest,
         )
+
+    def peek_transport(self, found: dict[str, Entry], defaults: dict[str, Any]) -> str | None:
+        """The component's transport (its own, else the default's, else tcp), without
+        reporting anything; None when its own value is not a valid transport."""
+        if "transport" not in found:
+            return str(defaults.get("transport", "tcp"))
+        node = found["transport"][1]
+        if isinstance(node, ScalarNode) and (text := node.value.strip().lower()) in TRANSPORTS:
+            return text
+        return None
 
     def shared(self, found: dict[str, Entry], path: str) -> dict[str, Any]:
         """The keys a component shares with `defaults`; only valid values are returned."""
@@ -536,6 +624,9 @@ class _Parser:
             "trust_forwarded": self.boolean,
             "max_header_size": lambda node, at: self.size(node, at, minimum=1024),
             "max_headers": lambda node, at: self.integer(node, at, minimum=1),
+            "max_connections": lambda node, at: self.integer(node, at, minimum=0),
+            "transport": self.transport,
+            "sockets": lambda node, at: self.integer(node, at, minimum=2),
         }
         values = {
             key: read(found[key][1], f"{path}.{key}")
@@ -781,6 +872,14 @@ class _Parser:
             self.fail(node, path, f"must be {_bytes(minimum)} or more, not {_bytes(size)}")
             return None
         return size
+
+    def transport(self, node: Node, path: str) -> str | None:
+        if (text := self.scalar(node, path, raw=True)) is None:
+            return None
+        if (value := text.strip().lower()) not in TRANSPORTS:
+            self.fail(node, path, f"{text!r} is not a transport (use tcp or unix)")
+            return None
+        return value
 
     def boolean(self, node: Node, path: str) -> bool | None:
         """true or false as written (any case, quoted or not); YAML 1.1's yes/no/on/off and

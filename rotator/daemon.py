@@ -31,7 +31,7 @@ from aiohttp import web
 
 from rotator import __version__
 from rotator.admin import make_app
-from rotator.component import Component, RotationFailed
+from rotator.component import Component, RotationFailed, probe_socket
 from rotator.config import ComponentSpec, Config, apply_definition
 from rotator.events import Event, EventBus
 from rotator.health import HealthCheck
@@ -154,6 +154,7 @@ class Daemon:
             trust_forwarded=spec.trust_forwarded,
             max_header_size=spec.max_header_size,
             max_headers=spec.max_headers,
+            max_connections=spec.max_connections,
         )
         route = Route(spec.name, spec.hold_timeout, limits)
         listener = Listener(route, spec.listen.host, spec.listen.port, spec.keepalive_timeout)
@@ -171,6 +172,7 @@ class Daemon:
             health=HealthCheck(spec.health),
             log_path=self.config.log_path(spec.name),
             probe=probe_port,
+            socket_probe=probe_socket,
             marker_scope=self.scope,
         )
 

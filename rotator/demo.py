@@ -1,9 +1,10 @@
 """The demo component: a small aiohttp app for the example config, tests and benchmarks.
 
-Run as `python -m rotator.demo --port P`. Flags make it misbehave on purpose
-(slow start, crash, never healthy, ignore SIGTERM, leave a child process,
-close every connection); routes echo what they received so tests can check
-what the proxy forwarded. Every response carries X-Instance-Pid/-Port.
+Run as `python -m rotator.demo --port P`, or `--unix PATH` to listen on a Unix
+socket instead. Flags make it misbehave on purpose (slow start, crash, never
+healthy, ignore SIGTERM, leave a child process, close every connection); routes
+echo what they received so tests can check what the proxy forwarded. Every
+response carries X-Instance-Pid/-Port (and X-Instance-Socket on a Unix socket).
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ PATTERN = bytes(range(256)) * (CHUNK // 256)  # /bytes body: byte i is i % 256
 class Config:
     name: str
     host: str
-    port: int  # the bound port once listening (matters for --port 0)
+    port: int  # the bound port once listening (matters for --port 0); 0 on a Unix socket
     close: bool
     never_healthy: bool
+    unix: str | None = None  # the Unix socket path, with --unix
 
 
 CONFIG = web.AppKey("config", Config)
@@ -57,6 +59,8 @@ async def health(request: web.Request) -> web.Response:
 async def index(request: web.Request) -> web.Response:
     cfg, url = request.app[CONFIG], request.rel_url
     info = {"name": cfg.name, "pid": os.getpid(), "port": cfg.port, "method": request.method}
+    if cfg.unix is not None:
+        info["socket"] = cfg.unix
     return web.json_response({**info, "path": url.path, "query": url.raw_query_string})
 
 
@@ -147,6 +151,8 @@ async def on_prepare(request: web.Request, resp: web.StreamResponse) -> None:
     cfg = request.app[CONFIG]
     resp.headers["X-Instance-Pid"] = str(os.getpid())
     resp.headers["X-Instance-Port"] = str(cfg.port)
+    if cfg.unix is not None:
+        resp.headers["X-Instance-Socket"] = cfg.unix
     if cfg.close:  # like gunicorn sync workers: the server closes, TIME_WAIT stays on our port
         resp.force_close()  # headers are computed before this hook: say it ourselves too
         resp.headers["Connection"] = "close"
@@ -180,6 +186,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--port", type=int, default=env.get("PORT") or None, help="default: $PORT (0: any)"
     )
     p.add_argument("--host", default=env.get("HOST", "127.0.0.1"))
+    p.add_argument("--unix", metavar="PATH", help="listen on this Unix socket, not host:port")
     p.add_argument("--name", default=env.get("NAME", "demo"))
     p.add_argument("--startup-delay", type=float, default=0.0, metavar="SECONDS")
     p.add_argument("--close", action="store_true", help="answer with Connection: close")
@@ -190,8 +197,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--access-log", action="store_true")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS")
     args = p.parse_args(argv)
-    if args.port is None:
-        p.error("--port or $PORT is required")
+    if args.unix is not None:
+        args.port = 0
+    elif args.port is None:
+        p.error("--port or $PORT is required (or --unix PATH)")
     return args
 
 
@@ -208,7 +217,7 @@ def spawn_child() -> int:
 
 
 async def serve(args: argparse.Namespace) -> int:
-    cfg = Config(args.name, args.host, args.port, args.close, args.never_healthy)
+    cfg = Config(args.name, args.host, args.port, args.close, args.never_healthy, args.unix)
     tag = f"demo {cfg.name} pid {os.getpid()}"
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -237,13 +246,21 @@ async def serve(args: argparse.Namespace) -> int:
     runner = web.AppRunner(make_app(cfg), shutdown_timeout=args.shutdown_timeout, **access)
     await runner.setup()
     try:
+        site: web.BaseSite = (
+            web.UnixSite(runner, cfg.unix)
+            if cfg.unix is not None
+            else web.TCPSite(runner, cfg.host, cfg.port)
+        )
+        where = cfg.unix if cfg.unix is not None else f"{cfg.host}:{cfg.port}"
         try:
-            await web.TCPSite(runner, cfg.host, cfg.port).start()
+            await site.start()
         except OSError as exc:
-            say(f"{tag} cannot listen on {cfg.host}:{cfg.port}: {exc}")
+            say(f"{tag} cannot listen on {where}: {exc}")
             return 1
-        cfg.port = int(runner.addresses[0][1])
-        say(f"{tag} listening on {cfg.host}:{cfg.port}")
+        if cfg.unix is None:
+            cfg.port = int(runner.addresses[0][1])
+            where = f"{cfg.host}:{cfg.port}"
+        say(f"{tag} listening on {where}")
         await stop.wait()
         say(f"{tag} stopping")
     finally:

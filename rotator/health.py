@@ -1,4 +1,4 @@
-"""Health checks: is the instance on host:port answering its health path?
+"""Health checks: is the instance on host:port (or on its Unix socket) answering its health path?
 
 `wait_until_healthy` polls fast so that the switch follows readiness closely,
 and gives up early when the process exits. It reports; the component decides.
@@ -37,26 +37,31 @@ class HealthCheck:
     def __init__(self, spec: HealthSpec) -> None:
         self.spec = spec
 
-    async def probe(self, host: str, port: int) -> str | None:
-        """None when healthy, otherwise what was wrong (for messages)."""
+    async def probe(self, host: str, port: int, *, unix: str | None = None) -> str | None:
+        """None when healthy, otherwise what was wrong (for messages). With `unix`, the
+        probe goes to that Unix socket (host and port only name the Host header)."""
         path = self.spec.path
         try:
-            status = await asyncio.wait_for(_get(host, port, path), self.spec.timeout)
+            status = await asyncio.wait_for(_get(host, port, path, unix), self.spec.timeout)
         except TimeoutError:
             return f"{path} did not answer within {self.spec.timeout:g}s"
         except ConnectionRefusedError:
             return f"{path}: connection refused"
+        except FileNotFoundError:
+            return f"{path}: no socket at {unix}"
         except (OSError, httptools.HttpParserError, EOFError) as exc:
             return f"{path}: {_describe(exc)}"
         if 200 <= status < 400:
             return None
         return f"{path} answered {status}"
 
-    async def wait_until_healthy(self, host: str, port: int, exited: Awaitable[int]) -> float:
-        """Seconds until the first healthy probe. Raises NotHealthy when the
-        process exits first or start_timeout passes."""
+    async def wait_until_healthy(
+        self, host: str, port: int, exited: Awaitable[int], *, unix: str | None = None
+    ) -> float:
+        """Seconds until the first healthy probe (on the Unix socket `unix`, if given).
+        Raises NotHealthy when the process exits first or start_timeout passes."""
         began = time.monotonic()
-        polling = asyncio.ensure_future(self._poll(host, port))
+        polling = asyncio.ensure_future(self._poll(host, port, unix))
         exit_wait = asyncio.ensure_future(exited)
         try:
             done, _ = await asyncio.wait({polling, exit_wait}, return_when=asyncio.FIRST_COMPLETED)
@@ -69,11 +74,11 @@ class HealthCheck:
         code = exit_wait.result()
         raise NotHealthy(f"exited with code {code} before becoming healthy")
 
-    async def _poll(self, host: str, port: int) -> None:
+    async def _poll(self, host: str, port: int, unix: str | None) -> None:
         last: list[str | None] = [None]
 
         async def attempt() -> str | None:
-            last[0] = await self.probe(host, port)
+            last[0] = await self.probe(host, port, unix=unix)
             return last[0]
 
         retrying = AsyncRetrying(
@@ -99,10 +104,14 @@ class _Answer:
         self.complete = True
 
 
-async def _get(host: str, port: int, path: str) -> int:
-    reader, writer = await asyncio.open_connection(host, port)
-    try:
+async def _get(host: str, port: int, path: str, unix: str | None = None) -> int:
+    if unix is not None:
+        reader, writer = await asyncio.open_unix_connection(unix)
+        authority = "localhost"  # a socket has no host:port of its own
+    else:
+        reader, writer = await asyncio.open_connection(host, port)
         authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
         writer.write(
             f"GET {path} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: rotator-health\r\n"
             "Accept: */*\r\n\r\n".encode()

@@ -101,9 +101,8 @@ class Instance:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as log:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-            log.write(
-                f"==== rotator: {name} on port {port} at {stamp}: {shlex.join(argv)}\n".encode()
-            )
+            where = f"port {port}" if port else f"socket {env.get('ROTATOR_SOCKET', '?')}"
+            log.write(f"==== rotator: {name} on {where} at {stamp}: {shlex.join(argv)}\n".encode())
             log.flush()
             offset = log.tell()
             try:

@@ -45,7 +45,7 @@ def status_table(status: dict[str, Any], now: float | None = None) -> str:
                 c["state"] + ("" if active is None or active["healthy"] else " (unhealthy)"),
                 c["listen"],
                 str(active["pid"]) if active else "-",
-                str(active["port"]) if active else "-",
+                _where(active) if active else "-",
                 duration(now - active["since"]) if active else "-",
                 str(c.get("requests", 0)),
                 str(c.get("in_flight", 0)),
@@ -80,6 +80,13 @@ def status_table(status: dict[str, Any], now: float | None = None) -> str:
         for row in rows
     ]
     return "\n".join(lines + notes)
+
+
+def _where(instance: dict[str, Any]) -> str:
+    """The port of a TCP instance, the socket file name of a Unix one."""
+    if instance.get("port"):
+        return str(instance["port"])
+    return str(instance.get("socket") or "-").rsplit("/", 1)[-1]
 
 
 def event_line(event: dict[str, Any], since: float | None = None) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 from collections.abc import Callable
-from typing import NamedTuple, cast
+from typing import Any, NamedTuple, cast
 
 import httptools
 
@@ -127,6 +127,7 @@ class Exchange:
         "response_done",
         "response_started",
         "retries",
+        "slotted",
         "started",
         "streamed",
         "target",
@@ -171,6 +172,7 @@ class Exchange:
         self.response_done = False
         self.retries = 0
         self.started = 0.0  # loop time of the first dispatch (request_timeout)
+        self.slotted = False  # holds one of the component's max_connections
 
     # -- request body, from the client ------------------------------------
     def add_body(self, data: bytes) -> None:
@@ -397,7 +399,13 @@ class Exchange:
         if self.target is not None:
             self.target.release()
             self.target = None
+        self._free_slot()
         self.client.exchange_done(self)
+
+    def _free_slot(self) -> None:
+        if self.slotted:
+            self.slotted = False
+            self.client.listener.release_slot()
 
     def cancel(self) -> None:
         """The client went away: release everything this exchange holds."""
@@ -409,6 +417,7 @@ class Exchange:
         if self.target is not None:
             self.target.release()
             self.target = None
+        self._free_slot()
         self.response_done = True
 
 
@@ -435,7 +444,7 @@ class ClientConnection(asyncio.Protocol):
         self._ip = b""
         self._head_size = 0  # bytes of the request head so far (max_header_size)
         self._too_large = False
-        self._hold: asyncio.Task[Target | None] | None = None
+        self._hold: asyncio.Task[Any] | None = None
         self.tunnel: UpstreamConnection | None = None  # set once a websocket is established
 
     # -- asyncio.Protocol --------------------------------------------------
@@ -590,11 +599,36 @@ class ClientConnection(asyncio.Protocol):
             ex.body_done = True
             ex.fail(ex.error)
             return
+        if self.limits.max_connections and not ex.slotted:
+            if not self.listener.take_slot():
+                self._wait_for_slot(ex)
+                return
+            ex.slotted = True
         target = self.route.target
         if target is not None:
             ex.dispatch(target)
         else:
             self.hold(ex)
+
+    def _wait_for_slot(self, ex: Exchange) -> None:
+        """max_connections are all busy: wait (hold_timeout) for one, else 503."""
+        wait = self.loop.create_task(self.listener.wait_slot())
+        self._hold = wait
+
+        def slot(task: asyncio.Task[bool]) -> None:
+            self._hold = None
+            if task.cancelled():
+                return
+            if task.result():
+                ex.slotted = True
+                if ex.response_done:  # the client left meanwhile
+                    ex._free_slot()
+                else:
+                    self._start(ex)
+            elif not ex.response_done:
+                ex.fail(503, b"Retry-After: 1\r\n", detail="max_connections reached")
+
+        wait.add_done_callback(slot)
 
     def hold(self, ex: Exchange, exclude: Target | None = None) -> None:
         """Dispatch `ex` once there is a target (not `exclude`), or answer 503 after hold_timeout."""
@@ -735,6 +769,8 @@ class Listener:
         self.port = port
         self.connections: set[ClientConnection] = set()
         self.server: asyncio.Server | None = None
+        self.slots_in_use = 0  # exchanges counted against max_connections
+        self._slot_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.host_header = b"Host: " + address.encode() + b"\r\n"
         self._sweeper: asyncio.Task[None] | None = None
@@ -772,6 +808,39 @@ class Listener:
                     ex.timed_out(f"request_timeout {limits.request_timeout:g}s")
                 elif ex.upstream is not None and now - ex.upstream.last_read > limits.read_timeout:
                     ex.timed_out(f"read_timeout {limits.read_timeout:g}s")
+
+    def take_slot(self) -> bool:
+        if self.slots_in_use < self.route.limits.max_connections:
+            self.slots_in_use += 1
+            return True
+        return False
+
+    async def wait_slot(self) -> bool:
+        """Wait up to hold_timeout for a slot; True when one was handed over."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._slot_waiters.append(fut)
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), self.route.hold_timeout)
+        except TimeoutError:
+            if not fut.done():
+                fut.cancel()
+                return False
+        except asyncio.CancelledError:  # the client left while waiting
+            if fut.done():
+                self.release_slot()  # handed over just now: pass it on
+            else:
+                fut.cancel()
+            raise
+        return True
+
+    def release_slot(self) -> None:
+        # Hand the slot straight to the longest waiter, if any: the count stays.
+        while self._slot_waiters:
+            fut = self._slot_waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self.slots_in_use -= 1
 
     def stop_accepting(self) -> None:
         if self.server is not None:

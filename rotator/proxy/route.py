@@ -33,10 +33,15 @@ class Limits:
     trust_forwarded: bool = False
     max_header_size: int = 64 * 1024
     max_headers: int = 100
+    max_connections: int = 0  # requests passed to instances at once; 0 = no limit
 
 
 class Target:
-    """One instance: where to connect, what is in flight, which connections are open."""
+    """One instance: where to connect, what is in flight, which connections are open.
+
+    Where to connect is host:port, or the Unix socket `path` when one is given (the
+    instance of a `transport: unix` component; its port is then 0).
+    """
 
     __slots__ = (
         "_drained",
@@ -45,15 +50,17 @@ class Target:
         "idle",
         "in_flight",
         "label",
+        "path",
         "port",
         "retired",
         "served",
     )
 
-    def __init__(self, host: str, port: int, label: str = "") -> None:
+    def __init__(self, host: str, port: int, label: str = "", path: str | None = None) -> None:
         self.host = host
         self.port = port
-        self.label = label or f"{host}:{port}"
+        self.path = path
+        self.label = label or path or f"{host}:{port}"
         self.in_flight = 0
         self.served = 0
         self.retired = False

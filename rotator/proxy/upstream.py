@@ -179,9 +179,16 @@ class UpstreamConnection(asyncio.Protocol):
 
 
 async def connect(target: Target, timeout: float) -> UpstreamConnection:
-    """A new connection to the instance; an instance that accepts nothing within
-    `timeout` is treated as gone (TimeoutError: 504, or a retry elsewhere)."""
+    """A new connection to the instance (its Unix socket when `target.path` is set);
+    an instance that accepts nothing within `timeout` is treated as gone (TimeoutError:
+    504, or a retry elsewhere)."""
     loop = asyncio.get_running_loop()
+    if target.path is not None:
+        _, conn = await asyncio.wait_for(
+            loop.create_unix_connection(lambda: UpstreamConnection(target), target.path),
+            timeout,
+        )
+        return conn
     _, conn = await asyncio.wait_for(
         loop.create_connection(lambda: UpstreamConnection(target), target.host, target.port),
         timeout,

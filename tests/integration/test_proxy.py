@@ -671,6 +671,17 @@ MALFORMED = {
         b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
         b"2\r\nhello\r\n0\r\n\r\n"
     ),
+    # Request smuggling vectors: each could make the instance see a different
+    # request boundary than the proxy.
+    "two equal content-lengths": (
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nab"
+    ),
+    "obs-fold header": b"GET / HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n  folded\r\n\r\n",
+    "chunked then content-length": (
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        b"Content-Length: 5\r\n\r\n0\r\n\r\n"
+    ),
+    "space before colon": b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length : 0\r\n\r\n",
 }
 
 
@@ -1674,3 +1685,42 @@ async def test_too_many_or_too_large_headers_get_431(backend: Backend) -> None:
         r = await ok.request("GET", "/", [(f"X-H{i}", "v") for i in range(8)])
         assert r.status == 200
         assert p.targets[0].served == 1  # none of the refused ones reached the instance
+
+
+@aio(10)
+async def test_max_connections_makes_requests_wait_their_turn(backend: Backend) -> None:
+    limits = Limits(max_connections=1)
+    async with running_proxy(Target(HOST, backend.port), hold_timeout=3.0, limits=limits) as p:
+        first, second = await p.connect(), await p.connect()
+        started = time.monotonic()
+        first.send(request_bytes("GET", "/slow?seconds=0.5"))
+        await until(lambda: p.targets[0].in_flight == 1)
+        second.send(request_bytes("GET", "/"))
+        await asyncio.sleep(0.2)
+        assert p.targets[0].in_flight == 1  # the second waits for a slot, not sent yet
+        assert (await first.response()).status == 200
+        assert (await second.response()).status == 200
+        assert time.monotonic() - started >= 0.5
+
+
+@aio(10)
+async def test_max_connections_answers_503_after_hold_and_never_leaks_a_slot(
+    backend: Backend,
+) -> None:
+    limits = Limits(max_connections=1)
+    async with running_proxy(Target(HOST, backend.port), hold_timeout=0.3, limits=limits) as p:
+        busy = await p.connect()
+        busy.send(request_bytes("GET", "/slow?seconds=1"))
+        await until(lambda: p.targets[0].in_flight == 1)
+        refused = await p.connect()
+        r = await refused.request("GET", "/")
+        assert r.status == 503 and r.get("Retry-After") == b"1"
+        assert b"max_connections reached" in r.body
+        leaver = await p.connect()
+        leaver.send(request_bytes("GET", "/"))
+        await asyncio.sleep(0.1)
+        leaver.close()  # gave up while waiting for a slot
+        assert (await busy.response()).status == 200
+        after = await p.connect()
+        assert (await after.request("GET", "/")).status == 200
+        assert p.listener is not None and p.listener.slots_in_use == 0

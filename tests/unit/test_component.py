@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 import signal
+import socket
 from collections.abc import Awaitable
 from pathlib import Path
 from types import MappingProxyType
@@ -13,7 +15,14 @@ from typing import Any
 
 import pytest
 
-from rotator.component import Component, RotationFailed
+from rotator.component import (
+    Component,
+    NoFreeSocket,
+    RotationFailed,
+    SocketState,
+    choose_socket,
+    probe_socket,
+)
 from rotator.config import Address, ComponentSpec, HealthSpec
 from rotator.events import Event, EventBus
 from rotator.health import NotHealthy
@@ -149,6 +158,7 @@ def test_first_rotation_starts_and_routes() -> None:
         assert c.status()["active"] == {
             "pid": 1000,
             "port": 9001,
+            "socket": None,
             "healthy": True,
             "since": 0.0,
             "adopted": False,
@@ -269,7 +279,9 @@ def test_drain_waits_for_requests_in_flight_on_the_old_target() -> None:
             await asyncio.sleep(0)
         assert w.route.target is not old  # switched already
         assert not rotation.done() and w.instances[0].stopped_with is None
-        assert c.status()["draining"] == [{"pid": 1000, "port": 9001, "in_flight": 1}]
+        assert c.status()["draining"] == [
+            {"pid": 1000, "port": 9001, "socket": None, "in_flight": 1}
+        ]
         old.release()
         await rotation
         assert w.instances[0].stopped_with == signal.SIGTERM
@@ -389,5 +401,174 @@ def test_stop_drains_and_stops_everything() -> None:
         await c.stop()
         assert c.state == "stopped" and w.route.target is None and c.active is None
         assert w.instances[0].stopped_with == signal.SIGTERM
+
+    run(scenario())
+
+
+# -- transport: unix ----------------------------------------------------------------------
+
+
+def test_choose_socket_goes_round_robin_and_skips_used_and_busy_paths() -> None:
+    pool = ("/s/web.0.sock", "/s/web.1.sock", "/s/web.2.sock", "/s/web.3.sock")
+    states = {"/s/web.2.sock": SocketState.BUSY, "/s/web.3.sock": SocketState.STALE}
+    probed: list[str] = []
+
+    def probe(path: str) -> SocketState:
+        probed.append(path)
+        return states.get(path, SocketState.FREE)
+
+    assert choose_socket(pool, None, set(), probe) == ("/s/web.0.sock", SocketState.FREE)
+    assert choose_socket(pool, "/s/web.0.sock", set(), probe) == (
+        "/s/web.1.sock",
+        SocketState.FREE,
+    )
+    probed.clear()
+    # After web.1: web.2 is held by a foreign listener, web.3 is a stale file (usable).
+    assert choose_socket(pool, "/s/web.1.sock", set(), probe) == (
+        "/s/web.3.sock",
+        SocketState.STALE,
+    )
+    assert probed == ["/s/web.2.sock", "/s/web.3.sock"]
+    probed.clear()
+    # Paths of our own live instances are never probed (a live listener would be BUSY anyway).
+    assert choose_socket(pool, "/s/web.2.sock", {"/s/web.3.sock", "/s/web.0.sock"}, probe) == (
+        "/s/web.1.sock",
+        SocketState.FREE,
+    )
+    assert probed == ["/s/web.1.sock"]
+    with pytest.raises(NoFreeSocket, match=re.escape("no free socket in the pool /s/web.0.sock")):
+        choose_socket(pool, None, set(pool[:2]), lambda _: SocketState.BUSY)
+
+
+def test_probe_socket_tells_free_stale_and_busy_apart(tmp_path: Path) -> None:
+    path = str(tmp_path / "a.sock")
+    assert probe_socket(path) is SocketState.FREE
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(path)
+        server.listen()
+        assert probe_socket(path) is SocketState.BUSY  # someone listens
+    assert probe_socket(path) is SocketState.STALE  # the file stayed, nobody listens
+    regular = tmp_path / "plain"
+    regular.write_text("not a socket")
+    assert probe_socket(str(regular)) is SocketState.BUSY  # never removed
+
+
+class UnixWorld(World):
+    """The same side effects, for a `transport: unix` component."""
+
+    def __init__(self, sockets: tuple[str, ...]) -> None:
+        super().__init__()
+        self.sockets = sockets
+        self.socket_states: dict[str, SocketState] = {}
+        self.health_calls: list[tuple[int, str | None]] = []
+
+    async def spawn(
+        self,
+        name: str,
+        port: int,
+        argv: list[str],
+        env: dict[str, str],
+        cwd: Path,
+        log: Path,
+        marker: str,
+    ) -> Any:
+        socket_path = env["ROTATOR_SOCKET"]
+        assert port == 0 and argv == ["app", "--unix", socket_path] and "PORT" not in env
+        Path(socket_path).write_text("")  # where the instance would bind
+        inst = FakeInstance(1000 + len(self.instances), port)
+        self.instances.append(inst)
+        return inst
+
+    def component(self, spec: ComponentSpec | None = None) -> Component:
+        spec = spec or dataclasses.replace(
+            SPEC,
+            ports=(),
+            transport="unix",
+            sockets=self.sockets,
+            command=("app", "--unix", "{socket}"),
+        )
+        return Component(
+            spec,
+            self.route,
+            self.bus,
+            health=UnixHealth(self),
+            log_path=Path("/dev/null"),
+            spawn=self.spawn,
+            probe=self.probe,
+            socket_probe=lambda path: self.socket_states.get(path, SocketState.FREE),
+        )
+
+
+class UnixHealth(ScriptedHealth):
+    world: UnixWorld
+
+    async def wait_until_healthy(
+        self, host: str, port: int, exited: Awaitable[int], *, unix: str | None = None
+    ) -> float:
+        self.world.health_calls.append((port, unix))
+        return await self.world.wait_until_healthy(host, port, exited)
+
+    async def probe(self, host: str, port: int, *, unix: str | None = None) -> str | None:
+        self.world.health_calls.append((port, unix))
+        return await super().probe(host, port)
+
+
+def test_unix_component_rotates_between_socket_paths(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        sockets = tuple(str(tmp_path / f"web.{n}.sock") for n in range(3))
+        w = UnixWorld(sockets)
+        c = w.component()
+        await c.rotate()
+        target = w.route.target
+        assert target is not None and target.path == sockets[0] and target.port == 0
+        assert w.health_calls == [(0, sockets[0])]
+        status = c.status()["active"]
+        assert status["port"] is None and status["socket"] == sockets[0]
+        assert c.record().active is None  # no port to record: never adopted
+        await c.rotate()
+        assert w.route.target is not None and w.route.target.path == sockets[1]
+        assert not Path(sockets[0]).exists()  # removed once its instance stopped
+        assert Path(sockets[1]).exists()
+        switched = [e for e in w.events if e.kind == "switched"][-1]
+        assert switched.message == "switched web.0.sock -> web.1.sock (pid 1001)"
+        assert switched.data["socket"] == sockets[1]
+
+    run(scenario())
+
+
+def test_unix_component_removes_a_stale_socket_and_skips_a_busy_one(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        sockets = tuple(str(tmp_path / f"web.{n}.sock") for n in range(3))
+        w = UnixWorld(sockets)
+        c = w.component()
+        await c.rotate()
+        Path(sockets[1]).write_text("")
+        Path(sockets[2]).write_text("")
+        w.socket_states = {sockets[1]: SocketState.BUSY, sockets[2]: SocketState.STALE}
+        await c.rotate()
+        assert w.route.target is not None and w.route.target.path == sockets[2]
+        assert Path(sockets[1]).exists()  # someone else's: left alone
+        assert any(e.kind == "socket" and sockets[2] in e.message for e in w.events)
+
+    run(scenario())
+
+
+def test_crashed_unix_instance_is_replaced_on_the_next_path_and_its_socket_removed(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        sockets = tuple(str(tmp_path / f"web.{n}.sock") for n in range(2))
+        w = UnixWorld(sockets)
+        c = w.component()
+        await c.rotate()
+        w.instances[0].exit.set_result(137)
+        for _ in range(50):
+            await asyncio.sleep(0)
+            if len(w.instances) == 2 and c.state == "running":
+                break
+        assert w.route.target is not None and w.route.target.path == sockets[1]
+        assert not Path(sockets[0]).exists() and Path(sockets[1]).exists()
+        await c.stop()
+        assert not Path(sockets[1]).exists()
 
     run(scenario())

@@ -1410,3 +1410,176 @@ def test_apply_definition_rejects(definition: Any, message: str, spec: Component
     with pytest.raises(ValueError) as info:
         apply_definition(spec, definition)
     assert str(info.value) == message
+
+
+# -- transport: unix, sockets, max_connections ------------------------------------------------
+
+# A unix component: no ports, a socket placeholder. Line 2 is `web:`.
+WEB_UNIX = """\
+components:
+  web:
+    listen: 127.0.0.1:8001
+    transport: unix
+    command: run --unix {socket}
+"""
+
+# (yaml text, field path, exact message, line): each is the only problem of its text.
+UNIX_CASES = [
+    (
+        WEB_UNIX + "    ports: 18001-18002\n",
+        "components.web.ports",
+        "ports is not used with transport: unix (instances listen on Unix sockets)",
+        6,
+    ),
+    (
+        "defaults:\n  transport: unix\n" + HERMES.replace(" --port {port}", ""),
+        "components.hermes.ports",
+        "ports is not used with transport: unix (instances listen on Unix sockets)",
+        6,
+    ),
+    (
+        HERMES + "    transport: udp\n",
+        "components.hermes.transport",
+        "'udp' is not a transport (use tcp or unix)",
+        6,
+    ),
+    (
+        "defaults:\n  transport: [unix]\n" + HERMES,
+        "defaults.transport",
+        "must be a single value, not a list",
+        2,
+    ),
+    (
+        HERMES + "    sockets: 8\n",
+        "components.hermes.sockets",
+        "is only used with transport: unix",
+        6,
+    ),
+    (
+        WEB_UNIX + "    sockets: 1\n",
+        "components.web.sockets",
+        "must be 2 or more, not 1",
+        6,
+    ),
+    (
+        "defaults:\n  sockets: many\n" + WEB_UNIX,
+        "defaults.sockets",
+        "'many' is not a whole number",
+        2,
+    ),
+    (
+        WEB_UNIX.replace("{socket}", "{port}"),
+        "components.web.command",
+        "{port} has no value with transport: unix (use {socket})",
+        5,
+    ),
+    (
+        HERMES.replace("{port}", "{socket}"),
+        "components.hermes.command",
+        "{socket} has no value with transport: tcp (use {port})",
+        5,
+    ),
+    (
+        HERMES + "    max_connections: -1\n",
+        "components.hermes.max_connections",
+        "must be 0 or more, not -1",
+        6,
+    ),
+    (
+        "defaults:\n  max_connections: 1.5\n" + HERMES,
+        "defaults.max_connections",
+        "1.5 is not a whole number",
+        2,
+    ),
+    (
+        HERMES + "    max_conections: 10\n",
+        "components.hermes.max_conections",
+        "unknown key (did you mean 'max_connections'?)",
+        6,
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "path", "message", "line"), UNIX_CASES)
+def test_unix_rule(text: str, path: str, message: str, line: int, tmp_path: Path) -> None:
+    problems = problems_of(text, tmp_path / "rotator.yaml")
+    assert [(p.path, p.message, p.line) for p in problems] == [(path, message, line)]
+
+
+def test_unix_component_gets_a_pool_of_socket_paths(tmp_path: Path) -> None:
+    config = parse_ok(
+        """\
+        state_dir: st
+        defaults:
+          sockets: 3
+        components:
+          web:
+            listen: 127.0.0.1:8001
+            transport: unix
+            command: run --unix {socket} --name {name}
+            env: {ADDR: "unix:{socket}", P: "{port}"}
+          api:
+            listen: 127.0.0.1:8002
+            transport: UNIX
+            sockets: 2
+            command: [run, "{socket}"]
+          tcp:
+            listen: 127.0.0.1:8003
+            ports: 18001-18002
+            command: run {port}
+        """,
+        tmp_path / "rotator.yaml",
+    )
+    web, api, tcp = config.components
+    sockets = tmp_path.resolve() / "st" / "sockets"
+    assert (web.transport, web.ports) == ("unix", ())
+    assert web.sockets == tuple(str(sockets / f"web.{n}.sock") for n in range(3))
+    assert api.unix and api.sockets == (str(sockets / "api.0.sock"), str(sockets / "api.1.sock"))
+    assert (tcp.transport, tcp.sockets, tcp.unix) == ("tcp", (), False)
+    argv, env = web.render(0, "127.0.0.1", web.sockets[1])
+    assert argv == ["run", "--unix", web.sockets[1], "--name", "web"]
+    # {port} has no value here: left as written; PORT and HOST are not set
+    assert env == {
+        "ADDR": f"unix:{web.sockets[1]}",
+        "P": "{port}",
+        "ROTATOR_SOCKET": web.sockets[1],
+    }
+    assert tcp.render(18001)[1] == {"PORT": "18001", "HOST": "127.0.0.1"}
+
+
+def test_unix_socket_paths_must_fit_a_sockaddr(tmp_path: Path) -> None:
+    deep = "d" * 80
+    problems = problems_of(f"state_dir: {deep}\n" + WEB_UNIX, tmp_path / "rotator.yaml")
+    longest = tmp_path.resolve() / deep / "sockets" / "web.3.sock"
+    size = len(str(longest).encode())
+    assert [(p.path, p.line) for p in problems] == [("components.web.transport", 5)]
+    assert problems[0].message == (
+        f"socket path {longest} is {size} bytes, more than the 103 a Unix socket path may "
+        "have; choose a shorter state_dir"
+    )
+    # From defaults, the problem is at the component
+    text = f"state_dir: {deep}\ndefaults:\n  transport: unix\n" + WEB_UNIX.replace(
+        "    transport: unix\n", ""
+    )
+    problems = problems_of(text, tmp_path / "rotator.yaml")
+    assert [(p.path, p.line) for p in problems] == [("components.web.transport", 5)]
+
+
+def test_max_connections_parses_and_merges(tmp_path: Path) -> None:
+    text = (
+        "defaults:\n  max_connections: 100\n"
+        + HERMES
+        + OVERLAP[len(HERMES) :].replace("18005-18006", "18020")
+        + "    max_connections: 0\n"
+    )
+    hermes, b = parse_ok(text, tmp_path / "rotator.yaml").components
+    assert (hermes.max_connections, b.max_connections) == (100, 0)
+    assert parse_ok(HERMES, tmp_path / "rotator.yaml").components[0].max_connections == 0
+
+
+def test_deploy_keeps_placeholders_to_the_transport(tmp_path: Path) -> None:
+    web = parse_ok(WEB_UNIX, tmp_path / "rotator.yaml").component("web")
+    assert with_overrides(web, command="serve {socket}").command == ("serve", "{socket}")
+    with pytest.raises(ValueError) as info:
+        with_overrides(web, command="serve --port {port}")
+    assert str(info.value) == "command: {port} has no value with transport: unix (use {socket})"
