@@ -27,6 +27,7 @@ HERE = Path(__file__).resolve().parent
 BENCHMARKS = {
     "proxy_overhead": (600.0, 180.0),
     "restart_under_load": (420.0, 180.0),
+    "memory": (300.0, 120.0),
 }
 
 
@@ -113,6 +114,17 @@ def summary(started: float) -> None:
             )
         )
         for line in restart.get("targets", []):
+            print(f"  {line}")
+
+    memory = load("memory", started)
+    if memory and "transfers" in memory:
+        print(
+            f"\nmemory: daemon RSS at rest {memory['idle_rss_mib']} MiB "
+            f"({memory['idle_rss_15_components_mib']} MiB with 15 components)"
+        )
+        for r in memory["transfers"]:
+            print(f"  {r['transfer']} {r['mib']} MiB: peak {r['peak_over_idle_mib']} MiB over idle")
+        for line in memory.get("targets", []):
             print(f"  {line}")
 
 
