@@ -129,11 +129,15 @@ async def cookies(request: web.Request) -> web.Response:
 
 async def websocket(request: web.Request) -> web.WebSocketResponse:
     """Echo: text and binary frames come back as sent; the text "pid" gets this
-    instance's pid (to see which instance a websocket is on)."""
+    instance's pid (to see which instance a websocket is on), "close:CODE" a close
+    frame with that code."""
     ws = web.WebSocketResponse()
     await ws.prepare(request)
     async for msg in ws:
         if msg.type == web.WSMsgType.TEXT:
+            if msg.data.startswith("close:"):
+                await ws.close(code=int(msg.data[6:]))
+                break
             await ws.send_str(str(os.getpid()) if msg.data == "pid" else msg.data)
         elif msg.type == web.WSMsgType.BINARY:
             await ws.send_bytes(msg.data)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gzip
 import json
 import os
 import re
@@ -1724,3 +1725,33 @@ async def test_max_connections_answers_503_after_hold_and_never_leaks_a_slot(
         after = await p.connect()
         assert (await after.request("GET", "/")).status == 200
         assert p.listener is not None and p.listener.slots_in_use == 0
+
+
+@aio(10)
+async def test_compressed_bodies_pass_untouched() -> None:
+    body = gzip.compress(b"hello " * 1000)
+    head = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Encoding: gzip\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    )
+
+    def respond(conn: FakeConn, seen: Seen) -> bytes:
+        return head + body
+
+    async with fake_backend(respond=respond) as fb, running_proxy(fb.target()) as p:
+        c = await p.connect()
+        r = await c.request("GET", "/", [("Accept-Encoding", "gzip")])
+        assert r.get("Content-Encoding") == b"gzip" and r.body == body
+        assert (b"Accept-Encoding", b"gzip") in fb.requests[0].headers
+
+
+@aio(15)
+async def test_many_idle_connections_do_not_stop_others(backend: Backend) -> None:
+    async with running_proxy(Target(HOST, backend.port)) as p:
+        idle = [await p.connect() for _ in range(300)]
+        for c in idle[:100]:
+            c.send(b"GET / HTTP/1.1\r\nHost: x\r\n")  # heads that never end
+        c = await p.connect()
+        started = time.monotonic()
+        assert (await c.request("GET", "/")).status == 200
+        assert time.monotonic() - started < 1

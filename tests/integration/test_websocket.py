@@ -98,3 +98,22 @@ def test_a_declined_upgrade_is_an_ordinary_answer(tmp_path: Path, daemon_factory
                 assert resp.status == 200
 
     asyncio.run(scenario())
+
+
+def test_ping_pong_and_close_codes_pass_through(tmp_path: Path, daemon_factory) -> None:
+    config = write_config(tmp_path, {"web": component()})
+    daemon = daemon_factory(config)
+
+    async def scenario() -> None:
+        async with aiohttp.ClientSession() as session:
+            ws = await session.ws_connect(daemon.url("web", "/ws"), autoping=False)
+            await ws.ping(b"are you there")
+            pong = await ws.receive(timeout=5)
+            assert pong.type == aiohttp.WSMsgType.PONG and pong.data == b"are you there"
+            await ws.send_str("close:4001")  # the instance closes with its own code
+            closing = await ws.receive(timeout=5)
+            assert closing.type == aiohttp.WSMsgType.CLOSE and closing.data == 4001
+            await ws.close()
+
+    asyncio.run(scenario())
+    assert daemon.component("web")["in_flight"] == 0
