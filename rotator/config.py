@@ -847,13 +847,18 @@ class _Parser:
             return None
         return tuple(words)
 
-    def duration(self, node: Node, path: str, allow_zero: bool = False) -> float | None:
+    def parsed(self, node: Node, path: str, parse: Callable[[object], T]) -> T | None:
+        """The scalar at `node` through `parse`; its ValueError becomes a problem."""
         if (value := self.scalar(node, path)) is None:
             return None
         try:
-            seconds = parse_duration(value)
+            return parse(value)
         except ValueError as exc:
             self.fail(node, path, str(exc))
+            return None
+
+    def duration(self, node: Node, path: str, allow_zero: bool = False) -> float | None:
+        if (seconds := self.parsed(node, path, parse_duration)) is None:
             return None
         if seconds == 0 and not allow_zero:
             self.fail(node, path, "must be greater than 0")
@@ -861,12 +866,7 @@ class _Parser:
         return seconds
 
     def size(self, node: Node, path: str, minimum: int) -> int | None:
-        if (value := self.scalar(node, path)) is None:
-            return None
-        try:
-            size = parse_size(value)
-        except ValueError as exc:
-            self.fail(node, path, str(exc))
+        if (size := self.parsed(node, path, parse_size)) is None:
             return None
         if size < minimum:
             self.fail(node, path, f"must be {_bytes(minimum)} or more, not {_bytes(size)}")

@@ -85,6 +85,20 @@ def cli(config: Path, *args: str, timeout: float = 60) -> subprocess.CompletedPr
     )
 
 
+async def cli_started(config: Path, *args: str) -> asyncio.subprocess.Process:
+    """The real CLI, started from a test's event loop; `await proc.communicate()` ends it."""
+    return await asyncio.create_subprocess_exec(
+        PY,
+        "-m",
+        "rotator",
+        "-c",
+        str(config),
+        *args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
 class RunningDaemon:
     """`rotator up` as a real subprocess."""
 

@@ -5,14 +5,12 @@ only at drain_timeout."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import aiohttp
 
-from tests.conftest import component, write_config
+from tests.conftest import cli_started, component, write_config
 
 
 async def stream_during_restart(config: Path, url: str) -> tuple[list[bytes], float, str, bool]:
@@ -25,17 +23,7 @@ async def stream_during_restart(config: Path, url: str) -> tuple[list[bytes], fl
     async with aiohttp.ClientSession() as session, session.get(url) as resp:
         assert resp.status == 200
         lines.append(await resp.content.readline())
-        restart = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "rotator",
-            "-c",
-            str(config),
-            "restart",
-            "web",
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
+        restart = await cli_started(config, "restart", "web")
         last = time.monotonic()
         try:
             while line := await resp.content.readline():

@@ -4,15 +4,13 @@ closed with 1001 (going away) when they outlive their instance's drain."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 from pathlib import Path
 
 import aiohttp
 import pytest
 
 from rotator.proxy.websocket import FrameBoundary
-from tests.conftest import component, write_config
+from tests.conftest import cli_started, component, write_config
 
 
 def test_frame_boundary_follows_frames_of_every_length() -> None:
@@ -45,17 +43,7 @@ def test_websocket_echo_and_rotation(tmp_path: Path, daemon_factory) -> None:
             assert (await ws.receive(timeout=5)).data == str(old)
             assert daemon.component("web")["in_flight"] == 1  # an open websocket counts
 
-            restart = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "rotator",
-                "-c",
-                str(config),
-                "restart",
-                "web",
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-            )
+            restart = await cli_started(config, "restart", "web")
             # While the old instance drains, its websocket keeps working...
             for _ in range(100):
                 status = daemon.component("web")
