@@ -24,7 +24,6 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -47,6 +46,7 @@ from rotator.state import (
     StateError,
     StateFile,
     StateTooNew,
+    write_private,
 )
 
 # An instance found from an earlier run must answer its health check within this to be adopted.
@@ -123,7 +123,7 @@ class Daemon:
         token = secrets.token_urlsafe(32)
         await self._start_admin(token)
         # Only once the admin address is ours: a second daemon must not replace the token.
-        _write_private(config.token_path, token)
+        write_private(config.token_path, token)
         self.out(
             f"rotator {__version__}: admin on http://{config.admin.listen}, "
             f"{len(self.components)} component(s), event loop {self.event_loop}"
@@ -429,15 +429,6 @@ def _restore_definition(
 
 def _print(line: str) -> None:
     print(line, flush=True)
-
-
-def _write_private(path: Path, text: str) -> None:
-    """Write a file only the owner can read, replacing any old one atomically."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _bind_error(field: str, address: str, exc: OSError) -> str:

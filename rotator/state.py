@@ -200,27 +200,8 @@ class StateFile:
             "written_at": time.time() if state.written_at is None else state.written_at,
             "components": components,
         }
-        directory = self.path.parent
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                os.fchmod(f.fileno(), 0o600)
-                json.dump(doc, f, indent=2, sort_keys=True, allow_nan=False, default=_json_default)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        with contextlib.suppress(OSError):  # not every platform/filesystem fsyncs a directory
-            dir_fd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+        text = json.dumps(doc, indent=2, sort_keys=True, allow_nan=False, default=_json_default)
+        write_private(self.path, text + "\n")
 
     def _corrupt(self, detail: str) -> StateError:
         moved = self._move_aside()
@@ -244,6 +225,32 @@ class StateFile:
                 return None
             return target
         return None
+
+
+def write_private(path: Path, text: str) -> None:
+    """Replace `path` with `text` atomically (temp file, fsync, rename, fsync of the
+    directory), readable by its owner only: a crash leaves the old file or the new,
+    never half of one."""
+    directory = path.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            os.fchmod(f.fileno(), 0o600)
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # not every platform/filesystem fsyncs a directory
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 class AlreadyRunning(Exception):

@@ -81,6 +81,8 @@ def write(path: Path, text: str) -> None:
 
 
 def leftovers(path: Path) -> list[str]:
+    if not path.parent.exists():  # nothing was ever written there
+        return []
     return sorted(p.name for p in path.parent.iterdir() if p.name != path.name)
 
 
