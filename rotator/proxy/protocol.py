@@ -7,7 +7,10 @@ streams both bodies without holding them whole, and maps failures to status
 codes in `error_status`, the one place that does so.
 
 Flow control: while the instance's socket is full, the client is not read;
-while the client's socket is full, the instance is not read.
+while the client's socket is full, the instance is not read. A websocket
+handshake answered 101 turns its exchange into a byte pump both ways. The
+Listener enforces the per-component limits (timeouts by a periodic sweep,
+max_connections by slots).
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-# Set by us; a client's own values are not trusted (it could claim any address).
+# Set by us; a client's own values are dropped (it could claim any address)
+# unless the component has trust_forwarded (rotator behind another proxy).
 FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
