@@ -388,6 +388,11 @@ class Component:
         path = self._sockets.get(inst)
         return {"port": inst.port} if path is None else {"socket": path}
 
+    def _address(self, inst: Instance) -> dict[str, Any]:
+        """Both keys, for status: the one that does not apply is None."""
+        path = self._sockets.get(inst)
+        return {"port": inst.port if path is None else None, "socket": path}
+
     def _short(self, inst: Instance) -> str:
         """Where an instance listens, in a few characters: ':18001' or 'web.1.sock'."""
         path = self._sockets.get(inst)
@@ -705,8 +710,7 @@ class Component:
             if active is None
             else {
                 "pid": active.pid,
-                "port": None if active in self._sockets else active.port,
-                "socket": self._sockets.get(active),
+                **self._address(active),
                 "healthy": active.returncode is None,
                 "since": active.started,
                 "adopted": active.adopted,
@@ -714,8 +718,7 @@ class Component:
             "draining": [
                 {
                     "pid": d.instance.pid,
-                    "port": None if d.instance in self._sockets else d.instance.port,
-                    "socket": self._sockets.get(d.instance),
+                    **self._address(d.instance),
                     "in_flight": d.target.in_flight,
                 }
                 for d in self.draining

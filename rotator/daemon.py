@@ -344,24 +344,20 @@ class Daemon:
         while True:
             self._save_again = False
             state = self._snapshot()  # taken on the loop: consistent
-            try:
-                await loop.run_in_executor(None, self.state_file.save, state)
-            except OSError as exc:
-                self.out(
-                    f"rotator: cannot write the state file {self.state_file.path}: {exc.strerror}"
-                )
+            await loop.run_in_executor(None, self._write, state)
             if not self._save_again:
                 return
 
     def _save(self) -> None:
         """Write the state file now (startup and shutdown, where nothing else runs)."""
         if self._can_save:
-            try:
-                self.state_file.save(self._snapshot())
-            except OSError as exc:
-                self.out(
-                    f"rotator: cannot write the state file {self.state_file.path}: {exc.strerror}"
-                )
+            self._write(self._snapshot())
+
+    def _write(self, state: State) -> None:
+        try:
+            self.state_file.save(state)
+        except OSError as exc:
+            self.out(f"rotator: cannot write the state file {self.state_file.path}: {exc.strerror}")
 
     def _snapshot(self) -> State:
         return State(
