@@ -130,10 +130,13 @@ def probe_socket(path: str) -> SocketState:
 
 
 class RotationFailed(Exception):
-    def __init__(self, reason: str, log_tail: list[str] | None = None) -> None:
+    def __init__(
+        self, reason: str, log_tail: list[str] | None = None, *, rolled_back: bool = False
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.log_tail = log_tail or []
+        self.rolled_back = rolled_back  # verify failed and traffic went back to the old instance
 
 
 @dataclass(eq=False)
@@ -297,6 +300,7 @@ class Component:
                 idle = "starting" if recovering else "failed"
                 self._set_state("running" if self.active is not None else idle)
                 self.emit("failed", exc.reason, log_tail=exc.log_tail)
+                self._rotated(began, "rolled_back" if exc.rolled_back else "failed")
                 raise
             self.last_error = None
             if replacing or recovering:
@@ -304,7 +308,19 @@ class Component:
             self._set_state("running")
         if old is not None:
             await self._retire_soon(old)
-        self.last_rotation = {"at": time.time(), "seconds": round(time.monotonic() - began, 3)}
+        self._rotated(began, "ok")
+
+    def _rotated(self, began: float, outcome: str) -> None:
+        """A rotation ended: `ok`, `failed` (nothing changed) or `rolled_back` (verify failed)."""
+        seconds = round(time.monotonic() - began, 3)
+        if outcome == "ok":
+            self.last_rotation = {"at": time.time(), "seconds": seconds}
+        self.emit(
+            "rotated",
+            f"rotation {outcome.replace('_', ' ')} after {seconds:.2f} s",
+            outcome=outcome,
+            seconds=seconds,
+        )
 
     async def _launch(self, spec: ComponentSpec) -> Instance:
         path = self._choose_socket(spec) if spec.unix else None
@@ -474,6 +490,7 @@ class Component:
         raise RotationFailed(
             f"rolled back: new instance pid {new.pid} {reason} within verify {window:g}s",
             new.tail(LOG_TAIL),
+            rolled_back=True,
         )
 
     def _make_active(self, inst: Instance) -> None:

@@ -53,7 +53,7 @@ from rotator.state import (
 ADOPT_CHECK_TIMEOUT = 3.0
 # Events that do not change what the state file records.
 NO_STATE_CHANGE = frozenset(
-    {"healthy", "waiting", "unhealthy", "backoff", "port", "verified", "start"}
+    {"healthy", "waiting", "unhealthy", "backoff", "port", "verified", "start", "rotated"}
 )
 
 

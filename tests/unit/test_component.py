@@ -154,7 +154,8 @@ def test_first_rotation_starts_and_routes() -> None:
         await c.rotate()
         assert c.state == "running" and c.restarts == 0
         assert w.route.target is not None and w.route.target.port == 9001
-        assert w.kinds() == ["spawned", "healthy", "switched"]
+        assert w.kinds() == ["spawned", "healthy", "switched", "rotated"]
+        assert w.events[-1].data["outcome"] == "ok"
         assert c.status()["active"] == {
             "pid": 1000,
             "port": 9001,
@@ -178,7 +179,7 @@ def test_rotation_switches_then_drains_then_stops_the_old_instance() -> None:
         assert w.route.target is not None and w.route.target.port == 9002
         assert old_target.retired
         assert w.instances[0].stopped_with == signal.SIGTERM
-        assert w.kinds()[3:] == ["spawned", "healthy", "switched", "drained", "stopped"]
+        assert w.kinds()[4:] == ["spawned", "healthy", "switched", "drained", "stopped", "rotated"]
         assert c.restarts == 1 and c.draining == [] and c.last_stop == "graceful"
 
     run(scenario())
