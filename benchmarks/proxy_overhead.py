@@ -9,15 +9,28 @@ body (short `/`, 100 KiB `/bytes?n=102400`) and each concurrency (16 connections
 throughput; 1 connection: the latency one hop adds), direct, rotator, nginx in
 turn. Reported: medians over rounds, and the median of the per-round ratios.
 
-    python benchmarks/proxy_overhead.py [--quick] [--rounds N] [--duration S]
+Then, if py-spy is installed (`pip install py-spy`), one more wrk run (short
+body, 16 connections) through rotator while py-spy samples the daemon: the
+functions with the most own time (the frame on top of the stack) are printed
+and kept in the results; the raw stacks go to benchmarks/results/proxy_profile.txt
+(py-spy's collapsed format, for flamegraph tools). A full run samples a second
+time with --native, for the C side (uvloop, system calls).
+
+    python benchmarks/proxy_overhead.py [--quick] [--rounds N] [--duration S] [--profile S]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
+import re
+import shutil
+import subprocess
 import sys
+import time
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -25,6 +38,7 @@ from benchlib import (
     HOST,
     NGINX,
     PY,
+    RESULTS,
     WRK,
     Nginx,
     Processes,
@@ -46,6 +60,12 @@ BODY_BYTES = 102400
 TARGET_RATIO = 0.8  # rotator req/s >= 0.8x direct
 TARGET_VS_NGINX = 1.0  # rotator req/s >= nginx's
 TARGET_P50_OVERHEAD_MS = 0.3
+PYSPY = shutil.which("py-spy") or next(
+    (str(p) for p in [Path(sys.executable).parent / "py-spy"] if p.exists()), None
+)
+PROFILE_RATE = 250  # samples/s
+IDLE = re.compile(r"^(epoll_p?wait|epoll_wait|kevent|select|poll) ")
+FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::\d+)?\)$")
 
 
 def check_same_backend(urls: dict[str, str]) -> int:
@@ -190,6 +210,71 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def profile_daemon(
+    pid: int, url: str, seconds: float, native: bool = False, top: int = 10
+) -> dict[str, Any]:
+    """py-spy samples the daemon while wrk loads it; the `top` functions by own time.
+
+    Python frames only (the default): py-spy samples without pausing the daemon
+    (--nonblocking) and leaves out idle samples; the time spent in uvloop's C
+    code (socket reads and writes, polling) shows as the own time of the frame
+    that entered the loop, Runner.run. With `native`, C frames too (that needs
+    pausing the process for each sample); samples of other threads and of the
+    loop waiting in epoll are dropped as idle."""
+    assert PYSPY is not None
+    raw = RESULTS / f"proxy_profile{'_native' if native else ''}.txt"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    argv = [PYSPY, "record", "--pid", str(pid), "--duration", f"{seconds + 1:.0f}",
+            "--rate", str(PROFILE_RATE), "--format", "raw", "--output", str(raw),
+            "--native" if native else "--nonblocking"]  # fmt: skip
+    spy = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(0.5)  # attached before the load starts
+    load = wrk(url, connections=16, duration=seconds)
+    out, _ = spy.communicate(timeout=seconds + 30)
+    if spy.returncode != 0 or not raw.exists():
+        raise RuntimeError(f"py-spy exited {spy.returncode}: {out.strip()[-500:]}")
+    own, inclusive = collections.Counter[str](), collections.Counter[str]()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = [_function(f) for f in stack.split(";")]
+        if native and (
+            not any(f.startswith("Runner.run ") for f in frames) or IDLE.match(frames[-1])
+        ):
+            continue
+        total += int(count)
+        own[_leaf(frames)] += int(count)
+        for name in set(frames):
+            inclusive[name] += int(count)
+    rows = [
+        {"function": name, "own_pct": round(100 * n / total, 1),
+         "total_pct": round(100 * inclusive.get(name, n) / total, 1)}
+        for name, n in own.most_common(top)
+    ]  # fmt: skip
+    return {"seconds": seconds, "rate": PROFILE_RATE, "native": native, "samples": total,
+            "rps": load.rps, "raw": str(raw), "top_own": rows}  # fmt: skip
+
+
+def _function(frame: str) -> str:
+    """`on_body (rotator/proxy/protocol.py:123)` -> `on_body (proxy/protocol.py)`."""
+    m = FRAME.match(frame)
+    if not m:
+        return frame
+    parts = Path(m["file"]).parts
+    short = "/".join(parts[-2:]) if len(parts) > 1 else m["file"]
+    return f"{m['func']} ({short})"
+
+
+def _leaf(frames: list[str]) -> str:
+    """The top frame; a system call or an unnamed address is named with its caller."""
+    leaf = frames[-1]
+    if len(frames) > 1 and (leaf.startswith("0x") or "libc" in leaf):
+        return f"{leaf.split(' (')[0] if not leaf.startswith('0x') else 'libc'} <- {frames[-2]}"
+    return leaf
+
+
 def summarize_log(lines: list[str]) -> dict[str, Any]:
     """nginx's error.log, in short: how many lines, how many about temp files, a few samples."""
     return {
@@ -210,10 +295,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="1 round of 2 s runs (smoke test)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--duration", type=float, default=5.0, help="seconds per 16-connection run")
+    p.add_argument("--profile", type=float, default=10.0, metavar="S",
+                   help="seconds of py-spy sampling under wrk (0: none)")  # fmt: skip
     args = p.parse_args(argv)
     rounds, duration, c1_duration = args.rounds, args.duration, 3.0
+    profile_seconds = args.profile
     if args.quick:
-        rounds, duration, c1_duration = 1, 2.0, 1.0
+        rounds, duration, c1_duration, profile_seconds = 1, 2.0, 1.0, min(args.profile, 3.0)
     if WRK is None:
         print(f"{NAME}: skipped: wrk is not installed")
         write_result(NAME, {"skipped": "wrk is not installed", "machine": machine()})
@@ -259,6 +347,16 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
             runs = measure(urls, cpu_of, backend, rounds, duration, c1_duration)
+            profiles = []
+            if profile_seconds > 0 and PYSPY is None:
+                print(f"{NAME}: py-spy is not installed (pip install py-spy): no profile")
+            elif profile_seconds > 0 and rot.proc is not None:
+                for native in [False] if args.quick else [False, True]:
+                    print(f"{NAME}: py-spy{' --native' if native else ''} on the daemon "
+                          f"(pid {rot.proc.pid}) during {profile_seconds:g} s of wrk -c16, "
+                          "short body", flush=True)  # fmt: skip
+                    profiles.append(profile_daemon(rot.proc.pid, urls["rotator"] + BODIES["short"],
+                                                   profile_seconds, native))  # fmt: skip
             if nginx is not None:
                 nginx.stop()
                 info["nginx_log"] = summarize_log(nginx.warnings())
@@ -305,6 +403,12 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for line in checks:
         print(f"  {line}")
+    for profile in profiles:
+        kind = "Python and C frames" if profile["native"] else "Python frames"
+        print(f"\ndaemon profile (py-spy, {kind}, {profile['samples']} busy samples at "
+              f"{profile['rps']:.0f} req/s): top {len(profile['top_own'])} by own time")  # fmt: skip
+        print(table(["function", "own %", "total %"],
+                    [[r["function"], r["own_pct"], r["total_pct"]] for r in profile["top_own"]]))  # fmt: skip
     path = write_result(
         NAME,
         {
@@ -317,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
             },
             "summary": rows,
             "targets": checks,
+            "profiles": profiles,
             "runs": runs,
         },
     )

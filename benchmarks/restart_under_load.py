@@ -1,10 +1,18 @@
 """Restarts under load: what clients see while a backend is restarted ten times.
 
-The backend is the demo with `--startup-delay 1` (it binds its port one second
-after it starts, like an app that loads before it listens). 16 concurrent
-clients (half keep-alive, half a new connection per request, each one request
-at a time) hit one URL for ~24 s while the backend is restarted 10 times,
-evenly spaced, in three ways:
+The backend is benchmarks/backend.py with `--startup-delay 1` (a small aiohttp
+app that binds its port one second after it starts, like an app that loads
+before it listens; it notes when it first answered its health check and its
+first real request). 16 concurrent clients, each one request at a time, hit one
+URL for ~30 s while the backend is restarted 10 times, evenly spaced. Two loads,
+each run against each way of restarting:
+
+- keep-alive:     8 clients on a keep-alive pool with aiohttp's retry (a GET that
+                  fails on a connection is silently sent again, once), 8 on a
+                  keep-alive pool with that retry turned off;
+- new connection: 16 clients that open a new connection for every request.
+
+The ways of restarting:
 
 - naive:   SIGTERM the backend, wait for it to exit, start it again on the same
            port; the clients hit the backend directly.
@@ -13,8 +21,10 @@ evenly spaced, in three ways:
            workers to exit, SIGTERM the old backend (skipped without nginx).
 - rotator: `rotator restart web` (the CLI), clients on the public address.
 
-Reported per scenario: requests, failures by kind, the longest time without a
-successful response (across all clients), latency p50/p99/max of successes.
+Reported per run (and per client group): requests, failures by kind, the
+longest time without a successful response (across all clients), latency
+p50/p99/max of successes, p99 at rest against p99 while a restart runs, and the
+switch as the backend saw it (its first request minus its first healthy check).
 A client that failed waits 10 ms before its next request (no busy loop).
 
     python benchmarks/restart_under_load.py [--quick] [--duration S] [--restarts N]
@@ -27,21 +37,26 @@ import asyncio
 import collections
 import contextlib
 import errno
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from array import array
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import plots
 from benchlib import (
     HOST,
     NGINX,
     PY,
+    RESULTS,
+    ROOT,
     Nginx,
     Processes,
     Rotator,
@@ -57,33 +72,101 @@ from benchlib import (
 )
 
 NAME = "restart_under_load"
-CLIENTS = 16
+BACKEND = Path(__file__).resolve().parent / "backend.py"
 STARTUP_DELAY = 1.0
 FAILURE_PAUSE = 0.010
 REQUEST_TIMEOUT = 10.0
+WARM_UP = 1.0  # s of load before anything counts as "at rest"
 GAP_REPORTED = 0.010  # gaps longer than this are listed with their time
 NEAR_SWITCH = 0.100  # a gap this close to a backend's first answer counts as "at the switch"
-TARGET_GAP = 0.050  # rotator: longest gap below this, and no failed request
 STOP_TIMEOUT = 3.0  # SIGTERM, then SIGKILL after this: rotator's stop_timeout in its config
+# Targets for rotator
+TARGET_GAP = 0.050  # longest gap, s; and no longer than nginx's in the same round and load
+TARGET_P99_RATIO = 2.0  # p99 while restarting <= this x p99 at rest
+TARGET_SWITCH_MS = 50.0  # median of first request - first healthy check, backend side
 
 
-def demo_argv(port: int) -> list[str]:
-    return [PY, "-m", "rotator.demo", "--port", str(port), "--name", "web",
-            "--startup-delay", f"{STARTUP_DELAY:g}"]  # fmt: skip
+@dataclass(frozen=True)
+class Group:
+    name: str
+    clients: int
+    keep_alive: bool
+    retry: bool
+
+
+LOADS: dict[str, tuple[Group, ...]] = {
+    "keep-alive": (
+        Group("keep-alive, retry", 8, keep_alive=True, retry=True),
+        Group("keep-alive, no retry", 8, keep_alive=True, retry=False),
+    ),
+    "new connection": (Group("new connection", 16, keep_alive=False, retry=False),),
+    # The test suite's smoke run: both kinds of connection, no retry anywhere.
+    "mixed": (
+        Group("keep-alive, no retry", 8, keep_alive=True, retry=False),
+        Group("new connection", 8, keep_alive=False, retry=False),
+    ),
+}
+
+
+def backend_argv(port: int | str, record: Path, startup_delay: float) -> list[str]:
+    return [PY, str(BACKEND), "--port", str(port), "--record", str(record),
+            "--startup-delay", f"{startup_delay:g}"]  # fmt: skip
+
+
+def disable_retry(session: aiohttp.ClientSession) -> None:
+    """Turn off aiohttp's silent second attempt of an idempotent request.
+
+    Since 3.9 aiohttp sends a GET again, once, when the first attempt fails with
+    ClientOSError or ServerDisconnectedError (a keep-alive connection the server
+    has closed, typically), and the caller never learns of the first failure.
+    There is no public switch: `_retry_connection` is the attribute aiohttp's own
+    test client turns off (aiohttp PR #9396, 3.10.9+). Without it the clients
+    that should not retry would silently retry, so its absence is an error.
+    """
+    if not hasattr(session, "_retry_connection"):
+        raise RuntimeError(
+            f"aiohttp {aiohttp.__version__} has no ClientSession._retry_connection: "
+            "cannot turn off its retry (needs aiohttp >= 3.10.9)"
+        )
+    session._retry_connection = False
 
 
 # -- load ----------------------------------------------------------------------------
-@dataclass
-class LoadStats:
-    ok: int = 0
-    failures: collections.Counter[str] = field(default_factory=collections.Counter)
-    latencies: list[float] = field(default_factory=list)
-    gaps: list[tuple[float, float]] = field(default_factory=list)  # (start, length), s
-    longest_gap: tuple[float, float] = (0.0, 0.0)
-    pids: collections.Counter[int] = field(default_factory=collections.Counter)
-    per_second: collections.Counter[int] = field(default_factory=collections.Counter)
-    first_seen: dict[int, float] = field(default_factory=dict)  # backend pid: first answer, s
-    samples: list[str] = field(default_factory=list)
+class Tally:
+    """Successes and failures of some clients; times in seconds since the load began."""
+
+    def __init__(self) -> None:
+        self.ok = 0
+        self.failures: collections.Counter[str] = collections.Counter()
+        self.failed_at = array("d")
+        self.sent_at = array("d")  # of each success
+        self.latency = array("d")
+        self.gaps: list[tuple[float, float]] = []  # (start, length) over GAP_REPORTED
+        self.longest_gap = (0.0, 0.0)
+        self._last_ok = 0.0
+
+    def success(self, sent: float, now: float) -> None:
+        self.close(now)
+        self.ok += 1
+        self.sent_at.append(sent)
+        self.latency.append(now - sent)
+
+    def failure(self, now: float, kind: str) -> None:
+        self.failures[kind] += 1
+        self.failed_at.append(now)
+
+    def close(self, now: float) -> None:
+        """A success at `now` (or the end of the load): ends the current gap."""
+        gap = now - self._last_ok
+        if gap > GAP_REPORTED:
+            self.gaps.append((self._last_ok, gap))
+        if gap > self.longest_gap[1]:
+            self.longest_gap = (self._last_ok, gap)
+        self._last_ok = now
+
+    @property
+    def failed(self) -> int:
+        return sum(self.failures.values())
 
 
 def failure_kind(exc: BaseException) -> str:
@@ -96,72 +179,77 @@ def failure_kind(exc: BaseException) -> str:
 
 
 class LoadGenerator:
-    """CLIENTS concurrent clients, one request at a time each, until stopped."""
+    """The clients of one load, one request at a time each, until stopped."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, groups: tuple[Group, ...]) -> None:
         self.url = url
-        self.stats = LoadStats()
+        self.groups = groups
+        self.all = Tally()
+        self.by_group = {g.name: Tally() for g in groups}
+        self.first_seen: dict[int, float] = {}  # backend pid: its first answer, s
+        self.samples: list[str] = []
         self.t0 = 0.0
-        self._last_ok = 0.0
+        self.t0_wall = 0.0
         self._stop = asyncio.Event()
 
     def now(self) -> float:
         return time.monotonic() - self.t0
 
+    def wall(self, t: float) -> float:
+        """A time of this load as time.time()."""
+        return self.t0_wall + t
+
     async def run(self) -> None:
         timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
-        keep = aiohttp.ClientSession(timeout=timeout, trust_env=False)
-        fresh = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(force_close=True), timeout=timeout, trust_env=False
-        )
-        self.t0 = self._last_ok = time.monotonic()
-        async with keep, fresh:
+        sessions = []
+        for g in self.groups:
+            connector = aiohttp.TCPConnector(force_close=not g.keep_alive, limit=0)
+            session = aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False)
+            if not g.retry:
+                disable_retry(session)
+            sessions.append(session)
+        self.t0, self.t0_wall = time.monotonic(), time.time()
+        try:
             await asyncio.gather(
-                *(self._client(keep if i % 2 == 0 else fresh) for i in range(CLIENTS))
+                *(
+                    self._client(session, self.by_group[g.name])
+                    for g, session in zip(self.groups, sessions, strict=True)
+                    for _ in range(g.clients)
+                )
             )
-        self._success(time.monotonic(), count=False)  # a gap at the very end counts too
+        finally:
+            for session in sessions:
+                await session.close()
+        end = self.now()  # a gap at the very end counts too
+        for tally in (self.all, *self.by_group.values()):
+            tally.close(end)
 
     def stop(self) -> None:
         self._stop.set()
 
-    def _success(self, now: float, count: bool = True) -> None:
-        gap = now - self._last_ok
-        start = self._last_ok - self.t0
-        if gap > GAP_REPORTED:
-            self.stats.gaps.append((start, gap))
-        if gap > self.stats.longest_gap[1]:
-            self.stats.longest_gap = (start, gap)
-        self._last_ok = now
-        if count:
-            self.stats.ok += 1
-            self.stats.per_second[int(now - self.t0)] += 1
-
-    async def _client(self, session: aiohttp.ClientSession) -> None:
-        stats = self.stats
+    async def _client(self, session: aiohttp.ClientSession, mine: Tally) -> None:
         while not self._stop.is_set():
-            began = time.monotonic()
+            sent = self.now()
             try:
                 async with session.get(self.url) as resp:
                     await resp.read()
-                    if resp.status != 200:
-                        stats.failures[f"HTTP {resp.status}"] += 1
-                        await asyncio.sleep(FAILURE_PAUSE)
-                        continue
-                    pid = int(resp.headers.get("X-Instance-Pid", 0))
-                    if (
-                        pid not in stats.pids
-                    ):  # a new backend answers: the switch, as clients see it
-                        stats.first_seen[pid] = self.now()
-                    stats.pids[pid] += 1
+                    status, pid = resp.status, int(resp.headers.get("X-Instance-Pid", 0))
             except Exception as exc:  # every kind of failure is what we count
-                stats.failures[failure_kind(exc)] += 1
-                if len(stats.samples) < 20:
-                    stats.samples.append(f"{self.now():.3f}s {exc!r}"[:200])
-                await asyncio.sleep(FAILURE_PAUSE)
-                continue
-            now = time.monotonic()
-            stats.latencies.append(now - began)
-            self._success(now)
+                kind = failure_kind(exc)
+                if len(self.samples) < 20:
+                    self.samples.append(f"{self.now():.3f}s {exc!r}"[:200])
+            else:
+                if status == 200:
+                    now = self.now()
+                    self.first_seen.setdefault(pid, now)
+                    self.all.success(sent, now)
+                    mine.success(sent, now)
+                    continue
+                kind = f"HTTP {status}"
+            now = self.now()
+            self.all.failure(now, kind)
+            mine.failure(now, kind)
+            await asyncio.sleep(FAILURE_PAUSE)
 
 
 # -- scenarios -------------------------------------------------------------------------
@@ -169,10 +257,12 @@ class Scenario(ABC):
     name = ""
     url = ""
 
-    def __init__(self, procs: Processes, directory: Path) -> None:
+    def __init__(self, procs: Processes, directory: Path, startup_delay: float) -> None:
         self.procs = procs
         self.dir = directory
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.records = directory / "records"  # the backends' first-event files
+        self.records.mkdir(parents=True, exist_ok=True)
+        self.startup_delay = startup_delay
 
     @abstractmethod
     def setup(self) -> None: ...
@@ -185,9 +275,18 @@ class Scenario(ABC):
     def teardown(self) -> None: ...
 
     def start_backend(self, port: int) -> subprocess.Popen[bytes]:
-        proc = self.procs.start(demo_argv(port), self.dir / "backend.out")
+        argv = backend_argv(port, self.records, self.startup_delay)
+        proc = self.procs.start(argv, self.dir / "backend.out")
         wait_http(f"http://{HOST}:{port}/health", proc=proc)
         return proc
+
+    def backends(self) -> list[dict[str, float]]:
+        """What each backend of this scenario recorded, in the order they were created."""
+        found = []
+        for path in self.records.glob("*.json"):
+            with contextlib.suppress(OSError, ValueError):
+                found.append(json.loads(path.read_text()))
+        return sorted(found, key=lambda r: r["started"])
 
 
 class Naive(Scenario):
@@ -244,12 +343,11 @@ class NginxByHand(Scenario):
 
 class RotatorCli(Scenario):
     name = "rotator"
+    event_loop = ""
 
     def setup(self) -> None:
         listen, *pool = free_ports(5)
-        command = (
-            f"{PY} -m rotator.demo --port {{port}} --name web --startup-delay {STARTUP_DELAY:g}"
-        )
+        command = " ".join(backend_argv("{port}", self.records, self.startup_delay))
         self.rotator = Rotator(
             self.procs,
             self.dir,
@@ -270,9 +368,23 @@ class RotatorCli(Scenario):
         self.rotator.stop()
 
 
+SCENARIOS: list[type[Scenario]] = [Naive, NginxByHand, RotatorCli]
+
+
 # -- driving -----------------------------------------------------------------------------
-async def drive(scenario: Scenario, duration: float, restarts: int) -> dict[str, Any]:
-    load = LoadGenerator(scenario.url)
+@dataclass
+class Run:
+    """One scenario under one load: the figures, and what the plot needs."""
+
+    result: dict[str, Any]
+    panel: plots.Panel
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+async def drive(
+    scenario: Scenario, load: LoadGenerator, duration: float, restarts: int, verbose: bool
+) -> list[dict[str, Any]]:
+    """Restarts evenly spread over `duration` while the load runs; returns the restart log."""
     running = asyncio.ensure_future(load.run())
     await asyncio.sleep(0)  # let it set t0
     log: list[dict[str, Any]] = []
@@ -287,96 +399,205 @@ async def drive(scenario: Scenario, duration: float, restarts: int) -> dict[str,
                 note, ok = f"{type(exc).__name__}: {exc}", False
             took = load.now() - began
             log.append({"at": round(began, 3), "seconds": round(took, 3), "ok": ok, "note": note})
-            last = note.rsplit(" | ", 1)[-1]
-            print(
-                f"    restart {i + 1:2}/{restarts} at {began:5.2f}s took {took:5.2f}s: {last}",
-                flush=True,
-            )
+            if verbose:
+                last = note.rsplit(" | ", 1)[-1]
+                print(f"    restart {i + 1:2}/{restarts} at {began:5.2f}s took {took:5.2f}s: {last}",
+                      flush=True)  # fmt: skip
         end = max(duration, (log[-1]["at"] + log[-1]["seconds"] + 1.0) if log else 0.0)
         await asyncio.sleep(max(0.0, end - load.now()))
     finally:
         load.stop()
         await running
-    return report(scenario.name, load, log)
+    return log
 
 
-def report(name: str, load: LoadGenerator, log: list[dict[str, Any]]) -> dict[str, Any]:
-    s = load.stats
-    lat = sorted(s.latencies)
+def ms(x: float | None) -> float | None:
+    return None if x is None else round(x * 1000, 2)
 
-    def ms(x: float | None) -> float | None:
-        return None if x is None else round(x * 1000, 2)
 
-    # Switches as the clients saw them: the first answer of each new backend.
-    switches = sorted(t for pid, t in s.first_seen.items() if pid)[1:]
-
-    def place(start: float, length: float) -> dict[str, Any]:
-        """Which restart a gap fell in (the last one begun before it) and how far from a switch."""
-        begun = [i for i, r in enumerate(log, 1) if r["at"] <= start + length]
-        into = round(start - log[begun[-1] - 1]["at"], 3) if begun else None
-        away = min((max(0.0, t - (start + length), start - t) for t in switches), default=None)
-        return {
-            "restart": begun[-1] if begun else None,
-            "into_restart_s": into,
-            "from_switch_ms": ms(away),
-        }
-
-    def near_switch(start: float, length: float) -> bool:
-        away = place(start, length)["from_switch_ms"]
-        return away is not None and away <= NEAR_SWITCH * 1000
-
-    # Only gaps over GAP_REPORTED are kept: 0 below means "none that long".
-    near = [g for a, g in s.gaps if near_switch(a, g)]
-    elsewhere = [g for a, g in s.gaps if not near_switch(a, g)]
-
-    gap_start, gap = s.longest_gap
-    per_second = [s.per_second[i] for i in range(max(s.per_second, default=-1) + 1)]
+def latency_figures(tally: Tally) -> dict[str, Any]:
+    lat = sorted(tally.latency)
     return {
-        "scenario": name,
-        "seconds": round(load.now(), 2),
-        "requests": s.ok + sum(s.failures.values()),
-        "ok": s.ok,
-        "failed": sum(s.failures.values()),
-        "failures": dict(s.failures.most_common()),
-        "longest_gap_ms": ms(gap),
-        "longest_gap_at_s": round(gap_start, 3),
-        "longest_gap_where": place(gap_start, gap),
-        "longest_gap_near_switch_ms": ms(max(near, default=0.0)),
-        "longest_gap_elsewhere_ms": ms(max(elsewhere, default=0.0)),
-        "switches_seen_at_s": [round(t, 3) for t in switches],
-        "gaps_over_10ms": [{"at_s": round(a, 3), "ms": ms(g), **place(a, g)} for a, g in s.gaps],
         "p50_ms": ms(percentile(lat, 50)),
         "p99_ms": ms(percentile(lat, 99)),
         "max_ms": ms(lat[-1] if lat else None),
-        "backends_seen": len([p for p in s.pids if p]),
-        "ok_per_second": per_second,
-        "ok_per_second_median": median(per_second[1:-1]) if len(per_second) > 2 else None,
-        "restarts": log,
-        "restarts_failed": sum(not r["ok"] for r in log),
-        "failure_samples": s.samples,
     }
 
 
-def run_scenario(
-    cls: type[Scenario], procs: Processes, tmp: Path, duration: float, restarts: int
+def at_rest_and_rotating(tally: Tally, log: list[dict[str, Any]]) -> dict[str, Any]:
+    """p99 of requests sent while a restart ran, against those sent at rest (after warm-up)."""
+    windows = [(r["at"], r["at"] + r["seconds"]) for r in log]
+    rest: list[float] = []
+    rotating: list[float] = []
+    for sent, latency in zip(tally.sent_at, tally.latency, strict=True):
+        if any(a <= sent <= b for a, b in windows):
+            rotating.append(latency)
+        elif sent >= WARM_UP:
+            rest.append(latency)
+    p99_rest, p99_rot = percentile(sorted(rest), 99), percentile(sorted(rotating), 99)
+    return {
+        "p99_at_rest_ms": ms(p99_rest),
+        "p99_rotating_ms": ms(p99_rot),
+        "p99_rotating_x_rest": round(p99_rot / p99_rest, 2) if p99_rest and p99_rot else None,
+    }
+
+
+def switch_figures(
+    backends: list[dict[str, float]], load: LoadGenerator, log: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    scenario = cls(procs, tmp / cls.name)
-    print(f"  {cls.name}: setting up", flush=True)
+    """Each restart seen from the new backend: times from its own clock, in ms.
+
+    switch: first request minus first healthy check (negative: clients reached it
+    first, as in the naive case); wall minus startup: the restart's whole time
+    less the backend's own start-up (its first line ran -> listening)."""
+    rows = []
+    for r in log:
+        began, ended = load.wall(r["at"]), load.wall(r["at"] + r["seconds"])
+        new = [b for b in backends if began <= b["started"] <= ended]
+        if not new:
+            continue
+        b = new[0]
+        row: dict[str, Any] = {"pid": b.get("pid"), "wall_ms": ms(ended - began)}
+        if "listening" in b:
+            startup = b["listening"] - b["started"]
+            row["before_spawn_ms"] = ms(b["started"] - began)
+            row["startup_ms"] = ms(startup)
+            row["wall_minus_startup_ms"] = ms(ended - began - startup)
+        if "first_health_ok" in b and "listening" in b:
+            row["healthy_after_listening_ms"] = ms(b["first_health_ok"] - b["listening"])
+        if "first_health_ok" in b and "first_request" in b:
+            row["switch_ms"] = ms(b["first_request"] - b["first_health_ok"])
+            row["after_switch_ms"] = ms(ended - b["first_request"])
+        rows.append(row)
+
+    def med(key: str) -> float | None:
+        values = [r[key] for r in rows if r.get(key) is not None]
+        return median(values)
+
+    return {
+        "switch_ms_median": med("switch_ms"),
+        "switch_ms_max": max((r["switch_ms"] for r in rows if "switch_ms" in r), default=None),
+        "wall_ms_median": med("wall_ms"),
+        "startup_ms_median": med("startup_ms"),
+        "wall_minus_startup_ms_median": med("wall_minus_startup_ms"),
+        "per_restart": rows,
+    }
+
+
+def report(
+    scenario: Scenario, load_name: str, load: LoadGenerator, log: list[dict[str, Any]]
+) -> Run:
+    s = load.all
+    # Switches as the clients saw them: the first answer of each new backend.
+    switches = sorted(t for pid, t in load.first_seen.items() if pid)[1:]
+
+    def away_from_switch(start: float, length: float) -> float | None:
+        return min((max(0.0, t - (start + length), start - t) for t in switches), default=None)
+
+    def near_switch(start: float, length: float) -> bool:
+        away = away_from_switch(start, length)
+        return away is not None and away <= NEAR_SWITCH
+
+    near = [g for a, g in s.gaps if near_switch(a, g)]
+    elsewhere = [g for a, g in s.gaps if not near_switch(a, g)]
+    ends = [int(a + b) for a, b in zip(s.sent_at, s.latency, strict=True)]
+    counts = collections.Counter(ends)
+    per_second = [counts[i] for i in range(max(counts, default=-1) + 1)]
+    groups = {
+        name: {
+            "requests": t.ok + t.failed,
+            "failed": t.failed,
+            "failures": dict(t.failures.most_common()),
+            "longest_gap_ms": ms(t.longest_gap[1]),
+            **latency_figures(t),
+        }
+        for name, t in load.by_group.items()
+    }
+    result = {
+        "scenario": scenario.name,
+        "load": load_name,
+        "seconds": round(load.now(), 2),
+        "requests": s.ok + s.failed,
+        "ok": s.ok,
+        "failed": s.failed,
+        "failures": dict(s.failures.most_common()),
+        "longest_gap_ms": ms(s.longest_gap[1]),
+        "longest_gap_at_s": round(s.longest_gap[0], 3),
+        "longest_gap_near_switch_ms": ms(max(near, default=0.0)),
+        "longest_gap_elsewhere_ms": ms(max(elsewhere, default=0.0)),
+        **latency_figures(s),
+        **at_rest_and_rotating(s, log),
+        "groups": groups,
+        "switch": switch_figures(scenario.backends(), load, log),
+        "switches_seen_at_s": [round(t, 3) for t in switches],
+        "gaps_over_10ms": [
+            {"at_s": round(a, 3), "ms": ms(g), "from_switch_ms": ms(away_from_switch(a, g))}
+            for a, g in s.gaps
+        ],
+        "backends_seen": len([p for p in load.first_seen if p]),
+        "ok_per_second_median": median(per_second[1:-1]) if len(per_second) > 2 else None,
+        "restarts": log,
+        "restarts_failed": sum(not r["ok"] for r in log),
+        "failure_samples": load.samples,
+    }
+    panel = plots.Panel(
+        title=(
+            f"{scenario.name}, {load_name}: {result['requests']} requests, {s.failed} failed, "
+            f"longest gap {result['longest_gap_ms']:.1f} ms, p99 {result['p99_ms']} ms "
+            f"(at rest {result['p99_at_rest_ms']}, restarting {result['p99_rotating_ms']})"
+        ),
+        series={
+            name: (t.sent_at, [x * 1000 for x in t.latency]) for name, t in load.by_group.items()
+        },
+        failures=s.failed_at,
+        rotations=[(r["at"], r["at"] + r["seconds"]) for r in log],
+        switches=switches,
+    )
+    return Run(result, panel)
+
+
+def run_scenario(
+    cls: type[Scenario],
+    procs: Processes,
+    tmp: Path,
+    load_name: str,
+    duration: float,
+    restarts: int,
+    startup_delay: float = STARTUP_DELAY,
+    verbose: bool = True,
+) -> Run:
+    """Set up one scenario, run one load through `restarts` restarts, tear it all down."""
+    directory = tmp / f"{cls.name}-{load_name.replace(' ', '-')}-{time.monotonic_ns()}"
+    scenario = cls(procs, directory, startup_delay)
+    if verbose:
+        print(f"  {cls.name}, {load_name}: setting up", flush=True)
     try:
         scenario.setup()
         try:
-            runner = asyncio.Runner(loop_factory=_loop_factory())
-            with runner:
-                result = runner.run(drive(scenario, duration, restarts))
+            load = LoadGenerator(scenario.url, LOADS[load_name])
+            with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+                log = runner.run(drive(scenario, load, duration, restarts, verbose))
         finally:
             scenario.teardown()
     finally:
         # Nothing of this scenario may disturb the next one.
         for proc in list(procs.procs):
             procs.stop(proc)
+    run = report(scenario, load_name, load, log)
     if isinstance(scenario, RotatorCli):
-        result["event_loop"] = scenario.event_loop
-    return result
+        run.result["event_loop"] = scenario.event_loop
+    return run
+
+
+def smoke(directory: Path, restarts: int = 3, duration: float = 5.0) -> dict[str, Any]:
+    """rotator only, a few restarts of a backend that starts fast, both kinds of connection
+    without retries: what the test suite runs (tests/integration/test_benchmark_smoke.py)."""
+    with Processes(directory) as procs:
+        run = run_scenario(
+            RotatorCli, procs, directory, "mixed", duration, restarts, startup_delay=0.2,
+            verbose=False,
+        )  # fmt: skip
+    return run.result
 
 
 def _loop_factory() -> Any:
@@ -387,81 +608,156 @@ def _loop_factory() -> Any:
     return None
 
 
+# -- reporting ---------------------------------------------------------------------------
 def gap_cell(ms: float | None) -> str:
     return "-" if ms is None else f"<{GAP_REPORTED * 1000:.0f}" if ms == 0 else f"{ms:.1f}"
 
 
-def verdict(rows: list[dict[str, Any]]) -> str:
-    failed = sum(r["failed"] for r in rows)
-    gap = max(r["longest_gap_ms"] for r in rows)
-    ok = failed == 0 and gap < TARGET_GAP * 1000
-    return (
-        f"rotator: {failed} failed, longest gap {gap:.1f} ms over {len(rows)} round(s) "
-        f"(target 0 failed and < {TARGET_GAP * 1000:.0f} ms): {'ok' if ok else 'MISSED'}"
-    )
+def verdicts(rows: list[dict[str, Any]]) -> list[str]:
+    """rotator's targets, each run against nginx's run of the same round and load."""
+    lines = []
+    for r in rows:
+        if r["scenario"] != "rotator":
+            continue
+        where = f"round {r['round']}, {r['load']}"
+        gap, ratio = r["longest_gap_ms"], r["p99_rotating_x_rest"]
+        nginx = next(
+            (n for n in rows if n["scenario"] == "nginx" and (n["round"], n["load"]) == (r["round"], r["load"])),
+            None,
+        )  # fmt: skip
+        checks = [
+            (f"{r['failed']} failed (target 0)", r["failed"] == 0),
+            (f"longest gap {gap:.1f} ms (target < {TARGET_GAP * 1000:.0f})",
+             gap < TARGET_GAP * 1000),
+            (f"p99 restarting {ratio}x at rest (target <= {TARGET_P99_RATIO:g}x)",
+             ratio is not None and ratio <= TARGET_P99_RATIO),
+        ]  # fmt: skip
+        if nginx is not None:
+            checks.append(
+                (f"gap vs nginx's {nginx['longest_gap_ms']:.1f} ms (target <=)",
+                 gap <= nginx["longest_gap_ms"])
+            )  # fmt: skip
+        switch = r["switch"]["switch_ms_median"]
+        if switch is not None:
+            checks.append(
+                (f"switch median {switch:.1f} ms (target < {TARGET_SWITCH_MS:g})",
+                 switch < TARGET_SWITCH_MS)
+            )  # fmt: skip
+        for text, ok in checks:
+            lines.append(f"rotator, {where}: {text}: {'ok' if ok else 'MISSED'}")
+    return lines
+
+
+def print_tables(rows: list[dict[str, Any]]) -> None:
+    print(table(
+        ["round", "load", "scenario", "requests", "failed", "failures by kind", "longest gap ms",
+         "at switch", "elsewhere", "p50 ms", "p99 ms", "p99 rest", "p99 restarting", "max ms",
+         "switch ms", "restarts ok"],
+        [[r["round"], r["load"], r["scenario"], r["requests"], r["failed"],
+          ", ".join(f"{k}: {n}" for k, n in r["failures"].items()) or "-",
+          f"{r['longest_gap_ms']:.1f}", gap_cell(r["longest_gap_near_switch_ms"]),
+          gap_cell(r["longest_gap_elsewhere_ms"]), r["p50_ms"], r["p99_ms"],
+          r["p99_at_rest_ms"], r["p99_rotating_ms"], r["max_ms"],
+          r["switch"]["switch_ms_median"],
+          f"{len(r['restarts']) - r['restarts_failed']}/{len(r['restarts'])}"] for r in rows],
+    ))  # fmt: skip
+    print()
+    print(table(
+        ["round", "scenario", "client group", "requests", "failed", "failures by kind",
+         "longest gap ms", "p50 ms", "p99 ms"],
+        [[r["round"], r["scenario"], name, g["requests"], g["failed"],
+          ", ".join(f"{k}: {n}" for k, n in g["failures"].items()) or "-",
+          f"{g['longest_gap_ms']:.1f}", g["p50_ms"], g["p99_ms"]]
+         for r in rows for name, g in r["groups"].items()],
+    ))  # fmt: skip
+
+
+def write_plots(runs: list[Run], directory: Path) -> list[str]:
+    """One PNG per scenario, a panel per load, from the first round."""
+    if not plots.available():
+        print(f"{NAME}: matplotlib is not installed (pip install -e '.[bench]'): no plots")
+        return []
+    written = []
+    by_scenario: dict[str, list[Run]] = {}
+    for run in runs:
+        if run.result["round"] == 1:
+            by_scenario.setdefault(run.result["scenario"], []).append(run)
+    for name, mine in by_scenario.items():
+        path = directory / f"bench-restart-{name}.png"
+        title = (
+            f"{name}: {len(mine[0].result['restarts'])} restarts under load "
+            f"(16 clients, backend start-up delay {STARTUP_DELAY:g} s)"
+        )
+        plots.timeline_png(path, title, [run.panel for run in mine])
+        written.append(str(path))
+    return written
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--quick", action="store_true", help="1 round, 8 s and 3 restarts per scenario")
-    p.add_argument("--rounds", type=int, default=2, help="scenarios alternate: A B C A B C")
-    p.add_argument("--duration", type=float, default=24.0, help="seconds of load per scenario")
+    p.add_argument("--quick", action="store_true", help="1 round, 8 s and 3 restarts per run")
+    p.add_argument("--rounds", type=int, default=1, help="each round runs every load x scenario")
+    p.add_argument("--duration", type=float, default=30.0, help="seconds of load per run")
     p.add_argument("--restarts", type=int, default=10)
-    p.add_argument("--only", choices=["naive", "nginx", "rotator"], action="append")
+    p.add_argument("--only", choices=[s.name for s in SCENARIOS], action="append")
+    p.add_argument("--load", choices=["keep-alive", "new connection"], action="append")
+    p.add_argument("--plots", type=Path, metavar="DIR",
+                   help="where the PNGs go (default: docs/, or benchmarks/results/ with --quick)")  # fmt: skip
     args = p.parse_args(argv)
-    duration, restarts, rounds = (args.duration, args.restarts, args.rounds)
+    duration, restarts, rounds = args.duration, args.restarts, args.rounds
+    plot_dir = args.plots or ROOT / "docs"
     if args.quick:
         duration, restarts, rounds = 8.0, 3, 1
+        plot_dir = args.plots or RESULTS
     handle_sigterm()
-    scenarios: list[type[Scenario]] = [Naive, NginxByHand, RotatorCli]
+    scenarios = list(SCENARIOS)
     if NGINX is None:
         print(f"{NAME}: nginx is not installed: skipping the nginx scenario")
         scenarios.remove(NginxByHand)
     if args.only:
         scenarios = [s for s in scenarios if s.name in args.only]
+    loads = args.load or ["keep-alive", "new connection"]
     info = machine()
     print(
-        f"{NAME}: {CLIENTS} clients, {duration:g} s, {restarts} restarts per scenario, {rounds} round(s), "
-        f"backend startup delay {STARTUP_DELAY:g} s",
+        f"{NAME}: 16 clients, {duration:g} s, {restarts} restarts per run, loads {loads}, "
+        f"{rounds} round(s), backend start-up delay {STARTUP_DELAY:g} s",
         flush=True,
     )
-    rows: list[dict[str, Any]] = []
+    runs: list[Run] = []
     try:
         with workdir("rotator-bench-") as tmp, Processes(tmp) as procs:
             for rnd in range(1, rounds + 1):
-                for cls in scenarios:
-                    load_before = round(os.getloadavg()[0], 2)
-                    row = run_scenario(cls, procs, tmp, duration, restarts)
-                    rows.append({"round": rnd, "load_average_before": load_before, **row})
+                for load_name in loads:
+                    for cls in scenarios:
+                        load_before = round(os.getloadavg()[0], 2)
+                        run = run_scenario(cls, procs, tmp, load_name, duration, restarts)
+                        run.result = {
+                            "round": rnd,
+                            "load_average_before": load_before,
+                            **run.result,
+                        }
+                        runs.append(run)
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see handle_sigterm)
         print(f"{NAME}: interrupted; every process it started is stopped", file=sys.stderr)
         return 130
+    rows = [run.result for run in runs]
     print()
-    print(table(
-        ["round", "scenario", "requests", "failed", "failures by kind", "longest gap ms",
-         "at switch", "elsewhere", "ok/s", "p50 ms", "p99 ms", "max ms", "restarts ok"],
-        [[r["round"], r["scenario"], r["requests"], r["failed"],
-          ", ".join(f"{k}: {n}" for k, n in r["failures"].items()) or "-",
-          f"{r['longest_gap_ms']:.1f}", gap_cell(r["longest_gap_near_switch_ms"]),
-          gap_cell(r["longest_gap_elsewhere_ms"]), r["ok_per_second_median"],
-          r["p50_ms"], r["p99_ms"], r["max_ms"],
-          f"{len(r['restarts']) - r['restarts_failed']}/{len(r['restarts'])}"] for r in rows],
-    ))  # fmt: skip
-    checks = (
-        [verdict([r for r in rows if r["scenario"] == "rotator"])]
-        if RotatorCli in scenarios
-        else []
-    )
+    print_tables(rows)
+    checks = verdicts(rows)
     print()
     for line in checks:
         print(f"  {line}")
+    pngs = write_plots(runs, plot_dir)
+    for png in pngs:
+        print(f"{NAME}: plot {png}")
     path = write_result(NAME, {
         "machine": info,
-        "settings": {"clients": CLIENTS, "duration": duration, "restarts": restarts, "rounds": rounds,
+        "settings": {"clients": 16, "duration": duration, "restarts": restarts, "rounds": rounds,
+                     "loads": {name: [asdict(g) for g in LOADS[name]] for name in loads},
                      "startup_delay": STARTUP_DELAY, "failure_pause": FAILURE_PAUSE},
-        "scenarios": rows, "targets": checks,
+        "scenarios": rows, "targets": checks, "plots": pngs,
     })  # fmt: skip
     print(f"\n{NAME}: results in {path}")
     return 0

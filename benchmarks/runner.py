@@ -26,8 +26,10 @@ HERE = Path(__file__).resolve().parent
 # name: (time limit of a full run, of a --quick run), seconds
 BENCHMARKS = {
     "proxy_overhead": (600.0, 180.0),
-    "restart_under_load": (420.0, 180.0),
+    "restart_under_load": (720.0, 240.0),
+    "switch_latency": (240.0, 120.0),
     "memory": (300.0, 120.0),
+    "scale": (600.0, 300.0),
 }
 
 
@@ -98,22 +100,34 @@ def summary(started: float) -> None:
         print("restart under load:")
         print(
             table(
-                ["round", "scenario", "requests", "failed", "longest gap ms", "ok/s", "p99 ms"],
+                ["round", "load", "scenario", "requests", "failed", "longest gap ms", "p99 ms",
+                 "p99 restarting", "switch ms"],
                 [
                     [
                         r["round"],
+                        r["load"],
                         r["scenario"],
                         r["requests"],
                         r["failed"],
                         f"{r['longest_gap_ms']:.1f}",
-                        r["ok_per_second_median"],
                         r["p99_ms"],
+                        r["p99_rotating_ms"],
+                        r["switch"]["switch_ms_median"],
                     ]
                     for r in restart["scenarios"]
                 ],
             )
-        )
+        )  # fmt: skip
         for line in restart.get("targets", []):
+            print(f"  {line}")
+    switch = load("switch_latency", started)
+    if switch and "medians" in switch:
+        m = switch["medians"]
+        print(
+            f"\nswitch latency: median {m['switch_ms']} ms; `rotator restart` {m['wall_ms']} ms, "
+            f"{m['wall_minus_startup_ms']} ms of it not the backend's own start-up"
+        )
+        for line in switch.get("targets", []):
             print(f"  {line}")
 
     memory = load("memory", started)
@@ -125,6 +139,12 @@ def summary(started: float) -> None:
         for r in memory["transfers"]:
             print(f"  {r['transfer']} {r['mib']} MiB: peak {r['peak_over_idle_mib']} MiB over idle")
         for line in memory.get("targets", []):
+            print(f"  {line}")
+    scale = load("scale", started)
+    if scale and "idle" in scale:
+        startup = ", ".join(f"{k} {v} s" for k, v in scale["startup_median_seconds"].items())
+        print(f"\nscale: start-up to all running (median): {startup}")
+        for line in scale.get("targets", []):
             print(f"  {line}")
 
 

@@ -4,7 +4,9 @@ Thin handlers, one component call each. Every request must name the admin
 address in its Host header (a web page that rebinds a DNS name to 127.0.0.1
 cannot) and carry no foreign Origin; every request that changes state must
 carry the token from state_dir/admin.token, which only the daemon's user can
-read. A bad request gets a JSON error and never harms the daemon.
+read, or a dashboard session cookie together with the admin address as Origin
+(sessions and the dashboard's routes: dashboard.py). A bad request gets a JSON
+error and never harms the daemon.
 
 Operations on a component stream their progress as JSON lines (one
 `{"event": ...}` per step, then `{"result": "ok"|"failed", ...}`); with
@@ -14,24 +16,44 @@ Operations on a component stream their progress as JSON lines (one
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from rotator import logs
 from rotator.component import Component, RotationFailed
 from rotator.config import Address, with_overrides
+from rotator.dashboard import Sessions, add_routes
 from rotator.events import Event
+from rotator.fleet import ReloadRejected
+from rotator.logs import LogReader
 
 if TYPE_CHECKING:
     from rotator.daemon import Daemon
 
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Operation = Callable[[], Awaitable[None]]
+# An operation may return a summary: it is merged into the final result line.
+Operation = Callable[[], Awaitable[dict[str, Any] | None]]
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# Routes that only read but need the token all the same: what they show (an app's
+# output) may contain secrets.
+SECRET_READS = frozenset({"component-logs", "events"})
+# The most history lines one logs request may ask for.
+MAX_LOG_LINES = 10_000
+# Set when the admin API shuts down: long streams end instead of holding the daemon up.
+CLOSING = web.AppKey("closing", asyncio.Event)
 MAX_BODY = 64 * 1024
+# Following events: a client that falls this far behind misses events rather than
+# growing the daemon's memory; a blank line this often detects a client that left.
+FOLLOW_BACKLOG = 10_000
+HEARTBEAT = 15.0
 
 
 class BadRequest(Exception):
@@ -47,7 +69,7 @@ def allowed_hosts(listen: Address) -> frozenset[str]:
     return frozenset({str(listen), f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}"})
 
 
-def guard(listen: Address, token: str) -> Any:
+def guard(listen: Address, token: str, sessions: Sessions) -> Any:
     hosts = allowed_hosts(listen)
     origins = frozenset(f"http://{h}" for h in hosts)
 
@@ -58,10 +80,18 @@ def guard(listen: Address, token: str) -> Any:
         origin = request.headers.get("Origin")
         if origin is not None and origin not in origins:
             return error(403, "cross-origin requests are refused")
-        if request.method not in SAFE_METHODS:
+        if request.match_info.route.name in SECRET_READS:
             given = request.headers.get("Authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
                 return error(401, "missing or wrong token (see state_dir/admin.token)")
+        if request.method not in SAFE_METHODS:
+            given = request.headers.get("Authorization", "")
+            by_token = hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
+            if not by_token and not sessions.grants(request):
+                return error(401, "missing or wrong token (see state_dir/admin.token)")
+            # The CSRF defence: a browser names the page's origin on every POST.
+            if not by_token and origin != f"http://{request.host}":
+                return error(403, "a dashboard session needs the admin address as Origin")
         try:
             return await handler(request)
         except BadRequest as exc:
@@ -73,9 +103,10 @@ def guard(listen: Address, token: str) -> Any:
 
 
 def make_app(daemon: Daemon, token: str) -> web.Application:
-    app = web.Application(
-        middlewares=[guard(daemon.config.admin.listen, token)], client_max_size=MAX_BODY
-    )
+    listen = daemon.config.admin.listen
+    sessions = Sessions(listen)
+    app = web.Application(middlewares=[guard(listen, token, sessions)], client_max_size=MAX_BODY)
+    add_routes(app, sessions, listen)
     routes = web.RouteTableDef()
 
     def component(request: web.Request) -> Component:
@@ -90,6 +121,13 @@ def make_app(daemon: Daemon, token: str) -> web.Application:
     @routes.get("/v1/status")
     async def status(request: web.Request) -> web.Response:
         return web.json_response(daemon.status())
+
+    @routes.get("/metrics")
+    async def metrics(request: web.Request) -> web.Response:
+        # Read-only like /v1/status: no token, so Prometheus needs no secret.
+        return web.Response(
+            body=daemon.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
 
     @routes.post("/v1/components/{name}/restart")
     async def restart(request: web.Request) -> web.StreamResponse:
@@ -135,6 +173,64 @@ def make_app(daemon: Daemon, token: str) -> web.Application:
             raise BadRequest(f"{comp.name}: nothing to roll back to (no definition was deployed)")
         return await run(request, daemon, comp.name, comp.rollback)
 
+    @routes.get("/v1/events", name="events")
+    async def events(request: web.Request) -> web.StreamResponse:
+        n = _whole(request.query.get("n", "100"), "n")
+        only = request.query.get("component")
+        if only is not None and only not in daemon.components:
+            raise BadRequest(f"no component named {only!r} (have: {', '.join(daemon.components)})")
+        follow = request.query.get("follow", "0") in ("1", "true", "yes")
+        return await stream_events(request, daemon, n, only, follow)
+
+    @routes.post("/v1/restart")
+    async def restart_many(request: web.Request) -> web.StreamResponse:
+        args = await body(request, {"components": list, "parallel": int})
+        names = args.get("components")
+        if names is not None:
+            if not names or not all(isinstance(n, str) for n in names):
+                raise BadRequest("field 'components' must be a non-empty list of names")
+            for name in names:
+                if name not in daemon.components:
+                    raise BadRequest(
+                        f"no component named {name!r} (have: {', '.join(daemon.components)})"
+                    )
+        parallel = args.get("parallel", 1)
+        if isinstance(parallel, bool) or parallel < 1:
+            raise BadRequest("field 'parallel' must be a whole number of at least 1")
+        involved = set(names) if names is not None else None
+        return await run(request, daemon, involved, lambda: daemon.restart_many(names, parallel))
+
+    @routes.post("/v1/reload")
+    async def reload(request: web.Request) -> web.StreamResponse:
+        await body(request, {})
+        try:
+            prepared = await daemon.prepare_reload()
+        except ReloadRejected as exc:
+            return web.json_response(
+                {"error": "the config was not reloaded: nothing changed", "problems": exc.problems},
+                status=400,
+            )
+        return await run(request, daemon, None, lambda: daemon.apply_reload(prepared))
+
+    @routes.get("/v1/components/{name}/logs", name="component-logs")
+    async def component_logs(request: web.Request) -> web.StreamResponse:
+        comp = component(request)
+        n = _whole(request.query.get("n", "100"), "n")
+        if n > MAX_LOG_LINES:
+            raise BadRequest(f"query parameter 'n' must be at most {MAX_LOG_LINES}")
+        text = request.query.get("instance")
+        pid = None if text is None else _whole(text, "instance")
+        follow = request.query.get("follow", "0") in ("1", "true", "yes")
+        reader = LogReader(daemon.config.log_dir(comp.name), pid)
+        loop = asyncio.get_running_loop()
+        history = await loop.run_in_executor(None, lambda: reader.history(n, follow=follow))
+        if pid is not None and not reader.files:
+            have = ", ".join(map(str, logs.pids(reader.log_dir))) or "none"
+            return error(
+                404, f"{comp.name}: no log of an instance with pid {pid} (logs kept for: {have})"
+            )
+        return await stream_logs(request, reader, history, follow)
+
     @routes.post("/v1/shutdown")
     async def shutdown(request: web.Request) -> web.Response:
         await body(request, {})
@@ -142,7 +238,13 @@ def make_app(daemon: Daemon, token: str) -> web.Application:
         return web.json_response({"result": "shutting down"}, status=202)
 
     app.add_routes(routes)
+    app[CLOSING] = asyncio.Event()
+    app.on_shutdown.append(_closing)
     return app
+
+
+async def _closing(app: web.Application) -> None:
+    app[CLOSING].set()
 
 
 async def body(request: web.Request, fields: dict[str, type | tuple[type, ...]]) -> dict[str, Any]:
@@ -166,18 +268,19 @@ async def body(request: web.Request, fields: dict[str, type | tuple[type, ...]])
 
 
 async def run(
-    request: web.Request, daemon: Daemon, name: str, operation: Operation
+    request: web.Request, daemon: Daemon, names: str | Collection[str] | None, operation: Operation
 ) -> web.StreamResponse:
-    """Run `operation` to its end, whatever the client does; stream its events unless
-    the client asked not to wait."""
+    """Run `operation` to its end, whatever the client does; stream the events of the
+    component(s) it concerns (None: all) unless the client asked not to wait."""
     if request.query.get("wait", "1") in ("0", "false", "no"):
         task = asyncio.ensure_future(operation())
         task.add_done_callback(_outcome)  # retrieved, so a failure is not "never retrieved"
         return web.json_response({"result": "accepted"}, status=202)
     queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+    wanted = {names} if isinstance(names, str) else names
 
     def on_event(event: Event) -> None:
-        if event.component == name:
+        if wanted is None or event.component in wanted:
             queue.put_nowait({"event": event.to_json()})
 
     unsubscribe = daemon.bus.subscribe(on_event)
@@ -197,12 +300,97 @@ async def run(
     return resp
 
 
-def _outcome(task: asyncio.Future[None]) -> dict[str, Any]:
+def _whole(text: str, field: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise BadRequest(f"query parameter {field!r} must be a whole number, not {text!r}")
+    return value
+
+
+async def stream_events(
+    request: web.Request, daemon: Daemon, n: int, only: str | None, follow: bool
+) -> web.StreamResponse:
+    """The newest `n` events as JSON lines, then (following) each new one as it happens,
+    until the client leaves or the admin API shuts down. A blank line every HEARTBEAT
+    seconds finds a client that left while nothing happened."""
+    queue: asyncio.Queue[Event | None] = asyncio.Queue(maxsize=FOLLOW_BACKLOG)
+
+    def on_event(event: Event) -> None:
+        if (only is None or event.component == only) and queue.qsize() < FOLLOW_BACKLOG - 1:
+            queue.put_nowait(event)
+
+    closing = asyncio.ensure_future(request.app[CLOSING].wait())
+    closing.add_done_callback(lambda _: queue.put_nowait(None))  # a place is kept for it
+
+    unsubscribe = daemon.bus.subscribe(on_event) if follow else (lambda: None)
+    past = [e for e in daemon.bus.history if only is None or e.component == only]
+    resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    try:
+        await resp.prepare(request)
+        for event in past[len(past) - n :] if n else []:
+            await _write_line(resp, event.to_json())
+        while follow:
+            try:
+                item = await asyncio.wait_for(queue.get(), HEARTBEAT)
+            except TimeoutError:
+                await resp.write(b"\n")
+                continue
+            if item is None:
+                break
+            await _write_line(resp, item.to_json())
+    except (ConnectionResetError, RuntimeError):
+        pass  # the client left
+    finally:
+        unsubscribe()
+        closing.cancel()
+    return resp
+
+
+async def stream_logs(
+    request: web.Request, reader: LogReader, history: list[logs.Line], follow: bool
+) -> web.StreamResponse:
+    """`history`, then (following) the lines written since, as JSON lines
+    `{"pid": ..., "line": ...}`, until the client leaves or the admin API shuts down
+    (after one last read, and a line `{"end": ...}` saying so)."""
+    closing = request.app[CLOSING]
+    loop = asyncio.get_running_loop()
+    resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    try:
+        await resp.prepare(request)
+        await _write_log_lines(resp, history)
+        while follow:
+            final = closing.is_set()
+            lines, behind = await loop.run_in_executor(None, partial(reader.poll, final=final))
+            await _write_log_lines(resp, lines)
+            if final:
+                await _write_line(resp, {"end": "the daemon is shutting down"})
+                break
+            if request.transport is None or request.transport.is_closing():
+                break  # the client left while nothing was written
+            if not behind:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(closing.wait(), logs.FOLLOW_POLL)
+    except (ConnectionResetError, RuntimeError):
+        pass  # the client left
+    return resp
+
+
+async def _write_log_lines(resp: web.StreamResponse, lines: list[logs.Line]) -> None:
+    if lines:
+        await resp.write(
+            b"".join(json.dumps({"pid": pid, "line": text}).encode() + b"\n" for pid, text in lines)
+        )
+
+
+def _outcome(task: asyncio.Future[dict[str, Any] | None]) -> dict[str, Any]:
     if task.cancelled():
         return {"result": "failed", "error": "cancelled (the daemon is shutting down)"}
     exc = task.exception()
     if exc is None:
-        return {"result": "ok"}
+        return {"result": "ok", **(task.result() or {})}
     if isinstance(exc, RotationFailed):
         return {"result": "failed", "error": exc.reason, "log_tail": exc.log_tail}
     return {"result": "failed", "error": f"{type(exc).__name__}: {exc}"}

@@ -9,17 +9,20 @@ Exit codes: 0 success, 1 the operation failed, 2 usage or config error.
 from __future__ import annotations
 
 import argparse
+import getpass
+import http.client
 import json
 import os
 import sys
 import time
 import urllib.error
 import urllib.request
+import webbrowser
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from rotator import __version__, printer
+from rotator import __version__, export, printer
 from rotator.config import Config, ConfigError, default_path, load, parse_env_assignments
 
 OK, FAILED, USAGE = 0, 1, 2
@@ -48,13 +51,59 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"rotator {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("up", parents=[common], help="run the daemon in the foreground")
+    up = sub.add_parser("up", parents=[common], help="run the daemon in the foreground")
+    up.add_argument(
+        "--log-format",
+        choices=("human", "json"),
+        default="human",
+        help="the daemon's output: lines for people (default) or one JSON object per line",
+    )
+    up.add_argument(
+        "--takeover",
+        action="store_true",
+        help="take over from the daemon running for this state_dir without closing a "
+        "public port or restarting an instance (an upgrade of rotator itself)",
+    )
     status = sub.add_parser("status", parents=[common], help="show components and their instances")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     restart = sub.add_parser(
-        "restart", parents=[common], help="rotate components with zero downtime"
+        "restart",
+        parents=[common],
+        help="rotate components with zero downtime, one at a time in dependency order",
     )
-    restart.add_argument("names", nargs="+", metavar="NAME")
+    restart.add_argument("names", nargs="*", metavar="NAME")
+    restart.add_argument("--all", action="store_true", help="every component (not stopped ones)")
+    restart.add_argument(
+        "--parallel",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="rotate up to N at once, each still after what it depends on (default 1)",
+    )
+    sub.add_parser(
+        "reload",
+        parents=[common],
+        help="re-read the config and apply the difference (the daemon also does on SIGHUP)",
+    )
+    events = sub.add_parser("events", parents=[common], help="the daemon's event history")
+    events.add_argument("-f", "--follow", action="store_true", help="go on printing new events")
+    events.add_argument(
+        "-n", "--lines", type=_whole, default=50, metavar="N", help="how many past events (50)"
+    )
+    events.add_argument("--component", metavar="NAME", help="only this component's events")
+    events.add_argument("--json", action="store_true", help="one JSON object per event")
+    logs = sub.add_parser(
+        "logs", parents=[common], help="a component's output across its instances"
+    )
+    logs.add_argument("name", metavar="NAME")
+    logs.add_argument("-f", "--follow", action="store_true", help="go on printing new lines")
+    logs.add_argument(
+        "-n", "--lines", type=_whole, default=50, metavar="N", help="how many past lines (50)"
+    )
+    logs.add_argument("--instance", type=_whole, metavar="PID", help="only this instance's lines")
+    logs.add_argument(
+        "--no-prefix", action="store_true", help="leave out the [pid] in front of each line"
+    )
     wait = argparse.ArgumentParser(add_help=False)
     wait.add_argument(
         "--wait",
@@ -95,7 +144,43 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="no drain, no grace: SIGKILL the whole tree now"
     )
     sub.add_parser("down", parents=[common], help="stop the daemon gracefully")
+    dashboard = sub.add_parser(
+        "dashboard", parents=[common], help="print a one-time link to the live dashboard"
+    )
+    dashboard.add_argument("--open", action="store_true", help="also open it in the browser")
     sub.add_parser("check", parents=[common], help="validate the config and exit")
+    exporting = sub.add_parser(
+        "export", parents=[common], help="write the fleet as manifests for another platform"
+    )
+    exporting.add_argument("target", choices=("kubernetes",), help="the platform")
+    exporting.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        metavar="DIR",
+        help="write one file per component and NOTES.md into DIR (default: all to stdout)",
+    )
+    exporting.add_argument(
+        "--image", metavar="NAME", help="every component's image (instead of the config's)"
+    )
+    svc = sub.add_parser(
+        "service", parents=[common], help="write systemd units or a launchd plist for `up`"
+    )
+    svc.add_argument("manager", choices=("systemd", "launchd"))
+    scope = svc.add_mutually_exclusive_group()
+    scope.add_argument(
+        "--user", dest="system", action="store_false", default=False, help="for you (default)"
+    )
+    scope.add_argument("--system", action="store_true", help="at boot: a system unit/daemon")
+    svc.add_argument("--dry-run", action="store_true", help="print the files, write nothing")
+    svc.add_argument("-o", "--output", type=Path, metavar="DIR", help="write into DIR instead")
+    svc.add_argument("--name", help="rotator-NAME.service (default: the config file's name)")
+    svc.add_argument(
+        "--no-sockets",
+        dest="sockets",
+        action="store_false",
+        help="systemd: no socket units (rotator binds its addresses itself)",
+    )
     return parser
 
 
@@ -120,12 +205,52 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_up(config: Config, args: argparse.Namespace) -> int:
     from rotator.daemon import run  # the daemon stack loads only here
 
-    return run(config)
+    return run(config, log_format=args.log_format, takeover=args.takeover)
 
 
 def cmd_check(config: Config, args: argparse.Namespace) -> int:
     print(f"{config.path}: ok, {len(config.components)} component(s): {', '.join(config.names)}")
     return OK
+
+
+def cmd_export(config: Config, args: argparse.Namespace) -> int:
+    try:
+        result = export.kubernetes(config, image=args.image)
+    except export.ExportError as exc:
+        raise CommandError(str(exc), USAGE) from None
+    if args.output is None:
+        sys.stdout.write(result.stream())
+    else:
+        _write_export(args.output, result, config)
+    for note in result.notes:
+        print(note, file=sys.stderr)
+    return OK
+
+
+def _write_export(directory: Path, result: export.Export, config: Config) -> None:
+    """The files into `directory`; earlier exported files no longer in the fleet are
+    removed, so that `kubectl apply -f DIR` does not bring back a removed component."""
+    files = {**result.files, "NOTES.md": result.notes_markdown(config.path.name)}
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        stale = [
+            path
+            for path in sorted(directory.glob("*.yaml"))
+            if path.name not in files and path.read_text().startswith(export.GENERATED)
+        ]
+        for path in stale:
+            path.unlink()
+            print(f"rotator: removed {path} (not in the config any more)", file=sys.stderr)
+        for name, text in files.items():
+            (directory / name).write_text(text)
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        where = getattr(exc, "filename", None) or directory
+        raise CommandError(f"cannot write the export to {where}: {reason}") from None
+    print(
+        f"{directory}: {len(result.files)} manifest file(s) and NOTES.md;"
+        f" apply with: kubectl apply -f {directory}"
+    )
 
 
 def cmd_status(config: Config, args: argparse.Namespace) -> int:
@@ -135,15 +260,92 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_restart(config: Config, args: argparse.Namespace) -> int:
-    for name in args.names:
-        known(config, name)
-    admin = Admin(config)
-    for i, name in enumerate(args.names):
-        if operate(admin, name, "restart", {}, wait=True) != OK:
-            rest = args.names[i + 1 :]
-            if rest:
-                print(f"rotator: not restarted: {', '.join(rest)}", file=sys.stderr)
-            return FAILED
+    if args.all == bool(args.names):
+        raise CommandError("name the components to restart, or give --all (not both)", USAGE)
+    body: dict[str, Any] = {"parallel": args.parallel}
+    if args.names:
+        body["components"] = [known(config, name) for name in dict.fromkeys(args.names)]
+    began = time.time()
+    result = follow(Admin(config).stream("/v1/restart", body), began, quiet={"state"})
+    took = printer.duration(time.time() - began)
+    done, skipped = result.get("restarted", []), result.get("skipped", [])
+    if skipped:
+        print(f"not restarted (stopped on purpose): {', '.join(skipped)}")
+    if result.get("result") == "ok":
+        print(f"restarted {len(done)} component(s) in {took}: {', '.join(done) or 'none'}")
+        return OK
+    for name, why in (result.get("failed") or {"?": result.get("error", "no result")}).items():
+        print(f"rotator: restart failed: {name}: {why}", file=sys.stderr)
+        for line in (result.get("log_tail") or {}).get(name, []):
+            print(f"    | {line}", file=sys.stderr)
+    print(f"restarted: {', '.join(done) or 'none'}", file=sys.stderr)
+    if result.get("not_restarted"):
+        print(f"not restarted: {', '.join(result['not_restarted'])}", file=sys.stderr)
+    return FAILED
+
+
+def cmd_reload(config: Config, args: argparse.Namespace) -> int:
+    began = time.time()
+    result = follow(Admin(config).stream("/v1/reload", {}), began, quiet={"state"})
+    for note in result.get("ignored", []):
+        print(f"note: {note}")
+    summary = reload_summary(result)
+    if result.get("result") == "ok":
+        print(f"reloaded {config.path} in {printer.duration(time.time() - began)}: {summary}")
+        return OK
+    print(f"rotator: reload failed: {result.get('error') or summary}", file=sys.stderr)
+    return FAILED
+
+
+def reload_summary(result: dict[str, Any]) -> str:
+    parts = [f"{label} {', '.join(result[key])}" for key, label in RELOAD_PARTS if result.get(key)]
+    parts += [f"{name} failed ({why})" for name, why in (result.get("failed") or {}).items()]
+    return "; ".join(parts) or "no component changed"
+
+
+RELOAD_PARTS = (
+    ("added", "started"),
+    ("removed", "removed"),
+    ("rebound", "moved to a new address"),
+    ("rotated", "rotated"),
+    ("updated", "updated in place"),
+    ("not_rotated", "not rotated"),
+)
+
+
+def cmd_events(config: Config, args: argparse.Namespace) -> int:
+    if args.component is not None:
+        known(config, args.component)
+    query = f"?n={args.lines}&follow={int(args.follow)}"
+    if args.component:
+        query += f"&component={args.component}"
+    try:
+        for event in Admin(config).stream("/v1/events" + query, method="GET"):
+            print(json.dumps(event) if args.json else printer.history_line(event), flush=True)
+    except KeyboardInterrupt:
+        pass  # the way to stop following
+    return OK
+
+
+def cmd_logs(config: Config, args: argparse.Namespace) -> int:
+    query = f"?n={args.lines}&follow={int(args.follow)}"
+    if args.instance is not None:
+        query += f"&instance={args.instance}"
+    path = f"/v1/components/{known(config, args.name)}/logs{query}"
+    try:
+        for item in Admin(config).stream(path, method="GET"):
+            if "line" in item:
+                line = item["line"] if args.no_prefix else f"[{item['pid']}] {item['line']}"
+                print(line, flush=args.follow)
+            elif "end" in item:
+                print(f"rotator: {item['end']}", file=sys.stderr)
+    except KeyboardInterrupt:
+        pass  # the way to stop following
+    except BrokenPipeError:
+        # `rotator logs | head`: done. Python would complain again when it flushes at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (http.client.HTTPException, OSError):
+        raise CommandError("lost the connection to the daemon") from None
     return OK
 
 
@@ -174,6 +376,19 @@ def cmd_stop(config: Config, args: argparse.Namespace) -> int:
     return operate(Admin(config), known(config, args.name), "stop", body, wait=args.wait)
 
 
+def _whole(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}")
+    return int(text)
+
+
+def _positive(text: str) -> int:
+    value = _whole(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
 def known(config: Config, name: str) -> str:
     if name not in config.names:
         raise CommandError(f"unknown component {name!r} (have: {', '.join(config.names)})", USAGE)
@@ -197,13 +412,7 @@ def operate(admin: Admin, name: str, op: str, body: dict[str, Any], *, wait: boo
         print(f"{name}: {op} accepted; follow it with: rotator status")
         return OK
     began = time.time()
-    result: dict[str, Any] = {}
-    for line in admin.stream(path, body):
-        if "event" in line:
-            if line["event"]["kind"] != "state":
-                print(printer.event_line(line["event"], since=began), flush=True)
-        else:
-            result = line
+    result = follow(admin.stream(path, body), began, quiet={"state", "rotated"})
     if result.get("result") != "ok":
         print(
             f"rotator: {name}: {op} failed: {result.get('error', 'no result from the daemon')}",
@@ -214,6 +423,18 @@ def operate(admin: Admin, name: str, op: str, body: dict[str, Any], *, wait: boo
         return FAILED
     print(f"{name}: {PAST[op]} in {printer.duration(time.time() - began)}", flush=True)
     return OK
+
+
+def follow(lines: Iterator[dict[str, Any]], began: float, quiet: set[str]) -> dict[str, Any]:
+    """Print an operation's events as they come (but the `quiet` kinds); its result line."""
+    result: dict[str, Any] = {}
+    for line in lines:
+        if "event" in line:
+            if line["event"]["kind"] not in quiet:
+                print(printer.event_line(line["event"], since=began), flush=True)
+        else:
+            result = line
+    return result
 
 
 def cmd_down(config: Config, args: argparse.Namespace) -> int:
@@ -232,16 +453,75 @@ def cmd_down(config: Config, args: argparse.Namespace) -> int:
     raise CommandError(f"daemon {pid} is still running after {longest + 10:g}s")
 
 
+def cmd_dashboard(config: Config, args: argparse.Namespace) -> int:
+    url = Admin(config).post("/v1/dashboard/link")["url"]
+    print(url, flush=True)
+    # On stderr, so that `$(rotator dashboard)` is the link alone.
+    print("one-time link: open it within 60 s, in a browser on this machine", file=sys.stderr)
+    if args.open and not webbrowser.open(url):
+        raise CommandError("no browser could be started; open the link above yourself")
+    return OK
+
+
+def cmd_service(config: Config, args: argparse.Namespace) -> int:
+    from rotator import service  # stdlib only, and only this command needs it
+
+    try:  # under sudo, the user who ran it
+        user: str | None = os.environ.get("SUDO_USER") or getpass.getuser()
+    except (KeyError, OSError):  # a uid without a name (some containers)
+        user = None
+    options = service.Options(
+        name=service.safe_name(args.name) if args.name else service.default_name(config),
+        rotator=service.rotator_command(sys.argv[0], sys.executable),
+        home=Path.home(),
+        system=args.system,
+        user=None if user == "root" else user,
+        path=os.environ.get("PATH"),
+        sockets=args.sockets,
+    )
+    rendered = service.render(args.manager, config, options)
+    if args.dry_run:
+        for name, content in rendered.files.items():
+            print(f"# ---- {rendered.directory / name}\n{content.decode()}")
+        print("".join(f"# note: {note}\n" for note in rendered.notes), end="")
+        return OK
+    native = {"systemd": "linux", "launchd": "darwin"}[args.manager]
+    if args.output is None and not sys.platform.startswith(native):
+        raise CommandError(
+            f"{args.manager} is not this system's service manager: use --dry-run or -o DIR", USAGE
+        )
+    directory = args.output or rendered.directory
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, content in rendered.files.items():
+            (directory / name).write_bytes(content)
+            print(f"wrote {directory / name}")
+    except OSError as exc:
+        hint = " (as root, or without --system)" if args.system else ""
+        raise CommandError(f"cannot write {exc.filename}: {exc.strerror}{hint}") from None
+    moved = args.output is not None and args.output.resolve() != rendered.directory
+    print(f"copy them to {rendered.directory}, then:" if moved else "to enable and start:")
+    print("".join(f"  {line}\n" for line in rendered.enable), end="")
+    print("".join(f"note: {note}\n" for note in rendered.notes), end="")
+    return OK
+
+
 COMMANDS = {
+    "service": cmd_service,
     "deploy": cmd_deploy,
     "rollback": cmd_rollback,
     "start": cmd_start,
     "stop": cmd_stop,
     "up": cmd_up,
     "check": cmd_check,
+    "export": cmd_export,
     "status": cmd_status,
     "restart": cmd_restart,
+    "reload": cmd_reload,
+    "events": cmd_events,
+    "logs": cmd_logs,
     "down": cmd_down,
+    "dashboard": cmd_dashboard,
 }
 
 
@@ -259,20 +539,29 @@ class Admin:
         with self._open(path, "POST", body=body) as resp:
             return json.load(resp)
 
-    def stream(self, path: str, body: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
-        with self._open(path, "POST", timeout=None, body=body) as resp:
+    def stream(
+        self, path: str, body: dict[str, Any] | None = None, method: str = "POST"
+    ) -> Iterator[dict[str, Any]]:
+        """JSON lines as the daemon sends them (blank keep-alive lines skipped). A GET
+        stream carries the token too: what it streams may be private."""
+        with self._open(path, method, timeout=None, body=body, token=True) as resp:
             for raw in resp:
                 if raw.strip():
                     yield json.loads(raw)
 
     def _open(
-        self, path: str, method: str, timeout: float | None = 30, body: dict[str, Any] | None = None
+        self,
+        path: str,
+        method: str,
+        timeout: float | None = 30,
+        body: dict[str, Any] | None = None,
+        token: bool = False,
     ) -> Any:
         data = json.dumps(body).encode() if body else None
         request = urllib.request.Request(self.base + path, method=method, data=data)
         if data:
             request.add_header("Content-Type", "application/json")
-        if method != "GET":
+        if method != "GET" or token:
             request.add_header("Authorization", f"Bearer {self._token()}")
         try:
             return urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
@@ -284,8 +573,10 @@ class Admin:
                     f"the daemon at {self.base} did not accept the token in {self.config.token_path} "
                     "(stale? is that daemon running from another config with the same admin address?)"
                 ) from None
-            # 400: the daemon found the request itself wrong (a bad --cwd, say): a usage error.
-            raise CommandError(_error_text(exc), USAGE if exc.code == 400 else FAILED) from None
+            # 400: the daemon found the request itself wrong (a bad --cwd, say); 404: it names
+            # a component or instance the daemon does not know. Usage errors both.
+            usage = exc.code in (400, 404)
+            raise CommandError(_error_text(exc), USAGE if usage else FAILED) from None
         except (urllib.error.URLError, ConnectionError) as exc:
             raise CommandError(
                 f"daemon not running (nothing answers at {self.base}; start it with: rotator up -c {self.config.path})"
@@ -301,7 +592,9 @@ class Admin:
 
 
 def _error_text(exc: urllib.error.HTTPError) -> str:
+    """The daemon's error, and each of its `problems` (a config error) on a line of its own."""
     try:
-        return str(json.load(exc)["error"])
+        body = json.load(exc)
+        return "\n".join([str(body["error"]), *(str(p) for p in body.get("problems", []))])
     except (ValueError, KeyError, TypeError):
         return f"admin API answered {exc.code} {exc.reason}"

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import enum
 import errno
 import os
@@ -43,7 +44,8 @@ from typing import Any, Protocol
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
-from rotator.config import ComponentSpec, definition_of
+from rotator import logs
+from rotator.config import ComponentSpec, apply_definition, definition_of
 from rotator.events import Event, EventBus
 from rotator.health import NotHealthy
 from rotator.instance import Instance, SpawnError, StopResult, new_marker
@@ -72,6 +74,9 @@ class HealthGate(Protocol):
     ) -> float: ...
 
     async def probe(self, host: str, port: int, *, unix: str | None = None) -> str | None: ...
+
+    def forget(self, host: str, port: int, *, unix: str | None = None) -> None:
+        """The instance is about to be stopped: close what the gate keeps open to it."""
 
 
 class SocketState(enum.Enum):
@@ -159,7 +164,7 @@ class Component:
         bus: EventBus,
         *,
         health: HealthGate,
-        log_path: Path,
+        log_dir: Path,
         spawn: Spawner = Instance.spawn,
         probe: Probe,
         socket_probe: SocketProbe = probe_socket,
@@ -173,7 +178,7 @@ class Component:
         self.route = route
         self.bus = bus
         self.health = health
-        self.log_path = log_path
+        self.log_dir = log_dir
         self._spawn = spawn
         self._probe = probe
         self._socket_probe = socket_probe
@@ -243,6 +248,41 @@ class Component:
             f"back to the {self.definition_source} definition: {' '.join(target.command)}",
         )
 
+    async def reconfigure(self, spec: ComponentSpec, *, rotate: bool) -> None:
+        """Take the definition a reloaded config gives. `rotate` (an instance field changed):
+        a component that is not stopped on purpose rotates to it, and the config's definition
+        replaces a deployed one; if that rotation fails, nothing changes (RotationFailed).
+        Otherwise the new settings apply in place, over a deployed definition if there is one."""
+        if rotate and not self.stopped_on_purpose:
+            self._reset_supervision()
+            await self._rotate(spec)
+        if rotate:
+            self.config_spec = self.spec = spec
+            self.previous, self.definition_source, self.deployed_at = None, "config", None
+            return
+        old_config, self.config_spec = self.config_spec, spec
+        self.spec = self._rebase(self.spec, old_config)
+        if self.previous is not None:
+            self.previous = self._rebase(self.previous, old_config)
+        limits = self.route.limits
+        self.route.limits = dataclasses.replace(
+            limits,
+            connect_timeout=spec.connect_timeout,
+            read_timeout=spec.read_timeout,
+            request_timeout=spec.request_timeout,
+            trust_forwarded=spec.trust_forwarded,
+            max_header_size=spec.max_header_size,
+            max_headers=spec.max_headers,
+            max_connections=spec.max_connections,
+        )
+        self.route.hold_timeout = spec.hold_timeout
+
+    def _rebase(self, spec: ComponentSpec, old_config: ComponentSpec) -> ComponentSpec:
+        """`spec` (the config's definition or a deployed one) on top of the new config's."""
+        if spec is old_config:
+            return self.config_spec
+        return apply_definition(self.config_spec, definition_of(spec))
+
     async def stop(self, *, force: bool = False, on_purpose: bool = True) -> None:
         """Take the component out of service; its public address answers 503 at once.
         On purpose (`rotator stop`), it stays stopped across daemon restarts."""
@@ -260,6 +300,28 @@ class Component:
         await self.stop(on_purpose=False)
         for task in list(self._tasks):
             task.cancel()
+
+    @property
+    def busy(self) -> bool:
+        """A rotation, start or crash recovery is under way."""
+        return self._lock.locked() or (self._recovery is not None and not self._recovery.done())
+
+    def suspend(self) -> None:
+        """Another daemon is taking over: stop watching the active instance (the new
+        daemon adopts and watches it). Draining instances are still drained and stopped."""
+        self._cancel_recovery()
+        for task in list(self._guards.values()):
+            task.cancel()
+
+    def resume(self) -> None:
+        """The takeover did not happen: watch the active instance again."""
+        if self.active is not None:
+            self._ensure_guard(self.active)
+
+    async def finish_draining(self) -> None:
+        """Wait for the drain-and-stop of every replaced instance already begun."""
+        tasks = [d.task for d in self.draining if d.task is not None]
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def mark_failed(self, reason: str) -> None:
         """Not started at all (a dependency is not running)."""
@@ -310,6 +372,13 @@ class Component:
             await self._retire_soon(old)
         self._rotated(began, "ok")
 
+    def _prune_logs(self, new: Instance) -> None:
+        """Log retention, as each instance starts; the files of live instances stay."""
+        running = {new.pid, *(d.instance.pid for d in self.draining)}
+        if self.active is not None:
+            running.add(self.active.pid)
+        logs.prune(self.log_dir, running)
+
     def _rotated(self, began: float, outcome: str) -> None:
         """A rotation ended: `ok`, `failed` (nothing changed) or `rolled_back` (verify failed)."""
         seconds = round(time.monotonic() - began, 3)
@@ -329,11 +398,12 @@ class Component:
         argv, env = spec.render(port, self.host, path)
         marker = new_marker(self._marker_scope, self.name)
         try:
-            inst = await self._spawn(self.name, port, argv, env, spec.cwd, self.log_path, marker)
+            inst = await self._spawn(self.name, port, argv, env, spec.cwd, self.log_dir, marker)
         except SpawnError as exc:
             raise RotationFailed(str(exc)) from None
         if path is not None:
             self._sockets[inst] = path
+        self._prune_logs(inst)
         self.emit("spawned", f"started pid {inst.pid} on {where}", pid=inst.pid, **self._at(inst))
         try:
             if path is None:
@@ -427,12 +497,20 @@ class Component:
     async def _stop(
         self, inst: Instance, sig: signal.Signals, timeout: float, *, force: bool = False
     ) -> StopResult:
-        """Stop `inst`'s tree; then its socket file, if it had one, goes too."""
+        """Stop `inst`'s tree; then its socket file, if it had one, goes too. Every stop
+        (a retired instance, a failed start, a crashed one's leftovers) ends in one
+        `stopped` event with its outcome: metrics.py counts them."""
+        self.health.forget(self.host, inst.port, unix=self._sockets.get(inst))
         result = await inst.stop(sig, timeout, force=force)
         path = self._sockets.pop(inst, None)
         if path is not None and path not in self._sockets.values():
             with contextlib.suppress(OSError):
                 os.unlink(path)
+        if result.survivors:
+            message = f"pid {inst.pid}: processes {list(result.survivors)} survived SIGKILL"
+        else:
+            message = f"stopped pid {inst.pid} ({result.outcome}, {result.seconds * 1000:.0f} ms)"
+        self.emit("stopped", message, pid=inst.pid, outcome=result.outcome)
         return result
 
     def _switch(self, new: Instance) -> Draining | None:
@@ -546,19 +624,6 @@ class Component:
             )
         result = await self._stop(inst, spec.stop_signal, spec.stop_timeout, force=force)
         self.last_stop = result.outcome
-        if result.survivors:
-            self.emit(
-                "stopped",
-                f"pid {inst.pid}: processes {list(result.survivors)} survived SIGKILL",
-                pid=inst.pid,
-            )
-        else:
-            self.emit(
-                "stopped",
-                f"stopped pid {inst.pid} ({result.outcome}, {result.seconds * 1000:.0f} ms)",
-                pid=inst.pid,
-                outcome=result.outcome,
-            )
         with contextlib.suppress(ValueError):
             self.draining.remove(old)
 
@@ -587,6 +652,7 @@ class Component:
                         "unhealthy",
                         f"pid {inst.pid} failed check {failures}/{health.unhealthy_threshold}: {problem}",
                         pid=inst.pid,
+                        check=failures,  # one event per failed check; _crashed's has none
                     )
                 if failures >= health.unhealthy_threshold and inst is self.active:
                     self._crashed(

@@ -35,7 +35,8 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 T = TypeVar("T")
 Entry = tuple[Node, Node]  # (key node, value node): keys carry the line for "unknown key"
 
-TOP_KEYS = ("admin", "state_dir", "defaults", "components")
+TOP_KEYS = ("admin", "state_dir", "defaults", "components", "export")
+KUBERNETES_KEYS = ("image", "images", "namespace")  # export.kubernetes
 HEALTH_KEYS = ("path", "interval", "timeout", "start_timeout", "unhealthy_threshold")
 DEFAULT_KEYS = (
     "health",
@@ -79,6 +80,8 @@ _BOOLEANS = {"true": True, "false": False}
 # A regex rather than str.format, so literal braces (awk scripts, JSON) pass through untouched.
 _PLACEHOLDER = re.compile(r"\{(port|socket|host|name|python)\}")
 _WILDCARDS = {"0.0.0.0", "::"}
+_IMAGE = re.compile(r"\S+")
+_DNS_LABEL = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?")  # a Kubernetes namespace
 TRANSPORTS = ("tcp", "unix")
 # The longest Unix socket path that binds everywhere: sun_path is 104 bytes on macOS
 # (108 on Linux), including the terminating NUL.
@@ -178,11 +181,24 @@ class AdminSpec:
 
 
 @dataclass(frozen=True)
+class KubernetesExport:
+    """The `export.kubernetes` section: used by `rotator export kubernetes` only."""
+
+    image: str | None = None  # for every component without its own in `images`
+    images: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), hash=False)
+    namespace: str | None = None
+
+    def image_of(self, name: str) -> str | None:
+        return self.images.get(name, self.image)
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     admin: AdminSpec
     state_dir: Path
     components: tuple[ComponentSpec, ...]
+    kubernetes: KubernetesExport = KubernetesExport()
 
     def component(self, name: str) -> ComponentSpec:
         for spec in self.components:
@@ -199,8 +215,9 @@ class Config:
         """Where the daemon leaves the admin token for the CLI (mode 0600)."""
         return self.state_dir / "admin.token"
 
-    def log_path(self, name: str) -> Path:
-        return self.state_dir / "logs" / f"{name}.log"
+    def log_dir(self, name: str) -> Path:
+        """Where a component's instances write their logs, one file each."""
+        return self.state_dir / "logs" / name
 
     def start_order(self) -> tuple[str, ...]:
         """Component names, each after the components it depends on; ties in file order.
@@ -450,6 +467,7 @@ class _Parser:
         self.pools: list[tuple[str, tuple[int, ...], Node, str]] = []
         # (component, field path, [(dependency name, its node)]) for check_dependencies.
         self.dependencies: list[tuple[str, str, list[tuple[str, Node]]]] = []
+        self.component_names: list[str] = []  # as written, valid or not
 
     def fail(self, node: Node | None, path: str, message: str) -> None:
         line = None if node is None else node.start_mark.line + 1
@@ -486,7 +504,8 @@ class _Parser:
         defaults = self.defaults(_value(top, "defaults"))
         components = self.components(top.get("components"), defaults)
         self.check_overlaps()
-        return Config(self.path, admin, state_dir, components)
+        kubernetes = self.kubernetes(_value(top, "export"))
+        return Config(self.path, admin, state_dir, components, kubernetes)
 
     def defaults(self, node: Node | None) -> dict[str, Any]:
         # Parsed once, so a bad default is reported once, at its defaults.* path.
@@ -508,7 +527,8 @@ class _Parser:
         if found == {}:
             self.fail(entry[1], "components", "must list at least one component")
         specs = [self.component(name, *kv, defaults) for name, kv in (found or {}).items()]
-        self.check_dependencies(list(found or {}))
+        self.component_names = list(found or {})
+        self.check_dependencies(self.component_names)
         return tuple(spec for spec in specs if spec is not None)
 
     def component(
@@ -591,6 +611,46 @@ class _Parser:
             sockets=sockets,
             **rest,
         )
+
+    def kubernetes(self, node: Node | None) -> KubernetesExport:
+        """The `export` section (read after the components: `images` names them)."""
+        path = "export.kubernetes"
+        section = self.mapping(node, "export", ("kubernetes",)) or {}
+        found = self.mapping(_value(section, "kubernetes"), path, KUBERNETES_KEYS) or {}
+        image = self.image(found["image"][1], f"{path}.image") if "image" in found else None
+        namespace = None
+        if "namespace" in found:
+            value_node, here = found["namespace"][1], f"{path}.namespace"
+            if (text := self.scalar(value_node, here, raw=True)) is not None:
+                if _DNS_LABEL.fullmatch(text):
+                    namespace = text
+                else:
+                    self.fail(
+                        value_node,
+                        here,
+                        f"{text!r} is not a namespace name (lowercase letters, digits and '-',"
+                        " at most 63, starting and ending with a letter or digit)",
+                    )
+        images: dict[str, str] = {}
+        names = self.component_names
+        for name, (key_node, value_node) in (
+            self.mapping(_value(found, "images"), f"{path}.images") or {}
+        ).items():
+            here = f"{path}.images.{name}"
+            if name not in names:
+                hint = _did_you_mean(name, names) if names else ""
+                self.fail(key_node, here, f"unknown component {name!r}{hint}")
+            elif (own := self.image(value_node, here)) is not None:
+                images[name] = own
+        return KubernetesExport(image, MappingProxyType(images), namespace)
+
+    def image(self, node: Node, path: str) -> str | None:
+        if (text := self.scalar(node, path, raw=True)) is None:
+            return None
+        if not _IMAGE.fullmatch(text):
+            self.fail(node, path, f"{text!r} is not an image name (e.g. registry/app:1.2)")
+            return None
+        return str(text)
 
     def peek_transport(self, found: dict[str, Entry], defaults: dict[str, Any]) -> str | None:
         """The component's transport (its own, else the default's, else tcp), without

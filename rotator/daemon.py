@@ -16,25 +16,39 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import hashlib
+import json
 import os
 import secrets
 import signal
+import socket
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
-from rotator import __version__
+from rotator import __version__, activation
+from rotator import takeover as takeover_
 from rotator.admin import make_app
 from rotator.component import Component, RotationFailed, probe_socket
-from rotator.config import ComponentSpec, Config, apply_definition
+from rotator.config import ComponentSpec, Config, ConfigError, apply_definition, load
 from rotator.events import Event, EventBus
+from rotator.fleet import (
+    ReloadPlan,
+    ReloadRejected,
+    keep_daemon_settings,
+    plan_reload,
+    rolling_order,
+)
 from rotator.health import HealthCheck
+from rotator.history import EventLog
 from rotator.instance import Instance, marked_processes
+from rotator.metrics import Metrics
 from rotator.ports import describe_holders, port_holders, probe_port
 from rotator.proxy.protocol import Listener
 from rotator.proxy.route import Limits, Route
@@ -49,11 +63,20 @@ from rotator.state import (
     write_private,
 )
 
+# After handing over: how long an idle keep-alive client connection may stay before it is
+# closed (it answers its next request with Connection: close before then).
+HANDOFF_IDLE = 2.0
+# How long a successor may take from receiving the sockets to saying ready (it adopts
+# every instance, each health-checked within ADOPT_CHECK_TIMEOUT).
+READY_TIMEOUT = 600.0
 # An instance found from an earlier run must answer its health check within this to be adopted.
 ADOPT_CHECK_TIMEOUT = 3.0
 # Events that do not change what the state file records.
+# Events the human log leaves out: state transitions repeat what the event before said,
+# and a daemon record repeats a line the daemon printed itself.
+QUIET_KINDS = frozenset({"state", "daemon"})
 NO_STATE_CHANGE = frozenset(
-    {"healthy", "waiting", "unhealthy", "backoff", "port", "verified", "start", "rotated"}
+    {"healthy", "waiting", "unhealthy", "backoff", "port", "verified", "start", "rotated", "daemon"}
 )
 
 
@@ -61,13 +84,54 @@ class DaemonError(Exception):
     """Startup failed for a reason the user can act on; the message says which."""
 
 
+@dataclass(frozen=True)
+class Reload:
+    """A checked reload, ready to apply: the new config, the plan, the new listeners."""
+
+    config: Config
+    plan: ReloadPlan
+    listeners: dict[str, Listener]
+
+
+def reload_summary(result: dict[str, Any]) -> str:
+    parts = [
+        f"{key} {', '.join(result[key])}"
+        for key in ("added", "removed", "rebound", "rotated", "updated", "not_rotated")
+        if result.get(key)
+    ]
+    parts += [f"{name} failed ({why})" for name, why in result.get("failed", {}).items()]
+    return "; ".join(parts) or "no component changed"
+
+
 class Daemon:
-    def __init__(self, config: Config, out: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        out: Callable[[str], None] | None = None,
+        log_format: str = "human",
+        inherited: dict[str, socket.socket] | None = None,
+        takeover: takeover_.Handover | None = None,
+    ) -> None:
         self.config = config
+        # Set when taking over from a running daemon: its sockets, token and connection.
+        self._handover = takeover
+        # False only while taking over, until the old daemon let go: a failed start must
+        # then leave the instances (which the old daemon still owns) alone.
+        self._owns_instances = takeover is None
+        self._successor: int | None = None  # the pid this daemon handed over to
+        self._takeover_socket: socket.socket | None = None
+        self._admin_socket: socket.socket | None = None
+        # Listening sockets from socket activation, by name, until a listener takes them.
+        self.inherited = dict(inherited or {})
         self.bus = EventBus()
         self.components: dict[str, Component] = {}
-        self.listeners: list[Listener] = []
-        self.out = out or _print
+        self.listeners: dict[str, Listener] = {}
+        write = out or _print
+        self.json_log = log_format == "json"
+        # In JSON, the daemon's own lines become records too: one format per stream.
+        self.out = (lambda line: write(_json_line(None, line))) if self.json_log else write
+        self._write_log = write
+        self.history = EventLog(config.state_dir / "events.log")
         self.event_loop = "asyncio"
         self.ready = False  # startup done: every component started, adopted or given up
         self.scope = hashlib.sha1(str(config.state_dir).encode()).hexdigest()[:10]
@@ -78,7 +142,11 @@ class Daemon:
         self._lock = DaemonLock(config.state_dir / "daemon.lock")
         self._shutdown: asyncio.Event | None = None
         self._runner: web.AppRunner | None = None
+        self._reloading = False
+        self._background: set[asyncio.Future[None]] = set()  # SIGHUP reloads
         self.bus.subscribe(self._on_event)
+        # Subscribed from the start, so the lifecycle counts miss no event.
+        self.metrics = Metrics(self, self.bus)
 
     # -- lifecycle ------------------------------------------------------------
     async def serve(self, shutdown_trigger: asyncio.Event | None = None) -> None:
@@ -87,6 +155,7 @@ class Daemon:
         self._shutdown = shutdown_trigger or asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.request_shutdown)
+        loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
         startup = asyncio.ensure_future(self._startup())
         stopping = asyncio.ensure_future(self._shutdown.wait())
         try:
@@ -98,7 +167,7 @@ class Daemon:
                 await stopping
         finally:
             stopping.cancel()
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             await self._stop_everything()
         if not startup.cancelled() and startup.exception() is not None:
@@ -112,15 +181,29 @@ class Daemon:
         config = self.config
         config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
-            self._lock.acquire()
+            if self._handover is None:  # taking over: the old daemon holds it until it exits
+                self._lock.acquire()
         except AlreadyRunning as exc:
             raise DaemonError(
                 f"rotator is already running for {config.path} (pid {exc.pid or 'unknown'}); "
                 "stop it with: rotator down"
             ) from None
+        # Only under the lock: the history file has one writer.
+        self.bus.history.extend(self.history.load(self.bus.history.maxlen or 0))
+        self.bus.subscribe(self.history.append)
+        self.bus.publish(
+            Event(
+                "",
+                "daemon",
+                f"rotator {__version__} starting (pid {os.getpid()})",
+                {"pid": os.getpid()},
+            )
+        )
+        self._claim_inherited()
         for spec in config.components:
             await self._add_component(spec)
-        token = secrets.token_urlsafe(32)
+        # A successor keeps the token: CLI calls in flight still reach one of the two.
+        token = self._handover.token if self._handover else secrets.token_urlsafe(32)
         await self._start_admin(token)
         # Only once the admin address is ours: a second daemon must not replace the token.
         write_private(config.token_path, token)
@@ -130,7 +213,10 @@ class Daemon:
         )
         state = self._load_state()
         kept = await self._adopt(state)
-        await self._stop_leftovers(state, kept)
+        if self._handover is None:
+            await self._stop_leftovers(state, kept)
+        else:
+            await self._take_over()
         self._save()
         skip = {
             name
@@ -139,6 +225,7 @@ class Daemon:
         }
         await self._in_dependency_order(self._start_one, skip)
         self.ready = True
+        await self._listen_for_successor()
         running = sum(c.state == "running" for c in self.components.values())
         failed = [c.name for c in self.components.values() if c.state == "failed"]
         self.out(
@@ -147,6 +234,10 @@ class Daemon:
         )
 
     async def _add_component(self, spec: ComponentSpec) -> None:
+        self._make_component(spec, await self._bind(spec))
+
+    async def _bind(self, spec: ComponentSpec) -> Listener:
+        """The component's public listener, bound (DaemonError when it cannot be)."""
         limits = Limits(
             connect_timeout=spec.connect_timeout,
             read_timeout=spec.read_timeout,
@@ -159,18 +250,32 @@ class Daemon:
         route = Route(spec.name, spec.hold_timeout, limits)
         listener = Listener(route, spec.listen.host, spec.listen.port, spec.keepalive_timeout)
         try:
-            await listener.start()
+            await listener.start(self.inherited.pop(spec.name, None))
         except OSError as exc:
             raise DaemonError(
                 _bind_error(f"components.{spec.name}.listen", str(spec.listen), exc)
             ) from None
-        self.listeners.append(listener)
+        return listener
+
+    def _claim_inherited(self) -> None:
+        """Keep the activated sockets that belong to components; the rest are closed."""
+        try:
+            self.inherited, warnings = activation.assign(self.inherited, self.config.components)
+        except activation.ActivationError as exc:
+            raise DaemonError(str(exc)) from None
+        for warning in warnings:
+            self.out(f"rotator: warning: {warning}")
+        for name, sock in self.inherited.items():
+            self.out(f"{name}: serving on the activated socket fd {sock.fileno()}")
+
+    def _make_component(self, spec: ComponentSpec, listener: Listener) -> None:
+        self.listeners[spec.name] = listener
         self.components[spec.name] = Component(
             spec,
-            route,
+            listener.route,
             self.bus,
             health=HealthCheck(spec.health),
-            log_path=self.config.log_path(spec.name),
+            log_dir=self.config.log_dir(spec.name),
             probe=probe_port,
             socket_probe=probe_socket,
             marker_scope=self.scope,
@@ -181,9 +286,15 @@ class Daemon:
         app = make_app(self, token)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, listen.host, listen.port, reuse_address=True)
+        inherited = self._handover.admin if self._handover else None
         try:
-            await site.start()
+            if inherited is not None and activation.serves(inherited, listen):
+                self._admin_socket = inherited
+            else:
+                family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+                self._admin_socket = socket.create_server((listen.host, listen.port), family=family)
+            # Our own socket, not aiohttp's: a successor daemon is handed it.
+            await web.SockSite(self._runner, self._admin_socket).start()
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise DaemonError(
@@ -230,10 +341,15 @@ class Daemon:
         await asyncio.gather(*(one(name) for name in self.components))
 
     async def _stop_everything(self) -> None:
+        for task in self._background:
+            task.cancel()
+        if self._successor is not None or not self._owns_instances:
+            await self._let_go()
+            return
         if self.components:
             self.out("rotator: shutting down: no new connections, finishing requests in flight")
         deadline = max((spec.drain_timeout for spec in self.config.components), default=0.0)
-        await asyncio.gather(*(listener.shutdown(deadline) for listener in self.listeners))
+        await asyncio.gather(*(listener.shutdown(deadline) for listener in self.listeners.values()))
 
         async def stop(comp: Component, _: bool) -> bool:
             await comp.shutdown()
@@ -247,15 +363,324 @@ class Daemon:
         await self._release()
         if self.components:
             self.out("rotator: stopped")
+        if self._can_save:  # a daemon that got as far as reading its state
+            self.bus.publish(Event("", "daemon", "rotator stopped", {"pid": os.getpid()}))
 
-    async def _release(self) -> None:
-        for listener in self.listeners:
+    async def _release(self, keep_token: bool = False) -> None:
+        for listener in self.listeners.values():
             listener.stop_accepting()
+        self._close_takeover_socket()
         if self._runner is not None:
             await self._runner.cleanup()
-            with contextlib.suppress(FileNotFoundError):
-                self.config.token_path.unlink()
+            if not keep_token:
+                with contextlib.suppress(FileNotFoundError):
+                    self.config.token_path.unlink()
         self._lock.release()
+        self.history.close()
+
+    # -- takeover: handing this daemon's sockets to a successor, or taking them -----------
+    async def _take_over(self) -> None:
+        """The successor's side, once it adopted what runs: tell the old daemon to let go;
+        then this daemon owns the instances, and the lock once the old one has exited."""
+        assert self._handover is not None
+        handover, self._handover = self._handover, None
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, handover.ready)
+        except (OSError, takeover_.TakeoverError) as exc:
+            raise DaemonError(f"takeover failed: the old daemon did not let go: {exc}") from None
+        self._owns_instances = True
+        self.out(f"rotator: took over from pid {handover.old_pid}")
+        task = asyncio.ensure_future(self._acquire_lock_eventually())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _acquire_lock_eventually(self) -> None:
+        while True:
+            try:
+                self._lock.acquire()
+                return
+            except AlreadyRunning:
+                await asyncio.sleep(0.1)  # the old daemon is still finishing its requests
+
+    async def _listen_for_successor(self) -> None:
+        """Accept `rotator up --takeover` on state_dir/takeover.sock, one at a time."""
+        path = takeover_.socket_path(self.config.state_dir)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            sock.bind(str(path))
+            os.chmod(path, 0o600)
+            sock.listen(1)
+        except OSError as exc:
+            sock.close()
+            self.out(
+                f"rotator: takeover unavailable: cannot listen on {path}: {exc.strerror or exc}"
+            )
+            return
+        sock.setblocking(False)
+        self._takeover_socket = sock
+        task = asyncio.ensure_future(self._accept_successors(sock))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _close_takeover_socket(self) -> None:
+        if self._takeover_socket is not None:
+            self._takeover_socket.close()
+            self._takeover_socket = None
+            with contextlib.suppress(OSError):
+                takeover_.socket_path(self.config.state_dir).unlink()
+
+    async def _accept_successors(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while self._successor is None:
+            conn, _ = await loop.sock_accept(sock)
+            with conn:
+                try:
+                    await self._hand_over(conn)
+                except (OSError, takeover_.TakeoverError, TimeoutError) as exc:
+                    self.out(f"rotator: takeover failed ({exc}); serving on")
+                    self._resume()
+
+    async def _hand_over(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        conn.setblocking(False)
+        hello = await asyncio.wait_for(takeover_.receive_async(loop, conn), 5)
+        if hello.get("hello") != takeover_.PROTOCOL:
+            takeover_.send(conn, {"error": f"unknown takeover protocol {hello.get('hello')!r}"})
+            return
+        if self._reloading:
+            takeover_.send(conn, {"error": "a reload is in progress; try again"})
+            return
+        pid = int(hello.get("pid", 0))
+        self.out(f"rotator: pid {pid} is taking over; waiting for rotations in progress")
+        await self._quiesce()
+        self._save()
+        self._can_save = False  # the successor owns the state file now
+        names: list[str | None] = list(self.listeners)
+        fds = [listener.fileno() for listener in self.listeners.values()]
+        names.append(None)  # the admin API's socket
+        assert self._admin_socket is not None
+        fds.append(self._admin_socket.fileno())
+        token = self.config.token_path.read_text().strip()
+        takeover_.send(conn, {"pid": os.getpid(), "token": token, "sockets": names}, fds)
+        answer = await asyncio.wait_for(takeover_.receive_async(loop, conn), READY_TIMEOUT)
+        if not answer.get("ready"):
+            raise takeover_.TakeoverError(f"unexpected answer {answer}")
+        self._successor = pid
+        self._close_takeover_socket()  # before bye: the successor binds the path next
+        for listener in self.listeners.values():
+            listener.stop_accepting()
+        if self._runner is not None:
+            for site in self._runner.sites:
+                await site.stop()
+        takeover_.send(conn, {"bye": True})
+        self.out(f"rotator: handed over to pid {pid}; finishing the requests in flight")
+        self.request_shutdown()
+
+    async def _quiesce(self) -> None:
+        """Let rotations in progress end (bounded), then stop supervising."""
+        deadline = time.monotonic() + takeover_.QUIESCE_TIMEOUT
+        while any(c.busy for c in self.components.values()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for comp in self.components.values():
+            comp.suspend()
+
+    def _resume(self) -> None:
+        self._can_save = True
+        for comp in self.components.values():
+            comp.resume()
+
+    async def _let_go(self) -> None:
+        """Exit without stopping instances: handed over (finish the requests in flight,
+        and the stops of replaced instances already begun), or a takeover that failed
+        before the old daemon let go (which still owns everything)."""
+        deadline = max((spec.drain_timeout for spec in self.config.components), default=0.0)
+        await asyncio.gather(
+            *(ls.shutdown(deadline, idle_grace=HANDOFF_IDLE) for ls in self.listeners.values()),
+            *(c.finish_draining() for c in self.components.values()),
+        )
+        for comp in self.components.values():
+            comp.suspend()
+        await self._release(keep_token=True)
+        if self._successor is not None:
+            self.bus.publish(
+                Event("", "daemon", f"handed over to pid {self._successor}", {"pid": os.getpid()})
+            )
+            self.out("rotator: stopped; the instances run on under the new daemon")
+
+    # -- fleet operations ---------------------------------------------------------------
+    async def restart_many(self, names: Sequence[str] | None, parallel: int = 1) -> dict[str, Any]:
+        """Rotate `names` (None: every component not stopped on purpose) in dependency
+        order, at most `parallel` at once, each after the ones it depends on; after the
+        first failure nothing more is begun. A summary of what was and was not done."""
+        if names is None:
+            skipped = [n for n, c in self.components.items() if c.stopped_on_purpose]
+            names = [n for n in self.components if n not in skipped]
+        else:
+            skipped = []
+        order = rolling_order(self.config, names)
+        slots = asyncio.Semaphore(max(1, parallel))
+        done: dict[str, asyncio.Future[bool]] = {
+            n: asyncio.get_running_loop().create_future() for n in order
+        }
+        restarted: list[str] = []
+        failed: dict[str, str] = {}
+        log_tails: dict[str, list[str]] = {}
+
+        async def one(name: str) -> None:
+            comp = self.components[name]
+            deps = [done[d] for d in comp.spec.depends_on if d in done]
+            ok = all(await asyncio.gather(*deps))
+            async with slots:
+                if ok and not failed:
+                    try:
+                        await comp.rotate()
+                        restarted.append(name)
+                    except RotationFailed as exc:
+                        failed[name] = exc.reason
+                        log_tails[name] = exc.log_tail
+            done[name].set_result(name in restarted)
+
+        await asyncio.gather(*(one(n) for n in order))
+        return {
+            "result": "failed" if failed else "ok",
+            "restarted": restarted,
+            "failed": failed,
+            "not_restarted": [n for n in order if n not in restarted and n not in failed],
+            "skipped": skipped,
+            "log_tail": log_tails,  # the failed new instance's last log lines
+        }
+
+    async def prepare_reload(self) -> Reload:
+        """Read and check the config file again and bind any new public address.
+        ReloadRejected (with every problem) changes nothing."""
+        if self._reloading:
+            raise ReloadRejected(["a reload is already in progress"])
+        self._reloading = True
+        try:
+            return await self._prepare_reload()
+        except BaseException:
+            self._reloading = False
+            raise
+
+    async def _prepare_reload(self) -> Reload:
+        loop = asyncio.get_running_loop()
+        try:
+            new = await loop.run_in_executor(None, load, self.config.path)
+        except ConfigError as exc:
+            raise ReloadRejected([str(p) for p in exc.problems]) from None
+        new = keep_daemon_settings(self.config, new)
+        plan = plan_reload(self.config, new)
+        bound: dict[str, Listener] = {}
+        try:
+            for name in plan.added + plan.rebound:
+                bound[name] = await self._bind(new.component(name))
+        except DaemonError as exc:
+            for listener in bound.values():
+                await listener.shutdown(0)
+            raise ReloadRejected([str(exc)]) from None
+        return Reload(new, plan, bound)
+
+    async def apply_reload(self, reload: Reload) -> dict[str, Any]:
+        """Carry out a prepared reload: in-place updates, new components started, changed
+        ones rotated one at a time in dependency order (stopping at the first failure:
+        the rest keep their running definition and a later reload tries again), removed
+        ones drained and stopped and their addresses released."""
+        try:
+            return await self._apply_reload(reload)
+        finally:
+            self._reloading = False
+
+    async def _apply_reload(self, reload: Reload) -> dict[str, Any]:
+        new, plan = reload.config, reload.plan
+        for note in plan.ignored:
+            self.out(f"rotator: reload: {note}")
+        for name in plan.updated:
+            spec = new.component(name)
+            await self.components[name].reconfigure(spec, rotate=False)
+            self.listeners[name].keepalive_timeout = spec.keepalive_timeout
+        replaced = {name: self._retire_component(name) for name in plan.rebound}
+        for name, listener in reload.listeners.items():
+            self._make_component(new.component(name), listener)
+        started = set(plan.added + plan.rebound)
+        await self._in_dependency_order(self._start_one, skip=set(self.components) - started)
+        failed = {n: self.components[n].last_error or "failed" for n in started}
+        failed = {n: why for n, why in failed.items() if self.components[n].state == "failed"}
+        rotated: list[str] = []
+        for name in plan.rotated:
+            if failed:
+                break
+            try:
+                await self._reconfigure(self.components[name], new.component(name))
+                rotated.append(name)
+            except RotationFailed as exc:
+                failed[name] = exc.reason
+        gone = [self._retire_component(name) for name in plan.removed]
+        await asyncio.gather(*gone, *replaced.values())
+        # In the file's order; what failed to rotate keeps the definition it runs.
+        self.components = {n: self.components[n] for n in new.names if n in self.components}
+        self.listeners = {n: self.listeners[n] for n in self.components}
+        self.config = dataclasses.replace(
+            new, components=tuple(c.config_spec for c in self.components.values())
+        )
+        self._save_soon()
+        return {
+            "result": "failed" if failed else "ok",
+            "added": list(plan.added),
+            "removed": list(plan.removed),
+            "rebound": list(plan.rebound),
+            "rotated": rotated,
+            "not_rotated": [n for n in plan.rotated if n not in rotated and n not in failed],
+            "updated": list(plan.updated),
+            "unchanged": list(plan.unchanged),
+            "failed": failed,
+            "ignored": list(plan.ignored),
+        }
+
+    async def _reconfigure(self, comp: Component, spec: ComponentSpec) -> None:
+        """Rotate `comp` to a reloaded definition; its health check is the new one's
+        only if the rotation succeeds."""
+        health = comp.health
+        if spec.health != comp.config_spec.health:
+            comp.health = HealthCheck(spec.health)
+        try:
+            await comp.reconfigure(spec, rotate=True)
+        except RotationFailed:
+            comp.health = health
+            raise
+
+    def _retire_component(self, name: str) -> Awaitable[None]:
+        """Take a component out of the daemon now (its name is free at once); drain and
+        stop it, then close its public address, in the background of the returned task."""
+        comp = self.components.pop(name)
+        listener = self.listeners.pop(name)
+
+        async def retire() -> None:
+            await comp.shutdown()
+            await listener.shutdown(comp.spec.drain_timeout)
+            comp.emit("removed", f"removed; {comp.spec.listen} released")
+
+        return asyncio.ensure_future(retire())
+
+    def _reload_on_signal(self) -> None:
+        if not self.ready:
+            self.out("rotator: SIGHUP ignored: still starting")
+            return
+        task = asyncio.ensure_future(self._reload_and_report())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _reload_and_report(self) -> None:
+        try:
+            result = await self.apply_reload(await self.prepare_reload())
+        except ReloadRejected as exc:
+            self.out("rotator: reload rejected, nothing changed:")
+            for problem in exc.problems:
+                self.out(f"    {problem}")
+            return
+        self.out(f"rotator: reload {result['result']}: {reload_summary(result)}")
 
     # -- the earlier run --------------------------------------------------------------
     def _load_state(self) -> State:
@@ -283,7 +708,7 @@ class Daemon:
             if comp is None or r is None or record.stopped:
                 continue
             inst = Instance.adopt(
-                name, r.port, r.pid, r.create_time, r.marker, r.started, comp.log_path
+                name, r.port, r.pid, r.create_time, r.marker, r.started, comp.log_dir
             )
             if inst is None:
                 self.out(f"{name}: pid {r.pid} of the earlier run is gone")
@@ -312,7 +737,7 @@ class Daemon:
                 0,
                 root.pid,
                 marker,
-                self.config.log_path(name),
+                None,  # only stopped: its log is not read
                 0,
                 create_time=root.create_time(),
             )
@@ -380,7 +805,10 @@ class Daemon:
         }
 
     def _print_event(self, event: Event) -> None:
-        if event.kind == "state":
+        if self.json_log:
+            self._write_log(_json_line(event.time, "", event.to_json()))
+            return
+        if event.kind in QUIET_KINDS:
             return
         stamp = time.strftime("%H:%M:%S", time.localtime(event.time))
         self.out(f"{stamp} {event.component}: {event.message}")
@@ -423,6 +851,18 @@ def _restore_definition(
     comp.deployed_at = record.deployed_at
 
 
+def _json_line(when: float | None, message: str, record: dict[str, Any] | None = None) -> str:
+    """One JSON log record: an event's fields, or a daemon line as {"message": ...}."""
+    fields = record if record is not None else {"component": None, "message": message}
+    when = time.time() if when is None else when
+    stamp = (
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(when)) + f".{int(when % 1 * 1000):03d}"
+    )
+    return json.dumps(
+        {**fields, "time": stamp + time.strftime("%z", time.localtime(when))}, default=str
+    )
+
+
 def _print(line: str) -> None:
     print(line, flush=True)
 
@@ -435,8 +875,9 @@ def _bind_error(field: str, address: str, exc: OSError) -> str:
     return message
 
 
-def run(config: Config) -> int:
-    """Run the daemon in the foreground until it is told to stop; the exit code."""
+def run(config: Config, log_format: str = "human", takeover: bool = False) -> int:
+    """Run the daemon in the foreground until it is told to stop; the exit code. With
+    `takeover`, first take the sockets of the daemon running for this state_dir."""
     loop_factory = None
     try:
         import uvloop
@@ -444,11 +885,29 @@ def run(config: Config) -> int:
         loop_factory = uvloop.new_event_loop
     except ImportError:
         pass
-    daemon = Daemon(config)
     try:
+        # Read (and unset) before anything starts an instance: they must not inherit it.
+        inherited = activation.listen_fds(os.environ, os.getpid())
+        handover = takeover_.request(config.state_dir) if takeover else None
+        if handover is not None:
+            inherited = _matching(handover.sockets, config)
+        daemon = Daemon(config, inherited=inherited, log_format=log_format, takeover=handover)
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             runner.run(daemon.serve())
-    except DaemonError as exc:
+    except (DaemonError, activation.ActivationError, takeover_.TakeoverError) as exc:
         print(f"rotator: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _matching(sockets: dict[str, socket.socket], config: Config) -> dict[str, socket.socket]:
+    """The handed-over sockets of components that keep their name and address; the
+    others are closed here (the old daemon closes its copies as it exits), and a
+    component with a new address binds it."""
+    kept = {}
+    for name, sock in sockets.items():
+        if name in config.names and activation.serves(sock, config.component(name).listen):
+            kept[name] = sock
+        else:
+            sock.close()
+    return kept

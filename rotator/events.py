@@ -19,7 +19,7 @@ HISTORY = 1000
 @dataclass(frozen=True)
 class Event:
     component: str
-    kind: str  # spawned, healthy, switched, drained, stopped, failed, exited, waiting, state
+    kind: str  # spawned, healthy, switched, drained, stopped, rotated, failed, exited, state...
     message: str  # one human line, without the component name
     data: dict[str, Any] = field(default_factory=dict)
     time: float = field(default_factory=time.time)
@@ -32,6 +32,17 @@ class Event:
             "message": self.message,
             **self.data,
         }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Event:
+        """The inverse of to_json (KeyError or TypeError on a record that is not an event)."""
+        rest = dict(data)
+        time_, component, kind, message = (
+            rest.pop(k) for k in ("time", "component", "kind", "message")
+        )
+        if not isinstance(component, str) or not isinstance(kind, str):
+            raise TypeError("component and kind must be strings")
+        return cls(component, kind, str(message), rest, float(time_))
 
 
 Subscriber = Callable[[Event], None]

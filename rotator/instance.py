@@ -1,13 +1,13 @@
 """One OS process of a component: spawn or adopt it, know when it exits, stop its whole tree.
 
 An instance runs in its own session (so its process group id is its pid) with
-its output appended to the component's log file, and carries a marker in its
-environment (ROTATOR_INSTANCE) that its descendants inherit. Stopping signals
-the process group, every descendant found through psutil, and every process
-still carrying the marker (a double fork leaves both the group and the tree),
-waits, kills what is left and checks that nothing survived. Identity is pid
-*and* create time: a bare pid may have been reused. Deciding *when* to start or
-stop is the component's job, not this module's.
+its output going straight to a log file of its own (see logs.py), and carries
+a marker in its environment (ROTATOR_INSTANCE) that its descendants inherit.
+Stopping signals the process group, every descendant found through psutil, and
+every process still carrying the marker (a double fork leaves both the group
+and the tree), waits, kills what is left and checks that nothing survived.
+Identity is pid *and* create time: a bare pid may have been reused. Deciding
+*when* to start or stop is the component's job, not this module's.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+
+from rotator import logs
 
 MARKER = "ROTATOR_INSTANCE"
 # After SIGKILL, how long to wait for the kernel to reap what was killed.
@@ -60,7 +62,7 @@ class Instance:
         port: int,
         pid: int,
         marker: str,
-        log_path: Path,
+        log_path: Path | None,
         log_offset: int,
         process: asyncio.subprocess.Process | None = None,
         create_time: float | None = None,
@@ -71,8 +73,8 @@ class Instance:
         self.pid = pid
         self.marker = marker
         self.process = process  # None when adopted from an earlier daemon
-        self.log_path = log_path
-        self.log_offset = log_offset
+        self.log_path = log_path  # this instance's own file; None when it could not be found
+        self.log_offset = log_offset  # where its own output begins, after the header
         self.started = time.time() if started is None else started
         self.stopping = False
         self._exit_code: int | None = None
@@ -94,12 +96,14 @@ class Instance:
         argv: list[str],
         env: dict[str, str],
         cwd: Path,
-        log_path: Path,
+        log_dir: Path,
         marker: str = "",
     ) -> Instance:
+        """Start the command, its output going to a file of its own in `log_dir`."""
         marker = marker or new_marker("-", name)
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "ab") as log:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        starting = logs.starting_path(log_dir)
+        with open(starting, "ab") as log:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
             where = f"port {port}" if port else f"socket {env.get('ROTATOR_SOCKET', '?')}"
             log.write(f"==== rotator: {name} on {where} at {stamp}: {shlex.join(argv)}\n".encode())
@@ -116,11 +120,17 @@ class Instance:
                     start_new_session=True,
                 )
             except FileNotFoundError as exc:
-                log.write(f"==== rotator: command not found: {argv[0]}\n".encode())
+                _discard(starting)
                 raise SpawnError(f"command not found: {argv[0]}") from exc
             except OSError as exc:
-                log.write(f"==== rotator: could not start: {exc}\n".encode())
+                _discard(starting)
                 raise SpawnError(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from exc
+        log_path = logs.named_for(starting, process.pid)
+        try:
+            # The child keeps writing through its descriptor, whatever the name.
+            os.rename(starting, log_path)
+        except OSError:
+            log_path = starting
         return cls(name, port, process.pid, marker, log_path, offset, process=process)
 
     @classmethod
@@ -132,19 +142,18 @@ class Instance:
         create_time: float,
         marker: str,
         started: float,
-        log_path: Path,
+        log_dir: Path,
     ) -> Instance | None:
-        """The instance an earlier daemon started, if that very process still runs."""
+        """The instance an earlier daemon started, if that very process still runs; its log
+        file is found by pid (None if it is gone: the instance is adopted all the same)."""
         try:
             proc = psutil.Process(pid)
             if abs(proc.create_time() - create_time) > CREATE_TIME_SLACK or not _alive(proc):
                 return None
         except psutil.Error:
             return None
-        try:
-            offset = log_path.stat().st_size
-        except OSError:
-            offset = 0
+        log_path = logs.find(log_dir, pid)
+        offset = logs.header_end(log_path) if log_path is not None else 0
         return cls(
             name, port, pid, marker, log_path, offset, create_time=create_time, started=started
         )
@@ -178,15 +187,10 @@ class Instance:
             return False
 
     def tail(self, lines: int = 20) -> list[str]:
-        """The last lines this instance wrote (not its predecessors')."""
-        try:
-            with open(self.log_path, "rb") as log:
-                log.seek(self.log_offset)
-                data = log.read()
-        except OSError:
+        """The last lines this instance wrote, after rotator's header."""
+        if self.log_path is None:
             return []
-        own = data.split(b"\n==== rotator: ", 1)[0]
-        return own.decode(errors="replace").splitlines()[-lines:]
+        return logs.tail(self.log_path, lines, start=self.log_offset)
 
     async def stop(self, sig: signal.Signals, timeout: float, *, force: bool = False) -> StopResult:
         """Stop the whole tree: `sig`, up to `timeout` seconds, then SIGKILL (at once with force)."""
@@ -270,6 +274,12 @@ def marked_processes(prefix: str) -> dict[str, list[psutil.Process]]:
             if marker.startswith(prefix) and _alive(proc):
                 found.setdefault(marker, []).append(proc)
     return found
+
+
+def _discard(log: Path) -> None:
+    """The log of a command that never ran: no pid to name it by, and the error says it all."""
+    with contextlib.suppress(OSError):
+        log.unlink()
 
 
 def _pgid(proc: psutil.Process) -> int | None:

@@ -33,6 +33,7 @@ def status_table(status: dict[str, Any], now: float | None = None) -> str:
         "IN FLIGHT",
         "RESTARTS",
         "LAST ROTATION",
+        "LAST STOP",
     )
     rows = [header]
     notes = []
@@ -53,6 +54,7 @@ def status_table(status: dict[str, Any], now: float | None = None) -> str:
                 f"{duration(now - last['at'])} ago, took {duration(last['seconds'])}"
                 if last
                 else "-",
+                c.get("last_stop") or "-",
             )
         )
         for d in c["draining"]:
@@ -69,8 +71,11 @@ def status_table(status: dict[str, Any], now: float | None = None) -> str:
             notes.append(
                 f"  {c['name']}: runs its deployed definition{since}: {' '.join(definition.get('command', []))}"
             )
-        if c.get("last_stop"):
-            notes.append(f"  {c['name']}: last instance stop was {c['last_stop']}")
+        if c.get("last_stop") == "forced":
+            notes.append(
+                f"  {c['name']}: its last instance ignored its stop signal and was killed "
+                "after stop_timeout"
+            )
         if c.get("last_error") and c["state"] != "running":
             notes.append(f"  {c['name']}: {c['last_error']}")
             notes.extend(f"    | {line}" for line in c.get("log_tail", []))
@@ -87,6 +92,18 @@ def _where(instance: dict[str, Any]) -> str:
     if instance.get("port"):
         return str(instance["port"])
     return str(instance.get("socket") or "-").rsplit("/", 1)[-1]
+
+
+def history_line(event: dict[str, Any]) -> str:
+    """An event from the history: when, which component (or the daemon itself), what; and
+    the log lines an exit carries, indented below it."""
+    when = event["time"]
+    stamp = (
+        time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when)) + f".{int(when % 1 * 1000):03d}"
+    )
+    who = event["component"] or "rotator"
+    tail = "".join(f"\n    | {line}" for line in event.get("log_tail") or [])
+    return f"{stamp} {who}: {event['message']}{tail}"
 
 
 def event_line(event: dict[str, Any], since: float | None = None) -> str:

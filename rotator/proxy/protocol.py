@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import socket
 from collections.abc import Callable
 from typing import Any, NamedTuple, cast
 
@@ -127,12 +128,14 @@ class Exchange:
         "interim",
         "keep_alive",
         "pending",
+        "received",
         "rechunk",
         "response_done",
         "response_started",
         "retries",
         "slotted",
         "started",
+        "status",
         "streamed",
         "target",
         "tunnel",
@@ -153,6 +156,8 @@ class Exchange:
         upgrade: bytes = b"",
     ) -> None:
         self.client = client
+        self.received = client.loop.time()  # the head is in: the request's duration starts
+        self.status = 0  # of the answer the client gets, once it is decided
         self.head = head
         self.head_only = method == b"HEAD"
         self.idempotent = method in IDEMPOTENT
@@ -257,6 +262,7 @@ class Exchange:
             return True
         self.interim = False
         self.response_started = True
+        self.status = status
         self.buffer = []
         framing = b""
         if not (self.head_only or status in (204, 304) or headers.has_length):
@@ -285,6 +291,8 @@ class Exchange:
         self.response_started = True
         self.keep_alive = False
         client = self.client
+        # Counted now, as answered: its duration is the handshake's, not the websocket's life.
+        client.route.answered(status, client.loop.time() - self.received)
         client.out(
             b"HTTP/1.1 %d %b\r\n%bConnection: Upgrade\r\nUpgrade: %b\r\n\r\n"
             % (status, reason, block, self.upgrade)
@@ -367,6 +375,7 @@ class Exchange:
     def fail(self, status: int, extra: bytes = b"", detail: str = "") -> None:
         """Answer with an error of the proxy's own (before any response byte went out)."""
         client = self.client
+        self.status = status
         why = REASONS[status].lower() + (b" (" + detail.encode() + b")" if detail else b"")
         body = b"rotator: %b: %b\n" % (client.route.name.encode(), why)
         self.keep_alive = self.keep_alive and self.body_done
@@ -654,7 +663,8 @@ class ClientConnection(asyncio.Protocol):
         if not self.queue or self.queue[0] is not ex:
             return
         self.queue.popleft()
-        self.route.requests += 1
+        if not ex.tunnel:  # a websocket was counted at its 101
+            self.route.answered(ex.status, self.loop.time() - ex.received)
         # Back-pressure from the exchange's instance connection ends with the exchange.
         self._upstream_full = False
         if not (ex.keep_alive and ex.body_done) or self.transport is None:
@@ -779,12 +789,17 @@ class Listener:
         self.host_header = b"Host: " + address.encode() + b"\r\n"
         self._sweeper: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Bind host:port, or serve on `sock`, a listening socket bound by someone else
+        (socket activation): connections already queued on it are served too."""
         loop = asyncio.get_running_loop()
         factory: Callable[[], ClientConnection] = lambda: ClientConnection(self)  # noqa: E731
-        self.server = await loop.create_server(
-            factory, self.host, self.port, reuse_address=True, backlog=1024
-        )
+        if sock is not None:
+            self.server = await loop.create_server(factory, sock=sock, backlog=1024)
+        else:
+            self.server = await loop.create_server(
+                factory, self.host, self.port, reuse_address=True, backlog=1024
+            )
         self._sweeper = loop.create_task(self._sweep())
 
     async def _sweep(self) -> None:
@@ -792,11 +807,11 @@ class Listener:
         pass instead of a timer per request keeps the hot path free of timers; the
         price is that a timeout fires up to one sweep interval late."""
         loop = asyncio.get_running_loop()
-        limits = self.route.limits
-        timeouts = [self.keepalive_timeout, limits.read_timeout, limits.request_timeout or 1e9]
-        interval = min(SWEEP_INTERVAL, *(t / 4 for t in timeouts))
         while True:
-            await asyncio.sleep(interval)
+            # Read each pass: a reload may change the limits of a running component.
+            limits = self.route.limits
+            timeouts = [self.keepalive_timeout, limits.read_timeout, limits.request_timeout or 1e9]
+            await asyncio.sleep(min(SWEEP_INTERVAL, *(t / 4 for t in timeouts)))
             now = loop.time()
             for conn in list(self.connections):
                 if not conn.queue:
@@ -846,21 +861,39 @@ class Listener:
                 return
         self.slots_in_use -= 1
 
+    def fileno(self) -> int:
+        """The listening socket's descriptor (to hand it to a successor daemon)."""
+        assert self.server is not None and self.server.sockets
+        return self.server.sockets[0].fileno()
+
     def stop_accepting(self) -> None:
         if self.server is not None:
             self.server.close()
 
-    async def shutdown(self, timeout: float) -> None:
-        """Stop accepting, let requests in progress finish (up to `timeout`), close the rest."""
+    async def shutdown(self, timeout: float, idle_grace: float = 0.0) -> None:
+        """Stop accepting, let requests in progress finish (up to `timeout`), close the rest.
+
+        With `idle_grace` (a takeover: another daemon accepts on the same socket), an
+        idle keep-alive connection is not closed at once but answers its next request
+        with `Connection: close`, so a client never sends on a connection we just
+        closed; only those still idle after `idle_grace` are closed under them."""
         self.stop_accepting()
         if self._sweeper is not None:
             self._sweeper.cancel()
         for conn in list(self.connections):
-            conn.close_when_idle()
+            if idle_grace > 0:
+                conn.closing = True
+            else:
+                conn.close_when_idle()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        idle_deadline = loop.time() + idle_grace
         while self.connections and loop.time() < deadline:
             await asyncio.sleep(0.02)
+            if idle_grace > 0 and loop.time() > idle_deadline:
+                idle_grace = 0.0
+                for conn in list(self.connections):
+                    conn.close_when_idle()
         for conn in list(self.connections):
             if conn.tunnel is not None:  # a websocket still open: ask its client to reconnect
                 if conn.tunnel.frames.between_frames:

@@ -5,6 +5,9 @@ flight on it and its keep-alive connections. A Route holds the component's
 current Target; `swap()` replaces it in one step, so a request is bound to
 whichever Target was current when its head arrived and stays there.
 
+The Route also counts the requests answered through it (by status class, and
+a duration histogram) in plain numbers that metrics.py reads at scrape time.
+
 No sockets are opened here; connections register themselves (see upstream.py).
 """
 
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from bisect import bisect_left
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -21,6 +25,9 @@ if TYPE_CHECKING:
 # Idle keep-alive connections kept per target; more would only hold sockets
 # (and file descriptors) open on the instance for no benefit.
 MAX_IDLE_PER_TARGET = 64
+# Upper bounds (seconds) of the request duration histogram's buckets; one more
+# bucket past the last counts everything slower (Prometheus' +Inf).
+DURATION_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 @dataclass(frozen=True)
@@ -127,7 +134,18 @@ class Route:
     """A component's current Target; never None during a rotation, only before the first
     instance is healthy or after the component was stopped."""
 
-    __slots__ = ("_waiters", "hold_timeout", "holding", "limits", "name", "requests", "target")
+    __slots__ = (
+        "_waiters",
+        "codes",
+        "duration_sum",
+        "durations",
+        "hold_timeout",
+        "holding",
+        "limits",
+        "name",
+        "requests",
+        "target",
+    )
 
     def __init__(self, name: str, hold_timeout: float, limits: Limits | None = None) -> None:
         self.name = name
@@ -137,7 +155,12 @@ class Route:
         # so requests are answered 503 at once instead of being held.
         self.holding = True
         self.target: Target | None = None
+        # Counters of answered requests, read by metrics.py at scrape time: the
+        # hot path only adds to plain numbers.
         self.requests = 0
+        self.codes = [0] * 10  # by status class: codes[2] counts the 2xx
+        self.durations = [0] * (len(DURATION_BOUNDS) + 1)  # per bucket, not cumulative
+        self.duration_sum = 0.0
         self._waiters: list[asyncio.Future[Target]] = []
 
     def swap(self, new: Target | None) -> Target | None:
@@ -149,6 +172,13 @@ class Route:
                 if not fut.done():
                     fut.set_result(new)
         return old
+
+    def answered(self, status: int, seconds: float) -> None:
+        """A client got its whole answer (`status`), `seconds` after its request head arrived."""
+        self.requests += 1
+        self.codes[status // 100 % 10] += 1
+        self.durations[bisect_left(DURATION_BOUNDS, seconds)] += 1
+        self.duration_sum += seconds
 
     async def wait_target(self, exclude: Target | None = None) -> Target | None:
         """The current target (other than `exclude`, one that just failed), waiting up

@@ -49,7 +49,10 @@ def test_probes_leave_no_time_wait_on_the_instance_port() -> None:
 
         async def probes() -> list[str | None]:
             await health.wait_until_healthy(HOST, port, asyncio.Event().wait())
-            return [await health.probe(HOST, port) for _ in range(20)]
+            results = [await health.probe(HOST, port) for _ in range(20)]
+            health.forget(HOST, port)  # as the component does before it stops an instance
+            await asyncio.sleep(0.05)
+            return results
 
         assert asyncio.run(probes()) == [None] * 20
         proc.send_signal(signal.SIGTERM)
@@ -128,3 +131,74 @@ def test_wait_until_healthy_gives_up_after_start_timeout() -> None:
                 await health.wait_until_healthy(HOST, port, asyncio.Event().wait())
 
         asyncio.run(scenario())
+
+
+class CountingServer:
+    """A tiny HTTP server in the test's loop: counts connections, answers every request
+    200, optionally with `Connection: close`, or closes each connection `idle_close`
+    seconds after answering (an idle timeout shorter than the probe interval)."""
+
+    def __init__(self, close: bool = False, idle_close: float | None = None) -> None:
+        self.close, self.idle_close = close, idle_close
+        self.accepted = 0
+        self.closed_by_peer = 0
+        self.port = 0
+
+    async def start(self) -> asyncio.Server:
+        server = await asyncio.start_server(self._serve, HOST, 0)
+        self.port = server.sockets[0].getsockname()[1]
+        return server
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        extra = "Connection: close\r\n" if self.close else ""
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                assert head.startswith(b"GET /health HTTP/1.1")
+                writer.write(f"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n{extra}\r\nok".encode())
+                if self.close:
+                    break
+                if self.idle_close is not None:
+                    await asyncio.sleep(self.idle_close)
+                    break
+        except asyncio.IncompleteReadError:
+            self.closed_by_peer += 1
+        writer.close()
+
+
+def probe_many(server: CountingServer, count: int, pause: float = 0.0) -> list[str | None]:
+    async def run() -> list[str | None]:
+        listening = await server.start()
+        health = check()
+        results = []
+        for _ in range(count):
+            results.append(await health.probe(HOST, server.port))
+            await asyncio.sleep(pause)
+        health.forget(HOST, server.port)
+        await asyncio.sleep(0.05)
+        listening.close()
+        return results
+
+    return asyncio.run(run())
+
+
+def test_probes_reuse_one_connection() -> None:
+    server = CountingServer()
+    assert probe_many(server, 10) == [None] * 10
+    assert server.accepted == 1
+    assert server.closed_by_peer == 1  # forget() closed it, from our side
+
+
+def test_a_server_that_closes_gets_a_fresh_connection_per_probe() -> None:
+    server = CountingServer(close=True)
+    assert probe_many(server, 5) == [None] * 5
+    assert server.accepted == 5
+
+
+def test_a_kept_connection_closed_meanwhile_is_not_a_failure() -> None:
+    # The instance's idle timeout closes the kept connection between two probes: the
+    # probe notices, opens a fresh one, and reports the fresh answer.
+    server = CountingServer(idle_close=0.02)
+    assert probe_many(server, 4, pause=0.1) == [None] * 4
+    assert server.accepted == 4

@@ -84,6 +84,9 @@ class ScriptedHealth:
     async def probe(self, host: str, port: int) -> str | None:
         return self.world.probe_script.pop(0) if self.world.probe_script else None
 
+    def forget(self, host: str, port: int, *, unix: str | None = None) -> None:
+        self.world.forgotten.append(port)
+
 
 class World:
     """The side effects a Component sees, scripted."""
@@ -98,6 +101,7 @@ class World:
         self.gate: asyncio.Event | None = None  # when set, health waits for it
         self.busy: set[int] = set()
         self.probe_script: list[str | None] = []  # answers of health probes while running
+        self.forgotten: list[int] = []  # ports whose kept health connection was closed
 
     async def spawn(
         self,
@@ -134,7 +138,7 @@ class World:
             self.route,
             self.bus,
             health=ScriptedHealth(self),
-            log_path=Path("/dev/null"),
+            log_dir=Path("/dev/null"),
             spawn=self.spawn,
             probe=self.probe,
         )
@@ -181,6 +185,7 @@ def test_rotation_switches_then_drains_then_stops_the_old_instance() -> None:
         assert w.instances[0].stopped_with == signal.SIGTERM
         assert w.kinds()[4:] == ["spawned", "healthy", "switched", "drained", "stopped", "rotated"]
         assert c.restarts == 1 and c.draining == [] and c.last_stop == "graceful"
+        assert w.forgotten == [9001]  # the kept health connection closed before the stop
 
     run(scenario())
 
@@ -493,7 +498,7 @@ class UnixWorld(World):
             self.route,
             self.bus,
             health=UnixHealth(self),
-            log_path=Path("/dev/null"),
+            log_dir=Path("/dev/null"),
             spawn=self.spawn,
             probe=self.probe,
             socket_probe=lambda path: self.socket_states.get(path, SocketState.FREE),

@@ -1,0 +1,111 @@
+"""Fleet-wide plans, pure: the order of a rolling restart, and what a reload changes.
+
+The daemon carries the plans out (daemon.py); nothing here touches a socket or
+a process, so every decision is testable from two Config objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from rotator.config import ComponentSpec, Config
+
+# What an instance is started from: a change to one of these needs a new instance.
+# Everything else (proxy limits, timeouts, restart policy, depends_on, verify) is
+# applied to the running component in place. Health is here because a new health
+# check should be proven by a health-gated start, not trusted.
+INSTANCE_FIELDS = ("command", "cwd", "env", "ports", "transport", "sockets", "health")
+
+
+class ReloadRejected(Exception):
+    """The reloaded config cannot be applied; nothing was changed. One line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class ReloadPlan:
+    added: tuple[str, ...] = ()  # new names: bound and started
+    removed: tuple[str, ...] = ()  # gone: drained, stopped, their address released
+    rebound: tuple[str, ...] = ()  # listen address changed: the old one removed, the new added
+    rotated: tuple[str, ...] = ()  # an instance field changed: rotated to the new definition
+    updated: tuple[str, ...] = ()  # only proxy or supervision settings: applied in place
+    unchanged: tuple[str, ...] = ()
+    # Changes a running daemon cannot apply (its own address, its state_dir), one line each.
+    ignored: tuple[str, ...] = ()
+
+    @property
+    def changes_anything(self) -> bool:
+        return bool(self.added or self.removed or self.rebound or self.rotated or self.updated)
+
+
+def plan_reload(old: Config, new: Config) -> ReloadPlan:
+    """What applying `new` over the running `old` does to each component, in `new`'s
+    dependency order (removed ones in `old`'s reverse order)."""
+    before = {spec.name: spec for spec in old.components}
+    after = {spec.name: spec for spec in new.components}
+    groups: dict[str, list[str]] = {
+        "added": [],
+        "rebound": [],
+        "rotated": [],
+        "updated": [],
+        "unchanged": [],
+    }
+    for name in new.start_order():
+        groups[_change(before.get(name), after[name])].append(name)
+    removed = [name for name in reversed(old.start_order()) if name not in after]
+    return ReloadPlan(
+        removed=tuple(removed),
+        ignored=tuple(_daemon_changes(old, new)),
+        **{key: tuple(names) for key, names in groups.items()},
+    )
+
+
+def _change(old: ComponentSpec | None, new: ComponentSpec) -> str:
+    if old is None:
+        return "added"
+    if old == new:
+        return "unchanged"
+    if old.listen != new.listen:
+        return "rebound"
+    if any(getattr(old, f) != getattr(new, f) for f in INSTANCE_FIELDS):
+        return "rotated"
+    return "updated"
+
+
+def _daemon_changes(old: Config, new: Config) -> list[str]:
+    notes = []
+    if old.admin != new.admin:
+        notes.append(
+            f"admin.listen: {old.admin.listen} -> {new.admin.listen} takes effect at the next "
+            "`rotator up` (the admin API stays where it is)"
+        )
+    if old.state_dir != new.state_dir:
+        notes.append(
+            f"state_dir: {old.state_dir} -> {new.state_dir} takes effect at the next `rotator up`"
+        )
+    return notes
+
+
+def keep_daemon_settings(running: Config, new: Config) -> Config:
+    """`new` with the settings only a daemon restart can change taken from `running`."""
+    return dataclasses.replace(new, admin=running.admin, state_dir=running.state_dir)
+
+
+def changed_fields(old: ComponentSpec, new: ComponentSpec) -> list[str]:
+    """The names of the fields that differ, for messages."""
+    return [
+        f.name
+        for f in dataclasses.fields(ComponentSpec)
+        if getattr(old, f.name) != getattr(new, f.name)
+    ]
+
+
+def rolling_order(config: Config, names: Iterable[str]) -> list[str]:
+    """`names` in dependency order (each after what it depends on; ties in file order)."""
+    wanted = set(names)
+    return [name for name in config.start_order() if name in wanted]

@@ -1,0 +1,248 @@
+"""Prometheus metrics: what `GET /metrics` on the admin address answers.
+
+Nothing here runs per request. The proxy counts the requests it answered on
+each Route in plain numbers (route.py); the lifecycle counts (rotations,
+failed health checks, instance stops) are kept by LifecycleCounters, a
+subscriber of the daemon's EventBus; Collector reads both, and the state of
+each component, only when Prometheus scrapes. prometheus_client does the text
+format, in a registry of our own (never its global one) that also holds its
+ProcessCollector (CPU, memory, file descriptors; it reads /proc, so on macOS
+it yields nothing). The reference of every metric is docs/metrics.md.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+from rotator import __version__
+from rotator.component import Component
+from rotator.events import Event, EventBus
+from rotator.proxy.route import DURATION_BOUNDS
+
+# Rotations take from a fraction of a second (a quick app) to minutes (a slow
+# start, a long verify window).
+ROTATION_BOUNDS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+ROTATION_OUTCOMES = ("ok", "failed", "rolled_back")
+STOP_OUTCOMES = ("graceful", "forced", "gone")
+STATES = ("starting", "running", "rotating", "stopped", "failed")
+
+
+class Source(Protocol):
+    """What the collector reads of the daemon, always afresh: a reload may add or remove
+    components at any time."""
+
+    @property
+    def components(self) -> Mapping[str, Component]: ...
+
+    @property
+    def event_loop(self) -> str: ...
+
+
+@dataclass
+class Lifecycle:
+    """One component's counts of what happened to it, from its events."""
+
+    rotations: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ROTATION_OUTCOMES, 0))
+    rotation_buckets: list[int] = field(default_factory=lambda: [0] * (len(ROTATION_BOUNDS) + 1))
+    rotation_seconds: float = 0.0
+    health_check_failures: int = 0
+    stops: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STOP_OUTCOMES, 0))
+
+
+class LifecycleCounters:
+    """An EventBus subscriber that counts rotations, failed health checks and instance stops.
+
+    It must never raise: the bus drops a subscriber that does, and the counts would
+    silently stop. Counts of a component removed by a reload are kept (a few
+    numbers) and continue if it comes back.
+    """
+
+    def __init__(self) -> None:
+        self.components: dict[str, Lifecycle] = {}
+
+    def __call__(self, event: Event) -> None:
+        kind, data = event.kind, event.data
+        if kind == "rotated":
+            self._rotated(self._of(event.component), data.get("outcome"), data.get("seconds"))
+        elif kind == "unhealthy" and "check" in data:
+            # The guard's event per failed check; the one _crashed adds at the threshold has no
+            # `check`, so a check is counted once.
+            self._of(event.component).health_check_failures += 1
+        elif kind == "stopped" and isinstance(outcome := data.get("outcome"), str):
+            stops = self._of(event.component).stops
+            stops[outcome] = stops.get(outcome, 0) + 1
+
+    def _of(self, component: str) -> Lifecycle:
+        found = self.components.get(component)
+        if found is None:
+            found = self.components[component] = Lifecycle()
+        return found
+
+    @staticmethod
+    def _rotated(counts: Lifecycle, outcome: object, seconds: object) -> None:
+        if not isinstance(outcome, str):
+            return
+        counts.rotations[outcome] = counts.rotations.get(outcome, 0) + 1
+        took = float(seconds) if isinstance(seconds, int | float) else 0.0
+        counts.rotation_buckets[bisect_left(ROTATION_BOUNDS, took)] += 1
+        counts.rotation_seconds += took
+
+
+def cumulative(bounds: Sequence[float], counts: Sequence[int]) -> list[tuple[str, float]]:
+    """Per-bucket counts (one more than bounds: the overflow) as Prometheus' cumulative
+    `le` buckets, +Inf last."""
+    buckets, total = [], 0
+    for bound, count in zip([*map(_le, bounds), "+Inf"], counts, strict=True):
+        total += count
+        buckets.append((bound, float(total)))
+    return buckets
+
+
+def _le(bound: float) -> str:
+    return repr(float(bound))
+
+
+class Collector:
+    """Reads the proxy's counters, the lifecycle counts and the components' state at scrape time."""
+
+    def __init__(self, source: Source, lifecycle: LifecycleCounters) -> None:
+        self.source = source
+        self.lifecycle = lifecycle
+
+    def collect(self) -> Iterator[Metric]:
+        # A copy: the scrape must not see the dict change under it (it runs on the
+        # loop, so it cannot today, but a reload's edit between two families would
+        # make them disagree).
+        components = list(self.source.components.values())
+        yield from self._traffic(components)
+        yield from self._instances(components)
+        yield from self._lifecycle(components)
+        info = GaugeMetricFamily(
+            "rotator_info", "rotator's version and event loop", labels=["version", "event_loop"]
+        )
+        info.add_metric([__version__, self.source.event_loop], 1)
+        yield info
+
+    def _traffic(self, components: list[Component]) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "rotator_requests",
+            "Requests answered through the proxy, by status class of the answer the client got",
+            labels=["component", "code"],
+        )
+        durations = HistogramMetricFamily(
+            "rotator_request_duration_seconds",
+            "From a request's head arriving to its answer's end (a websocket: to its 101)",
+            labels=["component"],
+        )
+        in_flight = GaugeMetricFamily(
+            "rotator_requests_in_flight",
+            "Requests at the component's instances now (held requests not included)",
+            labels=["component"],
+        )
+        for comp in components:
+            route = comp.route
+            for cls, count in enumerate(route.codes):
+                if 1 <= cls <= 5 or count:
+                    requests.add_metric([comp.name, f"{cls}xx"], count)
+            durations.add_metric(
+                [comp.name], cumulative(DURATION_BOUNDS, route.durations), route.duration_sum
+            )
+            targets = [d.target for d in comp.draining]
+            if route.target is not None:
+                targets.append(route.target)
+            in_flight.add_metric([comp.name], sum(t.in_flight for t in targets))
+        yield from (requests, durations, in_flight)
+
+    def _instances(self, components: list[Component]) -> Iterator[Metric]:
+        state = GaugeMetricFamily(
+            "rotator_component_state",
+            "1 for the component's current state, 0 for the others",
+            labels=["component", "state"],
+        )
+        port = GaugeMetricFamily(
+            "rotator_active_instance_port",
+            "The pool port of the active instance (absent: none, or on a Unix socket)",
+            labels=["component"],
+        )
+        pid = GaugeMetricFamily(
+            "rotator_active_instance_pid",
+            "The pid of the active instance (absent: none)",
+            labels=["component"],
+        )
+        restarts = CounterMetricFamily(
+            "rotator_instance_restarts",
+            "Active instances replaced by a new one (restart, deploy, crash or health recovery)",
+            labels=["component"],
+        )
+        for comp in components:
+            names = STATES if comp.state in STATES else (*STATES, comp.state)
+            for name in names:
+                state.add_metric([comp.name, name], 1 if name == comp.state else 0)
+            active = comp.active
+            if active is not None:
+                pid.add_metric([comp.name], active.pid)
+                if active.port:  # 0: on a Unix socket
+                    port.add_metric([comp.name], active.port)
+            restarts.add_metric([comp.name], comp.restarts)
+        yield from (state, port, pid, restarts)
+
+    def _lifecycle(self, components: list[Component]) -> Iterator[Metric]:
+        rotations = CounterMetricFamily(
+            "rotator_rotations",
+            "Rotations (restart, start, deploy, rollback, crash recovery) by how they ended",
+            labels=["component", "outcome"],
+        )
+        rotation_seconds = HistogramMetricFamily(
+            "rotator_rotation_duration_seconds",
+            "How long rotations took, from the start to the old instance gone (or the failure)",
+            labels=["component"],
+        )
+        health = CounterMetricFamily(
+            "rotator_health_check_failures",
+            "Failed health checks of active instances",
+            labels=["component"],
+        )
+        stops = CounterMetricFamily(
+            "rotator_instance_stops",
+            "Instances stopped by rotator, by how they went",
+            labels=["component", "outcome"],
+        )
+        for comp in components:
+            counts = self.lifecycle.components.get(comp.name) or Lifecycle()
+            for outcome, n in counts.rotations.items():
+                rotations.add_metric([comp.name, outcome], n)
+            rotation_seconds.add_metric(
+                [comp.name],
+                cumulative(ROTATION_BOUNDS, counts.rotation_buckets),
+                counts.rotation_seconds,
+            )
+            health.add_metric([comp.name], counts.health_check_failures)
+            for outcome, n in counts.stops.items():
+                stops.add_metric([comp.name, outcome], n)
+        yield from (rotations, rotation_seconds, health, stops)
+
+
+class Metrics:
+    """The daemon's metrics: the lifecycle subscriber, the collector and their registry."""
+
+    def __init__(self, source: Source, bus: EventBus) -> None:
+        self.lifecycle = LifecycleCounters()
+        bus.subscribe(self.lifecycle)
+        self.registry = CollectorRegistry()
+        self.registry.register(Collector(source, self.lifecycle))
+        ProcessCollector(registry=self.registry)
+
+    def exposition(self) -> bytes:
+        """The Prometheus text format of every metric, as of now."""
+        return generate_latest(self.registry)

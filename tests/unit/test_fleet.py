@@ -1,0 +1,158 @@
+"""Fleet plans (pure): what a reload changes, the order of a rolling restart; and the
+event history file (a real file in tmp_path)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from rotator.config import parse
+from rotator.events import Event
+from rotator.fleet import changed_fields, keep_daemon_settings, plan_reload, rolling_order
+from rotator.history import EventLog
+
+BASE: dict[str, Any] = {
+    "admin": {"listen": "127.0.0.1:9900"},
+    "components": {
+        "a": {"listen": "127.0.0.1:8001", "ports": "18001-18002", "command": "run a"},
+        "b": {
+            "listen": "127.0.0.1:8002",
+            "ports": "18010-18011",
+            "command": "run b",
+            "depends_on": ["a"],
+        },
+        "c": {"listen": "127.0.0.1:8003", "ports": "18005-18006", "command": "run c"},
+    },
+}
+
+
+def config(tmp_path: Path, data: dict[str, Any]) -> Any:
+    path = tmp_path / "rotator.yaml"
+    text = yaml.safe_dump(data)
+    path.write_text(text)
+    return parse(text, path)
+
+
+def changed(**edits: Any) -> dict[str, Any]:
+    data = json.loads(json.dumps(BASE))
+    for name, fields in edits.items():
+        if fields is None:
+            del data["components"][name]
+        else:
+            data["components"].setdefault(name, {}).update(fields)
+    return data
+
+
+def test_nothing_changed(tmp_path: Path) -> None:
+    plan = plan_reload(config(tmp_path, BASE), config(tmp_path, BASE))
+    assert plan.unchanged == ("a", "b", "c") and not plan.changes_anything and not plan.ignored
+
+
+@pytest.mark.parametrize(
+    ("edit", "group"),
+    [
+        ({"command": "run a --v2"}, "rotated"),
+        ({"env": {"X": "1"}}, "rotated"),
+        ({"ports": "18001-18004"}, "rotated"),
+        ({"health": {"path": "/ready"}}, "rotated"),
+        ({"drain_timeout": "5s"}, "updated"),
+        ({"read_timeout": "5s", "max_connections": 10}, "updated"),
+        ({"stop_signal": "INT"}, "updated"),
+        ({"listen": "127.0.0.1:8009"}, "rebound"),
+    ],
+)
+def test_each_kind_of_change(tmp_path: Path, edit: dict[str, Any], group: str) -> None:
+    plan = plan_reload(config(tmp_path, BASE), config(tmp_path, changed(a=edit)))
+    assert getattr(plan, group) == ("a",)
+    assert plan.unchanged == ("b", "c")
+
+
+def test_added_and_removed_in_dependency_order(tmp_path: Path) -> None:
+    new = changed(
+        c=None,
+        d={"listen": "127.0.0.1:8004", "ports": [18007], "command": "d", "depends_on": ["e"]},
+        e={"listen": "127.0.0.1:8005", "ports": [18008], "command": "e"},
+    )
+    plan = plan_reload(config(tmp_path, BASE), config(tmp_path, new))
+    assert plan.added == ("e", "d")  # d depends on e: e starts first
+    assert plan.removed == ("c",)
+
+
+def test_removed_in_reverse_dependency_order(tmp_path: Path) -> None:
+    plan = plan_reload(config(tmp_path, BASE), config(tmp_path, changed(a=None, b=None)))
+    assert plan.removed == ("b", "a")  # b depends on a: b goes first
+
+
+def test_daemon_settings_are_reported_and_kept(tmp_path: Path) -> None:
+    old = config(tmp_path, BASE)
+    new_data = changed()
+    new_data["admin"] = {"listen": "127.0.0.1:9901"}
+    new_data["state_dir"] = "elsewhere"
+    new = config(tmp_path, new_data)
+    plan = plan_reload(old, new)
+    assert len(plan.ignored) == 2 and "9901" in plan.ignored[0] and "state_dir" in plan.ignored[1]
+    kept = keep_daemon_settings(old, new)
+    assert kept.admin == old.admin and kept.state_dir == old.state_dir
+
+
+def test_changed_fields_names_them(tmp_path: Path) -> None:
+    old = config(tmp_path, BASE).component("a")
+    new = config(tmp_path, changed(a={"command": "x", "drain_timeout": "1s"})).component("a")
+    assert changed_fields(old, new) == ["command", "drain_timeout"]
+
+
+def test_rolling_order_follows_dependencies(tmp_path: Path) -> None:
+    cfg = config(tmp_path, BASE)
+    assert rolling_order(cfg, ["c", "b", "a"]) == ["a", "b", "c"]
+    assert rolling_order(cfg, ["b"]) == ["b"]
+
+
+# -- the event history file --------------------------------------------------------
+def event(i: int, component: str = "web") -> Event:
+    return Event(component, "switched", f"event {i}", {"pid": 100 + i}, time=1000.0 + i)
+
+
+def test_history_round_trip(tmp_path: Path) -> None:
+    log = EventLog(tmp_path / "events.log")
+    for i in range(5):
+        log.append(event(i))
+    log.close()
+    back = EventLog(tmp_path / "events.log").load(3)
+    assert [e.message for e in back] == ["event 2", "event 3", "event 4"]
+    assert back[0] == event(2)
+    assert (tmp_path / "events.log").stat().st_mode & 0o777 == 0o600
+
+
+def test_history_rotates_and_stays_bounded(tmp_path: Path) -> None:
+    path = tmp_path / "events.log"
+    log = EventLog(path, max_bytes=1000)
+    for i in range(100):
+        log.append(event(i))
+    log.close()
+    old = path.with_name("events.log.1")
+    assert path.stat().st_size <= 1000 and old.stat().st_size <= 1000
+    back = EventLog(path, max_bytes=1000).load(1000)
+    assert back[-1].message == "event 99"
+    numbers = [int(e.message.split()[1]) for e in back]
+    assert numbers == sorted(numbers) and len(numbers) > 10  # both files, oldest first
+
+
+def test_history_skips_damaged_lines(tmp_path: Path) -> None:
+    path = tmp_path / "events.log"
+    good = json.dumps(event(1).to_json())
+    path.write_text(f'{good}\n{{"time": 1, "comp\nnot json\n[1, 2]\n{{"time": 2}}\n{good}')
+    assert [e.message for e in EventLog(path).load(10)] == ["event 1", "event 1"]
+
+
+def test_history_survives_an_unwritable_file(tmp_path: Path) -> None:
+    directory = tmp_path / "gone"
+    log = EventLog(directory / "events.log")
+    log.append(event(1))  # the directory does not exist: nothing written, nothing raised
+    directory.mkdir()
+    log.append(event(2))
+    log.close()
+    assert [e.message for e in EventLog(directory / "events.log").load(5)] == ["event 2"]
