@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import dataclasses
 import enum
 import errno
 import os
@@ -57,7 +56,7 @@ from rotator.ports import (
     port_holders,
     rotation_order,
 )
-from rotator.proxy.route import Route, Target
+from rotator.proxy.route import Limits, Route, Target
 from rotator.state import ComponentRecord, InstanceRecord
 
 Spawner = Callable[..., Awaitable[Instance]]
@@ -149,6 +148,19 @@ class Draining:
     instance: Instance
     target: Target
     task: asyncio.Task[None] | None = None  # the drain-and-stop, once begun
+
+
+def proxy_limits(spec: ComponentSpec) -> Limits:
+    """What the proxy in front of the component's instances allows."""
+    return Limits(
+        connect_timeout=spec.connect_timeout,
+        read_timeout=spec.read_timeout,
+        request_timeout=spec.request_timeout,
+        trust_forwarded=spec.trust_forwarded,
+        max_header_size=spec.max_header_size,
+        max_headers=spec.max_headers,
+        max_connections=spec.max_connections,
+    )
 
 
 def instance_host(listen_host: str) -> str:
@@ -264,17 +276,7 @@ class Component:
         self.spec = self._rebase(self.spec, old_config)
         if self.previous is not None:
             self.previous = self._rebase(self.previous, old_config)
-        limits = self.route.limits
-        self.route.limits = dataclasses.replace(
-            limits,
-            connect_timeout=spec.connect_timeout,
-            read_timeout=spec.read_timeout,
-            request_timeout=spec.request_timeout,
-            trust_forwarded=spec.trust_forwarded,
-            max_header_size=spec.max_header_size,
-            max_headers=spec.max_headers,
-            max_connections=spec.max_connections,
-        )
+        self.route.limits = proxy_limits(spec)
         self.route.hold_timeout = spec.hold_timeout
 
     def _rebase(self, spec: ComponentSpec, old_config: ComponentSpec) -> ComponentSpec:

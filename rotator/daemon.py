@@ -35,7 +35,7 @@ from aiohttp import web
 from rotator import __version__, activation
 from rotator import takeover as takeover_
 from rotator.admin import make_app
-from rotator.component import Component, RotationFailed, probe_socket
+from rotator.component import Component, RotationFailed, probe_socket, proxy_limits
 from rotator.config import ComponentSpec, Config, ConfigError, apply_definition, load
 from rotator.events import Event, EventBus
 from rotator.fleet import (
@@ -51,7 +51,7 @@ from rotator.instance import Instance, marked_processes
 from rotator.metrics import Metrics
 from rotator.ports import describe_holders, port_holders, probe_port
 from rotator.proxy.protocol import Listener
-from rotator.proxy.route import Limits, Route
+from rotator.proxy.route import Route
 from rotator.state import (
     AlreadyRunning,
     ComponentRecord,
@@ -238,16 +238,7 @@ class Daemon:
 
     async def _bind(self, spec: ComponentSpec) -> Listener:
         """The component's public listener, bound (DaemonError when it cannot be)."""
-        limits = Limits(
-            connect_timeout=spec.connect_timeout,
-            read_timeout=spec.read_timeout,
-            request_timeout=spec.request_timeout,
-            trust_forwarded=spec.trust_forwarded,
-            max_header_size=spec.max_header_size,
-            max_headers=spec.max_headers,
-            max_connections=spec.max_connections,
-        )
-        route = Route(spec.name, spec.hold_timeout, limits)
+        route = Route(spec.name, spec.hold_timeout, proxy_limits(spec))
         listener = Listener(route, spec.listen.host, spec.listen.port, spec.keepalive_timeout)
         try:
             await listener.start(self.inherited.pop(spec.name, None))
