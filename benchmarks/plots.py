@@ -18,6 +18,8 @@ COLOURS = {
     "new connection": "tab:purple",
 }
 
+TICKS = [m * 10.0**e for e in range(-2, 5) for m in (1, 2, 5)]  # latency axis, ms
+
 
 @dataclass
 class Panel:
@@ -45,14 +47,18 @@ def timeline_png(path: Path, title: str, panels: Sequence[Panel]) -> Path:
 
     matplotlib.use("Agg")  # no display; must precede pyplot
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     fig, axes = plt.subplots(
         len(panels), 1, figsize=(12, 3.2 * len(panels)), sharex=True, squeeze=False
     )
     for ax, panel in zip(axes[:, 0], panels, strict=True):
         _draw(ax, panel)
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 1, 10, not 10^1
+        # 1-2-5 ticks, written plainly (20, not 2x10^1), whatever the range.
+        low, high = ax.get_ylim()
+        ax.set_yticks([t for t in TICKS if low <= t <= high])
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
     axes[-1, 0].set_xlabel("seconds since the load began")
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
@@ -79,6 +85,6 @@ def _draw(ax: Any, panel: Panel) -> None:
     ax.set_ylabel("latency, ms")
     ax.set_title(panel.title, fontsize=9, loc="left")
     ax.grid(True, which="major", axis="y", color="0.8", lw=0.5)
-    ax.legend(loc="upper right", fontsize=7, markerscale=1, framealpha=0.8)
+    ax.legend(loc="lower right", fontsize=7, markerscale=1, framealpha=0.8)
     for i, note in enumerate(panel.notes):
         ax.text(0.005, 0.04 + 0.08 * i, note, transform=ax.transAxes, fontsize=7, color="0.3")

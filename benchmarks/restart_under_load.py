@@ -471,8 +471,8 @@ def switch_figures(
         rows.append(row)
 
     def med(key: str) -> float | None:
-        values = [r[key] for r in rows if r.get(key) is not None]
-        return median(values)
+        value = median([r[key] for r in rows if r.get(key) is not None])
+        return None if value is None else round(value, 1)
 
     return {
         "switch_ms_median": med("switch_ms"),

@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         found = ROTATION_LINE.search(restart["note"])
         row["daemon_ms"] = round(float(found.group(1)) * 1000, 1) if found else None
     medians = {k: median([r[k] for r in rows if r.get(k) is not None]) for k in COLUMNS}
+    medians = {k: None if v is None else round(v, 1) for k, v in medians.items()}
     print()
     print(
         table(

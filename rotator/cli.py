@@ -20,10 +20,11 @@ import urllib.request
 import webbrowser
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from rotator import __version__, export, printer
 from rotator.config import Config, ConfigError, default_path, load, parse_env_assignments
+from rotator.fleet import reload_summary
 
 OK, FAILED, USAGE = 0, 1, 2
 
@@ -34,8 +35,15 @@ class CommandError(Exception):
         self.code = code
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line (exit 2), like every other CLI error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE, f"rotator: {message} (see: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = Parser(add_help=False)
     common.add_argument(
         "-c",
         "--config",
@@ -43,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="config file (default: $ROTATOR_CONFIG, else ./rotator.yaml)",
     )
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="rotator",
         parents=[common],
         description="Zero-downtime port rotation for local HTTP services.",
@@ -104,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument(
         "--no-prefix", action="store_true", help="leave out the [pid] in front of each line"
     )
-    wait = argparse.ArgumentParser(add_help=False)
+    wait = Parser(add_help=False)
     wait.add_argument(
         "--wait",
         action=argparse.BooleanOptionalAction,
@@ -295,22 +303,6 @@ def cmd_reload(config: Config, args: argparse.Namespace) -> int:
         return OK
     print(f"rotator: reload failed: {result.get('error') or summary}", file=sys.stderr)
     return FAILED
-
-
-def reload_summary(result: dict[str, Any]) -> str:
-    parts = [f"{label} {', '.join(result[key])}" for key, label in RELOAD_PARTS if result.get(key)]
-    parts += [f"{name} failed ({why})" for name, why in (result.get("failed") or {}).items()]
-    return "; ".join(parts) or "no component changed"
-
-
-RELOAD_PARTS = (
-    ("added", "started"),
-    ("removed", "removed"),
-    ("rebound", "moved to a new address"),
-    ("rotated", "rotated"),
-    ("updated", "updated in place"),
-    ("not_rotated", "not rotated"),
-)
 
 
 def cmd_events(config: Config, args: argparse.Namespace) -> int:

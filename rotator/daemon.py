@@ -26,7 +26,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +43,7 @@ from rotator.fleet import (
     ReloadRejected,
     keep_daemon_settings,
     plan_reload,
+    reload_summary,
     rolling_order,
 )
 from rotator.health import HealthCheck
@@ -91,16 +92,6 @@ class Reload:
     config: Config
     plan: ReloadPlan
     listeners: dict[str, Listener]
-
-
-def reload_summary(result: dict[str, Any]) -> str:
-    parts = [
-        f"{key} {', '.join(result[key])}"
-        for key in ("added", "removed", "rebound", "rotated", "updated", "not_rotated")
-        if result.get(key)
-    ]
-    parts += [f"{name} failed ({why})" for name, why in result.get("failed", {}).items()]
-    return "; ".join(parts) or "no component changed"
 
 
 class Daemon:
@@ -592,7 +583,8 @@ class Daemon:
             spec = new.component(name)
             await self.components[name].reconfigure(spec, rotate=False)
             self.listeners[name].keepalive_timeout = spec.keepalive_timeout
-        replaced = {name: self._retire_component(name) for name in plan.rebound}
+        # Moved ones: the old address serves on until the new one has started.
+        moved = [self._detach(name) for name in plan.rebound]
         for name, listener in reload.listeners.items():
             self._make_component(new.component(name), listener)
         started = set(plan.added + plan.rebound)
@@ -608,8 +600,8 @@ class Daemon:
                 rotated.append(name)
             except RotationFailed as exc:
                 failed[name] = exc.reason
-        gone = [self._retire_component(name) for name in plan.removed]
-        await asyncio.gather(*gone, *replaced.values())
+        gone = [self._detach(name) for name in plan.removed] + moved
+        await asyncio.gather(*(self._retire(comp, listener) for comp, listener in gone))
         # In the file's order; what failed to rotate keeps the definition it runs.
         self.components = {n: self.components[n] for n in new.names if n in self.components}
         self.listeners = {n: self.listeners[n] for n in self.components}
@@ -642,18 +634,16 @@ class Daemon:
             comp.health = health
             raise
 
-    def _retire_component(self, name: str) -> Awaitable[None]:
-        """Take a component out of the daemon now (its name is free at once); drain and
-        stop it, then close its public address, in the background of the returned task."""
-        comp = self.components.pop(name)
-        listener = self.listeners.pop(name)
+    def _detach(self, name: str) -> tuple[Component, Listener]:
+        """Take a component out of the daemon (its name is free at once); it serves on
+        until retired."""
+        return self.components.pop(name), self.listeners.pop(name)
 
-        async def retire() -> None:
-            await comp.shutdown()
-            await listener.shutdown(comp.spec.drain_timeout)
-            comp.emit("removed", f"removed; {comp.spec.listen} released")
-
-        return asyncio.ensure_future(retire())
+    async def _retire(self, comp: Component, listener: Listener) -> None:
+        """Drain and stop a detached component, then close its public address."""
+        await comp.shutdown()
+        await listener.shutdown(comp.spec.drain_timeout)
+        comp.emit("removed", f"removed; {comp.spec.listen} released")
 
     def _reload_on_signal(self) -> None:
         if not self.ready:
@@ -845,6 +835,8 @@ def _restore_definition(
 def _json_line(when: float | None, message: str, record: dict[str, Any] | None = None) -> str:
     """One JSON log record: an event's fields, or a daemon line as {"message": ...}."""
     fields = record if record is not None else {"component": None, "message": message}
+    if not fields.get("component"):
+        fields = {**fields, "component": None}  # the daemon's own: no component
     when = time.time() if when is None else when
     stamp = (
         time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(when)) + f".{int(when % 1 * 1000):03d}"

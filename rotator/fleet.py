@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from rotator.config import ComponentSpec, Config
 
@@ -109,3 +110,19 @@ def rolling_order(config: Config, names: Iterable[str]) -> list[str]:
     """`names` in dependency order (each after what it depends on; ties in file order)."""
     wanted = set(names)
     return [name for name in config.start_order() if name in wanted]
+
+
+def reload_summary(result: dict[str, Any]) -> str:
+    parts = [f"{label} {', '.join(result[key])}" for key, label in RELOAD_PARTS if result.get(key)]
+    parts += [f"{name} failed ({why})" for name, why in (result.get("failed") or {}).items()]
+    return "; ".join(parts) or "no component changed"
+
+
+RELOAD_PARTS = (
+    ("added", "started"),
+    ("removed", "removed"),
+    ("rebound", "moved to a new address"),
+    ("rotated", "rotated"),
+    ("updated", "updated in place"),
+    ("not_rotated", "not rotated"),
+)
