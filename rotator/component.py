@@ -63,6 +63,12 @@ Spawner = Callable[..., Awaitable[Instance]]
 Probe = Callable[[str, int], PortState]
 
 LOG_TAIL = 20
+# Connections opened to a new instance before the switch: at most this many, each
+# within WARM_TIMEOUT (a slow accept must not hold the switch back for long).
+MAX_WARM = 32
+WARM_TIMEOUT = 0.5
+# (target, how many, timeout) -> how many were opened into the target's idle pool.
+Warmer = Callable[[Target, int, float], Awaitable[int]]
 
 
 class HealthGate(Protocol):
@@ -181,6 +187,7 @@ class Component:
         probe: Probe,
         socket_probe: SocketProbe = probe_socket,
         marker_scope: str = "-",
+        warm: Warmer | None = None,
     ) -> None:
         self.config_spec = spec
         self.spec = spec  # the definition instances start from: the config's, or a deployed one
@@ -195,6 +202,7 @@ class Component:
         self._probe = probe
         self._socket_probe = socket_probe
         self._marker_scope = marker_scope
+        self._warm = warm
         self.host = instance_host(spec.listen.host)
         self.state = "stopped"
         self.active: Instance | None = None
@@ -355,7 +363,7 @@ class Component:
             self._set_state("rotating" if replacing else "starting")
             try:
                 new = await self._launch(spec)
-                old = self._switch(new)
+                old = self._switch(new, await self._warmed_target(new))
                 if verify > 0:
                     await self._verify(new, old, spec, verify)
                 self._ensure_guard(new)
@@ -515,9 +523,26 @@ class Component:
         self.emit("stopped", message, pid=inst.pid, outcome=result.outcome)
         return result
 
-    def _switch(self, new: Instance) -> Draining | None:
+    async def _warmed_target(self, inst: Instance) -> Target:
+        """The new instance's Target, with as many connections already open as the old
+        one had (at most MAX_WARM): the first requests after the switch then skip the
+        connect, which a freshly started instance is slow to accept."""
+        target = self._active_target(inst)
+        current = self.route.target
+        count = min(MAX_WARM, len(current.connections)) if current is not None else 0
+        if self._warm is not None and count:
+            opened = await self._warm(target, count, WARM_TIMEOUT)
+            self.emit(
+                "warmed",
+                f"opened {opened} connection(s) to pid {inst.pid}",
+                pid=inst.pid,
+                connections=opened,
+            )
+        return target
+
+    def _switch(self, new: Instance, target: Target | None = None) -> Draining | None:
         old = self._drop_active(self.route.target)
-        self._make_active(new)
+        self._make_active(new, target)
         was = f"{self._short(old.instance)} -> " if old is not None else ""
         self.emit(
             "switched",
@@ -573,9 +598,12 @@ class Component:
             rolled_back=True,
         )
 
-    def _make_active(self, inst: Instance) -> None:
+    def _make_active(self, inst: Instance, target: Target | None = None) -> None:
         self.active = inst
-        self.route.swap(self._target(inst, label=f"{self.name}[{inst.pid} {self._short(inst)}]"))
+        self.route.swap(target or self._active_target(inst))
+
+    def _active_target(self, inst: Instance) -> Target:
+        return self._target(inst, label=f"{self.name}[{inst.pid} {self._short(inst)}]")
 
     def _ensure_guard(self, inst: Instance) -> None:
         guard = self._guards.get(inst)

@@ -53,6 +53,7 @@ from rotator.metrics import Metrics
 from rotator.ports import describe_holders, port_holders, probe_port
 from rotator.proxy.protocol import Listener
 from rotator.proxy.route import Route
+from rotator.proxy.upstream import preconnect
 from rotator.state import (
     AlreadyRunning,
     ComponentRecord,
@@ -77,7 +78,18 @@ ADOPT_CHECK_TIMEOUT = 3.0
 # and a daemon record repeats a line the daemon printed itself.
 QUIET_KINDS = frozenset({"state", "daemon"})
 NO_STATE_CHANGE = frozenset(
-    {"healthy", "waiting", "unhealthy", "backoff", "port", "verified", "start", "rotated", "daemon"}
+    {
+        "healthy",
+        "waiting",
+        "unhealthy",
+        "backoff",
+        "port",
+        "verified",
+        "start",
+        "rotated",
+        "daemon",
+        "warmed",
+    }
 )
 
 
@@ -261,6 +273,7 @@ class Daemon:
             probe=probe_port,
             socket_probe=probe_socket,
             marker_scope=self.scope,
+            warm=preconnect,
         )
 
     async def _start_admin(self, token: str) -> None:

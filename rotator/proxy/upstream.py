@@ -194,3 +194,15 @@ async def connect(target: Target, timeout: float) -> UpstreamConnection:
         timeout,
     )
     return conn
+
+
+async def preconnect(target: Target, count: int, timeout: float) -> int:
+    """Open up to `count` connections to `target` into its idle pool, each within
+    `timeout`; the number opened. Failures are not errors: a request connects by itself."""
+    results = await asyncio.gather(
+        *(connect(target, timeout) for _ in range(count)), return_exceptions=True
+    )
+    opened = [conn for conn in results if isinstance(conn, UpstreamConnection)]
+    for conn in opened:
+        target.put_idle(conn)
+    return len(opened)

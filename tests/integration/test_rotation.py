@@ -74,6 +74,23 @@ def test_restart_with_keepalive_clients_moves_them_to_the_new_instance(
     assert daemon.component("web")["active"]["port"] in daemon.data["components"]["web"]["ports"]
 
 
+def test_connections_to_the_new_instance_are_opened_before_the_switch(
+    tmp_path: Path, daemon_factory
+) -> None:
+    config = write_config(tmp_path, {"web": component()})
+    daemon = daemon_factory(config)
+    with Load(daemon.url("web"), clients=8) as load:
+        result = cli(config, "restart", "web")
+        assert result.returncode == 0, result.stderr
+        new_pid = daemon.component("web")["active"]["pid"]
+    assert load.report.failed == 0, load.report.failures
+    events = [json.loads(line) for line in cli(config, "events", "--json").stdout.splitlines()]
+    kinds = [e["kind"] for e in events if e.get("pid") == new_pid]
+    assert kinds.index("warmed") < kinds.index("switched"), kinds
+    warmed = next(e for e in events if e["kind"] == "warmed" and e["pid"] == new_pid)
+    assert 0 < warmed["connections"] <= 32, warmed
+
+
 def test_new_instance_crashing_on_start_leaves_the_old_one_serving(
     tmp_path: Path, daemon_factory
 ) -> None:
