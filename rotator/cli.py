@@ -20,11 +20,14 @@ import urllib.request
 import webbrowser
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from rotator import __version__, export, printer
+from rotator import __version__, printer
 from rotator.config import Config, ConfigError, default_path, load, parse_env_assignments
 from rotator.fleet import reload_summary
+
+if TYPE_CHECKING:
+    from rotator.export import Export
 
 OK, FAILED, USAGE = 0, 1, 2
 
@@ -222,6 +225,8 @@ def cmd_check(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_export(config: Config, args: argparse.Namespace) -> int:
+    from rotator import export  # only here: it costs every other command 65 ms to import
+
     try:
         result = export.kubernetes(config, image=args.image)
     except export.ExportError as exc:
@@ -235,16 +240,17 @@ def cmd_export(config: Config, args: argparse.Namespace) -> int:
     return OK
 
 
-def _write_export(directory: Path, result: export.Export, config: Config) -> None:
+def _write_export(directory: Path, result: Export, config: Config) -> None:
     """The files into `directory`; earlier exported files no longer in the fleet are
     removed, so that `kubectl apply -f DIR` does not bring back a removed component."""
+    from rotator.export import GENERATED
     files = {**result.files, "NOTES.md": result.notes_markdown(config.path.name)}
     try:
         directory.mkdir(parents=True, exist_ok=True)
         stale = [
             path
             for path in sorted(directory.glob("*.yaml"))
-            if path.name not in files and path.read_text().startswith(export.GENERATED)
+            if path.name not in files and path.read_text().startswith(GENERATED)
         ]
         for path in stale:
             path.unlink()

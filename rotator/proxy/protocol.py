@@ -469,7 +469,7 @@ class ClientConnection(asyncio.Protocol):
         self._ip = ip
         self._forwarded = b"X-Forwarded-For: " + ip + b"\r\nX-Forwarded-Proto: http\r\n"
         self.listener.connections.add(self)
-        self.idle_since = asyncio.get_running_loop().time()
+        self.idle_since = self.loop.time()
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel is not None:
@@ -645,7 +645,7 @@ class ClientConnection(asyncio.Protocol):
 
     def hold(self, ex: Exchange, exclude: Target | None = None) -> None:
         """Dispatch `ex` once there is a target (not `exclude`), or answer 503 after hold_timeout."""
-        hold = asyncio.get_running_loop().create_task(self.route.wait_target(exclude))
+        hold = self.loop.create_task(self.route.wait_target(exclude))
         self._hold = hold
         hold.add_done_callback(lambda task: self._held(ex, task))
 
@@ -673,7 +673,7 @@ class ClientConnection(asyncio.Protocol):
         if self.queue:
             self._start(self.queue[0])
         else:
-            self.idle_since = asyncio.get_running_loop().time()
+            self.idle_since = self.loop.time()
             if self.closing:
                 self.close()
                 return
