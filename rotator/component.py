@@ -218,6 +218,7 @@ class Component:
         self.last_stop: str | None = None
         self.last_rotation: dict[str, Any] | None = None
         self.stopped_on_purpose = False
+        self.suspended = False  # see suspend()
         self._crashes: collections.deque[float] = collections.deque()
         self._lock = asyncio.Lock()
         self._recovery: asyncio.Task[None] | None = None
@@ -296,6 +297,7 @@ class Component:
     async def stop(self, *, force: bool = False, on_purpose: bool = True) -> None:
         """Take the component out of service; its public address answers 503 at once.
         On purpose (`rotator stop`), it stays stopped across daemon restarts."""
+        self._refuse_if_suspended()
         self._cancel_recovery()
         self.stopped_on_purpose = on_purpose or self.stopped_on_purpose
         self.route.holding = False
@@ -307,9 +309,14 @@ class Component:
 
     async def shutdown(self) -> None:
         """The daemon is going down: stop, and end every task of ours."""
+        self.suspended = False  # going down overrides a takeover in progress
         await self.stop(on_purpose=False)
         for task in list(self._tasks):
             task.cancel()
+
+    def _refuse_if_suspended(self) -> None:
+        if self.suspended:
+            raise RotationFailed("a new rotator daemon is taking over; try again in a moment")
 
     @property
     def busy(self) -> bool:
@@ -318,13 +325,16 @@ class Component:
 
     def suspend(self) -> None:
         """Another daemon is taking over: stop watching the active instance (the new
-        daemon adopts and watches it). Draining instances are still drained and stopped."""
+        daemon adopts and watches it) and refuse every operation that would change what
+        runs. Draining instances are still drained and stopped."""
+        self.suspended = True
         self._cancel_recovery()
         for task in list(self._guards.values()):
             task.cancel()
 
     def resume(self) -> None:
         """The takeover did not happen: watch the active instance again."""
+        self.suspended = False
         if self.active is not None:
             self._ensure_guard(self.active)
 
@@ -357,6 +367,7 @@ class Component:
             self.emit("waiting", "waiting for the rotation in progress")
         began = time.monotonic()
         async with self._lock:
+            self._refuse_if_suspended()
             self.stopped_on_purpose = False
             self.route.holding = True
             replacing = self.active is not None

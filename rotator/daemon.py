@@ -525,11 +525,13 @@ class Daemon:
         log_tails: dict[str, list[str]] = {}
 
         async def one(name: str) -> None:
-            comp = self.components[name]
-            deps = [done[d] for d in comp.spec.depends_on if d in done]
+            comp = self.components.get(name)
+            deps = [done[d] for d in comp.spec.depends_on if d in done] if comp else []
             ok = all(await asyncio.gather(*deps))
             async with slots:
-                if ok and not failed:
+                # A reload may have removed it meanwhile: then there is nothing to restart.
+                comp = self.components.get(name)
+                if comp is not None and ok and not failed:
                     try:
                         await comp.rotate()
                         restarted.append(name)
@@ -553,6 +555,8 @@ class Daemon:
         ReloadRejected (with every problem) changes nothing."""
         if self._reloading:
             raise ReloadRejected(["a reload is already in progress"])
+        if any(c.suspended for c in self.components.values()):
+            raise ReloadRejected(["a new rotator daemon is taking over; reload it instead"])
         self._reloading = True
         try:
             return await self._prepare_reload()

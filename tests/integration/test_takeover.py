@@ -132,12 +132,17 @@ def test_a_successor_that_vanishes_before_ready_leaves_the_old_daemon_in_charge(
         answer, fds = takeover.receive(conn)
         assert answer["sockets"] == ["web", None] and len(fds) == 2
         assert answer["token"] == (state_dir / "admin.token").read_text().strip()
+        # Meanwhile the old daemon changes nothing: the successor is adopting what runs.
+        refused = cli(config, "restart", "web")
+        assert refused.returncode == 1 and "taking over" in refused.stderr, refused.stderr
         for fd in fds:
             os.close(fd)
         conn.close()
         assert wait_until(lambda: "serving on" in d.output(), timeout=10), d.output()
     assert load.report.failed == 0, load.report.failures
     assert d.proc.poll() is None and pids(d) == before
+    assert cli(config, "restart", "web").returncode == 0
+    before = pids(d)
     # Supervision resumed: a crash of the instance is noticed and repaired.
     os.kill(before["web"], signal.SIGKILL)
     assert wait_until(
