@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import gc
 import hashlib
 import json
 import os
@@ -228,6 +229,10 @@ class Daemon:
         }
         await self._in_dependency_order(self._start_one, skip)
         self.ready = True
+        # What exists now (modules, the config, components) lives as long as the daemon:
+        # out of the collector's sight, a full collection no longer walks it, which had
+        # paused the event loop, and with it every request, for ~15 ms each time.
+        gc.freeze()
         await self._listen_for_successor()
         running = sum(c.state == "running" for c in self.components.values())
         failed = [c.name for c in self.components.values() if c.state == "failed"]
