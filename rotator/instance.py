@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import shlex
 import signal
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Protocol
 
 import psutil
 
@@ -64,7 +67,7 @@ class Instance:
         marker: str,
         log_path: Path | None,
         log_offset: int,
-        process: asyncio.subprocess.Process | None = None,
+        process: Child | None = None,
         create_time: float | None = None,
         started: float | None = None,
     ) -> None:
@@ -110,15 +113,7 @@ class Instance:
             log.flush()
             offset = log.tell()
             try:
-                process = await asyncio.create_subprocess_exec(
-                    *argv,
-                    cwd=cwd,
-                    env={**os.environ, **env, MARKER: marker},
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=asyncio.subprocess.STDOUT,
-                    start_new_session=True,
-                )
+                process = await _start(argv, cwd, {**os.environ, **env, MARKER: marker}, log)
             except FileNotFoundError as exc:
                 _discard(starting)
                 raise SpawnError(f"command not found: {argv[0]}") from exc
@@ -250,6 +245,91 @@ class Instance:
                 return True
             await asyncio.sleep(POLL)
         return not any(_alive(p) for p in tree)
+
+
+class Child(Protocol):
+    """What an instance needs of its process: asyncio's Process, or a WatchedChild."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    async def wait(self) -> int: ...
+
+
+class WatchedChild:
+    """A child started by the subprocess module, its exit learnt through a pidfd.
+
+    Why not asyncio's create_subprocess_exec: under uvloop it forks, copying the
+    daemon's page tables, and holds the event loop (every request in flight) for
+    3.5-6 ms per spawn; subprocess's vfork path takes under 1 ms. A pidfd (Linux 5.3+)
+    becomes readable when the process exits, so the loop learns of it at once.
+    """
+
+    def __init__(self, proc: subprocess.Popen[bytes], pidfd: int) -> None:
+        self._proc = proc
+        self._pidfd = pidfd
+        self._loop = asyncio.get_running_loop()
+        self._exit: asyncio.Future[int] = self._loop.create_future()
+        self._loop.add_reader(pidfd, self._exited)
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._exit.result() if self._exit.done() else None
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self._exit)
+
+    def _exited(self) -> None:
+        self._loop.remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        code = self._proc.wait()  # at once: it has exited; this reaps it
+        if not self._exit.done():
+            self._exit.set_result(code)
+
+
+async def _start(argv: list[str], cwd: Path, env: dict[str, str], log: IO[bytes]) -> Child:
+    """Start a process in its own session, stdin from /dev/null, output to `log`."""
+    if not _have_pidfds():  # macOS, or a Linux older than 5.3
+        return await asyncio.create_subprocess_exec(
+            *argv,
+            cwd=cwd,
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=log,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
+        )
+    proc = subprocess.Popen(
+        argv,
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        return WatchedChild(proc, os.pidfd_open(proc.pid))
+    except OSError:  # out of descriptors: a process we cannot watch must not run
+        proc.kill()
+        proc.wait()
+        raise
+
+
+@functools.cache
+def _have_pidfds() -> bool:
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except (AttributeError, OSError):
+        return False
+    return True
 
 
 def _candidates(since: float) -> Iterator[psutil.Process]:
