@@ -80,10 +80,10 @@ def guard(listen: Address, token: str, sessions: Sessions) -> Any:
         origin = request.headers.get("Origin")
         if origin is not None and origin not in origins:
             return error(403, "cross-origin requests are refused")
-        if request.match_info.route.name in SECRET_READS:
-            given = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-                return error(401, "missing or wrong token (see state_dir/admin.token)")
+        given = request.headers.get("Authorization", "")
+        request["token"] = hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
+        if request.match_info.route.name in SECRET_READS and not request["token"]:
+            return error(401, "missing or wrong token (see state_dir/admin.token)")
         if request.method not in SAFE_METHODS:
             given = request.headers.get("Authorization", "")
             by_token = hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
@@ -120,7 +120,13 @@ def make_app(daemon: Daemon, token: str) -> web.Application:
 
     @routes.get("/v1/status")
     async def status(request: web.Request) -> web.Response:
-        return web.json_response(daemon.status())
+        # Readable by anyone on the machine, but for the log lines of a failed
+        # component: an app's output may hold secrets (as for logs and events).
+        found = daemon.status()
+        if not request["token"]:
+            for comp in found["components"]:
+                comp["log_tail"] = []
+        return web.json_response(found)
 
     @routes.get("/metrics")
     async def metrics(request: web.Request) -> web.Response:

@@ -268,7 +268,7 @@ def _write_export(directory: Path, result: Export, config: Config) -> None:
 
 
 def cmd_status(config: Config, args: argparse.Namespace) -> int:
-    status = Admin(config).get("/v1/status")
+    status = Admin(config).get("/v1/status", token=True)
     print(json.dumps(status, indent=2) if args.json else printer.status_table(status))
     return OK
 
@@ -529,8 +529,10 @@ class Admin:
         self.config = config
         self.base = f"http://{config.admin.listen}"
 
-    def get(self, path: str) -> Any:
-        with self._open(path, "GET") as resp:
+    def get(self, path: str, token: bool = False) -> Any:
+        """GET; with `token`, the token goes along if it can be read (what the answer
+        leaves out for others, the token holder sees)."""
+        with self._open(path, "GET", token=token and self._readable_token()) as resp:
             return json.load(resp)
 
     def post(self, path: str, body: dict[str, Any] | None = None) -> Any:
@@ -579,6 +581,9 @@ class Admin:
             raise CommandError(
                 f"daemon not running (nothing answers at {self.base}; start it with: rotator up -c {self.config.path})"
             ) from exc
+
+    def _readable_token(self) -> bool:
+        return os.access(self.config.token_path, os.R_OK)
 
     def _token(self) -> str:
         try:
