@@ -49,6 +49,8 @@ SECRET_READS = frozenset({"component-logs", "events"})
 MAX_LOG_LINES = 10_000
 # Set when the admin API shuts down: long streams end instead of holding the daemon up.
 CLOSING = web.AppKey("closing", asyncio.Event)
+# Whether the request carried the admin token (set by the guard for every request).
+HAS_TOKEN = web.RequestKey("has_token", bool)
 MAX_BODY = 64 * 1024
 # Following events: a client that falls this far behind misses events rather than
 # growing the daemon's memory; a blank line this often detects a client that left.
@@ -81,8 +83,8 @@ def guard(listen: Address, token: str, sessions: Sessions) -> Any:
         if origin is not None and origin not in origins:
             return error(403, "cross-origin requests are refused")
         given = request.headers.get("Authorization", "")
-        request["token"] = hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
-        if request.match_info.route.name in SECRET_READS and not request["token"]:
+        request[HAS_TOKEN] = hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
+        if request.match_info.route.name in SECRET_READS and not request[HAS_TOKEN]:
             return error(401, "missing or wrong token (see state_dir/admin.token)")
         if request.method not in SAFE_METHODS:
             given = request.headers.get("Authorization", "")
@@ -123,7 +125,7 @@ def make_app(daemon: Daemon, token: str) -> web.Application:
         # Readable by anyone on the machine, but for the log lines of a failed
         # component: an app's output may hold secrets (as for logs and events).
         found = daemon.status()
-        if not request["token"]:
+        if not request[HAS_TOKEN]:
             for comp in found["components"]:
                 comp["log_tail"] = []
         return web.json_response(found)

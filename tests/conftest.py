@@ -102,17 +102,18 @@ async def cli_started(config: Path, *args: str) -> asyncio.subprocess.Process:
 class RunningDaemon:
     """`rotator up` as a real subprocess."""
 
-    def __init__(self, config: Path, *args: str) -> None:
+    def __init__(self, config: Path, *args: str, log_name: str = "daemon.out") -> None:
         self.config = config
         self.data = yaml.safe_load(config.read_text())
         self.admin = f"http://{self.data['admin']['listen']}"
-        self.log = config.parent / "daemon.out"
-        self.proc = subprocess.Popen(
-            [PY, "-m", "rotator", "up", "-c", str(config), *args],
-            stdout=self.log.open("wb"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        self.log = config.parent / log_name
+        with self.log.open("wb") as out:  # the daemon writes through its own descriptor
+            self.proc = subprocess.Popen(
+                [PY, "-m", "rotator", "up", "-c", str(config), *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.pids_seen: set[int] = set()
 
     def status(self) -> dict[str, Any]:

@@ -56,15 +56,16 @@ class ActivatedDaemon(RunningDaemon):
         self.admin = f"http://{self.data['admin']['listen']}"
         self.log = config.parent / "daemon.out"
         self.errors = config.parent / "daemon.err"
-        self.proc = subprocess.Popen(
-            argv,
-            cwd=REPO,
-            env=env,
-            pass_fds=fds,
-            stdout=self.log.open("wb"),
-            stderr=self.errors.open("wb"),
-            start_new_session=True,
-        )
+        with self.log.open("wb") as out, self.errors.open("wb") as err:
+            self.proc = subprocess.Popen(
+                argv,
+                cwd=REPO,
+                env=env,
+                pass_fds=fds,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+            )
         self.pids_seen: set[int] = set()
 
     def output(self) -> str:

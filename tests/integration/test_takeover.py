@@ -31,23 +31,9 @@ def daemons_for(config: Path) -> list[psutil.Process]:
     return found
 
 
-class Successor(RunningDaemon):
+def successor(config: Path, n: int) -> RunningDaemon:
     """`rotator up --takeover` as a real subprocess."""
-
-    def __init__(self, config: Path, n: int) -> None:
-        self.config = config
-        import yaml
-
-        self.data = yaml.safe_load(config.read_text())
-        self.admin = f"http://{self.data['admin']['listen']}"
-        self.log = config.parent / f"daemon-{n}.out"
-        self.proc = subprocess.Popen(
-            [PY, "-m", "rotator", "up", "--takeover", "-c", str(config)],
-            stdout=self.log.open("wb"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.pids_seen: set[int] = set()
+    return RunningDaemon(config, "--takeover", log_name=f"daemon-{n}.out")
 
 
 def test_five_takeovers_under_load_lose_nothing(tmp_path: Path, daemon_factory: Any) -> None:
@@ -59,7 +45,7 @@ def test_five_takeovers_under_load_lose_nothing(tmp_path: Path, daemon_factory: 
         with Load(first.url("web")) as web, Load(first.url("api"), clients=4) as api:
             for n in range(5):
                 old = daemons[-1]
-                new = Successor(config, n)
+                new = successor(config, n)
                 daemons.append(new)
                 assert wait_until(lambda d=old: d.proc.poll() is not None, timeout=30), old.output()
                 assert old.proc.returncode == 0, old.output()
