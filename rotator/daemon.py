@@ -439,8 +439,8 @@ class Daemon:
             with conn:
                 try:
                     await self._hand_over(conn)
-                except (OSError, takeover_.TakeoverError, TimeoutError) as exc:
-                    self.out(f"rotator: takeover failed ({exc}); serving on")
+                except Exception as exc:  # whatever a peer sends, the daemon serves on
+                    self.out(f"rotator: takeover failed ({type(exc).__name__}: {exc}); serving on")
                     self._resume()
 
     async def _hand_over(self, conn: socket.socket) -> None:

@@ -150,3 +150,20 @@ def test_an_unknown_protocol_is_refused(tmp_path: Path, daemon_factory: Any) -> 
     assert "unknown takeover protocol" in answer["error"] and fds == []
     assert d.proc.poll() is None
     assert cli(config, "restart", "web").returncode == 0
+
+
+def test_garbage_on_the_takeover_socket_harms_nothing(tmp_path: Path, daemon_factory: Any) -> None:
+    config = write_config(tmp_path, {"web": component()})
+    d = daemon_factory(config)
+    path = str(takeover.socket_path(config.parent / "state"))
+    for junk in (b"not json\n", b'{"hello": 1, "pid": "abc"}\n', b"[1]\n", b"x" * 70000, b""):
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.settimeout(10)
+        conn.connect(path)
+        conn.sendall(junk)
+        conn.shutdown(socket.SHUT_WR)
+        conn.recv(1024)  # the daemon answers or closes; it does not hang
+        conn.close()
+    assert d.proc.poll() is None
+    assert cli(config, "restart", "web").returncode == 0
+    assert "serving on" in d.output()
