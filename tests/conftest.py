@@ -271,3 +271,22 @@ class Load:
             report.longest_gap = max(report.longest_gap, now - self._last_ok)
             self._last_ok = now
             report.ok += 1
+
+
+# -- Prometheus exposition, parsed ----------------------------------------------
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def parse_samples(text: str) -> Samples:
+    """Every sample of an exposition, by (name, labels)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def sample(samples: Samples, name: str, **labels: str) -> float | None:
+    return samples.get((name, frozenset(labels.items())))

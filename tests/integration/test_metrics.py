@@ -9,31 +9,27 @@ import sys
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
-
 import rotator
-from tests.conftest import DEMO, cli, component, wait_until, write_config
-
-Samples = Mapping[tuple[str, frozenset[tuple[str, str]]], float]
+from tests.conftest import (
+    DEMO,
+    Samples,
+    cli,
+    component,
+    parse_samples,
+    wait_until,
+    write_config,
+)
+from tests.conftest import sample as value
 
 
 def scrape(daemon: Any) -> Samples:
     with urllib.request.urlopen(daemon.admin + "/metrics", timeout=5) as resp:
         assert resp.headers["Content-Type"].startswith("text/plain; version=")
         text = resp.read().decode()
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def value(samples: Samples, name: str, **labels: str) -> float | None:
-    return samples.get((name, frozenset(labels.items())))
+    return parse_samples(text)
 
 
 def metric(daemon: Any, name: str, **labels: str) -> float | None:

@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from rotator.component import Component, RotationFailed
 from rotator.config import HealthSpec
 from rotator.events import Event
 from rotator.metrics import Metrics
 from rotator.proxy.route import Route
+from tests.conftest import Samples, parse_samples
+from tests.conftest import sample as value
 from tests.unit.test_component import SPEC, World, run
 
 
@@ -26,20 +26,8 @@ class Source:
     event_loop: str = "asyncio"
 
 
-Samples = Mapping[tuple[str, frozenset[tuple[str, str]]], float]
-
-
 def scrape(metrics: Metrics) -> Samples:
-    text = metrics.exposition().decode()
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def value(samples: Samples, name: str, **labels: str) -> float | None:
-    return samples.get((name, frozenset(labels.items())))
+    return parse_samples(metrics.exposition().decode())
 
 
 def setup(w: World, spec: Any = SPEC) -> tuple[Component, Metrics]:
