@@ -139,3 +139,20 @@ def serves(sock: socket.socket, listen: Address) -> bool:
 def _bound(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     return str(Address(host, port))
+
+
+def matching(
+    sockets: dict[str, socket.socket], specs: Iterable[ComponentSpec]
+) -> dict[str, socket.socket]:
+    """The sockets (handed over by a daemon being taken over) of components that keep
+    their name and address; the others are closed (the old daemon closes its copies as
+    it exits), and a component with a new address binds it itself."""
+    by_name = {spec.name: spec for spec in specs}
+    kept = {}
+    for name, sock in sockets.items():
+        spec = by_name.get(name)
+        if spec is not None and serves(sock, spec.listen):
+            kept[name] = sock
+        else:
+            sock.close()
+    return kept

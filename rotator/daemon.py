@@ -20,7 +20,6 @@ import dataclasses
 import errno
 import gc
 import hashlib
-import json
 import os
 import secrets
 import signal
@@ -33,7 +32,7 @@ from typing import Any
 
 from aiohttp import web
 
-from rotator import __version__, activation
+from rotator import __version__, activation, printer
 from rotator import takeover as takeover_
 from rotator.admin import make_app
 from rotator.component import Component, RotationFailed, probe_socket, proxy_limits
@@ -133,7 +132,7 @@ class Daemon:
         write = out or _print
         self.json_log = log_format == "json"
         # In JSON, the daemon's own lines become records too: one format per stream.
-        self.out = (lambda line: write(_json_line(None, line))) if self.json_log else write
+        self.out = (lambda line: write(printer.json_line(None, line))) if self.json_log else write
         self._write_log = write
         self.history = EventLog(config.state_dir / "events.log")
         self.event_loop = "asyncio"
@@ -809,7 +808,7 @@ class Daemon:
 
     def _print_event(self, event: Event) -> None:
         if self.json_log:
-            self._write_log(_json_line(event.time, "", event.to_json()))
+            self._write_log(printer.json_line(event.time, "", event.to_json()))
             return
         if event.kind in QUIET_KINDS:
             return
@@ -854,20 +853,6 @@ def _restore_definition(
     comp.deployed_at = record.deployed_at
 
 
-def _json_line(when: float | None, message: str, record: dict[str, Any] | None = None) -> str:
-    """One JSON log record: an event's fields, or a daemon line as {"message": ...}."""
-    fields = record if record is not None else {"component": None, "message": message}
-    if not fields.get("component"):
-        fields = {**fields, "component": None}  # the daemon's own: no component
-    when = time.time() if when is None else when
-    stamp = (
-        time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(when)) + f".{int(when % 1 * 1000):03d}"
-    )
-    return json.dumps(
-        {**fields, "time": stamp + time.strftime("%z", time.localtime(when))}, default=str
-    )
-
-
 def _print(line: str) -> None:
     print(line, flush=True)
 
@@ -895,7 +880,7 @@ def run(config: Config, log_format: str = "human", takeover: bool = False) -> in
         inherited = activation.listen_fds(os.environ, os.getpid())
         handover = takeover_.request(config.state_dir) if takeover else None
         if handover is not None:
-            inherited = _matching(handover.sockets, config)
+            inherited = activation.matching(handover.sockets, config.components)
         daemon = Daemon(config, inherited=inherited, log_format=log_format, takeover=handover)
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             runner.run(daemon.serve())
@@ -903,16 +888,3 @@ def run(config: Config, log_format: str = "human", takeover: bool = False) -> in
         print(f"rotator: {exc}", file=sys.stderr)
         return 1
     return 0
-
-
-def _matching(sockets: dict[str, socket.socket], config: Config) -> dict[str, socket.socket]:
-    """The handed-over sockets of components that keep their name and address; the
-    others are closed here (the old daemon closes its copies as it exits), and a
-    component with a new address binds it."""
-    kept = {}
-    for name, sock in sockets.items():
-        if name in config.names and activation.serves(sock, config.component(name).listen):
-            kept[name] = sock
-        else:
-            sock.close()
-    return kept

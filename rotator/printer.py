@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -109,3 +110,17 @@ def history_line(event: dict[str, Any]) -> str:
 def event_line(event: dict[str, Any], since: float | None = None) -> str:
     prefix = f"[{duration(max(0.0, event['time'] - since)):>6}] " if since is not None else ""
     return f"{prefix}{event['component']}: {event['message']}"
+
+
+def json_line(when: float | None, message: str, record: dict[str, Any] | None = None) -> str:
+    """One JSON log record: an event's fields, or a daemon line as {"message": ...}."""
+    fields = record if record is not None else {"component": None, "message": message}
+    if not fields.get("component"):
+        fields = {**fields, "component": None}  # the daemon's own: no component
+    when = time.time() if when is None else when
+    stamp = (
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(when)) + f".{int(when % 1 * 1000):03d}"
+    )
+    return json.dumps(
+        {**fields, "time": stamp + time.strftime("%z", time.localtime(when))}, default=str
+    )
