@@ -849,7 +849,7 @@ class Component:
             ],
             "restarts": self.restarts,
             "requests": self.route.requests,
-            "in_flight": sum(t.in_flight for t in self._targets()),
+            "in_flight": self.in_flight,
             "definition": {
                 "source": self.definition_source,
                 "at": self.deployed_at,
@@ -863,9 +863,11 @@ class Component:
             "log_tail": self.last_log_tail if self.state == "failed" else [],
         }
 
-    def _targets(self) -> list[Target]:
-        current = [self.route.target] if self.route.target is not None else []
-        return current + [d.target for d in self.draining]
+    @property
+    def in_flight(self) -> int:
+        """Requests at the component's instances now: the active one and those draining."""
+        current = self.route.target.in_flight if self.route.target is not None else 0
+        return current + sum(d.target.in_flight for d in self.draining)
 
     def _record(self, inst: Instance | None) -> InstanceRecord | None:
         # An instance on a Unix socket has no port to record: it is left out, and a

@@ -158,10 +158,7 @@ class Collector:
             durations.add_metric(
                 [comp.name], cumulative(DURATION_BOUNDS, route.durations), route.duration_sum
             )
-            targets = [d.target for d in comp.draining]
-            if route.target is not None:
-                targets.append(route.target)
-            in_flight.add_metric([comp.name], sum(t.in_flight for t in targets))
+            in_flight.add_metric([comp.name], comp.in_flight)
         yield from (requests, durations, in_flight)
 
     def _instances(self, components: list[Component]) -> Iterator[Metric]:
