@@ -39,10 +39,6 @@ class ReloadPlan:
     # Changes a running daemon cannot apply (its own address, its state_dir), one line each.
     ignored: tuple[str, ...] = ()
 
-    @property
-    def changes_anything(self) -> bool:
-        return bool(self.added or self.removed or self.rebound or self.rotated or self.updated)
-
 
 def plan_reload(old: Config, new: Config) -> ReloadPlan:
     """What applying `new` over the running `old` does to each component, in `new`'s
@@ -95,15 +91,6 @@ def _daemon_changes(old: Config, new: Config) -> list[str]:
 def keep_daemon_settings(running: Config, new: Config) -> Config:
     """`new` with the settings only a daemon restart can change taken from `running`."""
     return dataclasses.replace(new, admin=running.admin, state_dir=running.state_dir)
-
-
-def changed_fields(old: ComponentSpec, new: ComponentSpec) -> list[str]:
-    """The names of the fields that differ, for messages."""
-    return [
-        f.name
-        for f in dataclasses.fields(ComponentSpec)
-        if getattr(old, f.name) != getattr(new, f.name)
-    ]
 
 
 def rolling_order(config: Config, names: Iterable[str]) -> list[str]:

@@ -65,12 +65,6 @@ class Handover:
             raise TakeoverError(f"the old daemon (pid {self.old_pid}) did not confirm: {answer}")
         self.conn.close()
 
-    def abandon(self) -> None:
-        """This daemon gives up before ready: the old one resumes on seeing the close."""
-        for sock in [*self.sockets.values(), *([self.admin] if self.admin else [])]:
-            sock.close()
-        self.conn.close()
-
 
 def request(state_dir: Path, timeout: float = HELLO_TIMEOUT) -> Handover:
     """Ask the daemon running for `state_dir` for its sockets (blocking). TakeoverError

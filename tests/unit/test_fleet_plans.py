@@ -12,7 +12,7 @@ import yaml
 
 from rotator.config import parse
 from rotator.events import Event
-from rotator.fleet import changed_fields, keep_daemon_settings, plan_reload, rolling_order
+from rotator.fleet import keep_daemon_settings, plan_reload, rolling_order
 from rotator.history import EventLog
 
 BASE: dict[str, Any] = {
@@ -49,7 +49,8 @@ def changed(**edits: Any) -> dict[str, Any]:
 
 def test_nothing_changed(tmp_path: Path) -> None:
     plan = plan_reload(config(tmp_path, BASE), config(tmp_path, BASE))
-    assert plan.unchanged == ("a", "b", "c") and not plan.changes_anything and not plan.ignored
+    assert plan.unchanged == ("a", "b", "c") and not plan.ignored
+    assert plan.added == plan.removed == plan.rebound == plan.rotated == plan.updated == ()
 
 
 @pytest.mark.parametrize(
@@ -97,12 +98,6 @@ def test_daemon_settings_are_reported_and_kept(tmp_path: Path) -> None:
     assert len(plan.ignored) == 2 and "9901" in plan.ignored[0] and "state_dir" in plan.ignored[1]
     kept = keep_daemon_settings(old, new)
     assert kept.admin == old.admin and kept.state_dir == old.state_dir
-
-
-def test_changed_fields_names_them(tmp_path: Path) -> None:
-    old = config(tmp_path, BASE).component("a")
-    new = config(tmp_path, changed(a={"command": "x", "drain_timeout": "1s"})).component("a")
-    assert changed_fields(old, new) == ["command", "drain_timeout"]
 
 
 def test_rolling_order_follows_dependencies(tmp_path: Path) -> None:
