@@ -9,7 +9,6 @@ new one begun, so the history on disk stays bounded at about twice that.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import json
 import os
@@ -31,14 +30,20 @@ class EventLog:
     def load(self, count: int) -> list[Event]:
         """The newest `count` events on disk, oldest first; lines that do not parse are skipped
         (a line cut short by a crash, say)."""
-        newest: collections.deque[Event] = collections.deque(maxlen=count)
+        lines: list[str] = []
         for path in (self.path.with_name(self.path.name + ".1"), self.path):
             with contextlib.suppress(OSError), open(path, encoding="utf-8", errors="replace") as f:
-                for line in f:
-                    event = _parse(line)
-                    if event is not None:
-                        newest.append(event)
-        return list(newest)
+                lines.extend(f)
+        # Parsed from the end, only as far as needed: the files hold thousands of events
+        # and start-up wants the newest `count`.
+        newest: list[Event] = []
+        for line in reversed(lines):
+            if len(newest) >= count:
+                break
+            event = _parse(line)
+            if event is not None:
+                newest.append(event)
+        return newest[::-1]
 
     def append(self, event: Event) -> None:
         line = json.dumps(event.to_json(), default=str) + "\n"
