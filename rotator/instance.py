@@ -210,20 +210,32 @@ class Instance:
     def _tree(self) -> list[psutil.Process]:
         """The root and its descendants, whatever else is in its process group
         (children whose parent exited are reparented away from the root), and
-        whatever still carries its marker (double forks leave both)."""
-        procs: dict[int, psutil.Process] = {}
-        if self._root_alive():
-            with contextlib.suppress(psutil.Error):
-                root = psutil.Process(self.pid)
-                procs[root.pid] = root
-                for child in root.children(recursive=True):
-                    procs[child.pid] = child
+        whatever still carries its marker (double forks leave both).
+
+        Every one of these started after the root, so only newer processes are looked
+        at: psutil caches each process's start time, and a scan reads no file of the
+        older ones (it runs in a thread, and a thread reading every /proc entry holds
+        the GIL away from the event loop, that is, from every request in flight)."""
+        newer: dict[int, tuple[psutil.Process, int | None]] = {}
         for proc in _candidates(self.create_time):
-            if proc.pid in procs:
+            with contextlib.suppress(psutil.Error):
+                newer[proc.pid] = (proc, proc.ppid())
+        procs: dict[int, psutil.Process] = {}
+        if self.pid in newer and self._root_alive():
+            children: dict[int | None, list[int]] = {}
+            for pid, (_, ppid) in newer.items():
+                children.setdefault(ppid, []).append(pid)
+            todo = [self.pid]
+            while todo:
+                pid = todo.pop()
+                procs[pid] = newer[pid][0]
+                todo.extend(c for c in children.get(pid, ()) if c not in procs)
+        for pid, (proc, _) in newer.items():
+            if pid in procs:
                 continue
             with contextlib.suppress(psutil.Error, OSError):
-                if os.getpgid(proc.pid) == self.pid or proc.environ().get(MARKER) == self.marker:
-                    procs[proc.pid] = proc
+                if os.getpgid(pid) == self.pid or proc.environ().get(MARKER) == self.marker:
+                    procs[pid] = proc
         return [p for p in procs.values() if _alive(p)]
 
     def _signal(self, sig: signal.Signals, tree: list[psutil.Process]) -> None:
@@ -333,13 +345,14 @@ def _have_pidfds() -> bool:
 
 
 def _candidates(since: float) -> Iterator[psutil.Process]:
-    """Processes that could belong to an instance created at `since`: ours, and not older."""
+    """Processes that could belong to an instance created at `since`: ours, and not older.
+    The start time is checked first: psutil keeps it, so an older process costs no read."""
     uid = os.getuid()
-    for proc in psutil.process_iter(["create_time", "uids"]):
-        info = proc.info
-        if info.get("uids") is not None and info["uids"].real != uid:
-            continue
-        if info.get("create_time") is not None and info["create_time"] + CREATE_TIME_SLACK < since:
+    for proc in psutil.process_iter():
+        try:
+            if proc.create_time() + CREATE_TIME_SLACK < since or proc.uids().real != uid:
+                continue
+        except psutil.Error:
             continue
         yield proc
 

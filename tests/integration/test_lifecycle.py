@@ -100,6 +100,24 @@ os.execv(sys.executable, [sys.executable, "-m", "rotator.demo", "--port", sys.ar
 """
 
 
+# A child that leaves the instance's session and group and drops the marker from its
+# environment, while its parent (the instance) lives on: only the parent link finds it.
+DETACH = r"""
+import os, signal, subprocess, sys
+
+env = {k: v for k, v in os.environ.items() if k != "ROTATOR_INSTANCE"}
+here = os.path.dirname(os.path.abspath(__file__))
+child = (
+    "import os, signal, time\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    f"open(os.path.join({here!r}, 'detached-%d' % os.getpid()), 'w').close()\n"
+    "time.sleep(120)\n"
+)
+subprocess.Popen([sys.executable, "-c", child], env=env, start_new_session=True)
+os.execv(sys.executable, [sys.executable, "-m", "rotator.demo", "--port", sys.argv[1]])
+"""
+
+
 def write_app(tmp_path: Path) -> tuple[Path, Path]:
     """The app script and its mode file (initially "ok")."""
     app = tmp_path / "app.py"
@@ -934,5 +952,34 @@ def test_double_forked_grandchild_is_stopped_with_its_instance(
         assert not [p for p in escapees() if alive(p)]
     finally:
         for pid in escapees():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_child_out_of_group_without_marker_is_stopped_as_a_descendant(
+    tmp_path: Path, daemon_factory
+) -> None:
+    script = tmp_path / "detach.py"
+    script.write_text(DETACH)
+    spec = component(command=f"{PY} {script} {{port}}", stop_timeout="1s")
+    config = write_config(tmp_path, {"web": spec})
+
+    def detached() -> set[int]:
+        return {int(p.name.split("-")[1]) for p in tmp_path.glob("detached-*")}
+
+    try:
+        daemon = up(daemon_factory, config)
+        first = daemon.component("web")["active"]["pid"]
+        assert wait_until(lambda: len(detached()) == 1)
+        (child,) = detached()
+        assert os.getsid(child) == child and MARKER not in environ(child)
+        assert child in {p.pid for p in psutil.Process(first).children()}
+
+        restart = cli(config, "restart", "web")
+        assert restart.returncode == 0, restart.stderr
+        assert wait_until(lambda: not alive(child))  # it ignored SIGTERM: killed at stop_timeout
+        assert alive(daemon.component("web")["active"]["pid"])
+    finally:
+        for pid in detached():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
