@@ -34,6 +34,10 @@ MAX_LINE = 64 * 1024
 # last lines (10 000 lines of 1.6 KiB each).
 TAIL_BLOCK = 64 * 1024
 TAIL_MAX_BYTES = 16 * 1024 * 1024
+# A file still under its temporary name this long after it was last written is a
+# leftover: the daemon was killed between the spawn and the rename (which are
+# milliseconds apart), so nothing will ever give it its name.
+STALE_STARTING = 600.0
 # A partial last line is sent after this many polls without growth (the writer may
 # never finish it: a prompt, or an instance that died mid-line).
 PARTIAL_FLUSH_POLLS = 5
@@ -95,15 +99,31 @@ def find(log_dir: Path, pid: int) -> Path | None:
 
 
 def prune(log_dir: Path, running: Collection[int], keep: int = LOG_FILES_KEPT) -> list[Path]:
-    """Remove all but the newest `keep` files, never one of a `running` pid; the removed."""
+    """Remove all but the newest `keep` files, never one of a `running` pid, and stale
+    temporary files; the removed."""
+    removed = _stale_starting(log_dir)
     files = instance_files(log_dir)
-    removed = []
     for path in files[: max(0, len(files) - keep)]:
         if pid_of(path) in running:
             continue
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
             removed.append(path)
+    return removed
+
+
+def _stale_starting(log_dir: Path) -> list[Path]:
+    try:
+        names = [n for n in os.listdir(log_dir) if n.startswith(".") and n.endswith(_STARTING)]
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        path = log_dir / name
+        with contextlib.suppress(OSError):
+            if time.time() - path.stat().st_mtime > STALE_STARTING:
+                path.unlink()
+                removed.append(path)
     return removed
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 from rotator import logs
@@ -41,6 +43,18 @@ def test_prune_keeps_the_newest_and_every_running_instance(tmp_path: Path) -> No
     assert logs.instance_files(tmp_path) == [files[0], *files[4:]]
     assert logs.prune(tmp_path, running=set(), keep=10) == [files[0]]
     assert logs.prune(tmp_path / "missing", running=set()) == []
+
+
+def test_prune_removes_temporary_files_left_by_a_killed_daemon(tmp_path: Path) -> None:
+    left = logs.starting_path(tmp_path, when=1_700_000_000.0)
+    left.write_text("a spawn the daemon never renamed\n")
+    old = time.time() - logs.STALE_STARTING - 60
+    os.utime(left, (old, old))
+    fresh = logs.starting_path(tmp_path)  # a spawn in progress right now
+    fresh.write_text("")
+    named = write(tmp_path, "20240101-000000.000", 100, b"x\n")
+    assert logs.prune(tmp_path, running=set()) == [left]
+    assert fresh.exists() and named.exists()
 
 
 def test_tail_skips_the_header_and_includes_a_partial_last_line(tmp_path: Path) -> None:
