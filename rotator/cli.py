@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from rotator import __version__, printer
+from rotator import __version__, fleet, printer
 from rotator.config import Config, ConfigError, default_path, load, parse_env_assignments
 from rotator.fleet import reload_summary
 
@@ -439,8 +439,8 @@ def cmd_down(config: Config, args: argparse.Namespace) -> int:
     admin = Admin(config)
     pid = admin.get("/v1/status")["daemon"]["pid"]
     admin.post("/v1/shutdown")
-    longest = max((c.drain_timeout + c.stop_timeout for c in config.components), default=0.0)
-    deadline = time.monotonic() + longest + 10
+    budget = fleet.stop_budget(config)
+    deadline = time.monotonic() + budget
     while time.monotonic() < deadline:
         try:
             admin.get("/v1/status")
@@ -448,7 +448,7 @@ def cmd_down(config: Config, args: argparse.Namespace) -> int:
             print(f"rotator: daemon {pid} stopped")
             return OK
         time.sleep(0.1)
-    raise CommandError(f"daemon {pid} is still running after {longest + 10:g}s")
+    raise CommandError(f"daemon {pid} is still running after {budget:g}s")
 
 
 def cmd_dashboard(config: Config, args: argparse.Namespace) -> int:

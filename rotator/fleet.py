@@ -1,4 +1,5 @@
-"""Fleet-wide plans, pure: the order of a rolling restart, and what a reload changes.
+"""Fleet-wide plans, pure: the order of a rolling restart, what a reload changes, and
+how long stopping everything may take.
 
 The daemon carries the plans out (daemon.py); nothing here touches a socket or
 a process, so every decision is testable from two Config objects.
@@ -12,6 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from rotator.config import ComponentSpec, Config
+
+# Over the daemon's own shutdown budget: what `rotator down` and a service manager
+# wait before they call the shutdown stuck.
+STOP_MARGIN = 10.0
 
 # What an instance is started from: a change to one of these needs a new instance.
 # Everything else (proxy limits, timeouts, restart policy, depends_on, verify) is
@@ -113,3 +118,19 @@ RELOAD_PARTS = (
     ("updated", "updated in place"),
     ("not_rotated", "not rotated"),
 )
+
+
+def stop_budget(config: Config) -> float:
+    """The longest a graceful shutdown may take: the requests' drain (once, for every
+    listener at once), then the instances' stops, each after its dependents'."""
+    specs = {spec.name: spec for spec in config.components}
+    chain: dict[str, float] = {}
+
+    def until_stopped(name: str) -> float:
+        if name not in chain:
+            dependents = [s.name for s in specs.values() if name in s.depends_on]
+            chain[name] = specs[name].stop_timeout + max(map(until_stopped, dependents), default=0)
+        return chain[name]
+
+    drain = max((spec.drain_timeout for spec in specs.values()), default=0.0)
+    return drain + max(map(until_stopped, specs), default=0.0) + STOP_MARGIN

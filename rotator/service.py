@@ -26,11 +26,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from rotator import fleet
 from rotator.config import Config
 
 MANAGERS = ("systemd", "launchd")
-# Over the daemon's own shutdown budget before the service manager kills it.
-STOP_MARGIN = 10.0
 # Between a crash and the restart; the restarted daemon adopts the running instances.
 RESTART_DELAY = 2
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
@@ -81,22 +80,6 @@ def rotator_command(argv0: str, executable: str) -> tuple[str, ...]:
         return (str(path.absolute()),)
     # `python -m rotator`: argv0 is rotator/__main__.py, not a program to run.
     return (executable, "-m", "rotator")
-
-
-def stop_budget(config: Config) -> float:
-    """The longest a graceful shutdown may take: the requests' drain (once, for every
-    listener at once), then the instances' stops, each after its dependents'."""
-    specs = {spec.name: spec for spec in config.components}
-    chain: dict[str, float] = {}
-
-    def until_stopped(name: str) -> float:
-        if name not in chain:
-            dependents = [s.name for s in specs.values() if name in s.depends_on]
-            chain[name] = specs[name].stop_timeout + max(map(until_stopped, dependents), default=0)
-        return chain[name]
-
-    drain = max((spec.drain_timeout for spec in specs.values()), default=0.0)
-    return drain + max(map(until_stopped, specs), default=0.0) + STOP_MARGIN
 
 
 def render(manager: str, config: Config, options: Options) -> Rendered:
@@ -162,7 +145,7 @@ def _service_unit(config: Config, options: Options, sockets: list[str]) -> str:
         "Restart=on-failure",
         f"RestartSec={RESTART_DELAY}s",
         "RestartPreventExitStatus=2",  # a config error: restarting cannot help
-        f"TimeoutStopSec={math.ceil(stop_budget(config))}s",
+        f"TimeoutStopSec={math.ceil(fleet.stop_budget(config))}s",
         f"WorkingDirectory={_escape(str(config.path.parent))}",
         "Environment=PYTHONUNBUFFERED=1",
     ]
@@ -252,7 +235,7 @@ def launchd(config: Config, options: Options) -> Rendered:
         "StandardOutPath": log,
         "StandardErrorPath": log,
         # SIGTERM is a graceful `rotator down`; SIGKILL only after this.
-        "ExitTimeOut": math.ceil(stop_budget(config)),
+        "ExitTimeOut": math.ceil(fleet.stop_budget(config)),
     }
     if options.system and options.user:
         plist["UserName"] = options.user

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from rotator import service
+from rotator import fleet, service
 from rotator.config import Config, parse
 from tests.conftest import PY
 
@@ -141,7 +141,7 @@ def test_system_unit_runs_as_the_user_at_boot(tmp_path: Path) -> None:
 def test_stop_timeout_covers_drain_and_the_dependency_chain(tmp_path: Path) -> None:
     config = config_at(tmp_path / "shop.yaml")
     # drain 5 s once; db stops after api (which depends on it): 4 + 3; web: 3.
-    assert service.stop_budget(config) == 5 + 4 + 3 + service.STOP_MARGIN
+    assert fleet.stop_budget(config) == 5 + 4 + 3 + fleet.STOP_MARGIN
     unit = sections(service.render("systemd", config, options()).files["rotator-shop.service"])
     assert unit["Service"]["TimeoutStopSec"] == ["22s"]
 
