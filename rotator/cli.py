@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from rotator import __version__, fleet, printer
 from rotator.config import Config, ConfigError, default_path, load, parse_env_assignments
-from rotator.fleet import reload_summary
 
 if TYPE_CHECKING:
     from rotator.export import Export
@@ -303,7 +302,7 @@ def cmd_reload(config: Config, args: argparse.Namespace) -> int:
     result = follow(Admin(config).stream("/v1/reload", {}), began, quiet={"state"})
     for note in result.get("ignored", []):
         print(f"note: {note}")
-    summary = reload_summary(result)
+    summary = fleet.reload_summary(result)
     if result.get("result") == "ok":
         print(f"reloaded {config.path} in {printer.duration(time.time() - began)}: {summary}")
         return OK
