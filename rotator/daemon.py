@@ -68,9 +68,6 @@ from rotator.state import (
 # After handing over: how long an idle keep-alive client connection may stay before it is
 # closed (it answers its next request with Connection: close before then).
 HANDOFF_IDLE = 2.0
-# How long a successor may take from receiving the sockets to saying ready (it adopts
-# every instance, each health-checked within ADOPT_CHECK_TIMEOUT).
-READY_TIMEOUT = 600.0
 # An instance found from an earlier run must answer its health check within this to be adopted.
 ADOPT_CHECK_TIMEOUT = 3.0
 # Events that do not change what the state file records.
@@ -121,8 +118,8 @@ class Daemon:
         # False only while taking over, until the old daemon let go: a failed start must
         # then leave the instances (which the old daemon still owns) alone.
         self._owns_instances = takeover is None
-        self._successor: int | None = None  # the pid this daemon handed over to
-        self._takeover_socket: socket.socket | None = None
+        # Hands this daemon's sockets to a successor; knows its pid once it has.
+        self._takeover_listener = takeover_.SuccessorListener(self, config.state_dir)
         self._admin_socket: socket.socket | None = None
         # Listening sockets from socket activation, by name, until a listener takes them.
         self.inherited = dict(inherited or {})
@@ -232,7 +229,7 @@ class Daemon:
         # out of the collector's sight, a full collection no longer walks it, which had
         # paused the event loop, and with it every request, for ~15 ms each time.
         gc.freeze()
-        await self._listen_for_successor()
+        self._takeover_listener.start()
         running = sum(c.state == "running" for c in self.components.values())
         failed = [c.name for c in self.components.values() if c.state == "failed"]
         self.out(
@@ -342,7 +339,8 @@ class Daemon:
     async def _stop_everything(self) -> None:
         for task in self._background:
             task.cancel()
-        if self._successor is not None or not self._owns_instances:
+        self._takeover_listener.cancel()
+        if self._takeover_listener.successor is not None or not self._owns_instances:
             await self._let_go()
             return
         if self.components:
@@ -368,7 +366,7 @@ class Daemon:
     async def _release(self, keep_token: bool = False) -> None:
         for listener in self.listeners.values():
             listener.stop_accepting()
-        self._close_takeover_socket()
+        self._takeover_listener.close()
         if self._runner is not None:
             await self._runner.cleanup()
             if not keep_token:
@@ -377,7 +375,7 @@ class Daemon:
         self._lock.release()
         self.history.close()
 
-    # -- takeover: handing this daemon's sockets to a successor, or taking them -----------
+    # -- takeover: taking the running daemon's sockets (the old side is in takeover.py) ---
     async def _take_over(self) -> None:
         """The successor's side, once it adopted what runs: tell the old daemon to let go;
         then this daemon owns the instances, and the lock once the old one has exited."""
@@ -402,83 +400,22 @@ class Daemon:
             except AlreadyRunning:
                 await asyncio.sleep(0.1)  # the old daemon is still finishing its requests
 
-    async def _listen_for_successor(self) -> None:
-        """Accept `rotator up --takeover` on state_dir/takeover.sock, one at a time."""
-        path = takeover_.socket_path(self.config.state_dir)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-            sock.bind(str(path))
-            os.chmod(path, 0o600)
-            sock.listen(1)
-        except OSError as exc:
-            sock.close()
-            self.out(
-                f"rotator: takeover unavailable: cannot listen on {path}: {exc.strerror or exc}"
-            )
-            return
-        sock.setblocking(False)
-        self._takeover_socket = sock
-        task = asyncio.ensure_future(self._accept_successors(sock))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+    # -- takeover.Incumbent: what this daemon's SuccessorListener may ask of it ---------
+    @property
+    def reloading(self) -> bool:
+        return self._reloading
 
-    def _close_takeover_socket(self) -> None:
-        if self._takeover_socket is not None:
-            self._takeover_socket.close()
-            self._takeover_socket = None
-            with contextlib.suppress(OSError):
-                takeover_.socket_path(self.config.state_dir).unlink()
+    def listening_fds(self) -> dict[str, int]:
+        return {name: listener.fileno() for name, listener in self.listeners.items()}
 
-    async def _accept_successors(self, sock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        while self._successor is None:
-            conn, _ = await loop.sock_accept(sock)
-            with conn:
-                try:
-                    await self._hand_over(conn)
-                except Exception as exc:  # whatever a peer sends, the daemon serves on
-                    self.out(f"rotator: takeover failed ({type(exc).__name__}: {exc}); serving on")
-                    self._resume()
-
-    async def _hand_over(self, conn: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        conn.setblocking(False)
-        hello = await asyncio.wait_for(takeover_.receive_async(loop, conn), 5)
-        if hello.get("hello") != takeover_.PROTOCOL:
-            takeover_.send(conn, {"error": f"unknown takeover protocol {hello.get('hello')!r}"})
-            return
-        if self._reloading:
-            takeover_.send(conn, {"error": "a reload is in progress; try again"})
-            return
-        pid = int(hello.get("pid", 0))
-        self.out(f"rotator: pid {pid} is taking over; waiting for rotations in progress")
-        await self._quiesce()
-        self._save()
-        self._can_save = False  # the successor owns the state file now
-        names: list[str | None] = list(self.listeners)
-        fds = [listener.fileno() for listener in self.listeners.values()]
-        names.append(None)  # the admin API's socket
+    def admin_fd(self) -> int:
         assert self._admin_socket is not None
-        fds.append(self._admin_socket.fileno())
-        token = self.config.token_path.read_text().strip()
-        takeover_.send(conn, {"pid": os.getpid(), "token": token, "sockets": names}, fds)
-        answer = await asyncio.wait_for(takeover_.receive_async(loop, conn), READY_TIMEOUT)
-        if not answer.get("ready"):
-            raise takeover_.TakeoverError(f"unexpected answer {answer}")
-        self._successor = pid
-        self._close_takeover_socket()  # before bye: the successor binds the path next
-        for listener in self.listeners.values():
-            listener.stop_accepting()
-        if self._runner is not None:
-            for site in self._runner.sites:
-                await site.stop()
-        takeover_.send(conn, {"bye": True})
-        self.out(f"rotator: handed over to pid {pid}; finishing the requests in flight")
-        self.request_shutdown()
+        return self._admin_socket.fileno()
 
-    async def _quiesce(self) -> None:
+    def admin_token(self) -> str:
+        return self.config.token_path.read_text().strip()
+
+    async def quiesce(self) -> None:
         """Let rotations in progress end (bounded), then stop supervising."""
         deadline = time.monotonic() + takeover_.QUIESCE_TIMEOUT
         while any(c.busy for c in self.components.values()) and time.monotonic() < deadline:
@@ -486,10 +423,21 @@ class Daemon:
         for comp in self.components.values():
             comp.suspend()
 
-    def _resume(self) -> None:
+    def save_last(self) -> None:
+        self._save()
+        self._can_save = False  # the successor owns the state file now
+
+    def resume(self) -> None:
         self._can_save = True
         for comp in self.components.values():
             comp.resume()
+
+    async def stop_accepting(self) -> None:
+        for listener in self.listeners.values():
+            listener.stop_accepting()
+        if self._runner is not None:
+            for site in self._runner.sites:
+                await site.stop()
 
     async def _let_go(self) -> None:
         """Exit without stopping instances: handed over (finish the requests in flight,
@@ -503,9 +451,10 @@ class Daemon:
         for comp in self.components.values():
             comp.suspend()
         await self._release(keep_token=True)
-        if self._successor is not None:
+        successor = self._takeover_listener.successor
+        if successor is not None:
             self.bus.publish(
-                Event("", "daemon", f"handed over to pid {self._successor}", {"pid": os.getpid()})
+                Event("", "daemon", f"handed over to pid {successor}", {"pid": os.getpid()})
             )
             self.out("rotator: stopped; the instances run on under the new daemon")
 

@@ -13,20 +13,24 @@ stops accepting, says bye, finishes the requests it is proxying and exits
 without stopping any instance. If the new daemon goes away before it is ready,
 the old one resumes supervising and serves on as before.
 
-Messages are single JSON lines. This module holds the wire format and the new
-daemon's blocking side (it runs before the event loop, so the sockets exist
-before anything binds); the old daemon's side is in daemon.py.
+Messages are single JSON lines. This module holds the whole protocol: the old
+daemon's side (SuccessorListener, on the event loop; it reaches the daemon only
+through the Incumbent protocol, so what it may do there is listed in one place),
+the new daemon's blocking side (request(); it runs before the event loop, so the
+sockets exist before anything binds) and the wire format. What the sockets serve,
+and the instances, stay the daemon's business.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 PROTOCOL = 1
 MAX_MESSAGE = 64 * 1024
@@ -35,6 +39,11 @@ MAX_FDS = 1024
 # progress finish (bounded by QUIESCE_TIMEOUT), then answers at once.
 HELLO_TIMEOUT = 90.0
 QUIESCE_TIMEOUT = 60.0
+# How long a successor may take from receiving the sockets to saying ready (it adopts
+# every instance, each health-checked within the daemon's ADOPT_CHECK_TIMEOUT).
+READY_TIMEOUT = 600.0
+# A successor says hello as soon as it connects; a peer that does not is dropped.
+HELLO_WAIT = 5.0
 
 
 class TakeoverError(Exception):
@@ -45,6 +54,131 @@ def socket_path(state_dir: Path) -> Path:
     return state_dir / "takeover.sock"
 
 
+# -- the running daemon's side ----------------------------------------------------------
+class Incumbent(Protocol):
+    """What the running daemon offers the SuccessorListener, and all it may touch."""
+
+    def out(self, line: str) -> None: ...
+
+    @property
+    def reloading(self) -> bool: ...
+
+    def listening_fds(self) -> dict[str, int]:
+        """Every component's listening socket, by component name."""
+        ...
+
+    def admin_fd(self) -> int: ...
+
+    def admin_token(self) -> str: ...
+
+    async def quiesce(self) -> None:
+        """Let rotations in progress end (bounded by QUIESCE_TIMEOUT), then stop supervising."""
+
+    def save_last(self) -> None:
+        """Write the state file a last time, then no more: the successor owns it."""
+
+    def resume(self) -> None:
+        """The takeover failed: supervise, and write the state file, again."""
+
+    async def stop_accepting(self) -> None:
+        """Stop accepting on the components' listening sockets and the admin API's."""
+
+    def request_shutdown(self) -> None: ...
+
+
+class SuccessorListener:
+    """Owns takeover.sock: accepts one successor at a time and hands it the daemon's
+    sockets; `successor` is the pid of the one that took them (then the daemon lets go)."""
+
+    def __init__(self, daemon: Incumbent, state_dir: Path) -> None:
+        self._daemon = daemon
+        self._path = socket_path(state_dir)
+        self._sock: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        self._successor: int | None = None
+
+    @property
+    def successor(self) -> int | None:
+        return self._successor
+
+    def start(self) -> None:
+        """Listen on takeover.sock; when that fails, say so: the daemon serves on without."""
+        path = self._path
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            sock.bind(str(path))
+            os.chmod(path, 0o600)
+            sock.listen(1)
+        except OSError as exc:
+            sock.close()
+            self._daemon.out(
+                f"rotator: takeover unavailable: cannot listen on {path}: {exc.strerror or exc}"
+            )
+            return
+        sock.setblocking(False)
+        self._sock = sock
+        self._accepting = asyncio.ensure_future(self._accept(sock))
+
+    def cancel(self) -> None:
+        """Accept no more successors (the daemon is going down); a handover under way ends."""
+        if self._accepting is not None:
+            self._accepting.cancel()
+
+    def close(self) -> None:
+        """Close and unlink takeover.sock."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+            with contextlib.suppress(OSError):
+                self._path.unlink()
+
+    async def _accept(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while self._successor is None:
+            conn, _ = await loop.sock_accept(sock)
+            with conn:
+                try:
+                    await self._hand_over(conn)
+                except Exception as exc:  # whatever a peer sends, the daemon serves on
+                    self._daemon.out(
+                        f"rotator: takeover failed ({type(exc).__name__}: {exc}); serving on"
+                    )
+                    self._daemon.resume()
+
+    async def _hand_over(self, conn: socket.socket) -> None:
+        daemon = self._daemon
+        loop = asyncio.get_running_loop()
+        conn.setblocking(False)
+        hello = await asyncio.wait_for(receive_async(loop, conn), HELLO_WAIT)
+        if hello.get("hello") != PROTOCOL:
+            send(conn, {"error": f"unknown takeover protocol {hello.get('hello')!r}"})
+            return
+        if daemon.reloading:
+            send(conn, {"error": "a reload is in progress; try again"})
+            return
+        pid = int(hello.get("pid", 0))
+        daemon.out(f"rotator: pid {pid} is taking over; waiting for rotations in progress")
+        await daemon.quiesce()
+        daemon.save_last()
+        listening = daemon.listening_fds()
+        names: list[str | None] = [*listening, None]  # None: the admin API's socket
+        fds = [*listening.values(), daemon.admin_fd()]
+        token = daemon.admin_token()
+        send(conn, {"pid": os.getpid(), "token": token, "sockets": names}, fds)
+        answer = await asyncio.wait_for(receive_async(loop, conn), READY_TIMEOUT)
+        if not answer.get("ready"):
+            raise TakeoverError(f"unexpected answer {answer}")
+        self._successor = pid
+        self.close()  # before bye: the successor binds the path next
+        await daemon.stop_accepting()
+        send(conn, {"bye": True})
+        daemon.out(f"rotator: handed over to pid {pid}; finishing the requests in flight")
+        daemon.request_shutdown()
+
+
+# -- the new daemon's side --------------------------------------------------------------
 @dataclass
 class Handover:
     """What the new daemon received: the old daemon's sockets, by component name,
@@ -116,6 +250,7 @@ def _listening(fd: int) -> socket.socket:
     return sock
 
 
+# -- the wire format ---------------------------------------------------------------------
 def send(conn: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:
     data = json.dumps(message).encode() + b"\n"
     if fds:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import yaml
 
 from rotator import takeover
 from tests.conftest import PY, Load, RunningDaemon, alive, cli, component, wait_until, write_config
@@ -148,6 +149,41 @@ def test_an_unknown_protocol_is_refused(tmp_path: Path, daemon_factory: Any) -> 
     answer, fds = takeover.receive(conn)
     conn.close()
     assert "unknown takeover protocol" in answer["error"] and fds == []
+    assert d.proc.poll() is None
+    assert cli(config, "restart", "web").returncode == 0
+
+
+def test_a_takeover_during_a_reload_is_refused_and_changes_nothing(
+    tmp_path: Path, daemon_factory: Any
+) -> None:
+    config = write_config(tmp_path, {"web": component()})
+    d = daemon_factory(config)
+    data = yaml.safe_load(config.read_text())
+    data["components"]["web"]["command"] += " --startup-delay 2"
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
+    # The changed command rotates web: the reload lasts until the slow new instance is up.
+    reload = subprocess.Popen(
+        [PY, "-m", "rotator", "-c", str(config), "reload"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert wait_until(lambda: d.component("web")["state"] == "rotating", timeout=15)
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.settimeout(10)
+        conn.connect(str(takeover.socket_path(config.parent / "state")))
+        takeover.send(conn, {"hello": takeover.PROTOCOL, "pid": os.getpid()})
+        answer, fds = takeover.receive(conn)
+        conn.close()
+        _, err = reload.communicate(timeout=60)
+    finally:
+        if reload.poll() is None:
+            reload.kill()
+            reload.wait()
+    assert answer == {"error": "a reload is in progress; try again"} and fds == []
+    assert reload.returncode == 0, err
+    assert "is taking over" not in d.output()  # refused before anything was suspended
     assert d.proc.poll() is None
     assert cli(config, "restart", "web").returncode == 0
 
