@@ -1,7 +1,7 @@
 """What happened, as small immutable records, and the bus that carries them.
 
 Components publish Events; the daemon's printer, the admin API's progress
-streams (and later a history) subscribe. Publishing never blocks and never
+streams, the history (events.log) and the metrics subscribe. Publishing never blocks and never
 fails because of a subscriber.
 """
 
