@@ -18,6 +18,7 @@ import os
 import pwd
 import random
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -190,6 +191,7 @@ class WrkResult:
     p99_ms: float | None
     socket_errors: dict[str, int] = field(default_factory=dict)
     non_2xx: int = 0
+    cpu_seconds: float = 0.0  # wrk's own, user + system
 
     @property
     def errors(self) -> int:
@@ -231,10 +233,20 @@ def wrk(url: str, *, connections: int, duration: float, threads: int = 1) -> Wrk
     if WRK is None:
         raise RuntimeError("wrk is not installed")
     argv = [WRK, f"-t{threads}", f"-c{connections}", f"-d{duration:g}s", "--latency", url]
+    before = _children_cpu()
     done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} exited {done.returncode}:\n{done.stderr}")
-    return parse_wrk(done.stdout)
+    result = parse_wrk(done.stdout)
+    result.cpu_seconds = _children_cpu() - before
+    return result
+
+
+def _children_cpu() -> float:
+    """CPU time of the waited-for children so far: wrk's, measured around its run
+    (nothing else is waited for meanwhile)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def tool_version(argv: list[str]) -> str | None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import os
 import re
 import shutil
 import subprocess
@@ -132,6 +133,7 @@ def measure(
                         "errors": r.errors,
                         "socket_errors": r.socket_errors,
                         "non_2xx": r.non_2xx,
+                        "loadgen_cpu_us_per_req": round(r.cpu_seconds * per_req, 1),
                         "backend_cpu_us_per_req": round((after[0] - before[0]) * per_req, 1),
                         "proxy_cpu_us_per_req": round((after[1] - before[1]) * per_req, 1)
                         if proxy_pids
@@ -179,13 +181,40 @@ def summarize(runs: list[dict[str, Any]], variants: list[str]) -> list[dict[str,
                     "ratio_vs_direct": median(ratios),
                     "p50_overhead_ms": median(p50_over),
                     "ratio_vs_nginx": median(vs_nginx) if variant != "nginx" and vs_nginx else None,
+                    "loadgen_cpu_us_per_req": median([r["loadgen_cpu_us_per_req"] for r in mine]),
                     "backend_cpu_us_per_req": median([r["backend_cpu_us_per_req"] for r in mine]),
                     "proxy_cpu_us_per_req": median(proxy_cpu),
                     "errors": sum(r["errors"] for r in mine),
                     "rounds": len(mine),
                 }
             )
+    for row in rows:
+        if row["connections"] == 1:  # one request at a time: latency bounds it, not CPU
+            row["cpu_ceiling_rps"] = row["cpu_ceiling_x_direct"] = None
+            continue
+        direct = next(
+            r for r in rows
+            if (r["body"], r["connections"], r["variant"]) == (row["body"], row["connections"], "direct")
+        )  # fmt: skip
+        best, best_direct = cpu_ceiling(row), cpu_ceiling(direct)
+        row["cpu_ceiling_rps"] = best
+        row["cpu_ceiling_x_direct"] = best / best_direct if best and best_direct else None
     return rows
+
+
+def cpu_ceiling(row: dict[str, Any]) -> float | None:
+    """The most requests per second the CPU time each request costs would allow, if the
+    machine's cores were shared perfectly: wrk (one thread), the backend (one process)
+    and the proxy (one process) can each use at most one core, and together all of them.
+    The proxy's per-request CPU comes on top of the others' on the same cores, so this
+    bounds what any proxy on this machine can reach next to a direct connection."""
+    costs = [row["loadgen_cpu_us_per_req"], row["backend_cpu_us_per_req"]]
+    if row["variant"] != "direct":
+        costs.append(row["proxy_cpu_us_per_req"])
+    if any(c is None or c <= 0 for c in costs):
+        return None
+    cores = os.cpu_count() or 1
+    return min(min(1e6 / c for c in costs), cores * 1e6 / sum(costs))
 
 
 def verdicts(rows: list[dict[str, Any]]) -> list[str]:
@@ -379,7 +408,10 @@ def main(argv: list[str] | None = None) -> int:
                 "p50 ms",
                 "p99 ms",
                 "p50 +ms",
-                "proxy CPU us/req",
+                "CPU us/req: wrk",
+                "backend",
+                "proxy",
+                "CPU ceiling x direct",
                 "errors",
             ],
             [
@@ -393,7 +425,10 @@ def main(argv: list[str] | None = None) -> int:
                     fmt(r["p50_ms"], ".3f"),
                     fmt(r["p99_ms"], ".3f"),
                     fmt(r["p50_overhead_ms"], "+.3f"),
+                    fmt(r["loadgen_cpu_us_per_req"], ".0f"),
+                    fmt(r["backend_cpu_us_per_req"], ".0f"),
                     fmt(r["proxy_cpu_us_per_req"], ".0f"),
+                    fmt(r["cpu_ceiling_x_direct"], ".2f"),
                     r["errors"],
                 ]
                 for r in rows

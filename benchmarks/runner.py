@@ -100,8 +100,8 @@ def summary(started: float) -> None:
         print("restart under load:")
         print(
             table(
-                ["round", "load", "scenario", "requests", "failed", "longest gap ms", "p99 ms",
-                 "p99 restarting", "switch ms"],
+                ["round", "load", "scenario", "requests", "failed", "longest gap ms",
+                 "median gap at a switch", "p99 ms", "p99 restarting", "switch ms"],
                 [
                     [
                         r["round"],
@@ -110,6 +110,7 @@ def summary(started: float) -> None:
                         r["requests"],
                         r["failed"],
                         f"{r['longest_gap_ms']:.1f}",
+                        r.get("gap_at_switch_ms_median"),
                         r["p99_ms"],
                         r["p99_rotating_ms"],
                         r["switch"]["switch_ms_median"],
