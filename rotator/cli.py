@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from rotator import __version__, fleet, printer
-from rotator.config import Config, ConfigError, default_path, load, parse_env_assignments
+from rotator.config import Config, ConfigError
+from rotator.configfile import default_path, load, parse_env_assignments
 
 if TYPE_CHECKING:
     from rotator.export import Export
@@ -243,6 +244,7 @@ def _write_export(directory: Path, result: Export, config: Config) -> None:
     """The files into `directory`; earlier exported files no longer in the fleet are
     removed, so that `kubectl apply -f DIR` does not bring back a removed component."""
     from rotator.export import GENERATED
+
     files = {**result.files, "NOTES.md": result.notes_markdown(config.path.name)}
     try:
         directory.mkdir(parents=True, exist_ok=True)

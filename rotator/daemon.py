@@ -36,7 +36,8 @@ from rotator import __version__, activation, printer
 from rotator import takeover as takeover_
 from rotator.admin import make_app
 from rotator.component import Component, RotationFailed, probe_socket, proxy_limits
-from rotator.config import ComponentSpec, Config, ConfigError, apply_definition, load
+from rotator.config import ComponentSpec, Config, ConfigError, apply_definition
+from rotator.configfile import load
 from rotator.events import Event, EventBus
 from rotator.fleet import (
     ReloadPlan,

@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from rotator.config import load
+from rotator.configfile import load
 from rotator.daemon import Daemon
 from tests.conftest import PY, alive, cli, component, wait_until, write_config
 

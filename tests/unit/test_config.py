@@ -1,4 +1,4 @@
-"""rotator.config: parsing, validation messages (path, text, line), rendering. No processes."""
+"""rotator.configfile and rotator.config: parsing, validation messages (path, text, line), rendering. No processes."""
 
 from __future__ import annotations
 
@@ -21,14 +21,16 @@ from rotator.config import (
     HealthSpec,
     Problem,
     apply_definition,
-    default_path,
     definition_of,
+    with_overrides,
+)
+from rotator.configfile import (
+    default_path,
     load,
     parse,
     parse_duration,
     parse_env_assignments,
     parse_size,
-    with_overrides,
 )
 
 # One valid component; cases append keys to it or replace it. Line 2 is `hermes:`.

@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from rotator import export
-from rotator.config import Config, ConfigError, parse
+from rotator.config import Config, ConfigError
+from rotator.configfile import parse
 
 IMAGE = "registry.example/app:1.0"
 DNS_1035 = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")

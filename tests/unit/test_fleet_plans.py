@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from rotator.config import parse
+from rotator.configfile import parse
 from rotator.events import Event
 from rotator.fleet import keep_daemon_settings, plan_reload, rolling_order
 from rotator.history import EventLog

@@ -47,7 +47,8 @@ def test_cli_does_not_load_the_daemon_stack() -> None:
 
 
 @pytest.mark.parametrize(
-    "pure", ["rotator.config", "rotator.ports", "rotator.events", "rotator.printer"]
+    "pure",
+    ["rotator.config", "rotator.configfile", "rotator.ports", "rotator.events", "rotator.printer"],
 )
 def test_pure_modules_stay_below_the_side_effects(pure: str) -> None:
     loaded = loaded_after(f"import {pure}")
@@ -59,3 +60,8 @@ def test_pure_modules_stay_below_the_side_effects(pure: str) -> None:
         "rotator.proxy.protocol",
     }
     assert not loaded & upper
+
+
+def test_the_config_model_does_not_load_the_file_reader() -> None:
+    # Modules that only read specs must not pay for the YAML parser (see rotator/config.py).
+    assert not loaded_after("import rotator.config") & {"rotator.configfile", "yaml"}

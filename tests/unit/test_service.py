@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from rotator import fleet, service
-from rotator.config import Config, parse
+from rotator.config import Config
+from rotator.configfile import parse
 from tests.conftest import PY
 
 CONFIG = """\

@@ -1,0 +1,833 @@
+"""Reading rotator.yaml: the YAML text in, a frozen rotator.config.Config out.
+
+Reads the config file (and checks that `cwd` directories exist) but opens no sockets and
+starts no processes. It walks the YAML node tree so that every problem names the line of
+the offending value and its key path (with a did-you-mean for unknown keys); all problems
+are collected and raised together in one ConfigError, so a broken file is fixed in one pass.
+It also holds the value parsers the file shares with the command line: durations, sizes,
+`--env NAME=VALUE`, and where the file is looked for (`default_path`).
+
+The specs themselves, and what is derived from them at run time (rendering a command,
+start order, deploy overrides, stored definitions), live in rotator.config.
+
+Layout: the public functions first, then the private `_Parser` and its helpers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import math
+import os
+import re
+import shlex
+import signal
+from collections.abc import Callable, Collection, Mapping
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from rotator.config import (
+    Address,
+    AdminSpec,
+    ComponentSpec,
+    Config,
+    ConfigError,
+    HealthSpec,
+    KubernetesExport,
+    Problem,
+    foreign_placeholder,
+    socket_paths,
+)
+
+T = TypeVar("T")
+Entry = tuple[Node, Node]  # (key node, value node): keys carry the line for "unknown key"
+
+TOP_KEYS = ("admin", "state_dir", "defaults", "components", "export")
+KUBERNETES_KEYS = ("image", "images", "namespace")  # export.kubernetes
+HEALTH_KEYS = ("path", "interval", "timeout", "start_timeout", "unhealthy_threshold")
+DEFAULT_KEYS = (
+    "health",
+    "drain_timeout",
+    "stop_signal",
+    "stop_timeout",
+    "hold_timeout",
+    "verify",
+    "max_restarts",
+    "restart_window",
+    "restart_backoff",
+    "restart_backoff_max",
+    "cwd",
+    "env",
+    "connect_timeout",
+    "read_timeout",
+    "request_timeout",
+    "keepalive_timeout",
+    "trust_forwarded",
+    "max_header_size",
+    "max_headers",
+    "max_connections",
+    "transport",
+    "sockets",
+)
+PER_COMPONENT_KEYS = ("listen", "ports", "command", "depends_on")
+COMPONENT_KEYS = PER_COMPONENT_KEYS + DEFAULT_KEYS
+
+STR_TAG = "tag:yaml.org,2002:str"
+NULL_TAG = "tag:yaml.org,2002:null"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_ADDRESS = re.compile(r"(?:\[([^\]\s]+)\]|([^\s:\[\]]+)):(\d+)")
+_PORTS = re.compile(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?")
+_INTEGER = re.compile(r"\s*[-+]?\d+\s*")
+_DURATION = re.compile(r"([-+]?(?:\d+(?:\.\d*)?|\.\d+))\s*(ms|s|m|h)?")
+_UNITS: dict[str | None, float] = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_SIZE = re.compile(r"([-+]?\d+)\s*(B|KiB|MiB)?")
+_SIZE_UNITS: dict[str | None, int] = {"B": 1, "KiB": 1024, "MiB": 1024 * 1024, None: 1}
+_BOOLEANS = {"true": True, "false": False}
+_WILDCARDS = {"0.0.0.0", "::"}
+_IMAGE = re.compile(r"\S+")
+_DNS_LABEL = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?")  # a Kubernetes namespace
+TRANSPORTS = ("tcp", "unix")
+# The longest Unix socket path that binds everywhere: sun_path is 104 bytes on macOS
+# (108 on Linux), including the terminating NUL.
+MAX_SOCKET_PATH = 103
+DEFAULT_SOCKETS = 4  # the socket pool's size when `sockets` is not set
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from 250ms, 2s, 1.5m, 1h or a bare number of seconds (30, 0.5, "30")."""
+    seconds: float | None = None
+    try:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            seconds = float(value)
+        elif isinstance(value, str) and (m := _DURATION.fullmatch(value.strip())):
+            seconds = float(m[1]) * _UNITS[m[2]]
+    except OverflowError:
+        seconds = None
+    if seconds is None or not math.isfinite(seconds):
+        raise ValueError(f"{value!r} is not a duration (use 250ms, 2s, 1m or a number of seconds)")
+    if seconds < 0:
+        raise ValueError(f"{value!r} is negative (a duration must be 0 or more)")
+    return seconds
+
+
+def parse_size(value: object) -> int:
+    """Bytes from 512B, 64KiB, 1MiB or a bare number of bytes (65536, "65536")."""
+    size: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif isinstance(value, str) and (m := _SIZE.fullmatch(value.strip())):
+        with contextlib.suppress(ValueError):  # more digits than int() converts
+            size = int(m[1]) * _SIZE_UNITS[m[2]]
+    if size is None:
+        raise ValueError(f"{value!r} is not a size (use 512B, 64KiB, 1MiB or a number of bytes)")
+    if size < 0:
+        raise ValueError(f"{value!r} is negative (a size must be 0 or more)")
+    return size
+
+
+def default_path(env: Mapping[str, str]) -> Path:
+    return Path(env.get("ROTATOR_CONFIG") or "rotator.yaml")
+
+
+def load(path: Path | str) -> Config:
+    path = Path(path).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        problem = Problem(str(path), None, "", f"cannot read the config file: {reason}")
+        raise ConfigError([problem]) from None
+    return parse(text, path)
+
+
+def parse(text: str, path: Path) -> Config:
+    parser = _Parser(Path(path))
+    config = parser.config(text)
+    if parser.problems or config is None:
+        raise ConfigError(sorted(parser.problems, key=lambda p: p.line or 0))
+    return config
+
+
+def parse_env_assignments(items: list[str]) -> dict[str, str]:
+    """{"K": "V"} from `--env K=V` arguments; split at the first '=', a later K wins."""
+    env: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--env {item!r} is not NAME=VALUE (no '=')")
+        if not name:
+            raise ValueError(f"--env {item!r} has an empty name (use NAME=VALUE)")
+        env[name] = value
+    return env
+
+
+# -- private: walking the YAML node tree ---------------------------------------------------------
+
+
+class _Parser:
+    """Walks the YAML node tree (not plain dicts) so every problem can name its line."""
+
+    def __init__(self, path: Path) -> None:
+        self.file = str(path)
+        self.path = Path(os.path.abspath(path.expanduser()))
+        self.base = self.path.parent
+        self.state_dir = self.base.joinpath(".rotator").resolve()
+        self.loader = yaml.SafeLoader("")  # only its constructors are used, to type scalars
+        self.problems: list[Problem] = []
+        # For the cross-component checks: (owner, value, node, field path).
+        self.listens: list[tuple[str, Address, Node | None, str]] = []
+        self.pools: list[tuple[str, tuple[int, ...], Node, str]] = []
+        # (component, field path, [(dependency name, its node)]) for check_dependencies.
+        self.dependencies: list[tuple[str, str, list[tuple[str, Node]]]] = []
+        self.component_names: list[str] = []  # as written, valid or not
+
+    def fail(self, node: Node | None, path: str, message: str) -> None:
+        line = None if node is None else node.start_mark.line + 1
+        self.problems.append(Problem(self.file, line, path, message))
+
+    # -- the file ----------------------------------------------------------------------------
+
+    def config(self, text: str) -> Config | None:
+        try:
+            root = yaml.compose(text, Loader=yaml.SafeLoader)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+            line = None if mark is None else mark.line + 1
+            reason = getattr(exc, "problem", None) or str(exc)
+            self.problems.append(Problem(self.file, line, "", f"invalid YAML: {reason}"))
+            return None
+        top = self.mapping(root, "", TOP_KEYS)
+        if top is None:
+            return None
+        admin = AdminSpec()
+        admin_keys = self.mapping(_value(top, "admin"), "admin", ("listen",)) or {}
+        if "listen" in admin_keys and (
+            addr := self.address(admin_keys["listen"][1], "admin.listen")
+        ):
+            admin = AdminSpec(addr)
+        self.listens.append(
+            ("the admin API", admin.listen, _value(admin_keys, "listen"), "admin.listen")
+        )
+        state_dir = self.state_dir
+        if "state_dir" in top and (found := self.path_value(top["state_dir"][1], "state_dir")):
+            state_dir = self.state_dir = found
+            if state_dir.exists() and not state_dir.is_dir():
+                self.fail(top["state_dir"][1], "state_dir", f"{state_dir} is not a directory")
+        defaults = self.defaults(_value(top, "defaults"))
+        components = self.components(top.get("components"), defaults)
+        self.check_overlaps()
+        kubernetes = self.kubernetes(_value(top, "export"))
+        return Config(self.path, admin, state_dir, components, kubernetes)
+
+    def defaults(self, node: Node | None) -> dict[str, Any]:
+        # Parsed once, so a bad default is reported once, at its defaults.* path.
+        found = self.mapping(node, "defaults", DEFAULT_KEYS + PER_COMPONENT_KEYS) or {}
+        for key in PER_COMPONENT_KEYS:
+            if key in found:
+                self.fail(found[key][0], f"defaults.{key}", "can only be set per component")
+        values = self.shared(found, "defaults")
+        self.check_backoff(found, values, {}, "defaults")
+        return values
+
+    def components(
+        self, entry: Entry | None, defaults: dict[str, Any]
+    ) -> tuple[ComponentSpec, ...]:
+        if entry is None:
+            self.fail(None, "components", "missing (at least one component is required)")
+            return ()
+        found = self.mapping(entry[1], "components")
+        if found == {}:
+            self.fail(entry[1], "components", "must list at least one component")
+        specs = [self.component(name, *kv, defaults) for name, kv in (found or {}).items()]
+        self.component_names = list(found or {})
+        self.check_dependencies(self.component_names)
+        return tuple(spec for spec in specs if spec is not None)
+
+    def component(
+        self, name: str, key: Node, node: Node, defaults: dict[str, Any]
+    ) -> ComponentSpec | None:
+        path = f"components.{name}"
+        if not _NAME.fullmatch(name):  # names end up in file names
+            self.fail(
+                key,
+                path,
+                f"{name!r} is not a valid name (letters, digits, '_', '.', '-';"
+                " starting with a letter or digit)",
+            )
+        found = self.mapping(node, path, COMPONENT_KEYS)
+        if found is None:
+            return None
+        listen = self.required(found, key, path, "listen", "the public host:port", self.address)
+        # Read quietly here (a bad value is reported with the shared keys): it decides
+        # whether `ports` is required or refused.
+        transport = self.peek_transport(found, defaults)
+        ports: tuple[int, ...] | None = ()
+        if transport == "unix":
+            if "ports" in found:
+                self.fail(
+                    found["ports"][0],
+                    f"{path}.ports",
+                    "ports is not used with transport: unix (instances listen on Unix sockets)",
+                )
+        elif transport == "tcp":
+            ports = self.required(
+                found, key, path, "ports", "the pool of private ports", self.ports
+            )
+        elif "ports" in found:
+            ports = self.ports(found["ports"][1], f"{path}.ports")
+        command = self.required(
+            found, key, path, "command", "the command that starts an instance", self.command
+        )
+        if command and transport and (problem := foreign_placeholder(command, transport)):
+            self.fail(found["command"][1], f"{path}.command", problem)
+        if listen:
+            self.listens.append(
+                (f"component {name!r}", listen, found["listen"][1], f"{path}.listen")
+            )
+        if ports:
+            self.pools.append((name, ports, found["ports"][1], f"{path}.ports"))
+        depends_on: list[tuple[str, Node]] = []
+        if "depends_on" in found:
+            depends_on = self.names_list(found["depends_on"][1], f"{path}.depends_on") or []
+            self.dependencies.append((name, f"{path}.depends_on", depends_on))
+        own = self.shared(found, path)
+        self.check_backoff(found, own, defaults, path)
+        # Component wins: health field by field, env key by key, the rest as a whole.
+        health = HealthSpec(**{**defaults.get("health", {}), **own.pop("health", {})})
+        env = {**defaults.get("env", {}), **own.pop("env", {})}
+        rest = {k: v for k, v in defaults.items() if k not in ("health", "env")} | own
+        rest.setdefault("cwd", self.base.resolve())
+        count = rest.pop("sockets", DEFAULT_SOCKETS)
+        sockets = socket_paths(self.state_dir, name, count) if transport == "unix" else ()
+        if transport == "tcp" and "sockets" in found:
+            self.fail(found["sockets"][0], f"{path}.sockets", "is only used with transport: unix")
+        if sockets and (size := len(os.fsencode(sockets[-1]))) > MAX_SOCKET_PATH:
+            at = found["transport"][1] if "transport" in found else key
+            self.fail(
+                at,
+                f"{path}.transport",
+                f"socket path {sockets[-1]} is {size} bytes, more than the {MAX_SOCKET_PATH}"
+                " a Unix socket path may have; choose a shorter state_dir",
+            )
+            return None
+        if listen is None or ports is None or command is None or transport is None:
+            return None
+        return ComponentSpec(
+            name,
+            listen,
+            ports,
+            command,
+            env=MappingProxyType(env),
+            health=health,
+            depends_on=tuple(dict.fromkeys(dep for dep, _ in depends_on)),
+            sockets=sockets,
+            **rest,
+        )
+
+    def kubernetes(self, node: Node | None) -> KubernetesExport:
+        """The `export` section (read after the components: `images` names them)."""
+        path = "export.kubernetes"
+        section = self.mapping(node, "export", ("kubernetes",)) or {}
+        found = self.mapping(_value(section, "kubernetes"), path, KUBERNETES_KEYS) or {}
+        image = self.image(found["image"][1], f"{path}.image") if "image" in found else None
+        namespace = None
+        if "namespace" in found:
+            value_node, here = found["namespace"][1], f"{path}.namespace"
+            if (text := self.scalar(value_node, here, raw=True)) is not None:
+                if _DNS_LABEL.fullmatch(text):
+                    namespace = text
+                else:
+                    self.fail(
+                        value_node,
+                        here,
+                        f"{text!r} is not a namespace name (lowercase letters, digits and '-',"
+                        " at most 63, starting and ending with a letter or digit)",
+                    )
+        images: dict[str, str] = {}
+        names = self.component_names
+        for name, (key_node, value_node) in (
+            self.mapping(_value(found, "images"), f"{path}.images") or {}
+        ).items():
+            here = f"{path}.images.{name}"
+            if name not in names:
+                hint = _did_you_mean(name, names) if names else ""
+                self.fail(key_node, here, f"unknown component {name!r}{hint}")
+            elif (own := self.image(value_node, here)) is not None:
+                images[name] = own
+        return KubernetesExport(image, MappingProxyType(images), namespace)
+
+    def image(self, node: Node, path: str) -> str | None:
+        if (text := self.scalar(node, path, raw=True)) is None:
+            return None
+        if not _IMAGE.fullmatch(text):
+            self.fail(node, path, f"{text!r} is not an image name (e.g. registry/app:1.2)")
+            return None
+        return str(text)
+
+    def peek_transport(self, found: dict[str, Entry], defaults: dict[str, Any]) -> str | None:
+        """The component's transport (its own, else the default's, else tcp), without
+        reporting anything; None when its own value is not a valid transport."""
+        if "transport" not in found:
+            return str(defaults.get("transport", "tcp"))
+        node = found["transport"][1]
+        if isinstance(node, ScalarNode) and (text := node.value.strip().lower()) in TRANSPORTS:
+            return text
+        return None
+
+    def shared(self, found: dict[str, Entry], path: str) -> dict[str, Any]:
+        """The keys a component shares with `defaults`; only valid values are returned."""
+        readers: dict[str, Callable[[Node, str], Any]] = {
+            "health": self.health,
+            "drain_timeout": lambda node, at: self.duration(node, at, allow_zero=True),
+            "stop_timeout": self.duration,
+            "hold_timeout": self.duration,
+            "verify": lambda node, at: self.duration(node, at, allow_zero=True),
+            "max_restarts": lambda node, at: self.integer(node, at, minimum=0),
+            "restart_window": self.duration,
+            "restart_backoff": self.duration,
+            "restart_backoff_max": self.duration,
+            "stop_signal": self.stop_signal,
+            "cwd": self.directory,
+            "env": self.env,
+            "connect_timeout": self.duration,
+            "read_timeout": self.duration,
+            "request_timeout": lambda node, at: self.duration(node, at, allow_zero=True),
+            "keepalive_timeout": self.duration,
+            "trust_forwarded": self.boolean,
+            "max_header_size": lambda node, at: self.size(node, at, minimum=1024),
+            "max_headers": lambda node, at: self.integer(node, at, minimum=1),
+            "max_connections": lambda node, at: self.integer(node, at, minimum=0),
+            "transport": self.transport,
+            "sockets": lambda node, at: self.integer(node, at, minimum=2),
+        }
+        values = {
+            key: read(found[key][1], f"{path}.{key}")
+            for key, read in readers.items()
+            if key in found
+        }
+        return {key: value for key, value in values.items() if value is not None}
+
+    def check_backoff(
+        self, found: dict[str, Entry], values: dict[str, Any], base: dict[str, Any], path: str
+    ) -> None:
+        """restart_backoff <= restart_backoff_max, for the values this block sets.
+
+        `values` are the block's valid values, `base` what it is merged over (defaults).
+        Blocks that set neither, or set one invalidly (already reported), are skipped.
+        """
+        keys = ("restart_backoff", "restart_backoff_max")
+        if not any(k in values for k in keys) or any(k in found and k not in values for k in keys):
+            return
+        initial, most = (values.get(k, base.get(k, _SPEC_DEFAULTS[k])) for k in keys)
+        if most >= initial:
+            return
+        if "restart_backoff_max" in values:
+            message = f"{_seconds(most)} is less than restart_backoff ({_seconds(initial)})"
+            self.fail(found["restart_backoff_max"][1], f"{path}.restart_backoff_max", message)
+        else:
+            message = f"{_seconds(initial)} is more than restart_backoff_max ({_seconds(most)})"
+            self.fail(found["restart_backoff"][1], f"{path}.restart_backoff", message)
+
+    def check_dependencies(self, names: list[str]) -> None:
+        """Unknown names, self-dependencies, duplicates, then one problem per cycle."""
+        edges: dict[str, list[tuple[str, Node]]] = {name: [] for name in names}
+        for name, path, deps in self.dependencies:
+            seen: set[str] = set()
+            others = [other for other in names if other != name]  # for the did-you-mean
+            for dep, node in deps:
+                if dep == name:
+                    self.fail(node, path, f"{name!r} cannot depend on itself")
+                elif dep in seen:
+                    self.fail(node, path, f"{dep!r} is listed twice")
+                elif dep not in edges:
+                    hint = (
+                        _did_you_mean(dep, others) if others else " (there is no other component)"
+                    )
+                    self.fail(node, path, f"unknown component {dep!r}{hint}")
+                else:
+                    edges[name].append((dep, node))
+                seen.add(dep)
+        reach = {name: _reachable(name, edges) for name in names}
+        done: set[str] = set()
+        for name in names:  # file order: a cycle is reported at its first component
+            if name in done or name not in reach[name]:
+                continue
+            members = {other for other in reach[name] if name in reach[other]}
+            done |= members
+            cycle, first = _shortest_cycle(name, edges, members)
+            self.fail(
+                first,
+                f"components.{name}.depends_on",
+                f"dependency cycle: {' -> '.join(cycle)}",
+            )
+
+    def check_overlaps(self) -> None:
+        """Binds that would fail, or steal each other's traffic, at runtime."""
+        for i, (_, addr, node, path) in enumerate(self.listens):
+            for other, prior, _, _ in self.listens[:i]:
+                if addr == prior:
+                    self.fail(node, path, f"{addr} is also the listen address of {other}")
+                elif addr.port == prior.port and (
+                    addr.host.lower() == prior.host.lower() or {addr.host, prior.host} & _WILDCARDS
+                ):
+                    self.fail(node, path, f"{addr} overlaps {prior}, the listen address of {other}")
+        public: dict[int, str] = {}
+        for owner, addr, _, _ in self.listens:
+            public.setdefault(addr.port, owner)
+        for i, (_, pool, pool_node, pool_path) in enumerate(self.pools):
+            for port, owner in public.items():
+                if port in pool:
+                    self.fail(pool_node, pool_path, f"port {port} is the listen port of {owner}")
+            for other_name, other_pool, _, _ in self.pools[:i]:
+                if shared := sorted(set(pool) & set(other_pool)):
+                    self.fail(
+                        pool_node,
+                        pool_path,
+                        f"{_ports_phrase(shared)} also in the pool of component {other_name!r}",
+                    )
+
+    # -- node helpers ------------------------------------------------------------------------
+
+    def mapping(
+        self, node: Node | None, path: str, keys: Collection[str] | None = None
+    ) -> dict[str, Entry] | None:
+        """Key -> (key node, value node), or None if not a mapping. An empty value is {}."""
+        if node is None or node.tag == NULL_TAG:
+            return {}
+        if not isinstance(node, MappingNode):
+            self.fail(node, path, f"must be a mapping, not {_kind(node)}")
+            return None
+        found: dict[str, Entry] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, ScalarNode):
+                self.fail(key_node, path, f"a key must be a plain name, not {_kind(key_node)}")
+                continue
+            key, here = key_node.value, _join(path, key_node.value)
+            if key in found:  # PyYAML would silently keep the last one
+                first = found[key][0].start_mark.line + 1
+                self.fail(key_node, here, f"duplicate key (first set on line {first})")
+            elif keys is not None and key not in keys:
+                self.fail(key_node, here, "unknown key" + _did_you_mean(key, keys))
+            else:
+                found[key] = (key_node, value_node)
+        return found
+
+    def scalar(self, node: Node, path: str, raw: bool = False) -> Any:
+        """The typed value of a scalar (or its text as written, if raw); None once reported."""
+        if not isinstance(node, ScalarNode):
+            self.fail(node, path, f"must be a single value, not {_kind(node)}")
+            return None
+        if node.tag == NULL_TAG:
+            self.fail(node, path, "needs a value")
+            return None
+        if raw:
+            return node.value
+        try:
+            return self.loader.construct_object(node)
+        except (yaml.YAMLError, ValueError) as exc:  # e.g. an unknown !tag
+            self.fail(node, path, f"invalid value: {getattr(exc, 'problem', None) or exc}")
+            return None
+
+    def required(
+        self,
+        found: dict[str, Entry],
+        at: Node,
+        path: str,
+        key: str,
+        what: str,
+        read: Callable[[Node, str], T | None],
+    ) -> T | None:
+        if key not in found:
+            self.fail(at, f"{path}.{key}", f"missing ({what})")
+            return None
+        return read(found[key][1], f"{path}.{key}")
+
+    # -- field readers: each returns the value, or None after reporting ------------------------
+
+    def address(self, node: Node, path: str) -> Address | None:
+        text = self.scalar(node, path, raw=True)  # raw: YAML would read 1:30 as a number
+        if text is None:
+            return None
+        if not (m := _ADDRESS.fullmatch(text.strip())):
+            self.fail(node, path, f"{text!r} is not host:port (e.g. 127.0.0.1:8001 or [::1]:8001)")
+            return None
+        if not 1 <= (port := int(m[3])) <= 65535:
+            self.fail(node, path, f"{port} is not a port (1-65535)")
+            return None
+        return Address(m[1] or m[2], port)
+
+    def ports(self, node: Node, path: str) -> tuple[int, ...] | None:
+        items = node.value if isinstance(node, SequenceNode) else [node]
+        ranges = [self.port_range(item, path) for item in items]
+        if None in ranges:
+            return None
+        pool = tuple(dict.fromkeys(port for r in ranges if r for port in r))  # ordered de-dup
+        if not pool:
+            self.fail(node, path, "the pool is empty (give at least one port)")
+            return None
+        return pool
+
+    def port_range(self, node: Node, path: str) -> range | None:
+        value = self.scalar(node, path)
+        if value is None:
+            return None
+        if isinstance(value, int) and not isinstance(value, bool):
+            low = high = value
+        elif isinstance(value, str) and (m := _PORTS.fullmatch(value)):
+            low, high = int(m[1]), int(m[2] or m[1])
+        else:
+            self.fail(
+                node,
+                path,
+                f"{value!r} is not a port or range (use 18001, 18001-18010 or a list of them)",
+            )
+            return None
+        if bad := [p for p in (low, high) if not 1 <= p <= 65535]:
+            self.fail(node, path, f"{bad[0]} is not a port (1-65535)")
+            return None
+        if low > high:
+            self.fail(node, path, f"{low}-{high} is an empty range")
+            return None
+        return range(low, high + 1)
+
+    def command(self, node: Node, path: str) -> tuple[str, ...] | None:
+        if isinstance(node, SequenceNode):
+            bad = [
+                item
+                for item in node.value
+                if not (isinstance(item, ScalarNode) and item.tag == STR_TAG)
+            ]
+            for item in bad:
+                what = f"{item.value!r} (quote it)" if isinstance(item, ScalarNode) else _kind(item)
+                self.fail(item, path, f"list items must be strings, not {what}")
+            if bad:
+                return None
+            words = [item.value for item in node.value]
+        elif isinstance(node, MappingNode):
+            self.fail(node, path, "must be a string or a list of strings, not a mapping")
+            return None
+        else:
+            if (text := self.scalar(node, path, raw=True)) is None:
+                return None
+            try:
+                words = shlex.split(text)
+            except ValueError as exc:
+                self.fail(node, path, f"cannot be split into words: {exc}")
+                return None
+        if not words:
+            self.fail(node, path, "is empty")
+            return None
+        return tuple(words)
+
+    def parsed(self, node: Node, path: str, parse: Callable[[object], T]) -> T | None:
+        """The scalar at `node` through `parse`; its ValueError becomes a problem."""
+        if (value := self.scalar(node, path)) is None:
+            return None
+        try:
+            return parse(value)
+        except ValueError as exc:
+            self.fail(node, path, str(exc))
+            return None
+
+    def duration(self, node: Node, path: str, allow_zero: bool = False) -> float | None:
+        if (seconds := self.parsed(node, path, parse_duration)) is None:
+            return None
+        if seconds == 0 and not allow_zero:
+            self.fail(node, path, "must be greater than 0")
+            return None
+        return seconds
+
+    def size(self, node: Node, path: str, minimum: int) -> int | None:
+        if (size := self.parsed(node, path, parse_size)) is None:
+            return None
+        if size < minimum:
+            self.fail(node, path, f"must be {_bytes(minimum)} or more, not {_bytes(size)}")
+            return None
+        return size
+
+    def transport(self, node: Node, path: str) -> str | None:
+        if (text := self.scalar(node, path, raw=True)) is None:
+            return None
+        if (value := text.strip().lower()) not in TRANSPORTS:
+            self.fail(node, path, f"{text!r} is not a transport (use tcp or unix)")
+            return None
+        return value
+
+    def boolean(self, node: Node, path: str) -> bool | None:
+        """true or false as written (any case, quoted or not); YAML 1.1's yes/no/on/off and
+        numbers are refused, so a typo cannot silently read as a boolean."""
+        if (text := self.scalar(node, path, raw=True)) is None:
+            return None
+        if (value := _BOOLEANS.get(text.strip().lower())) is None:
+            self.fail(node, path, f"{text!r} is not a boolean (use true or false)")
+        return value
+
+    def health(self, node: Node, path: str) -> dict[str, Any]:
+        found = self.mapping(node, path, HEALTH_KEYS) or {}
+        values: dict[str, Any] = {}
+        if "path" in found:
+            node, here = found["path"][1], f"{path}.path"
+            if (text := self.scalar(node, here, raw=True)) is not None and text.startswith("/"):
+                values["path"] = text
+            elif text is not None:
+                self.fail(node, here, f"{text!r} must start with '/'")
+        for key in ("interval", "timeout", "start_timeout"):
+            if key in found and (seconds := self.duration(found[key][1], f"{path}.{key}")):
+                values[key] = seconds
+        if "unhealthy_threshold" in found:
+            here = f"{path}.unhealthy_threshold"
+            if (count := self.integer(found["unhealthy_threshold"][1], here, 1)) is not None:
+                values["unhealthy_threshold"] = count
+        return values
+
+    def integer(self, node: Node, path: str, minimum: int) -> int | None:
+        if (value := self.scalar(node, path)) is None:
+            return None
+        if isinstance(value, str) and _INTEGER.fullmatch(value):
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            self.fail(node, path, f"{value!r} is not a whole number")
+            return None
+        if value < minimum:
+            self.fail(node, path, f"must be {minimum} or more, not {value}")
+            return None
+        return value
+
+    def names_list(self, node: Node, path: str) -> list[tuple[str, Node]] | None:
+        """Component names: a list of them, or a single name; each with its node."""
+        items = node.value if isinstance(node, SequenceNode) else [node]
+        names = [(self.scalar(item, path, raw=True), item) for item in items]
+        if any(name is None for name, _ in names):
+            return None
+        return names
+
+    def stop_signal(self, node: Node, path: str) -> signal.Signals | None:
+        if (value := self.scalar(node, path)) is None:
+            return None
+        name = str(value).upper()
+        name = name if name.startswith("SIG") else f"SIG{name}"
+        if isinstance(value, str) and name in signal.Signals.__members__:
+            return signal.Signals[name]
+        self.fail(
+            node,
+            path,
+            f"{value!r} is not a signal (use e.g. TERM, INT, HUP, QUIT, KILL, USR1 or USR2)",
+        )
+        return None
+
+    def path_value(self, node: Node, path: str) -> Path | None:
+        if (text := self.scalar(node, path, raw=True)) is None:
+            return None
+        return self.base.joinpath(Path(text).expanduser()).resolve()
+
+    def directory(self, node: Node, path: str) -> Path | None:
+        if (found := self.path_value(node, path)) is None or found.is_dir():
+            return found
+        problem = "is not a directory" if found.exists() else "does not exist"
+        self.fail(node, path, f"{found} {problem}")
+        return None
+
+    def env(self, node: Node, path: str) -> dict[str, str]:
+        values: dict[str, str] = {}
+        for key, (key_node, value_node) in (self.mapping(node, path) or {}).items():
+            if key_node.tag != STR_TAG or not key or "=" in key:
+                self.fail(
+                    key_node,
+                    f"{path}.{key}",
+                    "is not a valid variable name (a string without '='; quote numbers)",
+                )
+            elif not isinstance(value_node, ScalarNode):
+                self.fail(
+                    value_node, f"{path}.{key}", f"must be a single value, not {_kind(value_node)}"
+                )
+            else:  # the text as written: `yes` stays "yes", 1.50 stays "1.50"; empty is ""
+                values[key] = "" if value_node.tag == NULL_TAG else value_node.value
+        return values
+
+
+def _reachable(start: str, edges: dict[str, list[tuple[str, Node]]]) -> set[str]:
+    """Names reachable from `start` by one or more edges (so `start` only if on a cycle)."""
+    seen: set[str] = set()
+    stack = [dep for dep, _ in edges[start]]
+    while stack:
+        if (name := stack.pop()) not in seen:
+            seen.add(name)
+            stack.extend(dep for dep, _ in edges[name])
+    return seen
+
+
+def _shortest_cycle(
+    start: str, edges: dict[str, list[tuple[str, Node]]], members: set[str]
+) -> tuple[list[str], Node]:
+    """The shortest cycle start -> ... -> start (edges in listed order break ties), and the
+    node of its first edge, for the line of the problem."""
+    came_from: dict[str, tuple[str, Node]] = {}
+    queue = [start]
+    for name in queue:  # breadth first; the list grows while iterated
+        for dep, node in edges[name]:
+            if dep in members and dep not in came_from:
+                came_from[dep] = (name, node)
+                queue.append(dep)
+        if start in came_from:
+            break
+    cycle, name = [start], start
+    while True:
+        name, node = came_from[name]
+        cycle.append(name)
+        if name == start:
+            break
+    cycle.reverse()
+    return cycle, node
+
+
+def _seconds(seconds: float) -> str:
+    """0.5 -> '500ms', 30.0 -> '30s': durations in messages, close to how they are written."""
+    return f"{seconds * 1000:g}ms" if seconds < 1 else f"{seconds:g}s"
+
+
+def _bytes(size: int) -> str:
+    """65536 -> '64KiB', 1048576 -> '1MiB', 1000 -> '1000B': sizes in messages."""
+    for unit, factor in (("MiB", 1024 * 1024), ("KiB", 1024)):
+        if size and size % factor == 0:
+            return f"{size // factor}{unit}"
+    return f"{size}B"
+
+
+_SPEC_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ComponentSpec)}
+
+
+def _value(found: dict[str, Entry], key: str) -> Node | None:
+    return found[key][1] if key in found else None
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _kind(node: Node) -> str:
+    if isinstance(node, MappingNode):
+        return "a mapping"
+    return "a list" if isinstance(node, SequenceNode) else "a single value"
+
+
+def _did_you_mean(key: str, keys: Collection[str]) -> str:
+    if close := difflib.get_close_matches(key, list(keys), n=1):
+        return f" (did you mean {close[0]!r}?)"
+    return f" (expected one of: {', '.join(keys)})"
+
+
+def _ports_phrase(ports: list[int]) -> str:
+    """[18005, 18006, 18009] -> 'ports 18005-18006, 18009 are': short enough for a message."""
+    runs: list[list[int]] = []
+    for port in ports:
+        if runs and port == runs[-1][1] + 1:
+            runs[-1][1] = port
+        else:
+            runs.append([port, port])
+    text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+    return f"ports {text} are" if len(ports) > 1 else f"port {text} is"
