@@ -105,9 +105,9 @@ def handle_sigterm() -> None:
 class Processes:
     """Every process a benchmark starts; all stopped (process groups) on exit."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, tag: str | None = None) -> None:
         self.workdir = workdir
-        self.tag = uuid.uuid4().hex
+        self.tag = tag or uuid.uuid4().hex
         self.env = {**os.environ, TAG_ENV: self.tag}
         self.procs: list[subprocess.Popen[bytes]] = []
 
@@ -179,6 +179,10 @@ def sweep(variable: str, value: str) -> list[int]:
 
 
 # -- wrk ------------------------------------------------------------------------------
+# OPERATOR: a restart command (`rotator restart`, `nginx -s reload`) runs in a session of
+# its own, as from an operator's terminal. On Linux, with autogroup scheduling (most
+# distributions' default), each session shares the CPU equally with the others: in the
+# load generator's session, the command's CPU would be taken from the clients' share.
 WRK = shutil.which("wrk")
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
 
@@ -332,7 +336,13 @@ class Nginx:
     def set_upstream(self, port: int, reload: bool = True) -> None:
         (self.dir / "upstream.conf").write_text(UPSTREAM_CONF.format(host=HOST, port=port))
         if reload:
-            subprocess.run(self._argv("-s", "reload"), check=True, capture_output=True, timeout=10)
+            subprocess.run(
+                self._argv("-s", "reload"),
+                check=True,
+                capture_output=True,
+                timeout=10,
+                start_new_session=True,  # an operator's command: see OPERATOR
+            )
 
     def workers(self) -> set[int]:
         if self.proc is None:
@@ -401,6 +411,7 @@ class Rotator:
             text=True,
             timeout=timeout,
             env=self.procs.env,
+            start_new_session=True,  # an operator's command: see OPERATOR
         )
 
     def start(self, timeout: float = 30) -> None:

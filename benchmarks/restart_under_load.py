@@ -38,6 +38,7 @@ import collections
 import contextlib
 import errno
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -57,6 +58,7 @@ from benchlib import (
     PY,
     RESULTS,
     ROOT,
+    TAG_ENV,
     Nginx,
     Processes,
     Rotator,
@@ -65,6 +67,7 @@ from benchlib import (
     machine,
     median,
     percentile,
+    sweep,
     table,
     wait_http,
     workdir,
@@ -377,6 +380,80 @@ class RotatorCli(Scenario):
 SCENARIOS: list[type[Scenario]] = [Naive, NginxByHand, RotatorCli]
 
 
+class Operator:
+    """A scenario run from a process of its own, as an operator's shell would run it.
+
+    Restarting takes work: starting processes, polling health, running commands. Done
+    in the load generator's process, that work would stall the clients in ways no real
+    client sees: CPython 3.11 holds the GIL while the parent of a vfork waits for the
+    child's exec (on a busy 2-core machine, 10-20 ms in which the clients' event loop
+    cannot run), and a restart's Python code competes with the clients for the GIL.
+    """
+
+    def __init__(self, cls: type[Scenario], directory: Path, startup_delay: float, tag: str):
+        context = multiprocessing.get_context("spawn")  # no copy of this process's loop
+        self._conn, theirs = context.Pipe()
+        self._proc = context.Process(
+            target=_operate, args=(theirs, cls.name, directory, startup_delay, tag), daemon=True
+        )
+        # The child imports this module by name: from this folder (benchmarks import
+        # their neighbours by name), whoever imported it here and however.
+        here = str(Path(__file__).resolve().parent)
+        added = here not in sys.path
+        if added:
+            sys.path.insert(0, here)
+        try:
+            self._proc.start()
+        finally:
+            if added:
+                sys.path.remove(here)
+        theirs.close()
+
+    def call(self, what: str) -> Any:
+        self._conn.send(what)
+        try:
+            ok, value = self._conn.recv()
+        except EOFError:
+            raise RuntimeError(f"the operator process exited ({self._proc.exitcode})") from None
+        if not ok:
+            raise RuntimeError(value)
+        return value
+
+    def close(self) -> None:
+        """Tear the scenario down (whatever state setup left it in) and wait for the end."""
+        try:
+            self.call("teardown")
+        except (RuntimeError, OSError) as exc:  # the sweep after it still stops everything
+            print(f"{NAME}: teardown: {exc}", file=sys.stderr)
+        self._proc.join(30)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join()
+
+
+def _operate(conn: Any, name: str, directory: Path, startup_delay: float, tag: str) -> None:
+    """The operator process: runs setup, restarts and teardown as they are asked for."""
+    cls = next(c for c in SCENARIOS if c.name == name)
+    with Processes(directory, tag) as procs:
+        scenario = cls(procs, directory, startup_delay)
+        while True:
+            what = conn.recv()
+            try:
+                if what == "setup":
+                    scenario.setup()
+                    value: Any = (scenario.url, getattr(scenario, "event_loop", ""))
+                elif what == "restart":
+                    value = scenario.restart()
+                else:
+                    scenario.teardown()
+                    value = None
+                conn.send((True, value))
+            except Exception as exc:
+                conn.send((False, f"{type(exc).__name__}: {exc}"))
+            if what == "teardown":
+                return
+
+
 # -- driving -----------------------------------------------------------------------------
 @dataclass
 class Run:
@@ -388,7 +465,7 @@ class Run:
 
 
 async def drive(
-    scenario: Scenario, load: LoadGenerator, duration: float, restarts: int, verbose: bool
+    operator: Operator, load: LoadGenerator, duration: float, restarts: int, verbose: bool
 ) -> list[dict[str, Any]]:
     """Restarts evenly spread over `duration` while the load runs; returns the restart log."""
     running = asyncio.ensure_future(load.run())
@@ -399,7 +476,7 @@ async def drive(
             await asyncio.sleep(max(0.0, (i + 0.5) * duration / restarts - load.now()))
             began = load.now()
             try:
-                note = await asyncio.to_thread(scenario.restart)
+                note = await asyncio.to_thread(operator.call, "restart")
                 ok = True
             except Exception as exc:
                 note, ok = f"{type(exc).__name__}: {exc}", False
@@ -582,24 +659,22 @@ def run_scenario(
 ) -> Run:
     """Set up one scenario, run one load through `restarts` restarts, tear it all down."""
     directory = tmp / f"{cls.name}-{load_name.replace(' ', '-')}-{time.monotonic_ns()}"
-    scenario = cls(procs, directory, startup_delay)
+    scenario = cls(procs, directory, startup_delay)  # here only to read what it recorded
     if verbose:
         print(f"  {cls.name}, {load_name}: setting up", flush=True)
+    operator = Operator(cls, directory, startup_delay, procs.tag)
     try:
-        scenario.setup()
-        try:
-            load = LoadGenerator(scenario.url, LOADS[load_name])
-            with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-                log = runner.run(drive(scenario, load, duration, restarts, verbose))
-        finally:
-            scenario.teardown()
+        url, event_loop = operator.call("setup")
+        load = LoadGenerator(url, LOADS[load_name])
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            log = runner.run(drive(operator, load, duration, restarts, verbose))
     finally:
-        # Nothing of this scenario may disturb the next one.
-        for proc in list(procs.procs):
-            procs.stop(proc)
+        operator.close()
+        # Nothing of this scenario may disturb the next one (the tag is the operator's too).
+        sweep(TAG_ENV, procs.tag)
     run = report(scenario, load_name, load, log)
-    if isinstance(scenario, RotatorCli):
-        run.result["event_loop"] = scenario.event_loop
+    if event_loop:
+        run.result["event_loop"] = event_loop
     return run
 
 
