@@ -983,3 +983,21 @@ def test_child_out_of_group_without_marker_is_stopped_as_a_descendant(
         for pid in detached():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+# -- the descriptor table is sized before the daemon has threads ---------------------------------
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="FDSize is Linux's /proc")
+def test_descriptor_table_is_reserved_before_threads_start(tmp_path: Path, daemon_factory) -> None:
+    # Growing it later, with threads running, stalls every request for an RCU grace period.
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    expected = 4096 if soft == resource.RLIM_INFINITY else min(4096, soft)
+    config = write_config(tmp_path, {"web": component()})
+    daemon = up(daemon_factory, config)
+    status = Path(f"/proc/{daemon.proc.pid}/status").read_text()
+    size = int(next(line.split()[1] for line in status.splitlines() if line.startswith("FDSize:")))
+    assert size >= expected, status
+    assert not Path(f"/proc/{daemon.proc.pid}/fd/{expected - 1}").exists()  # reserved, not held
