@@ -118,6 +118,25 @@ os.execv(sys.executable, [sys.executable, "-m", "rotator.demo", "--port", sys.ar
 """
 
 
+def script_config(tmp_path: Path, name: str, text: str) -> Path:
+    """A config whose one component runs the Python script `text` (given the port)."""
+    script = tmp_path / name
+    script.write_text(text)
+    spec = component(command=f"{PY} {script} {{port}}", stop_timeout="1s")
+    return write_config(tmp_path, {"web": spec})
+
+
+def pids_noted(tmp_path: Path, prefix: str) -> set[int]:
+    """The pids that left a `<prefix>-<pid>` file in tmp_path (processes the daemon may lose)."""
+    return {int(p.name.split("-")[1]) for p in tmp_path.glob(f"{prefix}-*")}
+
+
+def kill_all(pids: set[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def write_app(tmp_path: Path) -> tuple[Path, Path]:
     """The app script and its mode file (initially "ok")."""
     app = tmp_path / "app.py"
@@ -921,13 +940,10 @@ def test_bad_cli_input_is_a_one_line_error(tmp_path: Path, daemon_factory) -> No
 def test_double_forked_grandchild_is_stopped_with_its_instance(
     tmp_path: Path, daemon_factory
 ) -> None:
-    script = tmp_path / "escape.py"
-    script.write_text(ESCAPE)
-    spec = component(command=f"{PY} {script} {{port}}", stop_timeout="1s")
-    config = write_config(tmp_path, {"web": spec})
+    config = script_config(tmp_path, "escape.py", ESCAPE)
 
     def escapees() -> set[int]:
-        return {int(p.name.split("-")[1]) for p in tmp_path.glob("escapee-*")}
+        return pids_noted(tmp_path, "escapee")
 
     try:
         daemon = up(daemon_factory, config)
@@ -951,21 +967,16 @@ def test_double_forked_grandchild_is_stopped_with_its_instance(
         assert marked(scope) == {}
         assert not [p for p in escapees() if alive(p)]
     finally:
-        for pid in escapees():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        kill_all(escapees())
 
 
 def test_child_out_of_group_without_marker_is_stopped_as_a_descendant(
     tmp_path: Path, daemon_factory
 ) -> None:
-    script = tmp_path / "detach.py"
-    script.write_text(DETACH)
-    spec = component(command=f"{PY} {script} {{port}}", stop_timeout="1s")
-    config = write_config(tmp_path, {"web": spec})
+    config = script_config(tmp_path, "detach.py", DETACH)
 
     def detached() -> set[int]:
-        return {int(p.name.split("-")[1]) for p in tmp_path.glob("detached-*")}
+        return pids_noted(tmp_path, "detached")
 
     try:
         daemon = up(daemon_factory, config)
@@ -980,9 +991,7 @@ def test_child_out_of_group_without_marker_is_stopped_as_a_descendant(
         assert wait_until(lambda: not alive(child))  # it ignored SIGTERM: killed at stop_timeout
         assert alive(daemon.component("web")["active"]["pid"])
     finally:
-        for pid in detached():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        kill_all(detached())
 
 
 # -- the descriptor table is sized before the daemon has threads ---------------------------------
