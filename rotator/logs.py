@@ -75,16 +75,23 @@ def pid_of(path: Path) -> int | None:
 
 def instance_files(log_dir: Path, pid: int | None = None) -> list[Path]:
     """The component's instance files in start order; only those of `pid` if given."""
-    try:
-        names = os.listdir(log_dir)
-    except OSError:
-        return []
+    return _instance_files(log_dir, _names(log_dir), pid)
+
+
+def _instance_files(log_dir: Path, names: list[str], pid: int | None = None) -> list[Path]:
     found = []
     for name in names:
         match = _FILE.match(name)
         if match and (pid is None or int(match.group(2)) == pid):
             found.append(log_dir / name)
     return sorted(found, key=lambda p: p.name)
+
+
+def _names(log_dir: Path) -> list[str]:
+    try:
+        return os.listdir(log_dir)
+    except OSError:
+        return []
 
 
 def pids(log_dir: Path) -> list[int]:
@@ -101,8 +108,9 @@ def find(log_dir: Path, pid: int) -> Path | None:
 def prune(log_dir: Path, running: Collection[int], keep: int = LOG_FILES_KEPT) -> list[Path]:
     """Remove all but the newest `keep` files, never one of a `running` pid, and stale
     temporary files; the removed."""
-    removed = _stale_starting(log_dir)
-    files = instance_files(log_dir)
+    names = _names(log_dir)
+    removed = _stale_starting(log_dir, names)
+    files = _instance_files(log_dir, names)
     for path in files[: max(0, len(files) - keep)]:
         if pid_of(path) in running:
             continue
@@ -112,13 +120,11 @@ def prune(log_dir: Path, running: Collection[int], keep: int = LOG_FILES_KEPT) -
     return removed
 
 
-def _stale_starting(log_dir: Path) -> list[Path]:
-    try:
-        names = [n for n in os.listdir(log_dir) if n.startswith(".") and n.endswith(_STARTING)]
-    except OSError:
-        return []
+def _stale_starting(log_dir: Path, names: list[str]) -> list[Path]:
     removed = []
     for name in names:
+        if not (name.startswith(".") and name.endswith(_STARTING)):
+            continue
         path = log_dir / name
         with contextlib.suppress(OSError):
             if time.time() - path.stat().st_mtime > STALE_STARTING:
