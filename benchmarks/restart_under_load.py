@@ -581,8 +581,9 @@ def report(
         away = away_from_switch(start, length)
         return away is not None and away <= NEAR_SWITCH
 
-    near = [g for a, g in s.gaps if g > GAP_REPORTED and near_switch(a, g)]
-    elsewhere = [g for a, g in s.gaps if g > GAP_REPORTED and not near_switch(a, g)]
+    reported = [(a, g) for a, g in s.gaps if g > GAP_REPORTED]
+    near = [g for a, g in reported if near_switch(a, g)]
+    elsewhere = [g for a, g in reported if not near_switch(a, g)]
     # Each switch's own longest gap: the longest one max is only the worst of these.
     at_each_switch = [
         max((g for a, g in s.gaps if a - NEAR_SWITCH <= t <= a + g + NEAR_SWITCH), default=0.0)
@@ -622,8 +623,7 @@ def report(
         "switches_seen_at_s": [round(t, 3) for t in switches],
         "gaps_over_10ms": [
             {"at_s": round(a, 3), "ms": ms(g), "from_switch_ms": ms(away_from_switch(a, g))}
-            for a, g in s.gaps
-            if g > GAP_REPORTED
+            for a, g in reported
         ],
         "backends_seen": len([p for p in load.first_seen if p]),
         "ok_per_second_median": median(per_second[1:-1]) if len(per_second) > 2 else None,
