@@ -73,7 +73,7 @@ HANDOFF_IDLE = 2.0
 # Descriptor-table slots reserved at start-up (capped by RLIMIT_NOFILE). On Linux, growing
 # the table of a process that has threads waits for an RCU grace period: each time the
 # daemon's descriptors first passed 64, 128, 256... the event loop, and every request in
-# flight, stopped for 10-50 ms (seen as the first switch's gap in the restart benchmark).
+# flight, stopped for 10-20 ms (measured: the first switch's gap in the restart benchmark).
 FD_TABLE_RESERVE = 4096
 # An instance found from an earlier run must answer its health check within this to be adopted.
 ADOPT_CHECK_TIMEOUT = 3.0
