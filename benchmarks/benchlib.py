@@ -447,6 +447,15 @@ class Rotator:
     def url(self, name: str, path: str = "/") -> str:
         return f"http://{self.components[name]['listen']}{path}"
 
+    def spawner(self) -> psutil.Process | None:
+        """The daemon's spawner process (rotator/spawner.py): part of rotator's own cost."""
+        assert self.proc is not None
+        with contextlib.suppress(psutil.Error):
+            for child in psutil.Process(self.proc.pid).children():
+                if "rotator.spawner_process" in " ".join(child.cmdline()):
+                    return child
+        return None
+
     def output(self) -> str:
         return (self.dir / "rotator.out").read_text(errors="replace")
 

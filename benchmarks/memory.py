@@ -125,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         assert rot.proc is not None
         time.sleep(1)
         idle = psutil.Process(rot.proc.pid).memory_info().rss
+        spawner = rot.spawner()
+        spawner_rss = spawner.memory_info().rss if spawner is not None else 0
         url = rot.url("c0").rstrip("/")
         for name, transfer in (("download", download), ("upload", upload)):
             began = time.monotonic()
@@ -146,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         rot.stop()
     print(
         f"daemon RSS at rest: {idle / MiB:.1f} MiB with 1 component, {fleet_idle / MiB:.1f} MiB with 15"
+        f" (and its spawner process: {spawner_rss / MiB:.1f} MiB)"
     )
     print(
         table(
@@ -166,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": machine(),
             "idle_rss_mib": round(idle / MiB, 1),
             "idle_rss_15_components_mib": round(fleet_idle / MiB, 1),
+            "spawner_rss_mib": round(spawner_rss / MiB, 1),
             "transfers": rows,
             "targets": [target],
         },

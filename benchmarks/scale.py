@@ -88,18 +88,21 @@ def cpu(proc: psutil.Process) -> float:
 
 
 def idle_cpu(rot: Rotator, seconds: float) -> dict[str, Any]:
-    """% of one core used by the daemon, and by all its instances together, over `seconds`."""
+    """% of one core used by the daemon (with its spawner), and by all its instances
+    together, over `seconds`."""
     assert rot.proc is not None
     daemon = psutil.Process(rot.proc.pid)
     time.sleep(SETTLE)
-    instances = daemon.children(recursive=True)
+    spawner = rot.spawner()
+    ours = [daemon] if spawner is None else [daemon, spawner]
+    instances = [p for p in daemon.children(recursive=True) if p not in ours]
 
     def total() -> tuple[float, float]:
         kids = 0.0
         for p in instances:
             with contextlib.suppress(psutil.Error):  # an instance may have gone
                 kids += cpu(p)
-        return cpu(daemon), kids
+        return sum(cpu(p) for p in ours), kids
 
     before, began = total(), time.monotonic()
     time.sleep(seconds)
@@ -110,6 +113,7 @@ def idle_cpu(rot: Rotator, seconds: float) -> dict[str, Any]:
         "instances_cpu_pct": round(100 * (after[1] - before[1]) / took, 2),
         "instances": len(instances),
         "daemon_rss_mib": round(daemon.memory_info().rss / 2**20, 1),
+        "spawner_rss_mib": round(spawner.memory_info().rss / 2**20, 1) if spawner else None,
     }
 
 

@@ -59,7 +59,7 @@ from rotator.ports import (
 from rotator.proxy.route import Limits, Route, Target
 from rotator.state import ComponentRecord, InstanceRecord
 
-Spawner = Callable[..., Awaitable[Instance]]
+Spawn = Callable[..., Awaitable[Instance]]
 Probe = Callable[[str, int], PortState]
 
 LOG_TAIL = 20
@@ -183,7 +183,7 @@ class Component:
         *,
         health: HealthGate,
         log_dir: Path,
-        spawn: Spawner = Instance.spawn,
+        spawn: Spawn,
         probe: Probe,
         socket_probe: SocketProbe = probe_socket,
         marker_scope: str = "-",

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import functools
 import gc
 import hashlib
 import os
@@ -56,6 +57,7 @@ from rotator.ports import describe_holders, port_holders, probe_port
 from rotator.proxy.protocol import Listener
 from rotator.proxy.route import Route
 from rotator.proxy.upstream import preconnect
+from rotator.spawner import Spawner
 from rotator.state import (
     AlreadyRunning,
     ComponentRecord,
@@ -151,6 +153,8 @@ class Daemon:
         self._runner: web.AppRunner | None = None
         self._reloading = False
         self._background: set[asyncio.Future[None]] = set()  # SIGHUP reloads
+        # Starts every instance, so that the event loop never waits for a process to start.
+        self.spawner = Spawner()
         self.bus.subscribe(self._on_event)
         # Subscribed from the start, so the lifecycle counts miss no event.
         self.metrics = Metrics(self, self.bus)
@@ -163,6 +167,7 @@ class Daemon:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.request_shutdown)
         loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
+        await self.spawner.start()
         startup = asyncio.ensure_future(self._startup())
         stopping = asyncio.ensure_future(self._shutdown.wait())
         try:
@@ -177,6 +182,7 @@ class Daemon:
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             await self._stop_everything()
+            await self.spawner.close()
         if not startup.cancelled() and startup.exception() is not None:
             raise startup.exception()  # type: ignore[misc]
 
@@ -282,6 +288,7 @@ class Daemon:
             socket_probe=probe_socket,
             marker_scope=self.scope,
             warm=preconnect,
+            spawn=functools.partial(Instance.spawn, spawner=self.spawner),
         )
 
     async def _start_admin(self, token: str) -> None:

@@ -1,6 +1,6 @@
 """One OS process of a component: spawn or adopt it, know when it exits, stop its whole tree.
 
-An instance runs in its own session (so its process group id is its pid) with
+An instance is started by the daemon's spawner process (spawner.py), runs in its own session (so its process group id is its pid) with
 its output going straight to a log file of its own (see logs.py), and carries
 a marker in its environment (ROTATOR_INSTANCE) that its descendants inherit.
 Stopping signals the process group, every descendant found through psutil, and
@@ -14,21 +14,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import os
 import shlex
 import signal
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Protocol
 
 import psutil
 
 from rotator import logs
+from rotator.spawner import SpawnedChild, Spawner, SpawnerGone
 
 MARKER = "ROTATOR_INSTANCE"
 # After SIGKILL, how long to wait for the kernel to reap what was killed.
@@ -67,7 +65,7 @@ class Instance:
         marker: str,
         log_path: Path | None,
         log_offset: int,
-        process: Child | None = None,
+        process: SpawnedChild | None = None,
         create_time: float | None = None,
         started: float | None = None,
     ) -> None:
@@ -101,25 +99,31 @@ class Instance:
         cwd: Path,
         log_dir: Path,
         marker: str = "",
+        *,
+        spawner: Spawner,
     ) -> Instance:
-        """Start the command, its output going to a file of its own in `log_dir`."""
+        """Start the command through `spawner`, its output going to a file of its own in
+        `log_dir`."""
         marker = marker or new_marker("-", name)
         log_dir.mkdir(parents=True, exist_ok=True)
         starting = logs.starting_path(log_dir)
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        where = f"port {port}" if port else f"socket {env.get('ROTATOR_SOCKET', '?')}"
+        header = f"==== rotator: {name} on {where} at {stamp}: {shlex.join(argv)}\n".encode()
         with open(starting, "ab") as log:
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-            where = f"port {port}" if port else f"socket {env.get('ROTATOR_SOCKET', '?')}"
-            log.write(f"==== rotator: {name} on {where} at {stamp}: {shlex.join(argv)}\n".encode())
-            log.flush()
+            log.write(header)
             offset = log.tell()
-            try:
-                process = await _start(argv, cwd, {**os.environ, **env, MARKER: marker}, log)
-            except FileNotFoundError as exc:
-                _discard(starting)
-                raise SpawnError(f"command not found: {argv[0]}") from exc
-            except OSError as exc:
-                _discard(starting)
-                raise SpawnError(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from exc
+        try:
+            process = await spawner.spawn(argv, cwd, {**os.environ, **env, MARKER: marker}, starting)
+        except FileNotFoundError as exc:
+            _discard(starting)
+            raise SpawnError(f"command not found: {argv[0]}") from exc
+        except OSError as exc:
+            _discard(starting)
+            raise SpawnError(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from exc
+        except SpawnerGone as exc:
+            _discard(starting)
+            raise SpawnError(f"cannot start {argv[0]!r}: {exc}") from exc
         log_path = logs.named_for(starting, process.pid)
         try:
             # The child keeps writing through its descriptor, whatever the name.
@@ -159,14 +163,16 @@ class Instance:
 
     @property
     def returncode(self) -> int | None:
-        if self.process is not None:
+        if self.process is not None and self.process.returncode is not None:
             return self.process.returncode
         return self._exit_code
 
     async def wait(self) -> int:
-        """The exit code; for an adopted instance (not our child) -1, as its code is unknowable."""
+        """The exit code; -1 for an adopted instance, or one whose spawner died: its parent
+        is then not ours, and its code unknowable."""
         if self.process is not None:
-            return await self.process.wait()
+            with contextlib.suppress(SpawnerGone):
+                return await self.process.wait()
         while self._exit_code is None:
             if not self._root_alive():
                 self._exit_code = -1
@@ -257,91 +263,6 @@ class Instance:
                 return True
             await asyncio.sleep(POLL)
         return not any(_alive(p) for p in tree)
-
-
-class Child(Protocol):
-    """What an instance needs of its process: asyncio's Process, or a WatchedChild."""
-
-    @property
-    def pid(self) -> int: ...
-
-    @property
-    def returncode(self) -> int | None: ...
-
-    async def wait(self) -> int: ...
-
-
-class WatchedChild:
-    """A child started by the subprocess module, its exit learnt through a pidfd.
-
-    Why not asyncio's create_subprocess_exec: under uvloop it forks, copying the
-    daemon's page tables, and holds the event loop (every request in flight) for
-    3.5-6 ms per spawn; subprocess's vfork path takes under 1 ms. A pidfd (Linux 5.3+)
-    becomes readable when the process exits, so the loop learns of it at once.
-    """
-
-    def __init__(self, proc: subprocess.Popen[bytes], pidfd: int) -> None:
-        self._proc = proc
-        self._pidfd = pidfd
-        self._loop = asyncio.get_running_loop()
-        self._exit: asyncio.Future[int] = self._loop.create_future()
-        self._loop.add_reader(pidfd, self._exited)
-
-    @property
-    def pid(self) -> int:
-        return self._proc.pid
-
-    @property
-    def returncode(self) -> int | None:
-        return self._exit.result() if self._exit.done() else None
-
-    async def wait(self) -> int:
-        return await asyncio.shield(self._exit)
-
-    def _exited(self) -> None:
-        self._loop.remove_reader(self._pidfd)
-        os.close(self._pidfd)
-        code = self._proc.wait()  # at once: it has exited; this reaps it
-        if not self._exit.done():
-            self._exit.set_result(code)
-
-
-async def _start(argv: list[str], cwd: Path, env: dict[str, str], log: IO[bytes]) -> Child:
-    """Start a process in its own session, stdin from /dev/null, output to `log`."""
-    if not _have_pidfds():  # macOS, or a Linux older than 5.3
-        return await asyncio.create_subprocess_exec(
-            *argv,
-            cwd=cwd,
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=log,
-            stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True,
-        )
-    proc = subprocess.Popen(
-        argv,
-        cwd=cwd,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        return WatchedChild(proc, os.pidfd_open(proc.pid))
-    except OSError:  # out of descriptors: a process we cannot watch must not run
-        proc.kill()
-        proc.wait()
-        raise
-
-
-@functools.cache
-def _have_pidfds() -> bool:
-    try:
-        os.close(os.pidfd_open(os.getpid()))
-    except (AttributeError, OSError):
-        return False
-    return True
 
 
 def _candidates(since: float) -> Iterator[psutil.Process]:

@@ -204,8 +204,21 @@ def up(daemon_factory: Any, config: Path) -> Any:
         timeout=20,
     )
     assert done and daemon.proc.poll() is None, daemon.output()
-    daemon.status()  # records the pids for the fixture's cleanup
+    running = actives(daemon.status())  # records the pids for the fixture's cleanup
+    # The state file is written in the background: a test that kills the daemon next
+    # needs it to hold what runs (or the next daemon rightly stops what it cannot adopt).
+    assert wait_until(lambda: recorded(config) == running, timeout=10), daemon.output()
     return daemon
+
+
+def recorded(config: Path) -> dict[str, int]:
+    """The active pids the state file holds."""
+    with contextlib.suppress(OSError, ValueError):
+        state = json.loads((config.parent / "state" / "state.json").read_text())
+        return {
+            name: c["active"]["pid"] for name, c in state["components"].items() if c["active"]
+        }
+    return {}
 
 
 def keep_log(daemon: Any) -> None:
@@ -612,8 +625,12 @@ def test_instances_outlive_a_killed_daemon_and_are_adopted(tmp_path: Path, daemo
     first = up(daemon_factory, config)
     pids = actives(first.status())
     scope = scope_of(pids["web"])
+    # Instances are children of the daemon's spawner, never of the daemon (see spawner.py).
+    spawner = psutil.Process(pids["web"]).ppid()
+    assert spawner != first.proc.pid and psutil.Process(spawner).ppid() == first.proc.pid
     kill_daemon_only(first)
     assert all(alive(p) for p in pids.values())
+    assert wait_until(lambda: not alive(spawner), timeout=5)  # it leaves with its daemon
 
     second = up(daemon_factory, config)
     status = second.status()
