@@ -114,7 +114,9 @@ class Instance:
             log.write(header)
             offset = log.tell()
         try:
-            process = await spawner.spawn(argv, cwd, {**os.environ, **env, MARKER: marker}, starting)
+            process = await spawner.spawn(
+                argv, cwd, {**os.environ, **env, MARKER: marker}, starting
+            )
         except FileNotFoundError as exc:
             _discard(starting)
             raise SpawnError(f"command not found: {argv[0]}") from exc

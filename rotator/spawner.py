@@ -107,7 +107,9 @@ class Spawner:
         reader, self._writer = await asyncio.open_unix_connection(sock=ours)
         self._reading = asyncio.ensure_future(self._read(reader))
 
-    async def spawn(self, argv: list[str], cwd: Path, env: dict[str, str], log: Path) -> SpawnedChild:
+    async def spawn(
+        self, argv: list[str], cwd: Path, env: dict[str, str], log: Path
+    ) -> SpawnedChild:
         """Start `argv` in a session of its own, stdin from /dev/null, output appended to
         `log`. Raises OSError as subprocess would (FileNotFoundError: no such command)."""
         async with self._starting:

@@ -215,9 +215,7 @@ def recorded(config: Path) -> dict[str, int]:
     """The active pids the state file holds."""
     with contextlib.suppress(OSError, ValueError):
         state = json.loads((config.parent / "state" / "state.json").read_text())
-        return {
-            name: c["active"]["pid"] for name, c in state["components"].items() if c["active"]
-        }
+        return {name: c["active"]["pid"] for name, c in state["components"].items() if c["active"]}
     return {}
 
 
