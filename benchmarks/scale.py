@@ -162,10 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     ))  # fmt: skip
     print()
     print(table(
-        ["idle, health every 1 s", "seconds", "daemon % of a core", "instances % (all)",
-         "daemon RSS MiB"],
+        ["idle, health every 1 s", "seconds", "daemon % of a core (with spawner)",
+         "instances % (all)", "daemon RSS MiB", "spawner RSS MiB"],
         [[f"{n} components", r["seconds"], r["daemon_cpu_pct"], r["instances_cpu_pct"],
-          r["daemon_rss_mib"]] for n, r in idle.items()],
+          r["daemon_rss_mib"], r["spawner_rss_mib"]] for n, r in idle.items()],
     ))  # fmt: skip
     checks = []
     for n, r in idle.items():

@@ -1,7 +1,7 @@
 """The spawner process: spawner.py's other side (the protocol is described there).
 
-It imports only what it needs of the standard library, so that it stays small: about
-10 MiB, where importing asyncio alone would double it.
+It imports only what it needs of the standard library, so that it stays small: 12.5 MiB
+of RSS measured, where importing asyncio alone would add 8.
 """
 
 from __future__ import annotations
