@@ -22,7 +22,9 @@ The ways of restarting:
 - rotator: `rotator restart web` (the CLI), clients on the public address.
 
 Reported per run (and per client group): requests, failures by kind, the
-longest time without a successful response (across all clients), latency
+longest time without a successful response (across all clients); per switch, the
+longest such gap within 100 ms of it, and the same measure at rest (0.5 s before
+each restart) as a baseline, their medians compared with nginx's; latency
 p50/p99/max of successes, p99 at rest against p99 while a restart runs, and the
 switch as the backend saw it (its first request minus its first healthy check).
 A client that failed waits 10 ms before its next request (no busy loop).
@@ -80,9 +82,10 @@ STARTUP_DELAY = 1.0
 FAILURE_PAUSE = 0.010
 REQUEST_TIMEOUT = 10.0
 WARM_UP = 1.0  # s of load before anything counts as "at rest"
-GAP_RECORDED = 0.002  # gaps longer than this are kept, to find each switch's longest
+GAP_RECORDED = 0.001  # gaps longer than this are kept: each switch's longest, and at rest
 GAP_REPORTED = 0.010  # gaps longer than this are listed with their time
 NEAR_SWITCH = 0.100  # a gap this close to a backend's first answer counts as "at the switch"
+REST_BEFORE = 0.5  # s before each restart: where the same window is measured at rest
 STOP_TIMEOUT = 3.0  # SIGTERM, then SIGKILL after this: rotator's stop_timeout in its config
 # Targets for rotator
 TARGET_GAP = 0.050  # longest gap, s; and no longer than nginx's in the same round and load
@@ -584,11 +587,18 @@ def report(
     reported = [(a, g) for a, g in s.gaps if g > GAP_REPORTED]
     near = [g for a, g in reported if near_switch(a, g)]
     elsewhere = [g for a, g in reported if not near_switch(a, g)]
+
+    def longest_gap_near(t: float) -> float:
+        """The longest gap (over GAP_RECORDED, else 0) within NEAR_SWITCH of the instant t."""
+        return max(
+            (g for a, g in s.gaps if a - NEAR_SWITCH <= t <= a + g + NEAR_SWITCH), default=0.0
+        )
+
     # Each switch's own longest gap: the longest one max is only the worst of these.
-    at_each_switch = [
-        max((g for a, g in s.gaps if a - NEAR_SWITCH <= t <= a + g + NEAR_SWITCH), default=0.0)
-        for t in switches
-    ]
+    at_each_switch = [longest_gap_near(t) for t in switches]
+    # The same measure at rest, before each restart: what a switch adds is the difference.
+    rest_points = [r["at"] - REST_BEFORE for r in log if r["at"] - REST_BEFORE >= WARM_UP]
+    at_rest = [longest_gap_near(t) for t in rest_points]
     ends = [int(a + b) for a, b in zip(s.sent_at, s.latency, strict=True)]
     counts = collections.Counter(ends)
     per_second = [counts[i] for i in range(max(counts, default=-1) + 1)]
@@ -616,6 +626,8 @@ def report(
         "longest_gap_elsewhere_ms": ms(max(elsewhere, default=0.0)),
         "gap_at_each_switch_ms": [ms(g) for g in at_each_switch],
         "gap_at_switch_ms_median": ms(median(at_each_switch)) if at_each_switch else None,
+        "gap_at_rest_ms": [ms(g) for g in at_rest],
+        "gap_at_rest_ms_median": ms(median(at_rest)) if at_rest else None,
         **latency_figures(s),
         **at_rest_and_rotating(s, log),
         "groups": groups,
@@ -734,6 +746,16 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
                     (f"median gap at a switch {mine:.1f} ms vs nginx's {theirs:.1f} ms (target <=)",
                      mine <= theirs)
                 )  # fmt: skip
+            # The same window at rest carries each proxy's steady-state cost per request
+            # (per new connection, above all): the difference is what the switch adds.
+            rest, nginx_rest = r["gap_at_rest_ms_median"], nginx["gap_at_rest_ms_median"]
+            if None not in (mine, theirs, rest, nginx_rest):
+                added, nginx_added = mine - rest, theirs - nginx_rest
+                checks.append(
+                    (f"a switch adds {added:.1f} ms to the gap at rest ({rest:.1f} ms), "
+                     f"nginx's {nginx_added:.1f} ms (at rest {nginx_rest:.1f}) (target <=)",
+                     added <= nginx_added)
+                )  # fmt: skip
         switch = r["switch"]["switch_ms_median"]
         if switch is not None:
             checks.append(
@@ -748,12 +770,13 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
 def print_tables(rows: list[dict[str, Any]]) -> None:
     print(table(
         ["round", "load", "scenario", "requests", "failed", "failures by kind", "longest gap ms",
-         "at switch", "elsewhere", "median at a switch", "p50 ms", "p99 ms", "p99 rest", "p99 restarting", "max ms",
+         "at switch", "elsewhere", "median at a switch", "same at rest", "p50 ms", "p99 ms", "p99 rest", "p99 restarting", "max ms",
          "switch ms", "restarts ok"],
         [[r["round"], r["load"], r["scenario"], r["requests"], r["failed"],
           ", ".join(f"{k}: {n}" for k, n in r["failures"].items()) or "-",
           f"{r['longest_gap_ms']:.1f}", gap_cell(r["longest_gap_near_switch_ms"]),
-          gap_cell(r["longest_gap_elsewhere_ms"]), r["gap_at_switch_ms_median"], r["p50_ms"], r["p99_ms"],
+          gap_cell(r["longest_gap_elsewhere_ms"]), r["gap_at_switch_ms_median"],
+          r["gap_at_rest_ms_median"], r["p50_ms"], r["p99_ms"],
           r["p99_at_rest_ms"], r["p99_rotating_ms"], r["max_ms"],
           r["switch"]["switch_ms_median"],
           f"{len(r['restarts']) - r['restarts_failed']}/{len(r['restarts'])}"] for r in rows],

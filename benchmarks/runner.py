@@ -101,7 +101,8 @@ def summary(started: float) -> None:
         print(
             table(
                 ["round", "load", "scenario", "requests", "failed", "longest gap ms",
-                 "median gap at a switch", "p99 ms", "p99 restarting", "switch ms"],
+                 "median gap at a switch", "same at rest", "p99 ms", "p99 restarting",
+                 "switch ms"],
                 [
                     [
                         r["round"],
@@ -111,6 +112,7 @@ def summary(started: float) -> None:
                         r["failed"],
                         f"{r['longest_gap_ms']:.1f}",
                         r.get("gap_at_switch_ms_median"),
+                        r.get("gap_at_rest_ms_median"),
                         r["p99_ms"],
                         r["p99_rotating_ms"],
                         r["switch"]["switch_ms_median"],
