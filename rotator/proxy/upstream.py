@@ -106,6 +106,7 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.target.connections.discard(self)
         self.transport = None
+        del self.parser  # a reference cycle through its callbacks (see ClientConnection)
         ex, self.exchange = self.exchange, None
         if ex is not None:
             ex.upstream_lost(self, exc)

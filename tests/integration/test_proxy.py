@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import gzip
 import json
 import os
@@ -576,6 +577,31 @@ async def test_pipelined_requests_answered_in_order(backend: Backend) -> None:
         assert rs[0].json()["slept"] == 0.1
         assert (rs[1].body, rs[2].body) == (b"first body", b"second body")
         assert rs[3].json()["path"] == "/p8"
+
+
+@aio(10)
+async def test_closed_connections_are_freed_without_the_cycle_collector(backend: Backend) -> None:
+    """A closed connection, client or upstream, must leave no reference cycle: with a new
+    connection per request, each one's objects would otherwise wait for the cyclic
+    collector, whose passes pause the proxy's loop."""
+    target = Target(HOST, backend.port)
+    async with running_proxy(target) as p:
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)  # what the collector finds stays in gc.garbage
+        try:
+            for i in range(20):
+                c = await p.connect()
+                assert (await c.request("GET", f"/n/{i}", [("Connection", "close")])).status == 200
+                c.close()
+            target.close_all()  # the upstream side too
+            await asyncio.sleep(0.05)  # connection_lost runs on the loop
+            gc.collect()
+            cyclic = [type(o).__name__ for o in gc.garbage]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+        assert p.route.requests == 20
+        assert not {"ClientConnection", "UpstreamConnection"} & set(cyclic), cyclic
 
 
 # == 3. encoded paths and queries byte for byte ==========================================
