@@ -1,8 +1,9 @@
 """One OS process of a component: spawn or adopt it, know when it exits, stop its whole tree.
 
-An instance is started by the daemon's spawner process (spawner.py), runs in its own session (so its process group id is its pid) with
-its output going straight to a log file of its own (see logs.py), and carries
-a marker in its environment (ROTATOR_INSTANCE) that its descendants inherit.
+An instance is started by the daemon's spawner process (spawner.py). It runs in
+its own session (so its process group id is its pid) with its output going
+straight to a log file of its own (see logs.py), and carries a marker in its
+environment (ROTATOR_INSTANCE) that its descendants inherit.
 Stopping signals the process group, every descendant found through psutil, and
 every process still carrying the marker (a double fork leaves both the group
 and the tree), waits, kills what is left and checks that nothing survived.
@@ -119,6 +120,8 @@ class Instance:
             )
         except FileNotFoundError as exc:
             _discard(starting)
+            if exc.filename == str(cwd):  # removed since the config was read, say
+                raise SpawnError(f"working directory not found: {cwd}") from exc
             raise SpawnError(f"command not found: {argv[0]}") from exc
         except OSError as exc:
             _discard(starting)

@@ -174,6 +174,9 @@ def test_an_instance_that_cannot_start_is_a_spawn_error(tmp_path: Path) -> None:
         logs = tmp_path / "logs"
         with pytest.raises(SpawnError, match="command not found: no-such-command"):
             await Instance.spawn("web", 0, ["no-such-command"], {}, tmp_path, logs, spawner=spawner)
+        gone = tmp_path / "gone"
+        with pytest.raises(SpawnError, match=f"working directory not found: {gone}$"):
+            await Instance.spawn("web", 0, ["true"], {}, gone, logs, spawner=spawner)
         assert list(logs.iterdir()) == []  # the log of a command that never ran is removed
 
     run(tmp_path, scenario)
