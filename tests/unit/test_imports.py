@@ -65,3 +65,10 @@ def test_pure_modules_stay_below_the_side_effects(pure: str) -> None:
 def test_the_config_model_does_not_load_the_file_reader() -> None:
     # Modules that only read specs must not pay for the YAML parser (see rotator/config.py).
     assert not loaded_after("import rotator.config") & {"rotator.configfile", "yaml"}
+
+
+def test_the_spawner_process_loads_only_what_it_needs() -> None:
+    """It runs for the daemon's whole life: asyncio alone would add 8 MiB to it."""
+    loaded = loaded_after("import rotator.spawner_process")
+    assert not loaded & {"asyncio", "psutil", "yaml", "aiohttp", "rotator.spawner"}
+    assert {m for m in loaded if m.startswith("rotator.")} == {"rotator.spawner_process"}
