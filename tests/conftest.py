@@ -33,15 +33,37 @@ DEMO = f"{PY} -m rotator.demo --port {{port}} --name {{name}}"
 # Below the ephemeral ranges (Linux 32768-60999, macOS 49152-65535): a pool
 # port that the kernel also hands out as a client port can carry a TIME_WAIT
 # that no SO_REUSEADDR bind gets past, which would make tests flaky.
-_PORT_RANGE = (20000, 32000)
-_handed_out: set[int] = set()
+# ROTATOR_TEST_PORTS=LO-HI moves the range (to share a machine); ports are handed
+# out in turn and recycled after each test, so a few hundred are enough.
+
+
+def _port_range() -> tuple[int, int]:
+    raw = os.environ.get("ROTATOR_TEST_PORTS", "20000-32000")
+    lo, sep, hi = raw.partition("-")
+    if not (sep and lo.isdigit() and hi.isdigit() and 1024 <= int(lo) < int(hi) <= 65535):
+        raise pytest.UsageError(f"ROTATOR_TEST_PORTS={raw!r}: expected LO-HI, e.g. 20000-20400")
+    return int(lo), int(hi)
+
+
+_PORT_RANGE = _port_range()
+_handed_out: set[int] = set()  # during the current test
+_next_port = random.randint(*_PORT_RANGE)
 
 
 def free_ports(n: int) -> list[int]:
-    """n distinct ports, outside the ephemeral range, that nothing holds right now."""
+    """n distinct ports of the test range that nothing holds right now (a port in
+    TIME_WAIT fails the plain bind, so it rests until a later pass)."""
+    global _next_port
+    lo, hi = _PORT_RANGE
     ports: list[int] = []
+    tried = 0
     while len(ports) < n:
-        port = random.randint(*_PORT_RANGE)
+        if tried > hi - lo:
+            raise RuntimeError(
+                f"no {n} free ports left in {lo}-{hi} (ROTATOR_TEST_PORTS): widen the range"
+            )
+        port, tried = _next_port, tried + 1
+        _next_port = lo if port >= hi else port + 1
         if port in _handed_out:
             continue
         with socket.socket() as s:
@@ -52,6 +74,13 @@ def free_ports(n: int) -> list[int]:
         _handed_out.add(port)
         ports.append(port)
     return ports
+
+
+@pytest.fixture(autouse=True)
+def _recycle_ports() -> Iterator[None]:
+    """A test's ports go back to the range when it ends (its processes are gone by then)."""
+    yield
+    _handed_out.clear()
 
 
 def component(pool: int = 4, command: str = DEMO, **extra: Any) -> dict[str, Any]:
