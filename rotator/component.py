@@ -162,6 +162,7 @@ def proxy_limits(spec: ComponentSpec) -> Limits:
         connect_timeout=spec.connect_timeout,
         read_timeout=spec.read_timeout,
         request_timeout=spec.request_timeout,
+        header_timeout=spec.header_timeout,
         trust_forwarded=spec.trust_forwarded,
         max_header_size=spec.max_header_size,
         max_headers=spec.max_headers,

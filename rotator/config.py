@@ -73,7 +73,8 @@ class ComponentSpec:
     connect_timeout: float = 5.0  # connecting to an instance; past it: 504
     read_timeout: float = 60.0  # waiting for the instance's next bytes (head or more body)
     request_timeout: float = 0.0  # the whole exchange; 0 = no limit
-    keepalive_timeout: float = 60.0  # an idle client connection (or a trickling head) is closed
+    keepalive_timeout: float = 60.0  # an idle client connection is closed
+    header_timeout: float = 10.0  # a request head begun must end within it; else 408
     trust_forwarded: bool = False  # keep incoming X-Forwarded-* (append to -For) or replace them
     max_header_size: int = 64 * 1024  # a larger request head: 431
     max_headers: int = 100  # more request header lines: 431

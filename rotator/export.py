@@ -45,6 +45,7 @@ _PROXY = {
     "read_timeout": "bounds waiting for an instance's bytes",
     "request_timeout": "bounds a whole exchange",
     "keepalive_timeout": "closes idle client connections",
+    "header_timeout": "bounds how long a request head may take",
     "trust_forwarded": "decides on X-Forwarded-* headers",
     "max_header_size": "limits request heads",
     "max_headers": "limits request header lines",

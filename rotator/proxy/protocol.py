@@ -40,13 +40,18 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-# Set by us; a client's own values are dropped (it could claim any address)
-# unless the component has trust_forwarded (rotator behind another proxy).
-FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
+# Never hop-by-hop, whatever Connection names: they frame the message or name its
+# target, and dropping one would make the instance read another request than we did.
+NEVER_HOP = frozenset({b"content-length", b"transfer-encoding", b"host"})
+# What a client may claim about where a request came from. Unless the component has
+# trust_forwarded (rotator behind another proxy), the client's own are dropped (every
+# X-Forwarded-* too, see end_to_end) and X-Forwarded-For/-Proto/-Host set by us.
+FORWARDED = frozenset({b"forwarded", b"x-real-ip", b"x-client-ip"})
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
 REASONS = {
     400: b"Bad Request",
+    408: b"Request Timeout",
     405: b"Method Not Allowed",
     431: b"Request Header Fields Too Large",
     502: b"Bad Gateway",
@@ -77,17 +82,32 @@ def chunk(data: bytes) -> bytes:
 
 class Headers(NamedTuple):
     block: bytes  # the end-to-end headers as CRLF-terminated lines, order and repeats kept
-    has_length: bool  # a Content-Length was among them
-    chunked: bool  # a Transfer-Encoding naming chunked was among the dropped ones
+    length: bytes | None  # the Content-Length's value, if there was one
+    codings: bytes  # the Transfer-Encoding values (dropped from `block`), joined; b"" if none
+    hosts: int  # how many Host headers (an empty one is counted, but not kept in `block`)
     host: bytes  # the Host header's value, or b""
 
+    @property
+    def chunked(self) -> bool:
+        """The message is chunked: Transfer-Encoding's last coding is chunked (RFC 9112 6.3)."""
+        return self.codings.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
 
-def end_to_end(headers: list[tuple[bytes, bytes]], drop: frozenset[bytes]) -> Headers:
+
+def end_to_end(
+    headers: list[tuple[bytes, bytes]],
+    drop: frozenset[bytes],
+    *,
+    request: bool = False,
+    untrusted: bool = False,
+) -> Headers:
     """One pass over a message's headers (this is per request, so it counts):
-    what to forward, and the framing facts the proxy needs."""
+    what to forward, and the framing facts the proxy needs. A `request`'s underscored
+    names are dropped, and an `untrusted` one's X-Forwarded-* too."""
     kept: list[tuple[bytes, bytes]] = []
     tokens: set[bytes] | None = None  # headers that Connection declares hop-by-hop
-    has_length = chunked = False
+    length: bytes | None = None
+    codings: list[bytes] = []
+    hosts = 0
     host = b""
     for name, value in headers:
         low = name.lower()
@@ -96,18 +116,28 @@ def end_to_end(headers: list[tuple[bytes, bytes]], drop: frozenset[bytes]) -> He
                 tokens = tokens or set()
                 tokens.update(t.strip().lower() for t in value.split(b","))
             elif low == b"transfer-encoding":
-                chunked = chunked or b"chunked" in value.lower()
+                codings.append(value)
+            continue
+        if request and b"_" in low:
+            # As nginx (underscores_in_headers off): a WSGI or CGI server maps
+            # X_Forwarded_For and X-Forwarded-For to one variable.
             continue
         if low == b"content-length":
-            has_length = True
+            length = value
         elif low == b"host":
+            hosts += 1
             host = value
+            if not value:
+                continue  # replaced by ours (see on_headers_complete)
+        elif untrusted and low.startswith(b"x-forwarded-"):
+            continue
         kept.append((low, name + b": " + value + b"\r\n"))
     if tokens:
+        tokens -= NEVER_HOP
         block = b"".join(line for low, line in kept if low not in tokens)
     else:
         block = b"".join(line for _, line in kept)
-    return Headers(block, has_length, chunked, host)
+    return Headers(block, length, b", ".join(codings), hosts, host)
 
 
 class Exchange:
@@ -265,7 +295,7 @@ class Exchange:
         self.status = status
         self.buffer = []
         framing = b""
-        if not (self.head_only or status in (204, 304) or headers.has_length):
+        if not (self.head_only or status in (204, 304) or headers.length is not None):
             self.close_delimited = not headers.chunked
             if self.http11:
                 self.rechunk = True
@@ -298,6 +328,7 @@ class Exchange:
             % (status, reason, block, self.upgrade)
         )
         client.tunnel = conn
+        client.release_held(conn)
 
     def response_body(self, data: bytes) -> None:
         self.client.out(chunk(data) if self.rechunk else data)
@@ -434,6 +465,12 @@ class Exchange:
         self.response_done = True
 
 
+def _ends_without_version(data: bytes, url: bytes) -> bool:
+    """`data` ends a request line that has no HTTP version (HTTP/0.9's `GET /`); only
+    asked when a read left the parser inside a head before any header line."""
+    return data.endswith(b"\n") and data.rstrip(b"\r\n").endswith(b" " + url)
+
+
 class ClientConnection(asyncio.Protocol):
     """One client connection to a component's public address."""
 
@@ -459,6 +496,13 @@ class ClientConnection(asyncio.Protocol):
         self._too_large = False
         self._hold: asyncio.Task[Any] | None = None
         self.tunnel: UpstreamConnection | None = None  # set once a websocket is established
+        self.head_began = 0.0  # loop time of a request head's first byte; 0: not in a head
+        self._ready: Exchange | None = None  # first in the queue, to start after this read
+        self._reframe = b""  # the framing header of an upgrade's body (see _after_upgrade)
+        self._reframing = False  # the parser is reading our stand-in head
+        # After a websocket handshake: the client's bytes, until the instance answers.
+        self.held: list[bytes] | None = None
+        self._held_size = 0
 
     # -- asyncio.Protocol --------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -475,17 +519,71 @@ class ClientConnection(asyncio.Protocol):
         if self.tunnel is not None:
             self.tunnel.write(data)
             return
+        if self.held is not None:
+            self._hold_bytes(data)
+            return
+        self._feed(data)
+        # A request goes upstream only once this read is parsed to its end: an error
+        # later in it then stops the request before one byte of it left.
+        ex, self._ready = self._ready, None
+        if ex is not None and not ex.response_done:
+            self._start(ex)
+        self.flush()
+
+    def _feed(self, data: bytes) -> None:
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
-            # The parser stops at an upgrade handshake; what follows it belongs to
-            # the websocket (kept until the instance has accepted).
-            rest = data[exc.args[0] :]
-            if rest and self.queue and self.queue[-1].upgrade:
-                self.queue[-1].add_body(rest)
+            self._after_upgrade(data[exc.args[0] :])
         except httptools.HttpParserError:
             self._reject(431 if self._too_large else 400)
-        self.flush()
+        else:
+            if self.head_began and not self._headers and _ends_without_version(data, self._url):
+                self._reject(400)  # an HTTP/0.9 request line: no more is coming
+
+    def _after_upgrade(self, rest: bytes) -> None:
+        """The parser stopped after an upgrade request's head, taking what follows for the
+        new protocol's bytes. A websocket's are held until the instance answers (a
+        tunnel opens only at its 101); for an upgrade we do not switch to, a new parser
+        reads on, starting with a stand-in head that frames the request's body."""
+        ex = self.queue[-1] if self.queue else None
+        if ex is None or ex.error or ex.response_done:
+            self.held = []  # refused (405, 400): the connection closes after the answer
+        elif ex.upgrade:
+            self.held = []
+            self._hold_bytes(rest)
+        else:
+            self.parser = httptools.HttpRequestParser(self)
+            reframe, self._reframe = self._reframe, b""
+            if reframe:
+                self._reframing = True
+                rest = b"POST / HTTP/1.1\r\n" + reframe + b"\r\n" + rest
+            if rest:
+                self._feed(rest)
+
+    def _hold_bytes(self, data: bytes) -> None:
+        assert self.held is not None
+        self.held.append(data)
+        self._held_size += len(data)
+        if self._held_size > BODY_BUFFER_LIMIT:
+            self.update_reading()
+
+    def release_held(self, conn: UpstreamConnection) -> None:
+        """The instance switched protocols: what the client sent meanwhile goes to it."""
+        if self.held:
+            conn.write(b"".join(self.held))
+        self.held = None
+        self._held_size = 0
+        self.update_reading()
+
+    def eof_received(self) -> bool | None:
+        """The client half-closed. Its complete requests are still answered (then we
+        close, as `printf ... | nc` expects); one cut short is never completed upstream."""
+        complete = all(ex.body_done or ex.response_done for ex in self.queue)
+        if self.tunnel is None and self.queue and not self.head_began and complete:
+            self.closing = True
+            return True  # keep our side open for the answers
+        return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.listener.connections.discard(self)
@@ -515,6 +613,7 @@ class ClientConnection(asyncio.Protocol):
         self._url = b""
         self._headers = []
         self._head_size = 0
+        self.head_began = self.loop.time()
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -537,12 +636,15 @@ class ClientConnection(asyncio.Protocol):
         raise ValueError("request head too large")
 
     def on_headers_complete(self) -> None:
+        self.head_began = 0.0
+        if self._reframing:
+            self._reframing = False  # our own stand-in head (see _after_upgrade): no new request
+            return
         parser = self.parser
         method = parser.get_method()
-        http11 = parser.get_http_version() == "1.1"
-        # After an upgrade handshake the connection is a tunnel (a websocket) or,
-        # when the instance declines, closes after the answer: the parser stops there.
-        upgrade = b""
+        version = parser.get_http_version()
+        http11 = version == "1.1"
+        upgrade = b""  # the Upgrade header of a websocket handshake
         if parser.should_upgrade():
             upgrade = next((v for n, v in self._headers if n.lower() == b"upgrade"), b"")
             if b"websocket" not in upgrade.lower():
@@ -552,28 +654,38 @@ class ClientConnection(asyncio.Protocol):
             self._enqueue(Exchange(self, b"", keep_alive=False, error=405))
             return
         url = self._origin_form(self._url)
-        if url is None:
-            self._enqueue(Exchange(self, b"", keep_alive=False, error=400))
-            return
         if self.limits.trust_forwarded:
             headers, forwarded = self._trusted_forwarding()
         else:
-            headers = end_to_end(self._headers, HOP_BY_HOP | FORWARDED)
+            headers = end_to_end(
+                self._headers, HOP_BY_HOP | FORWARDED, request=True, untrusted=True
+            )
             forwarded = self._forwarded
             if headers.host:
                 forwarded += b"X-Forwarded-Host: " + headers.host + b"\r\n"
-        chunked = headers.chunked
+        if url is None or not self._acceptable(method, url, version, headers, upgrade):
+            self._enqueue(Exchange(self, b"", keep_alive=False, error=400))
+            return
+        chunked = bool(headers.codings)  # _acceptable made sure it ends in chunked
+        if parser.should_upgrade() and not upgrade and (chunked or headers.length is not None):
+            # The parser takes an upgrade's body for the new protocol's bytes; as we do
+            # not switch, it is framed like any other body (see _after_upgrade).
+            if chunked:
+                self._reframe = b"Transfer-Encoding: chunked\r\n"
+            else:
+                self._reframe = b"Content-Length: " + (headers.length or b"0") + b"\r\n"
         head = b"%b %b HTTP/1.1\r\n%b%b%b" % (
             method,
             url,
             headers.block,
-            b"Transfer-Encoding: chunked\r\n" if chunked else b"",
+            b"Transfer-Encoding: " + headers.codings + b"\r\n" if chunked else b"",
             forwarded,
         )
         if upgrade:
             head += b"Connection: Upgrade\r\nUpgrade: " + upgrade + b"\r\n"
         if not headers.host:
-            # HTTP/1.0 needs no Host, but we speak HTTP/1.1 to the instance, where it is required.
+            # HTTP/1.0 needs no Host (and an empty one names none), but we speak
+            # HTTP/1.1 to the instance, where it is required.
             head += self.listener.host_header
         head += b"\r\n"
         self._enqueue(
@@ -588,6 +700,25 @@ class ClientConnection(asyncio.Protocol):
             )
         )
 
+    @staticmethod
+    def _acceptable(
+        method: bytes, url: bytes, version: str, headers: Headers, upgrade: bytes
+    ) -> bool:
+        """The checks that must pass before a byte of the request goes upstream: what
+        the parser lets through but the instance could read as another request."""
+        if version not in ("1.1", "1.0"):  # HTTP/0.9 has no headers, hence no framing
+            return False
+        if headers.hosts > 1 or (version == "1.1" and not headers.hosts):  # RFC 9112 3.2
+            return False
+        if url == b"*" and method != b"OPTIONS":
+            return False
+        if headers.codings and (version == "1.0" or not headers.chunked):
+            # RFC 9112 6.1 and 6.3: unframed, or framing an HTTP/1.0 peer may not know.
+            return False
+        # A websocket handshake is a GET without a body (RFC 6455 4.1): the bytes after
+        # its head belong to the websocket, and are held until the instance accepts.
+        return not (upgrade and (headers.codings or headers.length not in (None, b"0")))
+
     # A response may end before its request body did (an early 413): the
     # exchange is gone then and the rest of the body is dropped with the connection.
     def on_body(self, body: bytes) -> None:
@@ -598,6 +729,8 @@ class ClientConnection(asyncio.Protocol):
                 self.update_reading()
 
     def on_message_complete(self) -> None:
+        if self._reframe:
+            return  # an upgrade's body is still to come (see _after_upgrade)
         if self.queue and not self.queue[-1].response_done:
             self.queue[-1].end_body()
 
@@ -607,7 +740,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self.queue.append(ex)
         if len(self.queue) == 1:
-            self._start(ex)
+            self._ready = ex  # started once the read that brought it is parsed
         else:
             self.update_reading()
 
@@ -678,10 +811,21 @@ class ClientConnection(asyncio.Protocol):
             self._start(self.queue[0])
         else:
             self.idle_since = self.loop.time()
+            if self.head_began:  # the next head waited for this answer: its time starts now
+                self.head_began = self.idle_since
             if self.closing:
                 self.close()
                 return
         self.update_reading()
+
+    def head_timed_out(self) -> None:
+        """A request head took longer than header_timeout: 408, then close."""
+        self.head_began = 0.0
+        self.closing = True
+        self._enqueue(Exchange(self, b"", keep_alive=False, error=408))
+        ex, self._ready = self._ready, None
+        if ex is not None:
+            self._start(ex)
 
     def _reject(self, status: int) -> None:
         """A malformed request: answered in its turn, then the connection closes."""
@@ -704,7 +848,7 @@ class ClientConnection(asyncio.Protocol):
         """trust_forwarded: a proxy in front of rotator is believed. X-Forwarded-For
         gets the client's address appended; Proto and Host are kept when present."""
         chain = [v for n, v in self._headers if n.lower() == b"x-forwarded-for"]
-        headers = end_to_end(self._headers, HOP_BY_HOP | {b"x-forwarded-for"})
+        headers = end_to_end(self._headers, HOP_BY_HOP | {b"x-forwarded-for"}, request=True)
         names = {n.lower() for n, _ in self._headers}
         forwarded = b"X-Forwarded-For: " + b", ".join([*chain, self._ip]) + b"\r\n"
         if b"x-forwarded-proto" not in names:
@@ -755,6 +899,7 @@ class ClientConnection(asyncio.Protocol):
             self._upstream_full
             or len(self.queue) > 1
             or (bool(self.queue) and self.queue[0].pending > BODY_BUFFER_LIMIT)
+            or self._held_size > BODY_BUFFER_LIMIT
         )
         if pause != self._reading_paused:
             self._reading_paused = pause
@@ -807,21 +952,26 @@ class Listener:
         self._sweeper = loop.create_task(self._sweep())
 
     async def _sweep(self) -> None:
-        """Enforce keepalive_timeout, read_timeout and request_timeout. One periodic
+        """Enforce keepalive_timeout, header_timeout, read_timeout and request_timeout. One periodic
         pass instead of a timer per request keeps the hot path free of timers; the
         price is that a timeout fires up to one sweep interval late."""
         loop = asyncio.get_running_loop()
         while True:
             # Read each pass: a reload may change the limits of a running component.
             limits = self.route.limits
-            timeouts = [self.keepalive_timeout, limits.read_timeout, limits.request_timeout or 1e9]
+            timeouts = [
+                self.keepalive_timeout,
+                limits.header_timeout,
+                limits.read_timeout,
+                limits.request_timeout or 1e9,
+            ]
             await asyncio.sleep(min(SWEEP_INTERVAL, *(t / 4 for t in timeouts)))
             now = loop.time()
             for conn in list(self.connections):
                 if not conn.queue:
-                    # Idle since idle_since; a request head that takes longer than
-                    # the timeout to arrive counts as idle too.
-                    if now - conn.idle_since > self.keepalive_timeout:
+                    if conn.head_began and now - conn.head_began > limits.header_timeout:
+                        conn.head_timed_out()
+                    elif now - conn.idle_since > self.keepalive_timeout:
                         conn.close()
                     continue
                 ex = conn.queue[0]

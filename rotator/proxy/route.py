@@ -37,6 +37,7 @@ class Limits:
     connect_timeout: float = 5.0
     read_timeout: float = 60.0  # between two reads from the instance
     request_timeout: float = 0.0  # the whole exchange; 0 = no limit
+    header_timeout: float = 10.0  # from a request head's first byte to its end; else 408
     trust_forwarded: bool = False
     max_header_size: int = 64 * 1024
     max_headers: int = 100

@@ -1152,6 +1152,7 @@ def test_proxy_keys_parse_and_merge(tmp_path: Path) -> None:
           read_timeout: 30s
           request_timeout: 2m
           keepalive_timeout: 15s
+          header_timeout: 3s
           trust_forwarded: true
           max_header_size: 16KiB
           max_headers: 50
@@ -1168,6 +1169,7 @@ def test_proxy_keys_parse_and_merge(tmp_path: Path) -> None:
             read_timeout: 5
             request_timeout: 0
             keepalive_timeout: "1m"
+            header_timeout: 500ms
             trust_forwarded: false
             max_header_size: 1MiB
             max_headers: "200"
@@ -1188,6 +1190,7 @@ def test_proxy_keys_parse_and_merge(tmp_path: Path) -> None:
         15.0,
     )
     assert (a.trust_forwarded, a.max_header_size, a.max_headers) == (True, 16384, 50)
+    assert (a.header_timeout, b.header_timeout, c.header_timeout) == (3.0, 0.5, 3.0)
     assert (b.connect_timeout, b.read_timeout, b.request_timeout, b.keepalive_timeout) == (
         0.25,
         5.0,
@@ -1204,7 +1207,7 @@ def test_proxy_keys_parse_and_merge(tmp_path: Path) -> None:
 def test_proxy_defaults_when_omitted(tmp_path: Path) -> None:
     spec = parse_ok(HERMES, tmp_path / "rotator.yaml").component("hermes")
     assert (spec.connect_timeout, spec.read_timeout, spec.request_timeout) == (5.0, 60.0, 0.0)
-    assert spec.keepalive_timeout == 60.0
+    assert (spec.keepalive_timeout, spec.header_timeout) == (60.0, 10.0)
     assert (spec.trust_forwarded, spec.max_header_size, spec.max_headers) == (False, 65536, 100)
     built = ComponentSpec(
         name="hermes",
