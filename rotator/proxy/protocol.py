@@ -4,7 +4,7 @@ ClientConnection parses requests with httptools, queues them (pipelined requests
 are answered in order, one at a time) and binds each to the Route's current
 Target when its head arrives. Exchange forwards that request to an instance,
 streams both bodies without holding them whole, and maps failures to status
-codes in `error_status`, the one place that does so.
+codes in `Answer`, the one place that does so.
 
 Flow control: while the instance's socket is full, the client is not read;
 while the client's socket is full, the instance is not read. A websocket
@@ -19,6 +19,7 @@ import asyncio
 import collections
 import socket
 from collections.abc import Callable
+from enum import Enum
 from typing import Any, NamedTuple, cast
 
 import httptools
@@ -49,15 +50,6 @@ NEVER_HOP = frozenset({b"content-length", b"transfer-encoding", b"host"})
 FORWARDED = frozenset({b"forwarded", b"x-real-ip", b"x-client-ip"})
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
-REASONS = {
-    400: b"Bad Request",
-    408: b"Request Timeout",
-    405: b"Method Not Allowed",
-    431: b"Request Header Fields Too Large",
-    502: b"Bad Gateway",
-    503: b"Service Unavailable",
-    504: b"Gateway Timeout",
-}
 # A request body buffered while no instance connection is ready yet; past this
 # the client is not read until the body can flow.
 BODY_BUFFER_LIMIT = 256 * 1024
@@ -69,11 +61,34 @@ MAX_TRIES = 2
 LAST_CHUNK = b"0\r\n\r\n"
 
 
-def error_status(exc: BaseException | None) -> int:
-    """The one mapping from a failure talking to an instance to the status the client gets."""
-    if isinstance(exc, TimeoutError):
-        return 504
-    return 502
+class Answer(Enum):
+    """Why the proxy answers a request itself: the one place that picks those statuses.
+    Each is (status, reason phrase, extra header lines, what the body adds in brackets)."""
+
+    MALFORMED = (400, b"Bad Request", b"", "")
+    HEAD_TIMEOUT = (408, b"Request Timeout", b"", "")
+    CONNECT = (
+        405,
+        b"Method Not Allowed",
+        b"Allow: GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS\r\n",
+        "",
+    )
+    HEAD_TOO_LARGE = (431, b"Request Header Fields Too Large", b"", "")
+    INSTANCE_FAILED = (502, b"Bad Gateway", b"", "")  # it broke, or spoke something not HTTP
+    NO_INSTANCE = (503, b"Service Unavailable", b"Retry-After: 1\r\n", "")
+    BUSY = (503, b"Service Unavailable", b"Retry-After: 1\r\n", "max_connections reached")
+    INSTANCE_TIMEOUT = (504, b"Gateway Timeout", b"", "")
+
+    def __init__(self, status: int, reason: bytes, extra: bytes, detail: str) -> None:
+        self.status = status
+        self.reason = reason
+        self.extra = extra
+        self.detail = detail
+
+
+def failure(exc: BaseException | None) -> Answer:
+    """What the client is told when talking to an instance failed before any answer."""
+    return Answer.INSTANCE_TIMEOUT if isinstance(exc, TimeoutError) else Answer.INSTANCE_FAILED
 
 
 def chunk(data: bytes) -> bytes:
@@ -182,7 +197,7 @@ class Exchange:
         chunked: bool = False,
         method: bytes = b"GET",
         http11: bool = True,
-        error: int = 0,
+        error: Answer | None = None,
         upgrade: bytes = b"",
     ) -> None:
         self.client = client
@@ -196,7 +211,7 @@ class Exchange:
         self.tunnel = False  # after a 101: bytes flow both ways untouched
         self.keep_alive = keep_alive
         self.chunked = chunked
-        self.error = error
+        self.error = error  # refused at the proxy: answered so, in its turn
         self.buffer: list[bytes] = []
         self.pending = 0  # bytes in `buffer` not yet sent
         self.body_done = False
@@ -255,7 +270,8 @@ class Exchange:
                 task.result().close()
             return
         if isinstance(exc, TimeoutError):  # accepts nothing: not a crash to wait out
-            self.fail(504, detail=f"connect_timeout {self.client.limits.connect_timeout:g}s")
+            timeout = self.client.limits.connect_timeout
+            self.fail(Answer.INSTANCE_TIMEOUT, detail=f"connect_timeout {timeout:g}s")
         elif exc is not None:
             self._before_response_failed(exc, connect_failed=True)
         else:
@@ -333,6 +349,15 @@ class Exchange:
     def response_body(self, data: bytes) -> None:
         self.client.out(chunk(data) if self.rechunk else data)
 
+    def tunnel_bytes(self, data: bytes) -> None:
+        self.client.transport_write(data)
+
+    def flush(self) -> None:
+        self.client.flush()
+
+    def upstream_full(self, full: bool) -> None:
+        self.client.upstream_full(full)
+
     def response_complete(self, conn: UpstreamConnection | None, keep_alive: bool) -> None:
         if self.interim or self.tunnel:
             self.interim = False
@@ -367,7 +392,7 @@ class Exchange:
         if retry:
             self._before_response_failed(exc, stale=conn.used)
         else:
-            self.fail(error_status(exc))
+            self.fail(failure(exc))
 
     def upstream_failed(self, conn: UpstreamConnection, exc: Exception | None) -> None:
         """The instance sent something that is not HTTP: nothing of it is passed on."""
@@ -376,7 +401,7 @@ class Exchange:
         if self.response_started:
             self._abort_client()
         else:
-            self.fail(502)
+            self.fail(Answer.INSTANCE_FAILED)
 
     def _before_response_failed(
         self, exc: BaseException | None, *, stale: bool = False, connect_failed: bool = False
@@ -390,7 +415,7 @@ class Exchange:
         # (refused, or reset from a backlog nobody will read): wait, within
         # hold_timeout, for a target other than the one that failed.
         if self.streamed or self.retries >= MAX_TRIES or not (connect_failed or self.idempotent):
-            self.fail(error_status(exc))
+            self.fail(failure(exc))
             return
         self.retries += 1
         failed, self.target = self.target, None
@@ -403,18 +428,19 @@ class Exchange:
             self.client.hold(self, exclude=failed)
 
     # -- endings ------------------------------------------------------------------
-    def fail(self, status: int, extra: bytes = b"", detail: str = "") -> None:
+    def fail(self, answer: Answer, detail: str = "") -> None:
         """Answer with an error of the proxy's own (before any response byte went out)."""
         client = self.client
-        self.status = status
-        why = REASONS[status].lower() + (b" (" + detail.encode() + b")" if detail else b"")
+        self.status = answer.status
+        detail = detail or answer.detail
+        why = answer.reason.lower() + (b" (" + detail.encode() + b")" if detail else b"")
         body = b"rotator: %b: %b\n" % (client.route.name.encode(), why)
         self.keep_alive = self.keep_alive and self.body_done
         conn_hdr = b"keep-alive" if self.keep_alive else b"close"
         client.out(
             b"HTTP/1.1 %d %b\r\nContent-Type: text/plain; charset=utf-8\r\n"
             b"Content-Length: %d\r\nConnection: %b\r\n%b\r\n%b"
-            % (status, REASONS[status], len(body), conn_hdr, extra, body)
+            % (answer.status, answer.reason, len(body), conn_hdr, answer.extra, body)
         )
         self._finish()
         client.flush()
@@ -430,7 +456,7 @@ class Exchange:
         if self.response_started:
             self._abort_client()
         else:
-            self.fail(504, b"", detail=which)
+            self.fail(Answer.INSTANCE_TIMEOUT, detail=which)
 
     def _abort_client(self) -> None:
         # Part of the response is out: the only honest signal left is to cut the connection.
@@ -536,10 +562,10 @@ class ClientConnection(asyncio.Protocol):
         except httptools.HttpParserUpgrade as exc:
             self._after_upgrade(data[exc.args[0] :])
         except httptools.HttpParserError:
-            self._reject(431 if self._too_large else 400)
+            self._reject(Answer.HEAD_TOO_LARGE if self._too_large else Answer.MALFORMED)
         else:
             if self.head_began and not self._headers and _ends_without_version(data, self._url):
-                self._reject(400)  # an HTTP/0.9 request line: no more is coming
+                self._reject(Answer.MALFORMED)  # an HTTP/0.9 request line: no more is coming
 
     def _after_upgrade(self, rest: bytes) -> None:
         """The parser stopped after an upgrade request's head, taking what follows for the
@@ -547,7 +573,7 @@ class ClientConnection(asyncio.Protocol):
         tunnel opens only at its 101); for an upgrade we do not switch to, a new parser
         reads on, starting with a stand-in head that frames the request's body."""
         ex = self.queue[-1] if self.queue else None
-        if ex is None or ex.error or ex.response_done:
+        if ex is None or ex.error is not None or ex.response_done:
             self.held = []  # refused (405, 400): the connection closes after the answer
         elif ex.upgrade:
             self.held = []
@@ -651,7 +677,7 @@ class ClientConnection(asyncio.Protocol):
                 upgrade = b""  # only websockets are tunnelled; others go on as plain requests
         keep_alive = parser.should_keep_alive() and not parser.should_upgrade() and not self.closing
         if method == b"CONNECT":
-            self._enqueue(Exchange(self, b"", keep_alive=False, error=405))
+            self._enqueue(Exchange(self, b"", keep_alive=False, error=Answer.CONNECT))
             return
         url = self._origin_form(self._url)
         if self.limits.trust_forwarded:
@@ -664,7 +690,7 @@ class ClientConnection(asyncio.Protocol):
             if headers.host:
                 forwarded += b"X-Forwarded-Host: " + headers.host + b"\r\n"
         if url is None or not self._acceptable(method, url, version, headers, upgrade):
-            self._enqueue(Exchange(self, b"", keep_alive=False, error=400))
+            self._enqueue(Exchange(self, b"", keep_alive=False, error=Answer.MALFORMED))
             return
         chunked = bool(headers.codings)  # _acceptable made sure it ends in chunked
         if parser.should_upgrade() and not upgrade and (chunked or headers.length is not None):
@@ -745,7 +771,7 @@ class ClientConnection(asyncio.Protocol):
             self.update_reading()
 
     def _start(self, ex: Exchange) -> None:
-        if ex.error:
+        if ex.error is not None:
             ex.body_done = True
             ex.fail(ex.error)
             return
@@ -776,7 +802,7 @@ class ClientConnection(asyncio.Protocol):
                 else:
                     self._start(ex)
             elif not ex.response_done:
-                ex.fail(503, b"Retry-After: 1\r\n", detail="max_connections reached")
+                ex.fail(Answer.BUSY)
 
         wait.add_done_callback(slot)
 
@@ -792,7 +818,7 @@ class ClientConnection(asyncio.Protocol):
             return
         target = task.result()
         if target is None:
-            ex.fail(503, b"Retry-After: 1\r\n")
+            ex.fail(Answer.NO_INSTANCE)
         else:
             ex.dispatch(target, fresh=ex.retries > 0)
 
@@ -822,17 +848,17 @@ class ClientConnection(asyncio.Protocol):
         """A request head took longer than header_timeout: 408, then close."""
         self.head_began = 0.0
         self.closing = True
-        self._enqueue(Exchange(self, b"", keep_alive=False, error=408))
+        self._enqueue(Exchange(self, b"", keep_alive=False, error=Answer.HEAD_TIMEOUT))
         ex, self._ready = self._ready, None
         if ex is not None:
             self._start(ex)
 
-    def _reject(self, status: int) -> None:
+    def _reject(self, answer: Answer) -> None:
         """A malformed request: answered in its turn, then the connection closes."""
         self.closing = True
         last = self.queue[-1] if self.queue else None
         if last is None or last.body_done:
-            self._enqueue(Exchange(self, b"", keep_alive=False, error=status))
+            self._enqueue(Exchange(self, b"", keep_alive=False, error=answer))
         elif len(self.queue) == 1 and not last.response_started:
             # Its body broke mid-way: whatever was forwarded of it is void.
             if self._hold is not None:
@@ -840,7 +866,7 @@ class ClientConnection(asyncio.Protocol):
             last.cancel()
             last.keep_alive = False
             last.body_done = True
-            last.fail(status)
+            last.fail(answer)
         elif self.transport is not None:
             self.transport.abort()
 

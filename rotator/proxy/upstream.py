@@ -1,22 +1,35 @@
 """The instance side of the proxy: one keep-alive HTTP/1.1 connection to an instance.
 
 An UpstreamConnection parses responses with httptools and hands each event to the
-Exchange it currently serves (see protocol.py); between exchanges it waits in its
-Target's idle pool. It decides nothing about framing or status codes.
+Exchange it currently serves (see protocol.py), through the narrow face `Receiver`;
+between exchanges it waits in its Target's idle pool. It decides nothing about framing
+or status codes, and never reaches the client connection itself.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, cast
+from typing import Protocol, cast
 
 import httptools
 
 from rotator.proxy.route import Target
 from rotator.proxy.websocket import FrameBoundary
 
-if TYPE_CHECKING:
-    from rotator.proxy.protocol import Exchange
+
+class Receiver(Protocol):
+    """What an UpstreamConnection needs of the exchange it serves (protocol.Exchange)."""
+
+    def response_head(self, conn: UpstreamConnection, status: int) -> bool: ...
+    def response_body(self, data: bytes) -> None: ...
+    def response_complete(self, conn: UpstreamConnection | None, keep_alive: bool) -> None: ...
+    def upstream_lost(
+        self, conn: UpstreamConnection, exc: Exception | None, *, retry: bool = True
+    ) -> None: ...
+    def upstream_failed(self, conn: UpstreamConnection, exc: Exception | None) -> None: ...
+    def tunnel_bytes(self, data: bytes) -> None: ...  # a websocket's, straight to the client
+    def flush(self) -> None: ...  # what this read produced for the client goes out
+    def upstream_full(self, full: bool) -> None: ...  # stop (or resume) reading the client
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -25,6 +38,7 @@ class UpstreamConnection(asyncio.Protocol):
         "exchange",
         "frames",
         "last_read",
+        "loop",
         "parser",
         "reason",
         "response_headers",
@@ -36,9 +50,10 @@ class UpstreamConnection(asyncio.Protocol):
 
     def __init__(self, target: Target) -> None:
         self.target = target
+        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
-        self.exchange: Exchange | None = None
+        self.exchange: Receiver | None = None
         self.reason = b""
         self.response_headers: list[tuple[bytes, bytes]] = []
         self.used = False  # served a response before: a failure may be a stale keep-alive
@@ -63,10 +78,10 @@ class UpstreamConnection(asyncio.Protocol):
             # Bytes nobody asked for: the connection's framing can't be trusted.
             self.close()
             return
-        self.last_read = ex.client.loop.time()
+        self.last_read = self.loop.time()
         if self.tunnel:
             self.frames.feed(data)
-            ex.client.transport_write(data)
+            ex.tunnel_bytes(data)
             return
         try:
             self.parser.feed_data(data)
@@ -74,7 +89,7 @@ class UpstreamConnection(asyncio.Protocol):
             # A 101. For a websocket, what follows its head is the first frames.
             if self.tunnel and len(data) > exc.args[0]:
                 self.frames.feed(data[exc.args[0] :])
-                ex.client.out(data[exc.args[0] :])
+                ex.response_body(data[exc.args[0] :])
         except httptools.HttpParserError as exc:
             ex.upstream_failed(self, exc)
             return
@@ -85,7 +100,7 @@ class UpstreamConnection(asyncio.Protocol):
             keep_alive = self._keeps_alive()
             self.parser = httptools.HttpResponseParser(self)
             ex.response_complete(self, keep_alive=keep_alive)
-        ex.client.flush()
+        ex.flush()
 
     def _keeps_alive(self) -> bool:
         # The parser's own verdict counts a response with no length as ending at
@@ -113,11 +128,11 @@ class UpstreamConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         if self.exchange is not None:
-            self.exchange.client.upstream_full(True)
+            self.exchange.upstream_full(True)
 
     def resume_writing(self) -> None:
         if self.exchange is not None:
-            self.exchange.client.upstream_full(False)
+            self.exchange.upstream_full(False)
 
     # -- httptools callbacks -------------------------------------------------
     def on_message_begin(self) -> None:
