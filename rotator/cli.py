@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from rotator import __version__, fleet, printer
+from rotator import __version__, fleet, printer, private
 from rotator.config import Config, ConfigError
 from rotator.configfile import default_path, load, parse_env_assignments
 
@@ -584,11 +584,19 @@ class Admin:
             ) from exc
 
     def _readable_token(self) -> bool:
-        return os.access(self.config.token_path, os.R_OK)
+        try:
+            self._token()
+        except CommandError:
+            return False
+        return True
 
     def _token(self) -> str:
+        """The admin token, if the file is ours and private to us: one someone else wrote
+        may lead the CLI astray, one others can read may already have been used."""
         try:
-            return self.config.token_path.read_text().strip()
+            return private.read_token(self.config.token_path)
+        except private.NotPrivate as exc:
+            raise CommandError(str(exc)) from None
         except OSError as exc:
             raise CommandError(
                 f"cannot read the admin token {self.config.token_path}: {exc.strerror} (is the daemon running?)"
