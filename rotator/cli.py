@@ -453,11 +453,20 @@ def cmd_down(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(config: Config, args: argparse.Namespace) -> int:
-    url = Admin(config).post("/v1/dashboard/link")["url"]
-    print(url, flush=True)
+    # With --open, the browser gets a file that redirects to the link, never the link:
+    # any local user can read a command line, and use a code read there first.
+    answer = Admin(config).post("/v1/dashboard/link" + ("?page=1" if args.open else ""))
+    print(answer["url"], flush=True)
     # On stderr, so that `$(rotator dashboard)` is the link alone.
     print("one-time link: open it within 60 s, in a browser on this machine", file=sys.stderr)
-    if args.open and not webbrowser.open(url):
+    if not args.open:
+        return OK
+    if "page" not in answer:
+        raise CommandError(
+            "the daemon made no page for the browser (an older rotator?): "
+            "open the link above yourself"
+        )
+    if not webbrowser.open(Path(answer["page"]).as_uri()):
         raise CommandError("no browser could be started; open the link above yourself")
     return OK
 
