@@ -140,6 +140,7 @@ def test_a_state_dir_made_by_hand_with_0755_is_tightened_and_what_rotator_makes_
     "case",
     [
         pytest.param("dir-of-another-user", marks=as_root),
+        "takeover-in-a-dir-writable-by-others",  # its socket would hand us sockets
         "dir-writable-by-others",
         pytest.param("state-file-of-another-user", marks=as_root),
         "state-file-writable-by-others",
@@ -158,7 +159,7 @@ def test_a_state_dir_or_state_file_others_could_write_is_refused(tmp_path: Path,
             f"rotator: state_dir {state} is owned by uid {nobody()}",
             f"take this one over with: chown -R {pwd.getpwuid(os.geteuid()).pw_name} {state}",
         )
-    elif case == "dir-writable-by-others":
+    elif case in ("dir-writable-by-others", "takeover-in-a-dir-writable-by-others"):
         os.chmod(state, 0o777)
         expected = (
             f"rotator: state_dir {state} is writable by others (mode 0777)",
@@ -171,7 +172,7 @@ def test_a_state_dir_or_state_file_others_could_write_is_refused(tmp_path: Path,
         os.chmod(forged, 0o666)
         expected = (f"rotator: state file {forged} is writable by others (mode 0666)", "remove it")
 
-    result = cli(config, "up", timeout=30)
+    result = cli(config, "up", *(["--takeover"] if "takeover" in case else []), timeout=30)
     assert result.returncode == 1, result.stdout + result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert result.stderr.startswith(expected[0]) and expected[1] in result.stderr
