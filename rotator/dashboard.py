@@ -94,7 +94,8 @@ class RedirectPages:
     there for every local user to read (ps), and a code read there can be used first from
     any loopback connection. Each page is 0600 in the state_dir (0700): only its user's
     browser can read it. A page lives as long as its code: it is removed when the code is
-    used or expires, and one a killed daemon left behind by the next page made."""
+    used or expires; one a daemon left when it stopped (its code died with it) goes when
+    the next page is made."""
 
     def __init__(self, directory: Path, lifetime: float = CODE_LIFETIME) -> None:
         self.directory = directory
@@ -119,7 +120,7 @@ class RedirectPages:
                 path.unlink()
 
     def _prune(self) -> None:
-        """Remove pages older than any code could be (left by a daemon that was killed)."""
+        """Remove pages older than any code could be (left by a daemon that stopped)."""
         for path in self.directory.glob(f"{PAGE_PREFIX}*.html"):
             with contextlib.suppress(OSError):
                 if time.time() - path.stat().st_mtime > self.lifetime:

@@ -70,16 +70,18 @@ def check_file(path: Path, what: str, fix: str) -> None:
 
 def read_token(path: Path) -> str:
     """The admin token, from a file that must be ours and private to us (0600 or tighter):
-    as ssh does for a key, one others may read is refused, for they may have used it.
-    OSError when it cannot be read."""
+    as ssh does for a key, one others may read or write is refused, for they may have used
+    or replaced it. OSError when it cannot be read."""
     with open(path, encoding="utf-8") as f:
         st = os.fstat(f.fileno())  # the file read, not whatever the name points to later
-        _check_file(st, path, "admin token", "run this command as the user who runs the daemon")
+        _check_owner(st, path, "admin token", "run this command as the user who runs the daemon")
         mode = stat.S_IMODE(st.st_mode)
         if mode & 0o077:
+            # chmod first: `rotator down` itself needs the token.
             raise NotPrivate(
-                f"admin token {path} is readable by others (mode {mode:04o}), who may have "
-                "used it: restart the daemon (rotator down, then rotator up) for a new one"
+                f"admin token {path} is open to others (mode {mode:04o}), who may have used "
+                f"or replaced it: chmod 600 {path}, then restart the daemon (rotator down, "
+                "then rotator up) for a new one"
             )
         return f.read().strip()
 

@@ -137,7 +137,9 @@ def test_the_token_is_read_only_when_no_one_else_can_read_or_write_it(tmp_path: 
         os.chmod(path, loose)
         with pytest.raises(NotPrivate) as refused:
             read_token(path)
-        assert str(refused.value).startswith(f"admin token {path} is ")
-        assert f"(mode {loose:04o})" in str(refused.value)
+        assert str(refused.value).startswith(
+            f"admin token {path} is open to others (mode {loose:04o}), who may have used or "
+            f"replaced it: chmod 600 {path}, then restart the daemon"
+        )
     with pytest.raises(FileNotFoundError):
         read_token(tmp_path / "missing")
