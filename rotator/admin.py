@@ -29,7 +29,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from rotator import logs
 from rotator.component import Component, RotationFailed
 from rotator.config import Address, with_overrides
-from rotator.dashboard import Sessions, add_routes
+from rotator.dashboard import RedirectPages, Sessions, add_routes
 from rotator.events import Event
 from rotator.fleet import ReloadRejected
 from rotator.logs import LogReader
@@ -108,7 +108,7 @@ def make_app(daemon: Daemon, token: str) -> web.Application:
     listen = daemon.config.admin.listen
     sessions = Sessions(listen)
     app = web.Application(middlewares=[guard(listen, token, sessions)], client_max_size=MAX_BODY)
-    add_routes(app, sessions, listen)
+    add_routes(app, sessions, listen, RedirectPages(daemon.config.state_dir))
     routes = web.RouteTableDef()
 
     def component(request: web.Request) -> Component:

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from rotator import __version__, fleet, printer
+from rotator import __version__, fleet, printer, private
 from rotator.config import Config, ConfigError
 from rotator.configfile import default_path, load, parse_env_assignments
 
@@ -453,11 +453,20 @@ def cmd_down(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(config: Config, args: argparse.Namespace) -> int:
-    url = Admin(config).post("/v1/dashboard/link")["url"]
-    print(url, flush=True)
+    # With --open, the browser gets a file that redirects to the link, never the link:
+    # any local user can read a command line, and use a code read there first.
+    answer = Admin(config).post("/v1/dashboard/link" + ("?page=1" if args.open else ""))
+    print(answer["url"], flush=True)
     # On stderr, so that `$(rotator dashboard)` is the link alone.
     print("one-time link: open it within 60 s, in a browser on this machine", file=sys.stderr)
-    if args.open and not webbrowser.open(url):
+    if not args.open:
+        return OK
+    if "page" not in answer:
+        raise CommandError(
+            "the daemon made no page for the browser (an older rotator?): "
+            "open the link above yourself"
+        )
+    if not webbrowser.open(Path(answer["page"]).as_uri()):
         raise CommandError("no browser could be started; open the link above yourself")
     return OK
 
@@ -584,11 +593,19 @@ class Admin:
             ) from exc
 
     def _readable_token(self) -> bool:
-        return os.access(self.config.token_path, os.R_OK)
+        try:
+            self._token()
+        except CommandError:
+            return False
+        return True
 
     def _token(self) -> str:
+        """The admin token, if the file is ours and private to us: one someone else wrote
+        may lead the CLI astray, one others can read may already have been used."""
         try:
-            return self.config.token_path.read_text().strip()
+            return private.read_token(self.config.token_path)
+        except private.NotPrivate as exc:
+            raise CommandError(str(exc)) from None
         except OSError as exc:
             raise CommandError(
                 f"cannot read the admin token {self.config.token_path}: {exc.strerror} (is the daemon running?)"

@@ -1,10 +1,11 @@
 """The daemon: the one place that builds the real, side-effecting objects.
 
 serve() = startup, then wait for a shutdown request (signal or admin API),
-then an ordered shutdown. Startup: take the state_dir lock (one daemon per
-state_dir), bind the admin API, bind every public address, read the state
-file, adopt the instances an earlier daemon left running (identity: pid and
-create time; health-checked), stop whatever else that daemon left behind
+then an ordered shutdown. Startup: make sure the state_dir is ours alone
+(private.py), take its lock (one daemon per state_dir), bind the admin API,
+bind every public address, read the state file, adopt the instances an
+earlier daemon left running (identity: pid and create time; our user and
+their marker; health-checked), stop whatever else that daemon left behind
 (found by the marker in its environment), then start the remaining
 components in dependency order, each health-gated. Shutdown: stop accepting,
 let requests in flight finish, stop components in reverse dependency order,
@@ -34,7 +35,7 @@ from typing import Any
 
 from aiohttp import web
 
-from rotator import __version__, activation, printer
+from rotator import __version__, activation, printer, private
 from rotator import takeover as takeover_
 from rotator.admin import make_app
 from rotator.component import Component, RotationFailed, probe_socket, proxy_limits
@@ -51,7 +52,7 @@ from rotator.fleet import (
 )
 from rotator.health import HealthCheck
 from rotator.history import EventLog
-from rotator.instance import Instance, marked_processes
+from rotator.instance import Instance, NotOurs, marked_processes
 from rotator.metrics import Metrics
 from rotator.ports import describe_holders, port_holders, probe_port
 from rotator.proxy.protocol import Listener
@@ -97,6 +98,10 @@ NO_STATE_CHANGE = frozenset(
         "warmed",
     }
 )
+
+
+# What to do about a state file someone else wrote (the daemon refuses to start).
+STRANGE_STATE_FILE = "rotator did not write it; check it, then remove it"
 
 
 class DaemonError(Exception):
@@ -192,7 +197,16 @@ class Daemon:
 
     async def _startup(self) -> None:
         config = self.config
-        config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            notice = private.make_state_dir(config.state_dir)
+            # The file that names processes to adopt: it must be ours too.
+            private.check_file(self.state_file.path, "state file", STRANGE_STATE_FILE)
+        except private.NotPrivate as exc:
+            raise DaemonError(str(exc)) from None
+        except OSError as exc:
+            raise DaemonError(f"state_dir {config.state_dir}: {exc.strerror or exc}") from None
+        if notice:
+            self.out(f"rotator: {notice}")
         try:
             if self._handover is None:  # taking over: the old daemon holds it until it exits
                 self._lock.acquire()
@@ -672,9 +686,15 @@ class Daemon:
             r = record.active
             if comp is None or r is None or record.stopped:
                 continue
-            inst = Instance.adopt(
-                name, r.port, r.pid, r.create_time, r.marker, r.started, comp.log_dir
-            )
+            try:
+                if not r.marker.startswith(f"{self.scope}:{name}:"):
+                    raise NotOurs("its marker is not one of this state_dir's (a copied state_dir?)")
+                inst = Instance.adopt(
+                    name, r.port, r.pid, r.create_time, r.marker, r.started, comp.log_dir
+                )
+            except NotOurs as exc:  # a claim of the state file that the process disproves
+                self.out(f"{name}: not adopting pid {r.pid}: {exc}; leaving it alone")
+                continue
             if inst is None:
                 self.out(f"{name}: pid {r.pid} of the earlier run is gone")
                 continue
@@ -864,13 +884,20 @@ def run(config: Config, log_format: str = "human", takeover: bool = False) -> in
     try:
         # Read (and unset) before anything starts an instance: they must not inherit it.
         inherited = activation.listen_fds(os.environ, os.getpid())
+        if takeover and config.state_dir.is_dir():  # only ours may hand us sockets
+            private.check_dir(config.state_dir, "state_dir")
         handover = takeover_.request(config.state_dir) if takeover else None
         if handover is not None:
             inherited = activation.matching(handover.sockets, config.components)
         daemon = Daemon(config, inherited=inherited, log_format=log_format, takeover=handover)
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             runner.run(daemon.serve())
-    except (DaemonError, activation.ActivationError, takeover_.TakeoverError) as exc:
+    except (
+        DaemonError,
+        activation.ActivationError,
+        takeover_.TakeoverError,
+        private.NotPrivate,
+    ) as exc:
         print(f"rotator: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -8,28 +8,38 @@ admin.guard() accepts that cookie for requests that change state only together w
 an Origin header naming the admin address itself: a page elsewhere can neither send
 the cookie along (SameSite) nor forge Origin; and a session may only restart
 (SESSION_MAY), never stop, deploy or mint more links. Sessions live in the daemon's memory, so
-a daemon restart ends them. What the guard leaves to this module: codes, sessions, and
-the three routes (`GET /`, `GET /dashboard/login`, `POST /v1/dashboard/link`).
+a daemon restart ends them. For `rotator dashboard --open`, a link also comes as a
+private file that redirects to it (RedirectPages): the browser is started on that file,
+so that the code is on no command line. What the guard leaves to this module: codes,
+sessions, those pages, and the routes (`GET /`, `GET /dashboard/login`,
+`GET /v1/dashboard/session`, `POST /v1/dashboard/link`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import functools
 import hashlib
 import html
 import ipaddress
+import json
+import os
 import re
 import secrets
 import time
 from collections.abc import Callable
 from importlib import resources
+from pathlib import Path
 
 from aiohttp import web
 
 from rotator.config import Address
 
 CODE_LIFETIME = 60.0
+# The redirect pages of `rotator dashboard --open`, in the state_dir.
+PAGE_PREFIX = "dashboard-"
 # A browser left open keeps its rights this long at most; a new link starts a new session.
 SESSION_LIFETIME = 12 * 3600.0
 # Only token holders make sessions, but a loop in a script must not grow memory for ever.
@@ -78,7 +88,61 @@ class Sessions:
         return SESSION_MAY.fullmatch(request.path) is not None and self.valid(request)
 
 
-def add_routes(app: web.Application, sessions: Sessions, listen: Address) -> None:
+class RedirectPages:
+    """Files that send a browser on to a one-time link, so that `rotator dashboard --open`
+    can hand the browser a file:// URL instead of the code: a browser's command line is
+    there for every local user to read (ps), and a code read there can be used first from
+    any loopback connection. Each page is 0600 in the state_dir (0700): only its user's
+    browser can read it. A page lives as long as its code: it is removed when the code is
+    used or expires; one a daemon left when it stopped (its code died with it) goes when
+    the next page is made."""
+
+    def __init__(self, directory: Path, lifetime: float = CODE_LIFETIME) -> None:
+        self.directory = directory
+        self.lifetime = lifetime  # the codes'
+        self._pages: dict[str, Path] = {}  # by code
+
+    def write(self, code: str, url: str) -> Path:
+        self._prune()
+        path = self.directory / f"{PAGE_PREFIX}{secrets.token_hex(8)}.html"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(_redirect_page(url))
+        self._pages[code] = path
+        asyncio.get_running_loop().call_later(self.lifetime, self.discard, code)
+        return path
+
+    def discard(self, code: str) -> None:
+        """Remove the page of `code` (used up or expired), if it has one."""
+        path = self._pages.pop(code, None)
+        if path is not None:
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+    def _prune(self) -> None:
+        """Remove pages older than any code could be (left by a daemon that stopped)."""
+        for path in self.directory.glob(f"{PAGE_PREFIX}*.html"):
+            with contextlib.suppress(OSError):
+                if time.time() - path.stat().st_mtime > self.lifetime:
+                    path.unlink()
+
+
+def _redirect_page(url: str) -> str:
+    target = html.escape(url)
+    script = json.dumps(url).replace("<", "\\u003c")
+    return (
+        "<!doctype html><meta charset=utf-8><meta name=referrer content=no-referrer>"
+        f'<meta http-equiv=refresh content="0;url={target}">'
+        "<title>rotator dashboard</title>"
+        # replace(): the page leaves no entry in the history to come back to.
+        f"<script>location.replace({script})</script>"
+        f'<p><a href="{target}">Open the rotator dashboard</a> (a one-time link)</p>\n'
+    )
+
+
+def add_routes(
+    app: web.Application, sessions: Sessions, listen: Address, pages: RedirectPages
+) -> None:
     routes = web.RouteTableDef()
 
     @routes.get("/")
@@ -97,15 +161,25 @@ def add_routes(app: web.Application, sessions: Sessions, listen: Address) -> Non
     @routes.post("/v1/dashboard/link")
     async def link(request: web.Request) -> web.Response:
         code = sessions.new_code()
-        return web.json_response(
-            {"url": f"http://{_browser_address(listen)}/dashboard/login?code={code}"}
-        )
+        url = f"http://{_browser_address(listen)}/dashboard/login?code={code}"
+        if request.query.get("page", "0") not in ("1", "true", "yes"):
+            return web.json_response({"url": url})
+        try:
+            page = pages.write(code, url)
+        except OSError as exc:
+            return web.json_response(
+                {"error": f"cannot write a page into {pages.directory}: {exc.strerror or exc}"},
+                status=500,
+            )
+        return web.json_response({"url": url, "page": str(page)})
 
     @routes.get("/dashboard/login")
     async def login(request: web.Request) -> web.Response:
         if not _loopback(request.remote):
             return _refused("A dashboard link works only in a browser on the daemon's machine.")
-        session = sessions.redeem(request.query.get("code", ""))
+        code = request.query.get("code", "")
+        session = sessions.redeem(code)
+        pages.discard(code)
         if session is None:
             return _refused("This link is wrong, used up or older than 60 seconds.")
         resp = web.Response(status=303, headers={**_NO_STORE, "Location": "/"})

@@ -7,7 +7,8 @@ environment (ROTATOR_INSTANCE) that its descendants inherit.
 Stopping signals the process group, every descendant found through psutil, and
 every process still carrying the marker (a double fork leaves both the group
 and the tree), waits, kills what is left and checks that nothing survived.
-Identity is pid *and* create time: a bare pid may have been reused. Deciding
+Identity is pid *and* create time: a bare pid may have been reused; adopting one
+also needs it to run as our user and carry its marker. Deciding
 *when* to start or stop is the component's job, not this module's.
 """
 
@@ -37,6 +38,11 @@ POLL = 0.02
 ADOPTED_POLL = 0.25
 # psutil's create_time is a float derived from boot time and clock ticks.
 CREATE_TIME_SLACK = 0.05
+
+
+class NotOurs(Exception):
+    """A recorded process that is not the instance the record says: another user's, or one
+    without the instance's marker. The message says which; it is not ours to stop."""
 
 
 class SpawnError(Exception):
@@ -106,14 +112,11 @@ class Instance:
         """Start the command through `spawner`, its output going to a file of its own in
         `log_dir`."""
         marker = marker or new_marker("-", name)
-        log_dir.mkdir(parents=True, exist_ok=True)
         starting = logs.starting_path(log_dir)
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         where = f"port {port}" if port else f"socket {env.get('ROTATOR_SOCKET', '?')}"
         header = f"==== rotator: {name} on {where} at {stamp}: {shlex.join(argv)}\n".encode()
-        with open(starting, "ab") as log:
-            log.write(header)
-            offset = log.tell()
+        offset = logs.create(starting, header)
         try:
             process = await spawner.spawn(
                 argv, cwd, {**os.environ, **env, MARKER: marker}, starting
@@ -148,12 +151,20 @@ class Instance:
         started: float,
         log_dir: Path,
     ) -> Instance | None:
-        """The instance an earlier daemon started, if that very process still runs; its log
-        file is found by pid (None if it is gone: the instance is adopted all the same)."""
+        """The instance an earlier daemon started, if that very process still runs (None if
+        it is gone); its log file is found by pid (the instance is adopted all the same if
+        that is gone). NotOurs when the process runs as another user or lacks the marker:
+        the state file is only a claim, the process itself must prove it is ours."""
         try:
             proc = psutil.Process(pid)
             if abs(proc.create_time() - create_time) > CREATE_TIME_SLACK or not _alive(proc):
                 return None
+            if (uid := proc.uids().real) != os.getuid():
+                raise NotOurs(f"it runs as uid {uid}, not as rotator's user (uid {os.getuid()})")
+            if proc.environ().get(MARKER) != marker:
+                raise NotOurs(f"its environment does not carry the {MARKER} marker recorded for it")
+        except psutil.AccessDenied:
+            raise NotOurs("it may not be inspected, so it cannot show its marker") from None
         except psutil.Error:
             return None
         log_path = logs.find(log_dir, pid)

@@ -2,13 +2,13 @@
 
 Each instance writes straight to its own file, `<UTC start time>-<pid>.log` in
 the component's log directory (`state_dir/logs/<name>/`), so file names sort in
-start order and name the pid that wrote them. The file is opened under a
-temporary name before the spawn (the pid is not known yet) and renamed once it
-is; the instance keeps its descriptor either way. This module names, finds and
-prunes those files and reads them: the last lines across a component's files,
-and the lines written since, as a poll (`LogReader`). Deciding when to prune
-and which instances are running is the component's business; serving the lines
-is the admin API's.
+start order and name the pid that wrote them (files 0600, directories 0700: an
+app's output may hold secrets). The file is created under a temporary name before
+the spawn (the pid is not known yet) and renamed once it is; the instance keeps its
+descriptor either way. This module creates, names, finds and prunes those files and
+reads them: the last lines across a component's files, and the lines written since,
+as a poll (`LogReader`). Deciding when to prune and which instances are running is
+the component's business; serving the lines is the admin API's.
 """
 
 from __future__ import annotations
@@ -60,6 +60,18 @@ def starting_path(log_dir: Path, when: float | None = None) -> Path:
     Hidden and without a pid: readers and pruning never see it."""
     stamp = _stamp(time.time() if when is None else when)
     return log_dir / f".{stamp}-{uuid.uuid4().hex[:8]}{_STARTING}"
+
+
+def create(starting: Path, header: bytes) -> int:
+    """Create an instance's file (and the directories it goes in) with rotator's header,
+    readable by the daemon's user alone: an app's output may hold secrets. Where the
+    instance's own output begins."""
+    starting.parent.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    starting.parent.mkdir(mode=0o700, exist_ok=True)
+    fd = os.open(starting, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "ab") as log:
+        log.write(header)
+        return log.tell()
 
 
 def named_for(starting: Path, pid: int) -> Path:

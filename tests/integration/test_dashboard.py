@@ -7,10 +7,13 @@ import asyncio
 import base64
 import hashlib
 import ipaddress
+import json
 import os
 import re
 import socket
 import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import aiohttp
@@ -20,7 +23,13 @@ from aiohttp import web
 
 from rotator.admin import guard
 from rotator.config import Address
-from rotator.dashboard import CODE_LIFETIME, SESSION_LIFETIME, Sessions, add_routes
+from rotator.dashboard import (
+    CODE_LIFETIME,
+    SESSION_LIFETIME,
+    RedirectPages,
+    Sessions,
+    add_routes,
+)
 from tests.conftest import PY, cli, component, free_ports, wait_until, write_config
 
 
@@ -112,23 +121,23 @@ def test_a_one_time_link_gives_a_session_that_may_restart_with_its_own_origin_on
     assert daemon.proc.poll() is None
 
 
-async def _served(sessions: Sessions, listen: Address) -> web.AppRunner:
+async def _served(sessions: Sessions, listen: Address, pages: RedirectPages) -> web.AppRunner:
     """The dashboard's routes behind the admin guard, on a real socket, without a daemon."""
     app = web.Application(middlewares=[guard(listen, "token", sessions)])
-    add_routes(app, sessions, listen)
+    add_routes(app, sessions, listen, pages)
     runner = web.AppRunner(app)
     await runner.setup()
     await web.TCPSite(runner, listen.host, listen.port).start()
     return runner
 
 
-def test_codes_and_sessions_expire() -> None:
+def test_codes_and_sessions_expire(tmp_path: Path) -> None:
     now = [1000.0]
     listen = Address("127.0.0.1", free_ports(1)[0])
     sessions = Sessions(listen, clock=lambda: now[0])
 
     async def scenario() -> None:
-        runner = await _served(sessions, listen)
+        runner = await _served(sessions, listen, RedirectPages(tmp_path))
         try:
             async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as s:
 
@@ -160,7 +169,7 @@ def test_codes_and_sessions_expire() -> None:
     asyncio.run(scenario())
 
 
-def test_a_link_is_refused_from_a_peer_that_is_not_loopback() -> None:
+def test_a_link_is_refused_from_a_peer_that_is_not_loopback(tmp_path: Path) -> None:
     own = [
         a.address
         for addrs in psutil.net_if_addrs().values()
@@ -173,7 +182,7 @@ def test_a_link_is_refused_from_a_peer_that_is_not_loopback() -> None:
     sessions = Sessions(listen)
 
     async def scenario() -> None:
-        runner = await _served(sessions, listen)
+        runner = await _served(sessions, listen, RedirectPages(tmp_path))
         try:
             url = f"http://{listen}/dashboard/login?code={sessions.new_code()}"
             async with aiohttp.ClientSession() as s, s.get(url, allow_redirects=False) as resp:
@@ -195,19 +204,33 @@ def test_the_cli_prints_a_working_link_and_opens_it(tmp_path: Path, daemon_facto
     printed = cli(config, "dashboard")
     assert printed.returncode == 0, printed.stderr
     assert re.fullmatch(r"http://\S+/dashboard/login\?code=\S+\n", printed.stdout)
-    opened_file = tmp_path / "opened"
-    # $BROWSER is what webbrowser.open runs: here, a script that records the URL.
-    recorder = f"import sys; open({str(opened_file)!r}, 'w').write(sys.argv[1])"
-    env = {**os.environ, "BROWSER": f'{PY} -c "{recorder}" %s'}
+    # $BROWSER is what webbrowser.open runs: here, a script that records its command line
+    # (what every local user can read) and reads the file it was given, as a browser would.
+    record = tmp_path / "opened.json"
+    browser = tmp_path / "browser.py"
+    browser.write_text(
+        "import json, os, sys, urllib.request\n"
+        "path = urllib.request.url2pathname(sys.argv[1].removeprefix('file://'))\n"
+        "page = urllib.request.urlopen(sys.argv[1]).read().decode()\n"
+        f"open({str(record)!r}, 'w').write(json.dumps("
+        "{'argv': sys.argv, 'page': page, 'mode': os.stat(path).st_mode & 0o777}))\n"
+    )
     opened = subprocess.run(
         [PY, "-m", "rotator", "-c", str(config), "dashboard", "--open"],
         capture_output=True,
         text=True,
         timeout=60,
-        env=env,
+        env={**os.environ, "BROWSER": f"{PY} {browser} %s"},
     )
     assert opened.returncode == 0, opened.stderr
-    assert opened_file.read_text() == opened.stdout.strip()
+    seen = json.loads(record.read_text())
+    url = opened.stdout.strip()
+    code = url.split("code=")[1]
+    assert code not in " ".join(seen["argv"]) and "code=" not in " ".join(seen["argv"])
+    (page_url,) = seen["argv"][1:]
+    page = Path(urllib.request.url2pathname(page_url.removeprefix("file://")))
+    assert page.parent == tmp_path / "state" and seen["mode"] == 0o600
+    assert f'content="0;url={url}"' in seen["page"]  # the page sends the browser on
 
     async def follow(url: str) -> tuple[int, str]:
         async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as s:
@@ -217,5 +240,47 @@ def test_the_cli_prints_a_working_link_and_opens_it(tmp_path: Path, daemon_facto
             async with s.get(f"{daemon.admin}/v1/dashboard/session") as resp:
                 return resp.status, str((await resp.json())["session"])
 
-    for url in (printed.stdout.strip(), opened.stdout.strip()):
-        assert asyncio.run(follow(url)) == (200, "True")
+    assert page.exists()
+    for link in (printed.stdout.strip(), url):
+        assert asyncio.run(follow(link)) == (200, "True")
+    assert not page.exists()  # gone with its code
+
+
+def test_a_redirect_page_lives_as_long_as_its_code(tmp_path: Path) -> None:
+    listen = Address("127.0.0.1", free_ports(1)[0])
+    sessions = Sessions(listen)
+    stale = tmp_path / "dashboard-0123456789abcdef.html"  # left by a daemon killed early
+    stale.write_text("old")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    kept = tmp_path / "unrelated.html"
+    kept.write_text("not ours to remove")
+
+    async def scenario() -> None:
+        runner = await _served(sessions, listen, RedirectPages(tmp_path, lifetime=0.5))
+        try:
+            async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as s:
+
+                async def page() -> tuple[str, Path]:
+                    async with s.post(
+                        f"http://{listen}/v1/dashboard/link?page=1",
+                        headers={"Authorization": "Bearer token"},
+                    ) as resp:
+                        answer = await resp.json()
+                    return answer["url"], Path(answer["page"])
+
+                url, used = await page()
+                assert used.parent == tmp_path and used.stat().st_mode & 0o777 == 0o600
+                assert not stale.exists() and kept.exists()
+                async with s.get(url, allow_redirects=False) as resp:
+                    assert resp.status == 303
+                assert not used.exists()
+                _, unused = await page()
+                assert unused.exists()
+                await asyncio.sleep(0.7)
+                assert not unused.exists()
+                async with s.post(f"http://{listen}/v1/dashboard/link?page=1") as resp:
+                    assert resp.status == 401  # a page, like a link, needs the token
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(scenario())

@@ -11,13 +11,14 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import Load, cli, component, write_config
+from tests.conftest import PY, Load, cli, component, write_config
 
 try:
     from playwright.sync_api import Browser, Page, expect, sync_playwright
@@ -114,6 +115,36 @@ def test_restart_from_the_dashboard(tmp_path: Path, daemon_factory: Any, browser
         if screenshot:
             page.wait_for_timeout(2500)  # the row's highlight fades, the rates settle
             page.screenshot(path=screenshot, full_page=True)
+    assert errors == []
+
+
+def test_open_hands_the_browser_a_page_that_logs_it_in(
+    tmp_path: Path, daemon_factory: Any, browser: Browser
+) -> None:
+    config = write_config(tmp_path, {"web": component()})
+    daemon = daemon_factory(config)
+    given = tmp_path / "given"  # what `--open` started the browser with
+    recorder = tmp_path / "browser.py"
+    recorder.write_text(f"import sys; open({str(given)!r}, 'w').write(sys.argv[1])\n")
+    opened = subprocess.run(
+        [PY, "-m", "rotator", "-c", str(config), "dashboard", "--open"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "BROWSER": f"{PY} {recorder} %s"},
+    )
+    assert opened.returncode == 0, opened.stderr
+    page_url = given.read_text()
+    assert page_url.startswith("file://") and "code" not in page_url
+
+    page = browser.new_page()
+    errors = watch_errors(page)
+    page.goto(page_url)
+    page.wait_for_url(daemon.admin + "/")
+    # The cookie came with a navigation a file:// page started: SameSite=Strict still
+    # lets the page's own requests carry it.
+    expect(page.locator("#access")).to_contain_text("Restart enabled")
+    assert not Path(page_url.removeprefix("file://")).exists()  # gone with its code
     assert errors == []
 
 
