@@ -10,7 +10,7 @@ Flow control: while the instance's socket is full, the client is not read;
 while the client's socket is full, the instance is not read. A websocket
 handshake answered 101 turns its exchange into a byte pump both ways. The
 Listener enforces the per-component limits (timeouts by a periodic sweep,
-max_connections by slots).
+max_connections by slots, max_clients by admitting connections: clients.py).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Any, NamedTuple, cast
 
 import httptools
 
+from rotator.proxy.clients import Clients, refusal
 from rotator.proxy.route import Route, Target
 from rotator.proxy.upstream import UpstreamConnection, connect
 from rotator.proxy.websocket import GOING_AWAY
@@ -464,11 +465,12 @@ class ClientConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but behave as one.
         self.transport = cast(asyncio.Transport, transport)
+        if not self.listener.admit(self):
+            return
         peer = transport.get_extra_info("peername")
         ip = peer[0].encode() if isinstance(peer, tuple) else b"unknown"
         self._ip = ip
         self._forwarded = b"X-Forwarded-For: " + ip + b"\r\nX-Forwarded-Proto: http\r\n"
-        self.listener.connections.add(self)
         self.idle_since = self.loop.time()
 
     def data_received(self, data: bytes) -> None:
@@ -488,7 +490,7 @@ class ClientConnection(asyncio.Protocol):
         self.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.listener.connections.discard(self)
+        self.listener.forget(self)
         self.transport = None
         # The parser holds this object's bound methods: a reference cycle, which would
         # leave every closed connection (13 objects) to the cyclic collector, whose
@@ -779,10 +781,17 @@ class Listener:
     """A component's public address: accepts clients for its Route. Bound once."""
 
     def __init__(
-        self, route: Route, host: str, port: int, keepalive_timeout: float = KEEPALIVE_TIMEOUT
+        self,
+        route: Route,
+        host: str,
+        port: int,
+        keepalive_timeout: float = KEEPALIVE_TIMEOUT,
+        clients: Clients | None = None,
     ) -> None:
         self.route = route
         self.keepalive_timeout = keepalive_timeout
+        # Shared by all the daemon's listeners: the total of client connections and its cap.
+        self.clients = clients or Clients()
         self.host = host
         self.port = port
         self.connections: set[ClientConnection] = set()
@@ -805,6 +814,44 @@ class Listener:
                 factory, self.host, self.port, reuse_address=True, backlog=1024
             )
         self._sweeper = loop.create_task(self._sweep())
+        self.clients.listeners.add(self)
+
+    def admit(self, conn: ClientConnection) -> bool:
+        """A new connection (connection_made): counted in, after making room at a cap
+        (this component's max_clients, else the total); when nothing is idle to close,
+        answered 503 and closed at once (False)."""
+        clients, own = self.clients, self.route.limits.max_clients
+        if own and len(self.connections) >= own:
+            why = f"max_clients {own}"
+            room = clients.make_room((self,), f"{self.route.name}: {why}")
+        elif clients.full:
+            why = f"max_clients {clients.cap} over all components"
+            room = clients.make_room(clients.listeners, why)
+        else:
+            room = True
+        if not room:
+            self.route.clients_refused += 1
+            transport = cast(asyncio.Transport, conn.transport)
+            transport.write(refusal(self.route.name, why))
+            transport.close()
+            return False
+        self.connections.add(conn)
+        clients.open += 1
+        self.route.clients = len(self.connections)
+        return True
+
+    def forget(self, conn: ClientConnection) -> None:
+        """A connection closed (connection_lost), or being closed to make room: counted out."""
+        if conn in self.connections:
+            self.connections.remove(conn)
+            self.clients.open -= 1
+            self.route.clients = len(self.connections)
+
+    def evict(self, conn: ClientConnection) -> None:
+        """Close an idle connection to make room for a new one (clients.py chose it)."""
+        self.forget(conn)
+        self.route.clients_evicted += 1
+        conn.close()
 
     async def _sweep(self) -> None:
         """Enforce keepalive_timeout, read_timeout and request_timeout. One periodic
@@ -905,3 +952,4 @@ class Listener:
                 conn.close()
             elif conn.transport is not None:
                 conn.transport.abort()
+        self.clients.listeners.discard(self)

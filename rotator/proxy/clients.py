@@ -1,0 +1,132 @@
+"""How many client connections the proxy keeps open at once, and which it lets go at a cap.
+
+Every descriptor of the daemon comes out of one table, RLIMIT_NOFILE: client connections,
+connections to instances, health checks, the admin API and its clients, files, the
+spawner's channel. Uncapped, ~1,000 idle client connections filled a table of 1024 and left
+every public address and the admin API unreachable until keepalive_timeout closed them.
+So client connections are capped below the limit (`max_clients`: a total over every
+component, and optionally each component's own), leaving a reserve for the rest.
+
+At a cap a new connection is made room for as nginx does when its worker_connections run
+out: the connections idle longest (waiting for a request, nothing left to send) are
+closed, a batch at a time; when none is idle, the new connection is answered 503 at once
+and closed. The Listener (protocol.py) asks; this module keeps the count and decides.
+
+Pure apart from closing connections: no sockets are opened here, no limit is read.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections.abc import Callable, Iterable
+from operator import attrgetter
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rotator.proxy.protocol import ClientConnection, Listener
+
+# The descriptors kept out of the client budget for everything else: idle connections in
+# the instance pools (up to 64 per instance), health checks, the admin API and its clients
+# (a `logs -f`, a dashboard), log and state files, the spawner. A quarter of the limit, at
+# least this many; the rest, halved, is the total cap, because each client connection may
+# hold a connection to an instance as well (a request in flight, a websocket).
+RESERVE_MIN = 128
+RESERVE_SHARE = 4  # 1/4 of the limit
+# Whatever the limit, this many clients at least (a limit this low barely runs the daemon).
+MIN_TOTAL = 16
+# A soft limit of RLIM_INFINITY (possible on macOS) counts as this many descriptors.
+UNLIMITED = 1 << 20
+# Closed at a cap to make room, as nginx does: an eighth of the idle ones, at least one and
+# at most this many. A batch spares the next arrivals a search of every connection.
+EVICT_BATCH = 32
+# The daemon says it is at a cap at most this often (the metrics count every time).
+REPORT_INTERVAL = 10.0
+
+REFUSED = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: %d\r\nConnection: close\r\nRetry-After: 1\r\n\r\n%b"
+)
+
+
+def total_cap(fd_limit: int) -> int:
+    """The `auto` total of client connections for a soft RLIMIT_NOFILE of `fd_limit`
+    (negative: unlimited): 1024 -> 384, 65536 -> 24576."""
+    if fd_limit < 0:
+        fd_limit = UNLIMITED
+    reserve = max(RESERVE_MIN, fd_limit // RESERVE_SHARE)
+    return max(MIN_TOTAL, (fd_limit - reserve) // 2)
+
+
+def effective_total(configured: int | None, fd_limit: int) -> tuple[int, str | None]:
+    """The total cap to apply for the top-level `max_clients` (None: auto), and a warning
+    when the configured one is more than the descriptor limit allows: it is lowered to
+    what `auto` gives, since past it the daemon would run out of descriptors."""
+    most = total_cap(fd_limit)
+    if configured is None or configured <= most:
+        return configured or most, None
+    return most, (
+        f"max_clients {configured} lowered to {most}: the descriptor limit (ulimit -n) is "
+        f"{fd_limit}; raise its hard limit (ulimit -Hn, systemd's LimitNOFILE=) for more"
+    )
+
+
+def refusal(component: str, why: str) -> bytes:
+    """The whole answer to a connection refused at a cap (no request was read)."""
+    body = f"rotator: {component}: too many client connections ({why})\n".encode()
+    return REFUSED % (len(body), body)
+
+
+def idle(conn: ClientConnection) -> bool:
+    """No request in progress and nothing left to send: closing it loses nothing. A head
+    still arriving counts as idle, as for keepalive_timeout (a trickle must not hold a slot)."""
+    transport = conn.transport
+    return not conn.queue and transport is not None and not transport.get_write_buffer_size()
+
+
+class Clients:
+    """The client connections of all of a daemon's listeners, against the total cap.
+
+    Each Listener registers here and counts its connections in and out (`open`); at a
+    cap it asks `make_room`. `cap` may change at a reload; 0 means no total cap.
+    """
+
+    def __init__(self, cap: int = 0, report: Callable[[str], None] | None = None) -> None:
+        self.cap = cap
+        self.open = 0
+        self.listeners: set[Listener] = set()
+        self._report = report
+        self._reported = -REPORT_INTERVAL
+        self._evicted = 0
+        self._refused = 0
+
+    @property
+    def full(self) -> bool:
+        return bool(self.cap) and self.open >= self.cap
+
+    def make_room(self, listeners: Iterable[Listener], scope: str) -> bool:
+        """Close the connections of `listeners` idle longest (a batch); False if none is
+        idle. `scope` names the cap in the daemon's report."""
+        candidates = [conn for ls in listeners for conn in ls.connections if idle(conn)]
+        if not candidates:
+            self._refused += 1
+            self._note(scope)
+            return False
+        count = max(1, min(EVICT_BATCH, len(candidates) // 8))
+        for conn in heapq.nsmallest(count, candidates, key=attrgetter("idle_since")):
+            conn.listener.evict(conn)
+        self._evicted += count
+        self._note(scope)
+        return True
+
+    def _note(self, scope: str) -> None:
+        now = time.monotonic()
+        if self._report is None or now - self._reported < REPORT_INTERVAL:
+            return
+        self._reported = now
+        self._report(
+            f"rotator: {scope} reached: {self._evicted} idle client connection(s) closed to "
+            f"make room, {self._refused} refused since the last such line (one every "
+            f"{REPORT_INTERVAL:g}s at most)"
+        )
+        self._evicted = self._refused = 0
