@@ -20,7 +20,6 @@ from __future__ import annotations
 import heapq
 import time
 from collections.abc import Callable, Iterable
-from operator import attrgetter
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -94,6 +93,7 @@ class Clients:
     def __init__(self, cap: int = 0, report: Callable[[str], None] | None = None) -> None:
         self.cap = cap
         self.open = 0
+        self.admitted = 0  # ever: numbers the connections in order
         self.listeners: set[Listener] = set()
         self._report = report
         self._reported = -REPORT_INTERVAL
@@ -107,13 +107,18 @@ class Clients:
     def make_room(self, listeners: Iterable[Listener], scope: str) -> bool:
         """Close the connections of `listeners` idle longest (a batch); False if none is
         idle. `scope` names the cap in the daemon's report."""
-        candidates = [conn for ls in listeners for conn in ls.connections if idle(conn)]
+        candidates = [
+            (conn.idle_since, number, conn)
+            for ls in listeners
+            for conn, number in ls.connections.items()
+            if idle(conn)
+        ]
         if not candidates:
             self._refused += 1
             self._note(scope)
             return False
         count = max(1, min(EVICT_BATCH, len(candidates) // 8))
-        for conn in heapq.nsmallest(count, candidates, key=attrgetter("idle_since")):
+        for _, _, conn in heapq.nsmallest(count, candidates):
             conn.listener.evict(conn)
         self._evicted += count
         self._note(scope)

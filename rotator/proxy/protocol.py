@@ -794,7 +794,9 @@ class Listener:
         self.clients = clients or Clients()
         self.host = host
         self.port = port
-        self.connections: set[ClientConnection] = set()
+        # Each with its number in the order of acceptance over all listeners (Clients),
+        # which breaks ties between equally idle ones: uvloop's clock counts milliseconds.
+        self.connections: dict[ClientConnection, int] = {}
         self.server: asyncio.Server | None = None
         self.slots_in_use = 0  # exchanges counted against max_connections
         self._slot_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
@@ -835,15 +837,15 @@ class Listener:
             transport.write(refusal(self.route.name, why))
             transport.close()
             return False
-        self.connections.add(conn)
+        self.connections[conn] = clients.admitted
+        clients.admitted += 1
         clients.open += 1
         self.route.clients = len(self.connections)
         return True
 
     def forget(self, conn: ClientConnection) -> None:
         """A connection closed (connection_lost), or being closed to make room: counted out."""
-        if conn in self.connections:
-            self.connections.remove(conn)
+        if self.connections.pop(conn, None) is not None:
             self.clients.open -= 1
             self.route.clients = len(self.connections)
 

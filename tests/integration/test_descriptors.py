@@ -122,7 +122,7 @@ def test_the_soft_limit_is_raised_and_instances_get_the_one_rotator_started_with
     assert psutil.Process(instance).rlimit(psutil.RLIMIT_NOFILE) == (512, 2048)
 
 
-def test_max_clients_above_what_the_limit_allows_is_lowered_with_a_warning(
+def test_max_clients_above_what_the_limit_allows_is_lowered_and_a_reload_sets_it_anew(
     tmp_path: Path, daemon_factory: Any
 ) -> None:
     config = write_config(tmp_path, {"a": component()}, max_clients=5000)
@@ -130,4 +130,13 @@ def test_max_clients_above_what_the_limit_allows_is_lowered_with_a_warning(
     output = daemon.output()
     assert "max_clients 384 (descriptor limit 1024)" in output
     assert "warning: max_clients 5000 lowered to 384: the descriptor limit" in output
-    assert get(daemon.url("a"))[0] == 200
+    config.write_text(config.read_text().replace("max_clients: 5000", "max_clients: 1"))
+    reload = cli(config, "reload")
+    assert reload.returncode == 0, reload.stderr
+    host, port = daemon.data["components"]["a"]["listen"].rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as first:
+        assert wait_until(
+            lambda: sample(metrics(daemon.admin), "rotator_client_connections", component="a") == 1
+        )
+        assert get(daemon.url("a"))[0] == 200  # made room: the idle one went
+        assert wait_until(lambda: closed_by_peer(first))
