@@ -576,9 +576,12 @@ class Daemon:
         new, plan = reload.config, reload.plan
         for note in plan.ignored:
             self.out(f"rotator: reload: {note}")
-        self.clients.cap, warning = effective_total(new.max_clients, self.fd_limit)
+        cap, warning = effective_total(new.max_clients, self.fd_limit)
         if warning:
             self.out(f"rotator: reload: warning: {warning}")
+        if cap != self.clients.cap:
+            self.out(f"rotator: reload: max_clients {self.clients.cap} -> {cap}")
+            self.clients.cap = cap
         for name in plan.updated:
             spec = new.component(name)
             await self.components[name].reconfigure(spec, rotate=False)

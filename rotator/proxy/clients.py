@@ -78,9 +78,29 @@ def refusal(component: str, why: str) -> bytes:
 
 def idle(conn: ClientConnection) -> bool:
     """No request in progress and nothing left to send: closing it loses nothing. A head
-    still arriving counts as idle, as for keepalive_timeout (a trickle must not hold a slot)."""
+    still arriving counts as idle, as for keepalive_timeout (a trickle must not hold a
+    slot); one already closing does not (it is going anyway)."""
     transport = conn.transport
-    return not conn.queue and transport is not None and not transport.get_write_buffer_size()
+    return (
+        not conn.queue
+        and transport is not None
+        and not transport.is_closing()
+        and not transport.get_write_buffer_size()
+    )
+
+
+def longest_idle(listener: Listener, count: int) -> list[tuple[float, int, ClientConnection]]:
+    """Up to `count` of the listener's idle connections, idle longest first, each as
+    (idle since, number, connection). Its dict holds them in the order they went idle
+    (accepted, or their last request done: Listener.idled), so the search stops there
+    instead of visiting every connection: at 24,576 connections a full scan took 22 ms."""
+    found = []
+    for conn, number in listener.connections.items():
+        if idle(conn):
+            found.append((conn.idle_since, number, conn))
+            if len(found) == count:
+                break
+    return found
 
 
 class Clients:
@@ -93,7 +113,7 @@ class Clients:
     def __init__(self, cap: int = 0, report: Callable[[str], None] | None = None) -> None:
         self.cap = cap
         self.open = 0
-        self.admitted = 0  # ever: numbers the connections in order
+        self.numbered = 0  # the last number given out (see `number`)
         self.listeners: set[Listener] = set()
         self._report = report
         self._reported = -REPORT_INTERVAL
@@ -107,22 +127,24 @@ class Clients:
     def make_room(self, listeners: Iterable[Listener], scope: str) -> bool:
         """Close the connections of `listeners` idle longest (a batch); False if none is
         idle. `scope` names the cap in the daemon's report."""
-        candidates = [
-            (conn.idle_since, number, conn)
-            for ls in listeners
-            for conn, number in ls.connections.items()
-            if idle(conn)
-        ]
-        if not candidates:
+        listeners = list(listeners)
+        count = max(1, min(EVICT_BATCH, sum(len(ls.connections) for ls in listeners) // 8))
+        found = [entry for ls in listeners for entry in longest_idle(ls, count)]
+        if not found:
             self._refused += 1
             self._note(scope)
             return False
-        count = max(1, min(EVICT_BATCH, len(candidates) // 8))
-        for _, _, conn in heapq.nsmallest(count, candidates):
+        chosen = heapq.nsmallest(count, found)
+        for _, _, conn in chosen:
             conn.listener.evict(conn)
-        self._evicted += count
+        self._evicted += len(chosen)
         self._note(scope)
         return True
+
+    def number(self) -> int:
+        """The next number in the order connections were accepted or last went idle."""
+        self.numbered += 1
+        return self.numbered
 
     def _note(self, scope: str) -> None:
         now = time.monotonic()

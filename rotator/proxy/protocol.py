@@ -680,6 +680,7 @@ class ClientConnection(asyncio.Protocol):
             self._start(self.queue[0])
         else:
             self.idle_since = self.loop.time()
+            self.listener.idled(self)
             if self.closing:
                 self.close()
                 return
@@ -794,8 +795,9 @@ class Listener:
         self.clients = clients or Clients()
         self.host = host
         self.port = port
-        # Each with its number in the order of acceptance over all listeners (Clients),
-        # which breaks ties between equally idle ones: uvloop's clock counts milliseconds.
+        # In the order they went idle (accepted, or their last request done), each with its
+        # number in that order over all listeners (Clients.number), which breaks ties
+        # between equally idle ones: uvloop's clock counts milliseconds.
         self.connections: dict[ClientConnection, int] = {}
         self.server: asyncio.Server | None = None
         self.slots_in_use = 0  # exchanges counted against max_connections
@@ -837,8 +839,7 @@ class Listener:
             transport.write(refusal(self.route.name, why))
             transport.close()
             return False
-        self.connections[conn] = clients.admitted
-        clients.admitted += 1
+        self.connections[conn] = clients.number()
         clients.open += 1
         self.route.clients = len(self.connections)
         return True
@@ -848,6 +849,11 @@ class Listener:
         if self.connections.pop(conn, None) is not None:
             self.clients.open -= 1
             self.route.clients = len(self.connections)
+
+    def idled(self, conn: ClientConnection) -> None:
+        """`conn` has no request left: it goes to the end of the order of idleness."""
+        if self.connections.pop(conn, None) is not None:
+            self.connections[conn] = self.clients.number()
 
     def evict(self, conn: ClientConnection) -> None:
         """Close an idle connection to make room for a new one (clients.py chose it)."""

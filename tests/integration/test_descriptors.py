@@ -133,6 +133,7 @@ def test_max_clients_above_what_the_limit_allows_is_lowered_and_a_reload_sets_it
     config.write_text(config.read_text().replace("max_clients: 5000", "max_clients: 1"))
     reload = cli(config, "reload")
     assert reload.returncode == 0, reload.stderr
+    assert wait_until(lambda: "rotator: reload: max_clients 384 -> 1" in daemon.output())
     host, port = daemon.data["components"]["a"]["listen"].rsplit(":", 1)
     with socket.create_connection((host, int(port))) as first:
         assert wait_until(
