@@ -18,6 +18,7 @@ Pure apart from closing connections: no sockets are opened here, no limit is rea
 from __future__ import annotations
 
 import heapq
+import resource
 import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
@@ -34,10 +35,11 @@ RESERVE_MIN = 128
 RESERVE_SHARE = 4  # 1/4 of the limit
 # Whatever the limit, this many clients at least (a limit this low barely runs the daemon).
 MIN_TOTAL = 16
-# A soft limit of RLIM_INFINITY (possible on macOS) counts as this many descriptors.
+# A limit of RLIM_INFINITY counts as this many descriptors (and raise_fd_limit, on macOS,
+# tries this first when the hard limit is infinite).
 UNLIMITED = 1 << 20
-# Closed at a cap to make room, as nginx does: an eighth of the idle ones, at least one and
-# at most this many. A batch spares the next arrivals a search of every connection.
+# Closed at a cap to make room, as nginx does: an eighth of the connections there, at least
+# one and at most this many (if that many are idle). The next arrivals then find room.
 EVICT_BATCH = 32
 # The daemon says it is at a cap at most this often (the metrics count every time).
 REPORT_INTERVAL = 10.0
@@ -49,9 +51,9 @@ REFUSED = (
 
 
 def total_cap(fd_limit: int) -> int:
-    """The `auto` total of client connections for a soft RLIMIT_NOFILE of `fd_limit`
-    (negative: unlimited): 1024 -> 384, 65536 -> 24576."""
-    if fd_limit < 0:
+    """The `auto` total of client connections for a soft RLIMIT_NOFILE of `fd_limit`:
+    1024 -> 384, 65536 -> 24576."""
+    if fd_limit == resource.RLIM_INFINITY or fd_limit < 0:
         fd_limit = UNLIMITED
     reserve = max(RESERVE_MIN, fd_limit // RESERVE_SHARE)
     return max(MIN_TOTAL, (fd_limit - reserve) // 2)

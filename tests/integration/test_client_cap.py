@@ -171,7 +171,7 @@ def test_over_the_total_the_longest_idle_of_any_component_makes_room() -> None:
     run(test)
 
 
-def test_at_a_cap_an_eighth_of_the_idle_ones_go_at_once() -> None:
+def test_at_a_cap_an_eighth_of_the_connections_go_at_once() -> None:
     async def test() -> None:
         route = Route("web", 5.0, Limits(max_clients=16))
         async with listening(route) as listener:
