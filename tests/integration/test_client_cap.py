@@ -183,3 +183,17 @@ def test_at_a_cap_an_eighth_of_the_connections_go_at_once() -> None:
             assert (route.clients, route.clients_evicted) == (16, 2)
 
     run(test)
+
+
+def test_a_trickling_request_head_counts_as_idle_and_makes_room() -> None:
+    async def test() -> None:
+        route = Route("web", 5.0, Limits(max_clients=1))
+        async with backend() as target, listening(route) as listener:
+            route.swap(target)
+            trickle = await connect(listener)
+            trickle[1].write(b"GET / HTTP/1.1\r\nHo")  # a head that never ends (slowloris)
+            newcomer = await connect(listener)
+            assert await request(newcomer) == (200, b"ok")
+            assert await closed(trickle)
+
+    run(test)
