@@ -167,6 +167,7 @@ def proxy_limits(spec: ComponentSpec) -> Limits:
         max_header_size=spec.max_header_size,
         max_headers=spec.max_headers,
         max_connections=spec.max_connections,
+        max_clients=spec.max_clients,
     )
 
 

@@ -79,6 +79,7 @@ class ComponentSpec:
     max_header_size: int = 64 * 1024  # a larger request head: 431
     max_headers: int = 100  # more request header lines: 431
     max_connections: int = 0  # requests passed to instances at once; 0 = no limit
+    max_clients: int = 0  # client connections open at once on `listen`; 0 = only the total's
     # "tcp": instances listen on a port of `ports`; "unix": on a socket path of `sockets`
     # (state_dir/sockets/<name>.<n>.sock), and `ports` is empty.
     transport: str = "tcp"
@@ -139,6 +140,9 @@ class Config:
     state_dir: Path
     components: tuple[ComponentSpec, ...]
     kubernetes: KubernetesExport = KubernetesExport()
+    # Client connections open at once over every component; None: `auto`, derived from
+    # the descriptor limit at start (rotator.proxy.clients.total_cap).
+    max_clients: int | None = None
 
     def component(self, name: str) -> ComponentSpec:
         for spec in self.components:

@@ -47,7 +47,7 @@ from rotator.config import (
 T = TypeVar("T")
 Entry = tuple[Node, Node]  # (key node, value node): keys carry the line for "unknown key"
 
-TOP_KEYS = ("admin", "state_dir", "defaults", "components", "export")
+TOP_KEYS = ("admin", "state_dir", "max_clients", "defaults", "components", "export")
 KUBERNETES_KEYS = ("image", "images", "namespace")  # export.kubernetes
 HEALTH_KEYS = ("path", "interval", "timeout", "start_timeout", "unhealthy_threshold")
 DEFAULT_KEYS = (
@@ -72,6 +72,7 @@ DEFAULT_KEYS = (
     "max_header_size",
     "max_headers",
     "max_connections",
+    "max_clients",
     "transport",
     "sockets",
 )
@@ -219,11 +220,14 @@ class _Parser:
             state_dir = self.state_dir = found
             if state_dir.exists() and not state_dir.is_dir():
                 self.fail(top["state_dir"][1], "state_dir", f"{state_dir} is not a directory")
+        max_clients = None
+        if "max_clients" in top:
+            max_clients = self.total_clients(top["max_clients"][1], "max_clients")
         defaults = self.defaults(_value(top, "defaults"))
         components = self.components(top.get("components"), defaults)
         self.check_overlaps()
         kubernetes = self.kubernetes(_value(top, "export"))
-        return Config(self.path, admin, state_dir, components, kubernetes)
+        return Config(self.path, admin, state_dir, components, kubernetes, max_clients)
 
     def defaults(self, node: Node | None) -> dict[str, Any]:
         # Parsed once, so a bad default is reported once, at its defaults.* path.
@@ -404,6 +408,7 @@ class _Parser:
             "max_header_size": lambda node, at: self.size(node, at, minimum=1024),
             "max_headers": lambda node, at: self.integer(node, at, minimum=1),
             "max_connections": lambda node, at: self.integer(node, at, minimum=0),
+            "max_clients": lambda node, at: self.integer(node, at, minimum=0),
             "transport": self.transport,
             "sockets": lambda node, at: self.integer(node, at, minimum=2),
         }
@@ -697,6 +702,23 @@ class _Parser:
             return None
         if value < minimum:
             self.fail(node, path, f"must be {minimum} or more, not {value}")
+            return None
+        return value
+
+    def total_clients(self, node: Node, path: str) -> int | None:
+        """The top-level max_clients: a whole number, 1 or more, or `auto` (None, as when
+        a problem was reported: the daemon then derives it from the descriptor limit)."""
+        if (value := self.scalar(node, path)) is None:
+            return None
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return None
+        if isinstance(value, str) and _INTEGER.fullmatch(value):
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            self.fail(node, path, f"{value!r} is not a whole number or auto")
+            return None
+        if value < 1:
+            self.fail(node, path, f"must be 1 or more (or auto), not {value}")
             return None
         return value
 

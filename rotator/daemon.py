@@ -55,6 +55,7 @@ from rotator.history import EventLog
 from rotator.instance import Instance, NotOurs, marked_processes
 from rotator.metrics import Metrics
 from rotator.ports import describe_holders, port_holders, probe_port
+from rotator.proxy.clients import UNLIMITED, Clients, effective_total
 from rotator.proxy.protocol import Listener
 from rotator.proxy.route import Route
 from rotator.proxy.upstream import preconnect
@@ -125,6 +126,7 @@ class Daemon:
         log_format: str = "human",
         inherited: dict[str, socket.socket] | None = None,
         takeover: takeover_.Handover | None = None,
+        child_fd_limit: int | None = None,
     ) -> None:
         self.config = config
         # Set when taking over from a running daemon: its sockets, token and connection.
@@ -158,8 +160,13 @@ class Daemon:
         self._runner: web.AppRunner | None = None
         self._reloading = False
         self._background: set[asyncio.Future[None]] = set()  # SIGHUP reloads
-        # Starts every instance, so that the event loop never waits for a process to start.
-        self.spawner = Spawner()
+        # Starts every instance, so that the event loop never waits for a process to start;
+        # instances get `child_fd_limit`, the descriptor limit rotator was started with.
+        self.spawner = Spawner(child_fd_limit)
+        self.fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        cap, self._cap_warning = effective_total(config.max_clients, self.fd_limit)
+        # Client connections over every listener, capped below the descriptor limit.
+        self.clients = Clients(cap, report=self.out)
         self.bus.subscribe(self._on_event)
         # Subscribed from the start, so the lifecycle counts miss no event.
         self.metrics = Metrics(self, self.bus)
@@ -234,10 +241,14 @@ class Daemon:
         await self._start_admin(token)
         # Only once the admin address is ours: a second daemon must not replace the token.
         write_private(config.token_path, token)
+        limit = "unlimited" if self.fd_limit == resource.RLIM_INFINITY else self.fd_limit
         self.out(
             f"rotator {__version__}: admin on http://{config.admin.listen}, "
-            f"{len(self.components)} component(s), event loop {self.event_loop}"
+            f"{len(self.components)} component(s), event loop {self.event_loop}, "
+            f"max_clients {self.clients.cap} (descriptor limit {limit})"
         )
+        if self._cap_warning:
+            self.out(f"rotator: warning: {self._cap_warning}")
         state = self._load_state()
         kept = await self._adopt(state)
         if self._handover is None:
@@ -270,7 +281,9 @@ class Daemon:
     async def _bind(self, spec: ComponentSpec) -> Listener:
         """The component's public listener, bound (DaemonError when it cannot be)."""
         route = Route(spec.name, spec.hold_timeout, proxy_limits(spec))
-        listener = Listener(route, spec.listen.host, spec.listen.port, spec.keepalive_timeout)
+        listener = Listener(
+            route, spec.listen.host, spec.listen.port, spec.keepalive_timeout, self.clients
+        )
         try:
             await listener.start(self.inherited.pop(spec.name, None))
         except OSError as exc:
@@ -577,6 +590,12 @@ class Daemon:
         new, plan = reload.config, reload.plan
         for note in plan.ignored:
             self.out(f"rotator: reload: {note}")
+        cap, warning = effective_total(new.max_clients, self.fd_limit)
+        if warning:
+            self.out(f"rotator: reload: warning: {warning}")
+        if cap != self.clients.cap:
+            self.out(f"rotator: reload: max_clients {self.clients.cap} -> {cap}")
+            self.clients.cap = cap
         for name in plan.updated:
             spec = new.component(name)
             await self.components[name].reconfigure(spec, rotate=False)
@@ -848,6 +867,26 @@ def _bind_error(field: str, address: str, exc: OSError) -> str:
     return message
 
 
+def raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit, as Go's runtime does at start: a
+    proxy's descriptors are its capacity, and the usual soft limit of 1024 is a relic of
+    select(). Where the hard limit itself is refused (macOS, whose hard limit is often
+    unlimited, allows no more than kern.maxfilesperproc), the largest accepted of halving
+    steps down from it. Returns the soft limit rotator was started with: its instances
+    get that one back (spawner_process.py), as systemd does for the services it starts."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return soft
+    want = UNLIMITED if hard == resource.RLIM_INFINITY else hard
+    while want > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            break
+        except (ValueError, OSError):
+            want //= 2
+    return soft
+
+
 def reserve_fd_table(size: int = FD_TABLE_RESERVE) -> None:
     """Make the descriptor table hold `size` descriptors now, while the process has one
     thread and growing it costs nothing: open one at the top slot and close it (the
@@ -880,6 +919,7 @@ def run(config: Config, log_format: str = "human", takeover: bool = False) -> in
         loop_factory = uvloop.new_event_loop
     except ImportError:
         pass
+    started_with = raise_fd_limit()
     reserve_fd_table()
     try:
         # Read (and unset) before anything starts an instance: they must not inherit it.
@@ -889,7 +929,13 @@ def run(config: Config, log_format: str = "human", takeover: bool = False) -> in
         handover = takeover_.request(config.state_dir) if takeover else None
         if handover is not None:
             inherited = activation.matching(handover.sockets, config.components)
-        daemon = Daemon(config, inherited=inherited, log_format=log_format, takeover=handover)
+        daemon = Daemon(
+            config,
+            inherited=inherited,
+            log_format=log_format,
+            takeover=handover,
+            child_fd_limit=started_with,
+        )
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             runner.run(daemon.serve())
     except (

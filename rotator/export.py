@@ -50,6 +50,7 @@ _PROXY = {
     "max_header_size": "limits request heads",
     "max_headers": "limits request header lines",
     "max_connections": "limits requests in flight",
+    "max_clients": "limits client connections",
 }
 _RESTARTS = ("max_restarts", "restart_window", "restart_backoff", "restart_backoff_max")
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ComponentSpec)}

@@ -150,8 +150,26 @@ class Collector:
             "Requests at the component's instances now (held requests not included)",
             labels=["component"],
         )
+        clients = GaugeMetricFamily(
+            "rotator_client_connections",
+            "Client connections open on the component's public address",
+            labels=["component"],
+        )
+        evicted = CounterMetricFamily(
+            "rotator_client_connections_evicted",
+            "Idle client connections closed to make room for a new one at max_clients",
+            labels=["component"],
+        )
+        refused = CounterMetricFamily(
+            "rotator_client_connections_refused",
+            "New client connections answered 503 and closed at max_clients, none being idle",
+            labels=["component"],
+        )
         for comp in components:
             route = comp.route
+            clients.add_metric([comp.name], route.clients)
+            evicted.add_metric([comp.name], route.clients_evicted)
+            refused.add_metric([comp.name], route.clients_refused)
             for cls, count in enumerate(route.codes):
                 if 1 <= cls <= 5 or count:
                     requests.add_metric([comp.name, f"{cls}xx"], count)
@@ -159,7 +177,7 @@ class Collector:
                 [comp.name], cumulative(DURATION_BOUNDS, route.durations), route.duration_sum
             )
             in_flight.add_metric([comp.name], comp.in_flight)
-        yield from (requests, durations, in_flight)
+        yield from (requests, durations, in_flight, clients, evicted, refused)
 
     def _instances(self, components: list[Component]) -> Iterator[Metric]:
         state = GaugeMetricFamily(

@@ -42,7 +42,7 @@ from typing import Any
 CLOSE_TIMEOUT = 5.0
 _BOOT = (
     "import sys; sys.path.insert(0, sys.argv[1]); "
-    "from rotator.spawner_process import serve; serve(int(sys.argv[2]))"
+    "from rotator.spawner_process import serve; serve(*map(int, sys.argv[2:]))"
 )
 _ROOT = str(Path(__file__).resolve().parents[1])
 
@@ -72,7 +72,9 @@ class SpawnedChild:
 class Spawner:
     """The daemon's side: start the spawner, ask it for processes, learn their exits."""
 
-    def __init__(self) -> None:
+    def __init__(self, fd_limit: int | None = None) -> None:
+        # The soft descriptor limit for what it starts (None: its own, the daemon's).
+        self.fd_limit = fd_limit
         self._proc: subprocess.Popen[bytes] | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._reading: asyncio.Task[None] | None = None
@@ -89,9 +91,10 @@ class Spawner:
         if self._proc is not None:  # one that was lost: reaped before its successor starts
             await _reap(self._proc)
         ours, theirs = socket.socketpair()
+        limit = [] if self.fd_limit is None else [str(self.fd_limit)]
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-I", "-c", _BOOT, _ROOT, str(theirs.fileno())],
+                [sys.executable, "-I", "-c", _BOOT, _ROOT, str(theirs.fileno()), *limit],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,

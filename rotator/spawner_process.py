@@ -6,8 +6,10 @@ of RSS measured, where importing asyncio alone would add 8.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import resource
 import selectors
 import signal
 import socket
@@ -16,9 +18,16 @@ import sys
 from typing import Any
 
 
-def serve(fd: int) -> None:
+def serve(fd: int, fd_limit: int | None = None) -> None:
     """The spawner's loop on its end of the channel, `fd`: start what the daemon asks,
-    report what exits; return when the daemon's end closes, leaving what runs running."""
+    report what exits; return when the daemon's end closes, leaving what runs running.
+    With `fd_limit`, what it starts inherits that soft descriptor limit."""
+    if fd_limit is not None:
+        # The daemon raised its own; an instance gets the limit rotator was started with,
+        # as systemd does for its services: a program on select() breaks above 1024.
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (fd_limit, hard))
     channel = socket.socket(fileno=fd)
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)

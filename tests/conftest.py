@@ -128,17 +128,43 @@ async def cli_started(config: Path, *args: str) -> asyncio.subprocess.Process:
     )
 
 
-class RunningDaemon:
-    """`rotator up` as a real subprocess."""
+# `python -m rotator ARGS...` after setting RLIMIT_NOFILE (soft, hard; -1: as is) and,
+# with the loop "asyncio", hiding uvloop: argv is SOFT HARD LOOP ARGS...
+_LIMITED = """
+import resource, runpy, sys
+soft, hard, loop = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+if soft >= 0:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+if loop == "asyncio":
+    sys.modules["uvloop"] = None  # import uvloop now raises ImportError
+sys.argv = ["rotator", *sys.argv[4:]]
+runpy.run_module("rotator", run_name="__main__", alter_sys=True)
+"""
 
-    def __init__(self, config: Path, *args: str, log_name: str = "daemon.out") -> None:
+
+class RunningDaemon:
+    """`rotator up` as a real subprocess; `fd_limit` (soft, hard) starts it with that
+    RLIMIT_NOFILE, `event_loop="asyncio"` without uvloop."""
+
+    def __init__(
+        self,
+        config: Path,
+        *args: str,
+        log_name: str = "daemon.out",
+        fd_limit: tuple[int, int] | None = None,
+        event_loop: str | None = None,
+    ) -> None:
         self.config = config
         self.data = yaml.safe_load(config.read_text())
         self.admin = f"http://{self.data['admin']['listen']}"
         self.log = config.parent / log_name
+        argv = [PY, "-m", "rotator"]
+        if fd_limit is not None or event_loop is not None:
+            soft, hard = fd_limit or (-1, -1)
+            argv = [PY, "-c", _LIMITED, str(soft), str(hard), event_loop or "default"]
         with self.log.open("wb") as out:  # the daemon writes through its own descriptor
             self.proc = subprocess.Popen(
-                [PY, "-m", "rotator", "up", "-c", str(config), *args],
+                [*argv, "up", "-c", str(config), *args],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -200,8 +226,10 @@ class RunningDaemon:
 def daemon_factory() -> Iterator[Any]:
     started: list[RunningDaemon] = []
 
-    def start(config: Path, wait: bool = True, args: tuple[str, ...] = ()) -> RunningDaemon:
-        d = RunningDaemon(config, *args)
+    def start(
+        config: Path, wait: bool = True, args: tuple[str, ...] = (), **options: Any
+    ) -> RunningDaemon:
+        d = RunningDaemon(config, *args, **options)
         started.append(d)
         if wait:
             d.wait_running()

@@ -10,7 +10,7 @@ Flow control: while the instance's socket is full, the client is not read;
 while the client's socket is full, the instance is not read. A websocket
 handshake answered 101 turns its exchange into a byte pump both ways. The
 Listener enforces the per-component limits (timeouts by a periodic sweep,
-max_connections by slots).
+max_connections by slots, max_clients by admitting connections: clients.py).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Any, NamedTuple, cast
 
 import httptools
 
+from rotator.proxy.clients import Clients
 from rotator.proxy.route import Route, Target
 from rotator.proxy.upstream import UpstreamConnection, connect
 from rotator.proxy.websocket import GOING_AWAY
@@ -63,27 +64,57 @@ LAST_CHUNK = b"0\r\n\r\n"
 
 class Answer(Enum):
     """Why the proxy answers a request itself: the one place that picks those statuses.
-    Each is (status, reason phrase, extra header lines, what the body adds in brackets)."""
+    Each is (status, reason phrase, extra header lines, what the body says, detail)."""
 
-    MALFORMED = (400, b"Bad Request", b"", "")
-    HEAD_TIMEOUT = (408, b"Request Timeout", b"", "")
+    MALFORMED = (400, b"Bad Request")
+    HEAD_TIMEOUT = (408, b"Request Timeout")
     CONNECT = (
         405,
         b"Method Not Allowed",
         b"Allow: GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS\r\n",
-        "",
     )
-    HEAD_TOO_LARGE = (431, b"Request Header Fields Too Large", b"", "")
-    INSTANCE_FAILED = (502, b"Bad Gateway", b"", "")  # it broke, or spoke something not HTTP
-    NO_INSTANCE = (503, b"Service Unavailable", b"Retry-After: 1\r\n", "")
-    BUSY = (503, b"Service Unavailable", b"Retry-After: 1\r\n", "max_connections reached")
-    INSTANCE_TIMEOUT = (504, b"Gateway Timeout", b"", "")
+    HEAD_TOO_LARGE = (431, b"Request Header Fields Too Large")
+    INSTANCE_FAILED = (502, b"Bad Gateway")  # it broke, or spoke something not HTTP
+    NO_INSTANCE = (503, b"Service Unavailable", b"Retry-After: 1\r\n")
+    BUSY = (503, b"Service Unavailable", b"Retry-After: 1\r\n", b"", "max_connections reached")
+    # A connection past max_clients with none idle to close (no request was read).
+    TOO_MANY_CLIENTS = (
+        503,
+        b"Service Unavailable",
+        b"Retry-After: 1\r\n",
+        b"too many client connections",
+    )
+    INSTANCE_TIMEOUT = (504, b"Gateway Timeout")
 
-    def __init__(self, status: int, reason: bytes, extra: bytes, detail: str) -> None:
+    def __init__(
+        self, status: int, reason: bytes, extra: bytes = b"", says: bytes = b"", detail: str = ""
+    ) -> None:
         self.status = status
         self.reason = reason
         self.extra = extra
-        self.detail = detail
+        self.says = says or reason.lower()
+        self.default_detail = detail
+
+    def render(self, component: str, detail: str = "", keep_alive: bool = False) -> bytes:
+        """The whole response: a one-line body naming the component and why."""
+        detail = detail or self.default_detail
+        body = b"rotator: %b: %b%b\n" % (
+            component.encode(),
+            self.says,
+            b" (" + detail.encode() + b")" if detail else b"",
+        )
+        return (
+            b"HTTP/1.1 %d %b\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d\r\nConnection: %b\r\n%b\r\n%b"
+            % (
+                self.status,
+                self.reason,
+                len(body),
+                b"keep-alive" if keep_alive else b"close",
+                self.extra,
+                body,
+            )
+        )
 
 
 def failure(exc: BaseException | None) -> Answer:
@@ -432,16 +463,8 @@ class Exchange:
         """Answer with an error of the proxy's own (before any response byte went out)."""
         client = self.client
         self.status = answer.status
-        detail = detail or answer.detail
-        why = answer.reason.lower() + (b" (" + detail.encode() + b")" if detail else b"")
-        body = b"rotator: %b: %b\n" % (client.route.name.encode(), why)
         self.keep_alive = self.keep_alive and self.body_done
-        conn_hdr = b"keep-alive" if self.keep_alive else b"close"
-        client.out(
-            b"HTTP/1.1 %d %b\r\nContent-Type: text/plain; charset=utf-8\r\n"
-            b"Content-Length: %d\r\nConnection: %b\r\n%b\r\n%b"
-            % (answer.status, answer.reason, len(body), conn_hdr, answer.extra, body)
-        )
+        client.out(answer.render(client.route.name, detail, self.keep_alive))
         self._finish()
         client.flush()
 
@@ -534,11 +557,12 @@ class ClientConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but behave as one.
         self.transport = cast(asyncio.Transport, transport)
+        if not self.listener.admit(self):
+            return
         peer = transport.get_extra_info("peername")
         ip = peer[0].encode() if isinstance(peer, tuple) else b"unknown"
         self._ip = ip
         self._forwarded = b"X-Forwarded-For: " + ip + b"\r\nX-Forwarded-Proto: http\r\n"
-        self.listener.connections.add(self)
         self.idle_since = self.loop.time()
 
     def data_received(self, data: bytes) -> None:
@@ -612,7 +636,7 @@ class ClientConnection(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.listener.connections.discard(self)
+        self.listener.forget(self)
         self.transport = None
         # The parser holds this object's bound methods: a reference cycle, which would
         # leave every closed connection (13 objects) to the cyclic collector, whose
@@ -839,6 +863,7 @@ class ClientConnection(asyncio.Protocol):
             self.idle_since = self.loop.time()
             if self.head_began:  # the next head waited for this answer: its time starts now
                 self.head_began = self.idle_since
+            self.listener.idled(self)
             if self.closing:
                 self.close()
                 return
@@ -950,13 +975,23 @@ class Listener:
     """A component's public address: accepts clients for its Route. Bound once."""
 
     def __init__(
-        self, route: Route, host: str, port: int, keepalive_timeout: float = KEEPALIVE_TIMEOUT
+        self,
+        route: Route,
+        host: str,
+        port: int,
+        keepalive_timeout: float = KEEPALIVE_TIMEOUT,
+        clients: Clients | None = None,
     ) -> None:
         self.route = route
         self.keepalive_timeout = keepalive_timeout
+        # Shared by all the daemon's listeners: the total of client connections and its cap.
+        self.clients = clients or Clients()
         self.host = host
         self.port = port
-        self.connections: set[ClientConnection] = set()
+        # In the order they went idle (accepted, or their last request done), each with its
+        # number in that order over all listeners (Clients.number), which breaks ties
+        # between equally idle ones: uvloop's clock counts milliseconds.
+        self.connections: dict[ClientConnection, int] = {}
         self.server: asyncio.Server | None = None
         self.slots_in_use = 0  # exchanges counted against max_connections
         self._slot_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
@@ -976,6 +1011,48 @@ class Listener:
                 factory, self.host, self.port, reuse_address=True, backlog=1024
             )
         self._sweeper = loop.create_task(self._sweep())
+        self.clients.listeners.add(self)
+
+    def admit(self, conn: ClientConnection) -> bool:
+        """A new connection (connection_made): counted in, after making room at a cap
+        (this component's max_clients, else the total); when nothing is idle to close,
+        answered 503 and closed at once (False)."""
+        clients, own = self.clients, self.route.limits.max_clients
+        if own and len(self.connections) >= own:
+            why = f"max_clients {own}"
+            room = clients.make_room((self,), f"{self.route.name}: {why}")
+        elif clients.full:
+            why = f"max_clients {clients.cap} over all components"
+            room = clients.make_room(clients.listeners, why)
+        else:
+            room = True
+        if not room:
+            self.route.clients_refused += 1
+            transport = cast(asyncio.Transport, conn.transport)
+            transport.write(Answer.TOO_MANY_CLIENTS.render(self.route.name, why))
+            transport.close()
+            return False
+        self.connections[conn] = clients.number()
+        clients.open += 1
+        self.route.clients = len(self.connections)
+        return True
+
+    def forget(self, conn: ClientConnection) -> None:
+        """A connection closed (connection_lost), or being closed to make room: counted out."""
+        if self.connections.pop(conn, None) is not None:
+            self.clients.open -= 1
+            self.route.clients = len(self.connections)
+
+    def idled(self, conn: ClientConnection) -> None:
+        """`conn` has no request left: it goes to the end of the order of idleness."""
+        if self.connections.pop(conn, None) is not None:
+            self.connections[conn] = self.clients.number()
+
+    def evict(self, conn: ClientConnection) -> None:
+        """Close an idle connection to make room for a new one (clients.py chose it)."""
+        self.forget(conn)
+        self.route.clients_evicted += 1
+        conn.close()
 
     async def _sweep(self) -> None:
         """Enforce keepalive_timeout, header_timeout, read_timeout and request_timeout. One periodic
@@ -1081,3 +1158,4 @@ class Listener:
                 conn.close()
             elif conn.transport is not None:
                 conn.transport.abort()
+        self.clients.listeners.discard(self)

@@ -6,7 +6,8 @@ current Target; `swap()` replaces it in one step, so a request is bound to
 whichever Target was current when its head arrived and stays there.
 
 The Route also counts the requests answered through it (by status class, and
-a duration histogram) in plain numbers that metrics.py reads at scrape time.
+a duration histogram), and its listener's client connections (open, closed to
+make room, refused at a cap), in plain numbers that metrics.py reads at scrape time.
 
 No sockets are opened here; connections register themselves (see upstream.py).
 """
@@ -42,6 +43,7 @@ class Limits:
     max_header_size: int = 64 * 1024
     max_headers: int = 100
     max_connections: int = 0  # requests passed to instances at once; 0 = no limit
+    max_clients: int = 0  # client connections open at once; 0 = only the daemon's total
 
 
 class Target:
@@ -137,6 +139,9 @@ class Route:
 
     __slots__ = (
         "_waiters",
+        "clients",
+        "clients_evicted",
+        "clients_refused",
         "codes",
         "duration_sum",
         "durations",
@@ -162,6 +167,9 @@ class Route:
         self.codes = [0] * 10  # by status class: codes[2] counts the 2xx
         self.durations = [0] * (len(DURATION_BOUNDS) + 1)  # per bucket, not cumulative
         self.duration_sum = 0.0
+        self.clients = 0  # client connections open on the component's address
+        self.clients_evicted = 0  # idle ones closed to make room at a cap
+        self.clients_refused = 0  # new ones answered 503 at a cap, none being idle
         self._waiters: list[asyncio.Future[Target]] = []
 
     def swap(self, new: Target | None) -> Target | None:
