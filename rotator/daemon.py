@@ -192,8 +192,8 @@ class Daemon:
 
     async def _startup(self) -> None:
         config = self.config
-        config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
+            config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             if self._handover is None:  # taking over: the old daemon holds it until it exits
                 self._lock.acquire()
         except AlreadyRunning as exc:
@@ -201,6 +201,8 @@ class Daemon:
                 f"rotator is already running for {config.path} (pid {exc.pid or 'unknown'}); "
                 "stop it with: rotator down"
             ) from None
+        except OSError as exc:
+            raise DaemonError(f"cannot use the state_dir: {printer.os_error(exc)}") from None
         # Only under the lock: the history file has one writer.
         self.bus.history.extend(self.history.load(self.bus.history.maxlen or 0))
         self.bus.subscribe(self.history.append)
@@ -219,7 +221,10 @@ class Daemon:
         token = self._handover.token if self._handover else secrets.token_urlsafe(32)
         await self._start_admin(token)
         # Only once the admin address is ours: a second daemon must not replace the token.
-        write_private(config.token_path, token)
+        try:
+            write_private(config.token_path, token)
+        except OSError as exc:
+            raise DaemonError(f"cannot write the admin token: {printer.os_error(exc)}") from None
         self.out(
             f"rotator {__version__}: admin on http://{config.admin.listen}, "
             f"{len(self.components)} component(s), event loop {self.event_loop}"
@@ -384,7 +389,7 @@ class Daemon:
         if self._runner is not None:
             await self._runner.cleanup()
             if not keep_token:
-                with contextlib.suppress(FileNotFoundError):
+                with contextlib.suppress(OSError):  # a cleanup: it must not fail the shutdown
                     self.config.token_path.unlink()
         self._lock.release()
         self.history.close()

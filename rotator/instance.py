@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import shlex
 import signal
@@ -27,6 +28,7 @@ from pathlib import Path
 import psutil
 
 from rotator import logs
+from rotator.printer import os_error
 from rotator.spawner import SpawnedChild, Spawner, SpawnerGone
 
 MARKER = "ROTATOR_INSTANCE"
@@ -106,14 +108,11 @@ class Instance:
         """Start the command through `spawner`, its output going to a file of its own in
         `log_dir`."""
         marker = marker or new_marker("-", name)
-        log_dir.mkdir(parents=True, exist_ok=True)
         starting = logs.starting_path(log_dir)
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         where = f"port {port}" if port else f"socket {env.get('ROTATOR_SOCKET', '?')}"
         header = f"==== rotator: {name} on {where} at {stamp}: {shlex.join(argv)}\n".encode()
-        with open(starting, "ab") as log:
-            log.write(header)
-            offset = log.tell()
+        offset = _create_log(log_dir, starting, header)
         try:
             process = await spawner.spawn(
                 argv, cwd, {**os.environ, **env, MARKER: marker}, starting
@@ -125,7 +124,7 @@ class Instance:
             raise SpawnError(f"command not found: {argv[0]}") from exc
         except OSError as exc:
             _discard(starting)
-            raise SpawnError(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from exc
+            raise SpawnError(f"cannot start {argv[0]!r}: {os_error(exc)}") from exc
         except SpawnerGone as exc:
             _discard(starting)
             raise SpawnError(f"cannot start {argv[0]!r}: {exc}") from exc
@@ -293,6 +292,24 @@ def marked_processes(prefix: str) -> dict[str, list[psutil.Process]]:
             if marker.startswith(prefix) and _alive(proc):
                 found.setdefault(marker, []).append(proc)
     return found
+
+
+def _create_log(log_dir: Path, path: Path, header: bytes) -> int:
+    """Create the instance's log file with rotator's header; where its own output will
+    begin. A full disk or an unusable directory is a SpawnError: a start that failed."""
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        with open(path, "ab") as log:
+            log.write(header)
+            return log.tell()
+    except FileExistsError:  # mkdir found something that is not a directory
+        reason = os_error(
+            NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(log_dir))
+        )
+    except OSError as exc:
+        _discard(path)
+        reason = os_error(exc)
+    raise SpawnError(f"cannot create its log file: {reason}")
 
 
 def _discard(log: Path) -> None:

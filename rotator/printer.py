@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import time
 from typing import Any
@@ -19,6 +20,23 @@ def duration(seconds: float) -> str:
     if hours < 48:
         return f"{hours}h{minutes:02d}m"
     return f"{hours // 24}d{hours % 24:02d}h"
+
+
+def os_error(exc: OSError) -> str:
+    """An OSError for people: what, the errno's name (to search for), and the path(s) it
+    concerns: `No space left on device (ENOSPC): /var/lib/rotator/state.json`."""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    if exc.errno is not None and exc.errno in errno.errorcode:
+        what += f" ({errno.errorcode[exc.errno]})"
+    paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
+    return f"{what}: {' -> '.join(paths)}" if paths else what
+
+
+def error_text(exc: BaseException) -> str:
+    """Any error in one line: an OSError as `os_error` has it, else its type and message."""
+    if isinstance(exc, OSError):
+        return os_error(exc)
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def status_table(status: dict[str, Any], now: float | None = None) -> str:

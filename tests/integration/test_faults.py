@@ -1,0 +1,188 @@
+"""Faults around the daemon: starts that fail with an OSError, a state file that cannot be
+written, a closed stdout, states that must not lie, messages that say what happened.
+
+Real daemons, real instances, real sockets, the real CLI. The faults are real too: a
+component's log directory replaced by a file makes its next start fail with ENOTDIR (as
+root too, unlike a chmod), a directory where the state file belongs makes its writes
+fail with EISDIR."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import PY, cli, component, wait_until, write_config
+
+
+def get(url: str, timeout: float = 10) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def pid_of(daemon: Any, name: str) -> int | None:
+    active = daemon.component(name)["active"]
+    return None if active is None else int(active["pid"])
+
+
+def events(daemon: Any, kind: str) -> list[dict[str, Any]]:
+    path = daemon.config.parent / "state" / "events.log"
+    found = [json.loads(line) for line in path.read_text().splitlines()]
+    return [e for e in found if e["kind"] == kind]
+
+
+@contextlib.contextmanager
+def log_dir_replaced_by_a_file(config: Path, name: str) -> Any:
+    """The component's log directory is a regular file while inside: its starts fail
+    with ENOTDIR."""
+    log_dir = config.parent / "state" / "logs" / name
+    aside = log_dir.with_name(name + ".aside")
+    log_dir.rename(aside)
+    log_dir.write_text("not a directory\n")
+    try:
+        yield log_dir
+    finally:
+        log_dir.unlink()
+        aside.rename(log_dir)
+
+
+# -- item 3: an OSError while starting is a failed start ----------------------------------------
+
+
+def test_crash_restart_failing_with_an_oserror_backs_off_and_recovers(
+    tmp_path: Path, daemon_factory
+) -> None:
+    spec = component(
+        restart_backoff="200ms", restart_backoff_max="400ms", max_restarts=20, hold_timeout="1s"
+    )
+    config = write_config(tmp_path, {"web": spec})
+    daemon = daemon_factory(config)
+    url = daemon.url("web")
+    old = pid_of(daemon, "web")
+    assert old is not None
+    with log_dir_replaced_by_a_file(config, "web") as path:
+        os.kill(old, signal.SIGKILL)
+        assert wait_until(lambda: len(events(daemon, "backoff")) >= 2, timeout=10), daemon.output()
+        status = daemon.component("web")
+        assert status["state"] == "starting" and status["active"] is None
+        assert "Not a directory" in status["last_error"] and str(path) in status["last_error"]
+    assert wait_until(lambda: daemon.component("web")["state"] == "running", timeout=10)
+    assert pid_of(daemon, "web") not in (None, old)
+    assert get(url) == 200
+    assert daemon.proc.poll() is None
+
+
+def test_crash_restart_that_never_can_start_ends_failed(tmp_path: Path, daemon_factory) -> None:
+    spec = component(
+        restart_backoff="100ms", restart_backoff_max="200ms", max_restarts=3, hold_timeout="1s"
+    )
+    config = write_config(tmp_path, {"web": spec})
+    daemon = daemon_factory(config)
+    old = pid_of(daemon, "web")
+    assert old is not None
+    with log_dir_replaced_by_a_file(config, "web"):
+        os.kill(old, signal.SIGKILL)
+        assert wait_until(lambda: daemon.component("web")["state"] == "failed", timeout=10)
+        status = daemon.component("web")
+        assert status["last_error"].startswith("gave up after 3 restarts")
+        assert "Not a directory" in status["last_error"]
+        assert len(events(daemon, "restarting")) == 3
+        assert get(daemon.url("web")) == 503
+    result = cli(config, "restart", "web")  # the directory is back: a manual restart revives it
+    assert result.returncode == 0, result.stderr
+    assert daemon.component("web")["state"] == "running"
+
+
+def test_manual_restart_failing_with_an_oserror_keeps_the_old_instance(
+    tmp_path: Path, daemon_factory
+) -> None:
+    config = write_config(tmp_path, {"web": component()})
+    daemon = daemon_factory(config)
+    old = pid_of(daemon, "web")
+    with log_dir_replaced_by_a_file(config, "web") as path:
+        result = cli(config, "restart", "web")
+        assert result.returncode == 1
+        assert result.stderr.startswith("rotator: restart failed: web: ")
+        assert "Not a directory" in result.stderr and str(path) in result.stderr
+        assert "Traceback" not in result.stderr and "?" not in result.stderr
+        status = daemon.component("web")
+        assert status["state"] == "running" and pid_of(daemon, "web") == old
+        assert get(daemon.url("web")) == 200
+    assert cli(config, "restart", "web").returncode == 0
+    assert pid_of(daemon, "web") not in (None, old)
+
+
+@pytest.mark.parametrize("where", ["state_dir", "under_a_file", "lock", "token"])
+def test_up_with_an_unusable_state_dir_says_so_in_one_line(tmp_path: Path, where: str) -> None:
+    # A state_dir that is not a directory is a config error (2: `rotator check` finds it
+    # too); one that cannot be used (a full disk, something in the way) fails `up` (1).
+    config = write_config(tmp_path, {"web": component()})
+    state = tmp_path / "state"
+    if where == "state_dir":
+        state.write_text("a file, not a directory\n")
+        culprit = state
+    elif where == "under_a_file":
+        (tmp_path / "file").write_text("")
+        text = config.read_text().replace("state_dir: state", "state_dir: file/state")
+        config.write_text(text)
+        culprit = tmp_path / "file" / "state"
+    else:
+        state.mkdir()
+        culprit = state / ("daemon.lock" if where == "lock" else "admin.token")
+        culprit.mkdir()
+    result = cli(config, "up", timeout=30)
+    assert result.returncode == (2 if where == "state_dir" else 1), result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert str(culprit) in result.stderr and "Traceback" not in result.stderr
+
+
+# -- item 8: states that do not lie --------------------------------------------------------------
+
+
+def test_a_crash_loop_polled_shows_starting_gone_and_gives_up_on_time(
+    tmp_path: Path, daemon_factory
+) -> None:
+    from tests.integration.test_lifecycle import write_app
+
+    app, mode = write_app(tmp_path)
+    mode.write_text("crashloop")  # healthy, then exits 1 after 0.5 s
+    spec = component(
+        command=f"{PY} {app} {{port}}",
+        max_restarts=3,
+        restart_window="60s",
+        restart_backoff="400ms",
+        restart_backoff_max="400ms",
+        hold_timeout="1s",
+    )
+    config = write_config(tmp_path, {"web": spec})
+    daemon = daemon_factory(config, wait=False)
+    seen: set[tuple[str, bool, str | None]] = set()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            web = daemon.component("web")
+            seen.add((web["state"], web["active"] is not None, web["last_stop"]))
+            if web["state"] == "failed":
+                break
+        time.sleep(0.01)
+    states = {(state, has) for state, has, _ in seen}
+    assert ("failed", False) in states, daemon.output()
+    assert ("running", False) not in states, seen  # docs: `starting` between attempts
+    assert ("starting", False) in states
+    assert ("starting", False, "gone") in seen  # a crashed instance's stop says so
+    assert len(events(daemon, "restarting")) == 3
+    # After the third attempt crashed, the budget is spent: failed at once, not a backoff later.
+    last_exit = events(daemon, "exited")[-1]["time"]
+    failed = events(daemon, "failed")[-1]["time"]
+    assert 0 <= failed - last_exit < 0.2, failed - last_exit
