@@ -132,10 +132,12 @@ class Daemon:
         self._admin_socket: socket.socket | None = None
         # Listening sockets from socket activation, by name, until a listener takes them.
         self.inherited = dict(inherited or {})
-        self.bus = EventBus()
+        self.bus = EventBus(on_error=self._listener_failed)
         self.components: dict[str, Component] = {}
         self.listeners: dict[str, Listener] = {}
-        write = out or _print
+        self._print_line = out or _print
+        self._output_failed = False
+        write = self._write_safely
         self.json_log = log_format == "json"
         # In JSON, the daemon's own lines become records too: one format per stream.
         self.out = (lambda line: write(printer.json_line(None, line))) if self.json_log else write
@@ -155,7 +157,9 @@ class Daemon:
         self._background: set[asyncio.Future[None]] = set()  # SIGHUP reloads
         # Starts every instance, so that the event loop never waits for a process to start.
         self.spawner = Spawner()
-        self.bus.subscribe(self._on_event)
+        # Two subscribers, so that saving never depends on printing.
+        self.bus.subscribe(self._state_changed)
+        self.bus.subscribe(self._print_event)
         # Subscribed from the start, so the lifecycle counts miss no event.
         self.metrics = Metrics(self, self.bus)
 
@@ -718,8 +722,7 @@ class Daemon:
             self.out(f"{name}: stopped pid {root.pid} {why} ({result.outcome})")
 
     # -- state ------------------------------------------------------------------------
-    def _on_event(self, event: Event) -> None:
-        self._print_event(event)
+    def _state_changed(self, event: Event) -> None:
         if event.kind not in NO_STATE_CHANGE:
             self._save_soon()
 
@@ -774,6 +777,33 @@ class Daemon:
             "components": [c.status() for c in self.components.values()],
         }
 
+    def _write_safely(self, line: str) -> None:
+        """The log must never take the daemon down: once a write fails (`rotator up |
+        head -1`: EPIPE at the next line), printing stops, saying so once on stderr and
+        in the history; events.log and the state file go on."""
+        if self._output_failed:
+            return
+        try:
+            self._print_line(line)
+        except (OSError, ValueError) as exc:  # ValueError: a closed file
+            self._output_failed = True
+            if self._print_line is _print:
+                _silence_stdout()
+            message = (
+                f"stdout failed ({printer.error_text(exc)}): no more output there; "
+                f"events go on to {self.history.path}"
+            )
+            with contextlib.suppress(OSError, ValueError):
+                print(f"rotator: {message}", file=sys.stderr, flush=True)
+            self.bus.publish(Event("", "daemon", message))
+
+    def _listener_failed(self, listener: Callable[[Event], None], exc: Exception) -> None:
+        name = getattr(listener, "__qualname__", type(listener).__name__)
+        self.out(
+            f"rotator: warning: event listener {name} failed ({printer.error_text(exc)}); "
+            "it stays subscribed (reported once)"
+        )
+
     def _print_event(self, event: Event) -> None:
         if self.json_log:
             self._write_log(printer.json_line(event.time, "", event.to_json()))
@@ -823,6 +853,14 @@ def _restore_definition(
 
 def _print(line: str) -> None:
     print(line, flush=True)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null: what its buffer still holds would fail again at exit."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def _bind_error(field: str, address: str, exc: OSError) -> str:

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.conftest import PY, cli, component, wait_until, write_config
 
@@ -186,3 +188,69 @@ def test_a_crash_loop_polled_shows_starting_gone_and_gives_up_on_time(
     last_exit = events(daemon, "exited")[-1]["time"]
     failed = events(daemon, "failed")[-1]["time"]
     assert 0 <= failed - last_exit < 0.2, failed - last_exit
+
+
+# -- item 7: the log never takes the daemon or its state down ---------------------------------
+
+
+def recorded_pid(config: Path, name: str) -> int | None:
+    with contextlib.suppress(OSError, ValueError):
+        state = json.loads((config.parent / "state" / "state.json").read_text())
+        active = state["components"][name]["active"]
+        return None if active is None else int(active["pid"])
+    return None
+
+
+@pytest.mark.parametrize("log_format", ["human", "json"])
+def test_up_with_its_stdout_closed_keeps_serving_and_saving(
+    tmp_path: Path, log_format: str
+) -> None:
+    config = write_config(tmp_path, {"web": component()})
+    admin = "http://" + yaml.safe_load(config.read_text())["admin"]["listen"]
+    stderr = tmp_path / "stderr"
+    with stderr.open("wb") as err:
+        proc = subprocess.Popen(
+            [PY, "-m", "rotator", "-c", str(config), "up", "--log-format", log_format],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            start_new_session=True,
+        )
+    pids: set[int] = set()
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline()  # `rotator up | head -1`
+        proc.stdout.close()
+
+        def ready() -> bool:
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(admin + "/v1/status", timeout=5) as resp,
+            ):
+                return bool(json.load(resp)["daemon"]["ready"])
+            return False
+
+        assert wait_until(ready, timeout=20), stderr.read_text()
+        old = recorded_pid(config, "web")
+        assert old is not None
+        pids.add(old)
+        result = cli(config, "restart", "web")
+        assert result.returncode == 0, result.stderr
+        assert wait_until(lambda: recorded_pid(config, "web") not in (None, old), timeout=10)
+        pids.add(recorded_pid(config, "web") or 0)
+        assert proc.poll() is None, stderr.read_text()
+        # The history file still gets every event; the state file every change.
+        assert "restarting" not in stderr.read_text()
+        history = (tmp_path / "state" / "events.log").read_text()
+        assert f"stopped pid {old}" in history
+        said = stderr.read_text()
+        assert said.count("\n") == 1 and "stdout" in said and "Broken pipe (EPIPE)" in said, said
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert "Traceback" not in stderr.read_text() and "Exception" not in stderr.read_text()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+        proc.wait(5)
