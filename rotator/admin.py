@@ -300,7 +300,11 @@ async def run(
         await resp.prepare(request)
         while (item := await queue.get()) is not None:
             await _write_line(resp, item)
-        await _write_line(resp, _outcome(task))
+        outcome = _outcome(task)
+        # What the operation changed is on record only once the state file has it.
+        if (unsaved := await daemon.state_saved()) is not None:
+            outcome["state_file_error"] = unsaved
+        await _write_line(resp, outcome)
     except (ConnectionResetError, RuntimeError):
         task.add_done_callback(_outcome)  # the client left; the operation goes on
     finally:

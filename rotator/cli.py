@@ -282,6 +282,7 @@ def cmd_restart(config: Config, args: argparse.Namespace) -> int:
         body["components"] = [known(config, name) for name in dict.fromkeys(args.names)]
     began = time.time()
     result = follow(Admin(config).stream("/v1/restart", body), began, quiet={"state"})
+    warn_unsaved(result, "restart")
     took = printer.duration(time.time() - began)
     done, skipped = result.get("restarted", []), result.get("skipped", [])
     if skipped:
@@ -302,6 +303,7 @@ def cmd_restart(config: Config, args: argparse.Namespace) -> int:
 def cmd_reload(config: Config, args: argparse.Namespace) -> int:
     began = time.time()
     result = follow(Admin(config).stream("/v1/reload", {}), began, quiet={"state"})
+    warn_unsaved(result, "reload")
     for note in result.get("ignored", []):
         print(f"note: {note}")
     summary = fleet.reload_summary(result)
@@ -412,6 +414,7 @@ def operate(admin: Admin, name: str, op: str, body: dict[str, Any], *, wait: boo
         return OK
     began = time.time()
     result = follow(admin.stream(path, body), began, quiet={"state", "rotated"})
+    warn_unsaved(result, op)
     if result.get("result") != "ok":
         print(
             f"rotator: {name}: {op} failed: {result.get('error', 'no result from the daemon')}",
@@ -434,6 +437,18 @@ def follow(lines: Iterator[dict[str, Any]], began: float, quiet: set[str]) -> di
         else:
             result = line
     return result
+
+
+def warn_unsaved(result: dict[str, Any], op: str) -> None:
+    """The daemon did what it did, but could not record it in its state file: say so
+    (the operation's own outcome and exit code stand)."""
+    if error := result.get("state_file_error"):
+        print(
+            f"rotator: warning: the {op} is done as reported, but the daemon {error}; "
+            "a daemon started after this one dies would not know what runs now "
+            "(see: rotator status)",
+            file=sys.stderr,
+        )
 
 
 def cmd_down(config: Config, args: argparse.Namespace) -> int:

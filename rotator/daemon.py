@@ -77,6 +77,8 @@ HANDOFF_IDLE = 2.0
 # daemon's descriptors first passed 64, 128, 256... the event loop, and every request in
 # flight, stopped for 10-20 ms (measured: the first switch's gap in the restart benchmark).
 FD_TABLE_RESERVE = 4096
+# While the state file cannot be written (a full disk), a write is tried again this often.
+STATE_RETRY = 2.0
 # An instance found from an earlier run must answer its health check within this to be adopted.
 ADOPT_CHECK_TIMEOUT = 3.0
 # Events that do not change what the state file records.
@@ -150,6 +152,9 @@ class Daemon:
         self._can_save = False
         self._saving: asyncio.Task[None] | None = None
         self._save_again = False
+        # Set while the state file cannot be written: {"message", "since"}; in status.
+        self.state_file_error: dict[str, Any] | None = None
+        self._save_retry: asyncio.TimerHandle | None = None
         self._lock = DaemonLock(config.state_dir / "daemon.lock")
         self._shutdown: asyncio.Event | None = None
         self._runner: web.AppRunner | None = None
@@ -387,6 +392,8 @@ class Daemon:
             self.bus.publish(Event("", "daemon", "rotator stopped", {"pid": os.getpid()}))
 
     async def _release(self, keep_token: bool = False) -> None:
+        if self._save_retry is not None:
+            self._save_retry.cancel()
         for listener in self.listeners.values():
             listener.stop_accepting()
         self._takeover_listener.close()
@@ -742,20 +749,55 @@ class Daemon:
         while True:
             self._save_again = False
             state = self._snapshot()  # taken on the loop: consistent
-            await loop.run_in_executor(None, self._write, state)
+            self._saved(await loop.run_in_executor(None, self._write, state))
             if not self._save_again:
                 return
 
     def _save(self) -> None:
         """Write the state file now (startup and shutdown, where nothing else runs)."""
         if self._can_save:
-            self._write(self._snapshot())
+            self._saved(self._write(self._snapshot()))
 
-    def _write(self, state: State) -> None:
+    def _write(self, state: State) -> OSError | None:
+        """In a thread: what went wrong, if anything (the loop reports it)."""
         try:
             self.state_file.save(state)
         except OSError as exc:
-            self.out(f"rotator: cannot write the state file {self.state_file.path}: {exc.strerror}")
+            return exc
+        return None
+
+    def _saved(self, error: OSError | None) -> None:
+        """How the last write went. A failure is kept for `status` and the command that
+        caused the write, said once (again if the reason changes), and retried every
+        STATE_RETRY seconds until a write succeeds, which is said too."""
+        if error is None:
+            if self.state_file_error is not None:
+                self.state_file_error = None
+                self.out(f"rotator: the state file {self.state_file.path} is written again")
+            return
+        reason = printer.os_error(error, paths=False)  # the temporary file's name would confuse
+        message = f"cannot write the state file {self.state_file.path}: {reason}"
+        if self.state_file_error is None or self.state_file_error["message"] != message:
+            self.out(
+                f"rotator: {message}; what runs is not recorded for a later daemon "
+                f"(retrying every {STATE_RETRY:g}s)"
+            )
+        since = self.state_file_error["since"] if self.state_file_error else time.time()
+        self.state_file_error = {"message": message, "since": since}
+        if self._save_retry is None or self._save_retry.cancelled():
+            self._save_retry = asyncio.get_running_loop().call_later(STATE_RETRY, self._retry_save)
+
+    def _retry_save(self) -> None:
+        self._save_retry = None
+        if self.state_file_error is not None:
+            self._save_soon()
+
+    async def state_saved(self) -> str | None:
+        """Once the changes made so far are written (or failed to be): why the last
+        write failed, or None."""
+        while self._saving is not None and not self._saving.done():
+            await asyncio.wait({self._saving})
+        return self.state_file_error["message"] if self.state_file_error else None
 
     def _snapshot(self) -> State:
         return State(
@@ -773,6 +815,7 @@ class Daemon:
                 "config": str(self.config.path),
                 "event_loop": self.event_loop,
                 "ready": self.ready,
+                "state_file_error": self.state_file_error,
             },
             "components": [c.status() for c in self.components.values()],
         }

@@ -254,3 +254,42 @@ def test_up_with_its_stdout_closed_keeps_serving_and_saving(
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
         proc.wait(5)
+
+
+# -- item 5: a state file that cannot be written is not silent -----------------------------------
+
+
+def test_a_state_file_that_cannot_be_written_shows_in_status_and_in_the_command(
+    tmp_path: Path, daemon_factory
+) -> None:
+    config = write_config(tmp_path, {"web": component()})
+    daemon = daemon_factory(config)
+    state_file = tmp_path / "state" / "state.json"
+    assert wait_until(lambda: recorded_pid(config, "web") == pid_of(daemon, "web"))
+    assert daemon.status()["daemon"]["state_file_error"] is None
+    state_file.unlink()
+    state_file.mkdir()  # a write (temp file, then rename onto it) now fails with EISDIR
+
+    restart = cli(config, "restart", "web")
+    assert restart.returncode == 0, restart.stderr  # the restart itself did happen
+    assert "restarted 1 component(s)" in restart.stdout
+    assert restart.stderr.startswith("rotator: warning: the restart is done as reported, but ")
+    assert "Is a directory (EISDIR)" in restart.stderr and str(state_file) in restart.stderr
+    assert restart.stderr.count("\n") == 1
+
+    stop = cli(config, "stop", "web")  # another operation: the same warning
+    assert stop.returncode == 0 and "the stop is done as reported" in stop.stderr
+
+    unsaved = json.loads(cli(config, "status", "--json").stdout)["daemon"]["state_file_error"]
+    assert "Is a directory (EISDIR)" in unsaved["message"] and unsaved["since"] <= time.time()
+    table = cli(config, "status")
+    assert table.returncode == 0 and "warning: since " in table.stdout
+    assert f"cannot write the state file {state_file}: Is a directory (EISDIR)" in table.stdout
+    assert "cannot write the state file" in daemon.output()
+
+    state_file.rmdir()  # writes work again: the daemon's retry catches up on its own
+    assert wait_until(lambda: daemon.status()["daemon"]["state_file_error"] is None, timeout=5)
+    saved = json.loads(state_file.read_text())["components"]["web"]
+    assert saved["stopped"] is True and saved["active"] is None
+    assert "warning" not in cli(config, "status").stdout
+    assert "is written again" in daemon.output()
