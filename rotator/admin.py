@@ -33,6 +33,7 @@ from rotator.dashboard import Sessions, add_routes
 from rotator.events import Event
 from rotator.fleet import ReloadRejected
 from rotator.logs import LogReader
+from rotator.printer import error_text
 
 if TYPE_CHECKING:
     from rotator.daemon import Daemon
@@ -405,7 +406,7 @@ def _outcome(task: asyncio.Future[dict[str, Any] | None]) -> dict[str, Any]:
         return {"result": "ok", **(task.result() or {})}
     if isinstance(exc, RotationFailed):
         return {"result": "failed", "error": exc.reason, "log_tail": exc.log_tail}
-    return {"result": "failed", "error": f"{type(exc).__name__}: {exc}"}
+    return {"result": "failed", "error": error_text(exc)}
 
 
 async def _write_line(resp: web.StreamResponse, obj: dict[str, Any]) -> None:

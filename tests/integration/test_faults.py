@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import time
 import urllib.error
@@ -293,3 +295,105 @@ def test_a_state_file_that_cannot_be_written_shows_in_status_and_in_the_command(
     assert saved["stopped"] is True and saved["active"] is None
     assert "warning" not in cli(config, "status").stdout
     assert "is written again" in daemon.output()
+
+
+# -- item 11: messages that say what happened ----------------------------------------------------
+
+
+@pytest.mark.parametrize("op", ["restart", "deploy"])
+def test_a_daemon_killed_mid_operation_is_said_so(tmp_path: Path, daemon_factory, op: str) -> None:
+    delay = tmp_path / "delay"
+    delay.write_text("0")
+    script = f'sleep "$(cat {delay})"; exec {PY} -m rotator.demo --port "$PORT"'
+    config = write_config(tmp_path, {"web": component(command=["sh", "-c", script])})
+    daemon = daemon_factory(config)
+    delay.write_text("30")  # the next instance takes long to start: time to kill the daemon
+    args = ["restart", "web"] if op == "restart" else ["deploy", "web", "--env", "X=1"]
+    proc = subprocess.Popen(
+        [PY, "-m", "rotator", "-c", str(config), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert wait_until(lambda: daemon.output().count("started pid") == 2, timeout=10)
+        daemon.proc.kill()
+        _, stderr = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+        # The instance that was starting, for the fixture's cleanup.
+        daemon.pids_seen.update(int(p) for p in re.findall(r"started pid (\d+)", daemon.output()))
+    assert proc.returncode == 1
+    assert stderr == (
+        f"rotator: the daemon closed the connection before the {op} finished "
+        "(did it exit? see: rotator status)\n"
+    )
+    status = cli(config, "status")
+    assert status.returncode == 1 and status.stderr.startswith("rotator: daemon not running")
+
+
+def test_a_daemon_out_of_file_descriptors_is_not_called_not_running(tmp_path: Path) -> None:
+    # uvloop (libuv) closes a connection it cannot accept for want of a descriptor at once;
+    # asyncio leaves it in the backlog, and the CLI would wait out its 30 s timeout.
+    pytest.importorskip("uvloop")
+    import resource
+
+    config = write_config(tmp_path, {"web": component(keepalive_timeout="60s")})
+    data = yaml.safe_load(config.read_text())
+    admin = "http://" + data["admin"]["listen"]
+    host, port = data["components"]["web"]["listen"].rsplit(":", 1)
+    limit = 128
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+    out = tmp_path / "daemon.out"
+    with out.open("wb") as sink:
+        proc = subprocess.Popen(
+            [PY, "-m", "rotator", "-c", str(config), "up"],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=low_limit,
+        )
+    clients: list[socket.socket] = []
+    pids: set[int] = set()
+    try:
+
+        def status() -> dict[str, Any] | None:
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(admin + "/v1/status", timeout=5) as resp,
+            ):
+                return dict(json.load(resp))
+            return None
+
+        assert wait_until(lambda: (s := status()) is not None and s["daemon"]["ready"], 20)
+        pids.update(c["active"]["pid"] for c in (status() or {})["components"] if c["active"])
+        for _ in range(limit):  # idle client connections: one descriptor each in the daemon
+            clients.append(socket.create_connection((host, int(port))))
+        time.sleep(0.5)
+        result = cli(config, "status", timeout=20)
+        assert result.returncode == 1, result.stdout
+        assert result.stderr.count("\n") == 1, result.stderr
+        assert "not running" not in result.stderr
+        assert result.stderr.startswith(f"rotator: the daemon at {admin} ")
+        assert "cannot serve" in result.stderr and "file descriptors" in result.stderr
+        for client in clients:
+            client.close()
+        clients.clear()
+        assert wait_until(lambda: cli(config, "status").returncode == 0, timeout=10)
+        assert proc.poll() is None, out.read_text()
+    finally:
+        for client in clients:
+            client.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(20)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+        proc.wait(5)
