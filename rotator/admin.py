@@ -33,6 +33,7 @@ from rotator.dashboard import RedirectPages, Sessions, add_routes
 from rotator.events import Event
 from rotator.fleet import ReloadRejected
 from rotator.logs import LogReader
+from rotator.printer import error_text
 
 if TYPE_CHECKING:
     from rotator.daemon import Daemon
@@ -300,7 +301,11 @@ async def run(
         await resp.prepare(request)
         while (item := await queue.get()) is not None:
             await _write_line(resp, item)
-        await _write_line(resp, _outcome(task))
+        outcome = _outcome(task)
+        # What the operation changed is on record only once the state file has it.
+        if (unsaved := await daemon.state_saved()) is not None:
+            outcome["state_file_error"] = unsaved
+        await _write_line(resp, outcome)
     except (ConnectionResetError, RuntimeError):
         task.add_done_callback(_outcome)  # the client left; the operation goes on
     finally:
@@ -401,7 +406,7 @@ def _outcome(task: asyncio.Future[dict[str, Any] | None]) -> dict[str, Any]:
         return {"result": "ok", **(task.result() or {})}
     if isinstance(exc, RotationFailed):
         return {"result": "failed", "error": exc.reason, "log_tail": exc.log_tail}
-    return {"result": "failed", "error": f"{type(exc).__name__}: {exc}"}
+    return {"result": "failed", "error": error_text(exc)}
 
 
 async def _write_line(resp: web.StreamResponse, obj: dict[str, Any]) -> None:

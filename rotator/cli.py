@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from rotator.export import Export
 
 OK, FAILED, USAGE = 0, 1, 2
+LOST = "lost the connection to the daemon (did it exit? see: rotator status)"
 
 
 class CommandError(Exception):
@@ -281,7 +282,8 @@ def cmd_restart(config: Config, args: argparse.Namespace) -> int:
     if args.names:
         body["components"] = [known(config, name) for name in dict.fromkeys(args.names)]
     began = time.time()
-    result = follow(Admin(config).stream("/v1/restart", body), began, quiet={"state"})
+    result = follow(Admin(config).stream("/v1/restart", body), began, {"state"}, "restart")
+    warn_unsaved(result, "restart")
     took = printer.duration(time.time() - began)
     done, skipped = result.get("restarted", []), result.get("skipped", [])
     if skipped:
@@ -289,7 +291,11 @@ def cmd_restart(config: Config, args: argparse.Namespace) -> int:
     if result.get("result") == "ok":
         print(f"restarted {len(done)} component(s) in {took}: {', '.join(done) or 'none'}")
         return OK
-    for name, why in (result.get("failed") or {"?": result.get("error", "no result")}).items():
+    if not result.get("failed"):  # it failed as a whole, not one component
+        print(
+            f"rotator: restart failed: {result.get('error') or 'no reason given'}", file=sys.stderr
+        )
+    for name, why in (result.get("failed") or {}).items():
         print(f"rotator: restart failed: {name}: {why}", file=sys.stderr)
         for line in (result.get("log_tail") or {}).get(name, []):
             print(f"    | {line}", file=sys.stderr)
@@ -301,7 +307,8 @@ def cmd_restart(config: Config, args: argparse.Namespace) -> int:
 
 def cmd_reload(config: Config, args: argparse.Namespace) -> int:
     began = time.time()
-    result = follow(Admin(config).stream("/v1/reload", {}), began, quiet={"state"})
+    result = follow(Admin(config).stream("/v1/reload", {}), began, {"state"}, "reload")
+    warn_unsaved(result, "reload")
     for note in result.get("ignored", []):
         print(f"note: {note}")
     summary = fleet.reload_summary(result)
@@ -323,6 +330,8 @@ def cmd_events(config: Config, args: argparse.Namespace) -> int:
             print(json.dumps(event) if args.json else printer.history_line(event), flush=True)
     except KeyboardInterrupt:
         pass  # the way to stop following
+    except (http.client.HTTPException, OSError, ValueError):
+        raise CommandError(LOST) from None
     return OK
 
 
@@ -344,7 +353,7 @@ def cmd_logs(config: Config, args: argparse.Namespace) -> int:
         # `rotator logs | head`: done. Python would complain again when it flushes at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     except (http.client.HTTPException, OSError):
-        raise CommandError("lost the connection to the daemon") from None
+        raise CommandError(LOST) from None
     return OK
 
 
@@ -411,10 +420,11 @@ def operate(admin: Admin, name: str, op: str, body: dict[str, Any], *, wait: boo
         print(f"{name}: {op} accepted; follow it with: rotator status")
         return OK
     began = time.time()
-    result = follow(admin.stream(path, body), began, quiet={"state", "rotated"})
+    result = follow(admin.stream(path, body), began, {"state", "rotated"}, op)
+    warn_unsaved(result, op)
     if result.get("result") != "ok":
         print(
-            f"rotator: {name}: {op} failed: {result.get('error', 'no result from the daemon')}",
+            f"rotator: {name}: {op} failed: {result.get('error') or 'no reason given'}",
             file=sys.stderr,
         )
         for log_line in result.get("log_tail", []):
@@ -424,16 +434,39 @@ def operate(admin: Admin, name: str, op: str, body: dict[str, Any], *, wait: boo
     return OK
 
 
-def follow(lines: Iterator[dict[str, Any]], began: float, quiet: set[str]) -> dict[str, Any]:
-    """Print an operation's events as they come (but the `quiet` kinds); its result line."""
-    result: dict[str, Any] = {}
-    for line in lines:
-        if "event" in line:
-            if line["event"]["kind"] not in quiet:
-                print(printer.event_line(line["event"], since=began), flush=True)
-        else:
-            result = line
+def follow(
+    lines: Iterator[dict[str, Any]], began: float, quiet: set[str], op: str
+) -> dict[str, Any]:
+    """Print an operation's events as they come (but the `quiet` kinds); its result line.
+    A stream cut before the result (the daemon died, say) is a CommandError saying so."""
+    result: dict[str, Any] | None = None
+    try:
+        for line in lines:
+            if "event" in line:
+                if line["event"]["kind"] not in quiet:
+                    print(printer.event_line(line["event"], since=began), flush=True)
+            else:
+                result = line
+    except (http.client.HTTPException, OSError, ValueError):  # ValueError: a line cut short
+        result = None
+    if result is None:
+        raise CommandError(
+            f"the daemon closed the connection before the {op} finished "
+            "(did it exit? see: rotator status)"
+        )
     return result
+
+
+def warn_unsaved(result: dict[str, Any], op: str) -> None:
+    """The daemon did what it did, but could not record it in its state file: say so
+    (the operation's own outcome and exit code stand)."""
+    if error := result.get("state_file_error"):
+        print(
+            f"rotator: warning: the {op} is done as reported, but the daemon {error}; "
+            "a daemon started after this one dies would not know what runs now "
+            "(see: rotator status)",
+            file=sys.stderr,
+        )
 
 
 def cmd_down(config: Config, args: argparse.Namespace) -> int:
@@ -587,10 +620,32 @@ class Admin:
             # a component or instance the daemon does not know. Usage errors both.
             usage = exc.code in (400, 404)
             raise CommandError(_error_text(exc), USAGE if usage else FAILED) from None
-        except (urllib.error.URLError, ConnectionError) as exc:
-            raise CommandError(
+        except urllib.error.URLError as exc:
+            reason = exc.reason if isinstance(exc.reason, OSError) else exc
+            raise self._unreachable(reason, timeout) from None
+        except (OSError, http.client.HTTPException) as exc:  # after the request was sent
+            raise self._unreachable(exc, timeout) from None
+
+    def _unreachable(self, exc: Exception, timeout: float | None) -> CommandError:
+        """Refused: nobody listens, the daemon is not running. Anything else (a reset, a
+        close without an answer, a timeout) means something listens but cannot serve:
+        a daemon out of file descriptors closes what it cannot accept (uvloop) or leaves
+        it waiting (asyncio)."""
+        if isinstance(exc, ConnectionRefusedError):
+            return CommandError(
                 f"daemon not running (nothing answers at {self.base}; start it with: rotator up -c {self.config.path})"
-            ) from exc
+            )
+        if isinstance(exc, TimeoutError):
+            what = f"did not answer within {timeout or 0:g} s"
+        elif isinstance(exc, http.client.RemoteDisconnected):
+            what = "closed the connection without answering"
+        else:
+            what = f"failed to answer ({printer.error_text(exc)})"
+        return CommandError(
+            f"the daemon at {self.base} {what}: something listens there but cannot serve "
+            "(a daemon out of file descriptors? overloaded?); see the daemon's output "
+            f"(its pid is in {self.config.state_dir / 'daemon.lock'})"
+        )
 
     def _readable_token(self) -> bool:
         try:

@@ -56,6 +56,7 @@ from rotator.ports import (
     port_holders,
     rotation_order,
 )
+from rotator.printer import error_text, os_error
 from rotator.proxy.route import Limits, Route, Target
 from rotator.state import ComponentRecord, InstanceRecord
 
@@ -380,13 +381,18 @@ class Component:
                 if verify > 0:
                     await self._verify(new, old, spec, verify)
                 self._ensure_guard(new)
-            except RotationFailed as exc:
+            except Exception as error:
+                # Whatever went wrong (ENOSPC, a bug), the start failed: reported, retried
+                # with backoff when recovering, never a component left `starting` for ever.
+                exc = error if isinstance(error, RotationFailed) else _failed_start(error)
                 self.last_error = exc.reason
                 idle = "starting" if recovering else "failed"
                 self._set_state("running" if self.active is not None else idle)
                 self.emit("failed", exc.reason, log_tail=exc.log_tail)
                 self._rotated(began, "rolled_back" if exc.rolled_back else "failed")
-                raise
+                if exc is error:
+                    raise
+                raise exc from error
             self.last_error = None
             if replacing or recovering:
                 self.restarts += 1
@@ -424,6 +430,8 @@ class Component:
             inst = await self._spawn(self.name, port, argv, env, spec.cwd, self.log_dir, marker)
         except SpawnError as exc:
             raise RotationFailed(str(exc)) from None
+        except OSError as exc:
+            raise RotationFailed(f"cannot start {argv[0]!r}: {os_error(exc)}") from None
         if path is not None:
             self._sockets[inst] = path
         self._prune_logs(inst)
@@ -715,9 +723,10 @@ class Component:
             # Gone: requests are held (hold_timeout) until the replacement is ready.
             self.active = None
             self.route.swap(None)
+            self._set_state("starting")  # no instance until the replacement is ready
             # What it started may have outlived it (a master's workers): stop the rest of its tree.
             inst.stopping = True
-            self._spawn_task(self._stop(inst, self.spec.stop_signal, self.spec.stop_timeout))
+            self._spawn_task(self._stop_crashed(inst))
         self.emit(
             "exited" if code is not None else "unhealthy",
             reason,
@@ -727,6 +736,10 @@ class Component:
         )
         if self._recovery is None or self._recovery.done():
             self._recovery = self._spawn_task(self._recover())
+
+    async def _stop_crashed(self, inst: Instance) -> None:
+        result = await self._stop(inst, self.spec.stop_signal, self.spec.stop_timeout)
+        self.last_stop = result.outcome  # "gone", unless something of its tree was left
 
     async def _recover(self) -> None:
         spec = self.spec
@@ -740,13 +753,14 @@ class Component:
         # A crash soon after the last one waits first: the backoff spans crashes, not only
         # failed starts, so a crash loop slows down before it is given up.
         recent = self._recent_crashes()
-        if recent:
-            await asyncio.sleep(
-                min(spec.restart_backoff * 2 ** (recent - 1), spec.restart_backoff_max)
-            )
         try:
+            # Checked before the wait too: a spent budget gives up at once, not a backoff later.
             if self._budget_spent():
                 raise RotationFailed("restart budget spent")
+            if recent:
+                delay = min(spec.restart_backoff * 2 ** (recent - 1), spec.restart_backoff_max)
+                self.emit("backoff", f"next restart attempt in {delay:.1f}s")
+                await asyncio.sleep(delay)
             async for attempt in retrying:
                 with attempt:
                     self._crashes.append(time.monotonic())
@@ -877,6 +891,10 @@ class Component:
         if inst is None or inst in self._sockets:
             return None
         return _record(inst)
+
+
+def _failed_start(exc: Exception) -> RotationFailed:
+    return RotationFailed(f"the start failed: {error_text(exc)}")
 
 
 def _record(inst: Instance) -> InstanceRecord:

@@ -79,6 +79,8 @@ HANDOFF_IDLE = 2.0
 # daemon's descriptors first passed 64, 128, 256... the event loop, and every request in
 # flight, stopped for 10-20 ms (measured: the first switch's gap in the restart benchmark).
 FD_TABLE_RESERVE = 4096
+# While the state file cannot be written (a full disk), a write is tried again this often.
+STATE_RETRY = 2.0
 # An instance found from an earlier run must answer its health check within this to be adopted.
 ADOPT_CHECK_TIMEOUT = 3.0
 # Events that do not change what the state file records.
@@ -139,10 +141,12 @@ class Daemon:
         self._admin_socket: socket.socket | None = None
         # Listening sockets from socket activation, by name, until a listener takes them.
         self.inherited = dict(inherited or {})
-        self.bus = EventBus()
+        self.bus = EventBus(on_error=self._listener_failed)
         self.components: dict[str, Component] = {}
         self.listeners: dict[str, Listener] = {}
-        write = out or _print
+        self._print_line = out or _print
+        self._output_failed = False
+        write = self._write_safely
         self.json_log = log_format == "json"
         # In JSON, the daemon's own lines become records too: one format per stream.
         self.out = (lambda line: write(printer.json_line(None, line))) if self.json_log else write
@@ -155,6 +159,9 @@ class Daemon:
         self._can_save = False
         self._saving: asyncio.Task[None] | None = None
         self._save_again = False
+        # Set while the state file cannot be written: {"message", "since"}; in status.
+        self.state_file_error: dict[str, Any] | None = None
+        self._save_retry: asyncio.TimerHandle | None = None
         self._lock = DaemonLock(config.state_dir / "daemon.lock")
         self._shutdown: asyncio.Event | None = None
         self._runner: web.AppRunner | None = None
@@ -167,7 +174,9 @@ class Daemon:
         cap, self._cap_warning = effective_total(config.max_clients, self.fd_limit)
         # Client connections over every listener, capped below the descriptor limit.
         self.clients = Clients(cap, report=self.out)
-        self.bus.subscribe(self._on_event)
+        # Two subscribers, so that saving never depends on printing.
+        self.bus.subscribe(self._state_changed)
+        self.bus.subscribe(self._print_event)
         # Subscribed from the start, so the lifecycle counts miss no event.
         self.metrics = Metrics(self, self.bus)
 
@@ -211,7 +220,7 @@ class Daemon:
         except private.NotPrivate as exc:
             raise DaemonError(str(exc)) from None
         except OSError as exc:
-            raise DaemonError(f"state_dir {config.state_dir}: {exc.strerror or exc}") from None
+            raise DaemonError(f"cannot use the state_dir: {printer.os_error(exc)}") from None
         if notice:
             self.out(f"rotator: {notice}")
         try:
@@ -222,6 +231,8 @@ class Daemon:
                 f"rotator is already running for {config.path} (pid {exc.pid or 'unknown'}); "
                 "stop it with: rotator down"
             ) from None
+        except OSError as exc:
+            raise DaemonError(f"cannot use the state_dir: {printer.os_error(exc)}") from None
         # Only under the lock: the history file has one writer.
         self.bus.history.extend(self.history.load(self.bus.history.maxlen or 0))
         self.bus.subscribe(self.history.append)
@@ -240,7 +251,10 @@ class Daemon:
         token = self._handover.token if self._handover else secrets.token_urlsafe(32)
         await self._start_admin(token)
         # Only once the admin address is ours: a second daemon must not replace the token.
-        write_private(config.token_path, token)
+        try:
+            write_private(config.token_path, token)
+        except OSError as exc:
+            raise DaemonError(f"cannot write the admin token: {printer.os_error(exc)}") from None
         limit = "unlimited" if self.fd_limit == resource.RLIM_INFINITY else self.fd_limit
         self.out(
             f"rotator {__version__}: admin on http://{config.admin.listen}, "
@@ -405,13 +419,15 @@ class Daemon:
             self.bus.publish(Event("", "daemon", "rotator stopped", {"pid": os.getpid()}))
 
     async def _release(self, keep_token: bool = False) -> None:
+        if self._save_retry is not None:
+            self._save_retry.cancel()
         for listener in self.listeners.values():
             listener.stop_accepting()
         self._takeover_listener.close()
         if self._runner is not None:
             await self._runner.cleanup()
             if not keep_token:
-                with contextlib.suppress(FileNotFoundError):
+                with contextlib.suppress(OSError):  # a cleanup: it must not fail the shutdown
                     self.config.token_path.unlink()
         self._lock.release()
         self.history.close()
@@ -752,8 +768,7 @@ class Daemon:
             self.out(f"{name}: stopped pid {root.pid} {why} ({result.outcome})")
 
     # -- state ------------------------------------------------------------------------
-    def _on_event(self, event: Event) -> None:
-        self._print_event(event)
+    def _state_changed(self, event: Event) -> None:
         if event.kind not in NO_STATE_CHANGE:
             self._save_soon()
 
@@ -773,20 +788,55 @@ class Daemon:
         while True:
             self._save_again = False
             state = self._snapshot()  # taken on the loop: consistent
-            await loop.run_in_executor(None, self._write, state)
+            self._saved(await loop.run_in_executor(None, self._write, state))
             if not self._save_again:
                 return
 
     def _save(self) -> None:
         """Write the state file now (startup and shutdown, where nothing else runs)."""
         if self._can_save:
-            self._write(self._snapshot())
+            self._saved(self._write(self._snapshot()))
 
-    def _write(self, state: State) -> None:
+    def _write(self, state: State) -> OSError | None:
+        """In a thread: what went wrong, if anything (the loop reports it)."""
         try:
             self.state_file.save(state)
         except OSError as exc:
-            self.out(f"rotator: cannot write the state file {self.state_file.path}: {exc.strerror}")
+            return exc
+        return None
+
+    def _saved(self, error: OSError | None) -> None:
+        """How the last write went. A failure is kept for `status` and the command that
+        caused the write, said once (again if the reason changes), and retried every
+        STATE_RETRY seconds until a write succeeds, which is said too."""
+        if error is None:
+            if self.state_file_error is not None:
+                self.state_file_error = None
+                self.out(f"rotator: the state file {self.state_file.path} is written again")
+            return
+        reason = printer.os_error(error, paths=False)  # the temporary file's name would confuse
+        message = f"cannot write the state file {self.state_file.path}: {reason}"
+        if self.state_file_error is None or self.state_file_error["message"] != message:
+            self.out(
+                f"rotator: {message}; what runs is not recorded for a later daemon "
+                f"(retrying every {STATE_RETRY:g}s)"
+            )
+        since = self.state_file_error["since"] if self.state_file_error else time.time()
+        self.state_file_error = {"message": message, "since": since}
+        if self._save_retry is None or self._save_retry.cancelled():
+            self._save_retry = asyncio.get_running_loop().call_later(STATE_RETRY, self._retry_save)
+
+    def _retry_save(self) -> None:
+        self._save_retry = None
+        if self.state_file_error is not None:
+            self._save_soon()
+
+    async def state_saved(self) -> str | None:
+        """Once the changes made so far are written (or failed to be): why the last
+        write failed, or None."""
+        while self._saving is not None and not self._saving.done():
+            await asyncio.wait({self._saving})
+        return self.state_file_error["message"] if self.state_file_error else None
 
     def _snapshot(self) -> State:
         return State(
@@ -804,9 +854,37 @@ class Daemon:
                 "config": str(self.config.path),
                 "event_loop": self.event_loop,
                 "ready": self.ready,
+                "state_file_error": self.state_file_error,
             },
             "components": [c.status() for c in self.components.values()],
         }
+
+    def _write_safely(self, line: str) -> None:
+        """The log must never take the daemon down: once a write fails (`rotator up |
+        head -1`: EPIPE at the next line), printing stops, saying so once on stderr and
+        in the history; events.log and the state file go on."""
+        if self._output_failed:
+            return
+        try:
+            self._print_line(line)
+        except (OSError, ValueError) as exc:  # ValueError: a closed file
+            self._output_failed = True
+            if self._print_line is _print:
+                _silence_stdout()
+            message = (
+                f"stdout failed ({printer.error_text(exc)}): no more output there; "
+                f"events go on to {self.history.path}"
+            )
+            with contextlib.suppress(OSError, ValueError):
+                print(f"rotator: {message}", file=sys.stderr, flush=True)
+            self.bus.publish(Event("", "daemon", message))
+
+    def _listener_failed(self, listener: Callable[[Event], None], exc: Exception) -> None:
+        name = getattr(listener, "__qualname__", type(listener).__name__)
+        self.out(
+            f"rotator: warning: event listener {name} failed ({printer.error_text(exc)}); "
+            "it stays subscribed (reported once)"
+        )
 
     def _print_event(self, event: Event) -> None:
         if self.json_log:
@@ -857,6 +935,14 @@ def _restore_definition(
 
 def _print(line: str) -> None:
     print(line, flush=True)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null: what its buffer still holds would fail again at exit."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def _bind_error(field: str, address: str, exc: OSError) -> str:

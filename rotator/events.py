@@ -2,12 +2,15 @@
 
 Components publish Events; the daemon's printer, the admin API's progress
 streams, the history (events.log) and the metrics subscribe. Publishing never blocks and never
-fails because of a subscriber.
+fails because of a subscriber. A subscriber that raises is kept (what failed once, a
+full disk say, may work at the next event) and reported once through `on_error`: the
+others never depend on it.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,24 +49,37 @@ class Event:
 
 
 Subscriber = Callable[[Event], None]
+ErrorHandler = Callable[[Subscriber, Exception], None]
 
 
 class EventBus:
-    def __init__(self, history: int = HISTORY) -> None:
+    def __init__(self, history: int = HISTORY, on_error: ErrorHandler | None = None) -> None:
         self.history: collections.deque[Event] = collections.deque(maxlen=history)
         self._subscribers: list[Subscriber] = []
+        self._on_error = on_error
+        self._failed: set[int] = set()  # ids of the subscribers already reported
 
     def publish(self, event: Event) -> None:
         self.history.append(event)
         for subscriber in list(self._subscribers):
             try:
                 subscriber(event)
-            except Exception:  # a broken listener must not break a rotation
-                self._subscribers.remove(subscriber)
+            except Exception as exc:  # a broken listener must not break a rotation
+                self._report(subscriber, exc)
+
+    def _report(self, subscriber: Subscriber, exc: Exception) -> None:
+        if id(subscriber) in self._failed or self._on_error is None:
+            return
+        self._failed.add(id(subscriber))
+        with contextlib.suppress(Exception):
+            self._on_error(subscriber, exc)
 
     def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
         """Add a subscriber; returns the function that removes it."""
         self._subscribers.append(subscriber)
-        return lambda: (
-            self._subscribers.remove(subscriber) if subscriber in self._subscribers else None
-        )
+        return lambda: self._unsubscribe(subscriber)
+
+    def _unsubscribe(self, subscriber: Subscriber) -> None:
+        if subscriber in self._subscribers:
+            self._subscribers.remove(subscriber)
+            self._failed.discard(id(subscriber))  # the id may come back for another

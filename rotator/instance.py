@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import shlex
 import signal
@@ -28,6 +29,7 @@ from pathlib import Path
 import psutil
 
 from rotator import logs
+from rotator.printer import os_error
 from rotator.spawner import SpawnedChild, Spawner, SpawnerGone
 
 MARKER = "ROTATOR_INSTANCE"
@@ -116,7 +118,7 @@ class Instance:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         where = f"port {port}" if port else f"socket {env.get('ROTATOR_SOCKET', '?')}"
         header = f"==== rotator: {name} on {where} at {stamp}: {shlex.join(argv)}\n".encode()
-        offset = logs.create(starting, header)
+        offset = _create_log(log_dir, starting, header)
         try:
             process = await spawner.spawn(
                 argv, cwd, {**os.environ, **env, MARKER: marker}, starting
@@ -128,7 +130,7 @@ class Instance:
             raise SpawnError(f"command not found: {argv[0]}") from exc
         except OSError as exc:
             _discard(starting)
-            raise SpawnError(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from exc
+            raise SpawnError(f"cannot start {argv[0]!r}: {os_error(exc)}") from exc
         except SpawnerGone as exc:
             _discard(starting)
             raise SpawnError(f"cannot start {argv[0]!r}: {exc}") from exc
@@ -304,6 +306,21 @@ def marked_processes(prefix: str) -> dict[str, list[psutil.Process]]:
             if marker.startswith(prefix) and _alive(proc):
                 found.setdefault(marker, []).append(proc)
     return found
+
+
+def _create_log(log_dir: Path, path: Path, header: bytes) -> int:
+    """Create the instance's log file with rotator's header; where its own output will
+    begin. A full disk or an unusable directory is a SpawnError: a start that failed."""
+    try:
+        return logs.create(path, header)
+    except FileExistsError:  # mkdir found something that is not a directory
+        reason = os_error(
+            NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(log_dir))
+        )
+    except OSError as exc:
+        _discard(path)
+        reason = os_error(exc)
+    raise SpawnError(f"cannot create its log file: {reason}")
 
 
 def _discard(log: Path) -> None:

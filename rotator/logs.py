@@ -126,7 +126,7 @@ def prune(log_dir: Path, running: Collection[int], keep: int = LOG_FILES_KEPT) -
     for path in files[: max(0, len(files) - keep)]:
         if pid_of(path) in running:
             continue
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # gone already, or a read-only disk: it stays
             path.unlink()
             removed.append(path)
     return removed

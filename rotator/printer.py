@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import time
 from typing import Any
@@ -19,6 +20,26 @@ def duration(seconds: float) -> str:
     if hours < 48:
         return f"{hours}h{minutes:02d}m"
     return f"{hours // 24}d{hours % 24:02d}h"
+
+
+def os_error(exc: OSError, *, paths: bool = True) -> str:
+    """An OSError for people: what, the errno's name (to search for), and the path(s) it
+    concerns (unless the caller names the path itself):
+    `No space left on device (ENOSPC): /var/lib/rotator/logs/web/x.log`."""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    if exc.errno is not None and exc.errno in errno.errorcode:
+        what += f" ({errno.errorcode[exc.errno]})"
+    if not paths:
+        return what
+    names = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
+    return f"{what}: {' -> '.join(names)}" if names else what
+
+
+def error_text(exc: BaseException) -> str:
+    """Any error in one line: an OSError as `os_error` has it, else its type and message."""
+    if isinstance(exc, OSError):
+        return os_error(exc)
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def status_table(status: dict[str, Any], now: float | None = None) -> str:
@@ -80,6 +101,13 @@ def status_table(status: dict[str, Any], now: float | None = None) -> str:
         if c.get("last_error") and c["state"] != "running":
             notes.append(f"  {c['name']}: {c['last_error']}")
             notes.extend(f"    | {line}" for line in c.get("log_tail", []))
+    unsaved = (status.get("daemon") or {}).get("state_file_error")
+    if unsaved:
+        since = time.strftime("%H:%M:%S", time.localtime(unsaved["since"]))
+        notes.append(
+            f"warning: since {since} the daemon {unsaved['message']}; what runs now is not "
+            "recorded (a daemon started after this one dies would not know it); retrying"
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = [
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
