@@ -58,7 +58,10 @@ def available() -> tuple[Path | None, str]:
     try:
         _fetch()
     except (OSError, subprocess.SubprocessError, ValueError, tarfile.TarError) as exc:
-        return None, f"gunicorn {VERSION}'s request corpus is not cached and fetching it failed: {exc}"
+        return (
+            None,
+            f"gunicorn {VERSION}'s request corpus is not cached, and fetching failed: {exc}",
+        )
     return HERE, ""
 
 
