@@ -68,9 +68,9 @@ def available() -> tuple[Path | None, str]:
 def _fetch() -> None:
     CACHE.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+        pip = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check"]
         done = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check"]
-            + ["--no-deps", "--no-binary", ":all:", f"gunicorn=={VERSION}", "-d", tmp],
+            [*pip, "--no-deps", "--no-binary", ":all:", f"gunicorn=={VERSION}", "-d", tmp],
             capture_output=True,
             text=True,
             timeout=DOWNLOAD_TIMEOUT,
