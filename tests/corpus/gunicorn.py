@@ -10,6 +10,7 @@ unpacked there; later runs reuse it. Without network the tests that need it skip
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import os
 import re
@@ -51,6 +52,7 @@ class Case:
     settings: dict[str, Any] = field(default_factory=dict)  # gunicorn settings it changes
 
 
+@functools.cache  # one attempt per run: both kinds of case ask
 def available() -> tuple[Path | None, str]:
     """The unpacked corpus folder, fetching it on first use; or None and why not."""
     if (HERE / "tests" / "requests" / "valid").is_dir():
