@@ -381,10 +381,12 @@ async def play(s: Setup, data: bytes, answers: int = 1, *, client: Client | None
 
 
 async def settle() -> None:
-    # The proxy, the instance and the clients share one event loop: a few turns of it
-    # deliver whatever the proxy wrote upstream while answering.
-    for _ in range(3):
-        await asyncio.sleep(0.005)
+    # The proxy, the instance and the clients share one event loop, and loopback TCP
+    # delivers as it sends: a few turns of the loop hand the instance whatever the proxy
+    # wrote upstream while answering.
+    for _ in range(5):
+        await asyncio.sleep(0)
+    await asyncio.sleep(0.002)
 
 
 @dataclass
