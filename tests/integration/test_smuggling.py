@@ -711,6 +711,22 @@ async def test_smuggling_variant(name: str) -> None:
             v.refused(expect)
 
 
+@pytest.mark.parametrize(
+    "name", ["CL.TE", "TE gzip", "TE in HTTP/1.0", "two Host", "no Host", "GET *"]
+)
+@aio(10)
+async def test_refusal_after_a_good_pipelined_request(name: str) -> None:
+    # The request before it is answered normally; nothing of the refused one goes upstream.
+    async with recording() as s:
+        mark = s.instance.mark()
+        out = await play(s, request_bytes("GET", "/first") + VARIANTS[name][0], answers=2)
+        v = await check(s, out, mark)
+        assert out.statuses == [200, 400] and out.closed
+        assert [r.target for r in v.new] == [b"/first"]
+        leaked = b"".join(v.leaked.values())
+        assert leaked.count(b" HTTP/1.1\r\n") == 1, leaked
+
+
 # == issue 13's rules, one by one =============================================================
 
 WS_HEAD = (
