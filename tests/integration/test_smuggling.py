@@ -757,6 +757,7 @@ def length_named_by_connection(seen: Seen) -> bytes:
 
 
 def chunked_named_by_connection(seen: Seen) -> bytes:
+    """A chunked answer whose Connection header names its Transfer-Encoding (to /one and /two)."""
     if seen.target not in (b"/one", b"/two"):
         return answer(seen)
     head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: Transfer-Encoding\r\n"
@@ -773,7 +774,7 @@ CONNECTION_CASES = {
         SMUGGLED,
     ),
     "chunked, Connection after": (TE + b"chunked\r\nConnection: Transfer-Encoding\r\n", SMUGGLED),
-    "both named": (b"Connection: keep-alive, Content-Length, Host\r\n" + CL, BODY),
+    "length and Host named": (b"Connection: keep-alive, Content-Length, Host\r\n" + CL, BODY),
 }
 
 
