@@ -95,8 +95,11 @@ class Answer(Enum):
         self.says = says or reason.lower()
         self.default_detail = detail
 
-    def render(self, component: str, detail: str = "", keep_alive: bool = False) -> bytes:
-        """The whole response: a one-line body naming the component and why."""
+    def render(
+        self, component: str, detail: str = "", keep_alive: bool = False, head_only: bool = False
+    ) -> bytes:
+        """The whole response: a one-line body naming the component and why (none for a
+        HEAD, RFC 9110 9.3.2, though Content-Length says what a GET would get)."""
         detail = detail or self.default_detail
         body = b"rotator: %b: %b%b\n" % (
             component.encode(),
@@ -112,7 +115,7 @@ class Answer(Enum):
                 len(body),
                 b"keep-alive" if keep_alive else b"close",
                 self.extra,
-                body,
+                b"" if head_only else body,
             )
         )
 
@@ -464,7 +467,7 @@ class Exchange:
         client = self.client
         self.status = answer.status
         self.keep_alive = self.keep_alive and self.body_done
-        client.out(answer.render(client.route.name, detail, self.keep_alive))
+        client.out(answer.render(client.route.name, detail, self.keep_alive, self.head_only))
         self._finish()
         client.flush()
 
@@ -714,7 +717,9 @@ class ClientConnection(asyncio.Protocol):
             if headers.host:
                 forwarded += b"X-Forwarded-Host: " + headers.host + b"\r\n"
         if url is None or not self._acceptable(method, url, version, headers, upgrade):
-            self._enqueue(Exchange(self, b"", keep_alive=False, error=Answer.MALFORMED))
+            self._enqueue(
+                Exchange(self, b"", keep_alive=False, method=method, error=Answer.MALFORMED)
+            )
             return
         chunked = bool(headers.codings)  # _acceptable made sure it ends in chunked
         if parser.should_upgrade() and not upgrade and (chunked or headers.length is not None):
@@ -882,6 +887,13 @@ class ClientConnection(asyncio.Protocol):
         """A malformed request: answered in its turn, then the connection closes."""
         self.closing = True
         last = self.queue[-1] if self.queue else None
+        if last is not None and last.error is not None:
+            return  # refused already at its head (the parser only now saw it too)
+        if last is not None and not last.body_done and last is not self.queue[0]:
+            # Its body broke while it waited its turn: not one byte of it went upstream.
+            self.queue.pop()
+            last.cancel()
+            last = None
         if last is None or last.body_done:
             self._enqueue(Exchange(self, b"", keep_alive=False, error=answer))
         elif len(self.queue) == 1 and not last.response_started:

@@ -494,6 +494,17 @@ async def test_body_breaking_in_a_later_read_cuts_the_upstream_connection() -> N
 
 
 @aio(10)
+async def test_the_proxys_own_answer_to_a_head_has_no_body() -> None:
+    async with fake_backend() as fb, running_proxy(fb.target()) as p:
+        c = await p.connect()
+        c.send(b"HEAD * HTTP/1.1\r\nHost: x\r\n\r\n")
+        r = await c.response(head_only=True)
+        assert r.status == 400 and int(r.get("Content-Length") or 0) > 0
+        assert await c.rest() == b""  # the length is a GET's; not one body byte follows
+        assert fb.requests == []
+
+
+@aio(10)
 async def test_malformed_after_good_pipelined_request() -> None:
     async with fake_backend() as fb, running_proxy(fb.target()) as p:
         c = await p.connect()
