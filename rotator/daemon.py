@@ -55,7 +55,7 @@ from rotator.history import EventLog
 from rotator.instance import Instance, NotOurs, marked_processes
 from rotator.metrics import Metrics
 from rotator.ports import describe_holders, port_holders, probe_port
-from rotator.proxy.clients import UNLIMITED, Clients, effective_total
+from rotator.proxy.clients import UNLIMITED, Clients, accept_backlog, effective_total
 from rotator.proxy.protocol import Listener
 from rotator.proxy.route import Route
 from rotator.proxy.upstream import preconnect
@@ -173,7 +173,7 @@ class Daemon:
         self.fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         cap, self._cap_warning = effective_total(config.max_clients, self.fd_limit)
         # Client connections over every listener, capped below the descriptor limit.
-        self.clients = Clients(cap, report=self.out)
+        self.clients = Clients(cap, report=self.out, backlog=accept_backlog(self.fd_limit))
         # Two subscribers, so that saving never depends on printing.
         self.bus.subscribe(self._state_changed)
         self.bus.subscribe(self._print_event)

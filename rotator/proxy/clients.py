@@ -38,6 +38,7 @@ MIN_TOTAL = 16
 # A limit of RLIM_INFINITY counts as this many descriptors (and raise_fd_limit, on macOS,
 # tries this first when the hard limit is infinite).
 UNLIMITED = 1 << 20
+MAX_BACKLOG = 1024
 # Closed at a cap to make room, as nginx does: an eighth of the connections there, at least
 # one and at most this many (if that many are idle). The next arrivals then find room.
 EVICT_BATCH = 32
@@ -45,13 +46,25 @@ EVICT_BATCH = 32
 REPORT_INTERVAL = 10.0
 
 
+def _reserve(fd_limit: int) -> tuple[int, int]:
+    if fd_limit == resource.RLIM_INFINITY or fd_limit < 0:
+        fd_limit = UNLIMITED
+    return fd_limit, max(RESERVE_MIN, fd_limit // RESERVE_SHARE)
+
+
 def total_cap(fd_limit: int) -> int:
     """The `auto` total of client connections for a soft RLIMIT_NOFILE of `fd_limit`:
     1024 -> 384, 65536 -> 24576."""
-    if fd_limit == resource.RLIM_INFINITY or fd_limit < 0:
-        fd_limit = UNLIMITED
-    reserve = max(RESERVE_MIN, fd_limit // RESERVE_SHARE)
+    fd_limit, reserve = _reserve(fd_limit)
     return max(MIN_TOTAL, (fd_limit - reserve) // 2)
+
+
+def accept_backlog(fd_limit: int) -> int:
+    """The listen backlog of a public address: 1024, or half the reserve when that is less
+    (256 -> 128 for a limit of 1024). Plain asyncio accepts up to a backlog's worth of
+    connections at one wake-up before the cap sees any of them: an idle flood queued
+    there took every descriptor left (EMFILE) before the oldest could be closed."""
+    return max(MIN_TOTAL, min(MAX_BACKLOG, _reserve(fd_limit)[1] // 2))
 
 
 def effective_total(configured: int | None, fd_limit: int) -> tuple[int, str | None]:
@@ -101,8 +114,14 @@ class Clients:
     cap it asks `make_room`. `cap` may change at a reload; 0 means no total cap.
     """
 
-    def __init__(self, cap: int = 0, report: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        cap: int = 0,
+        report: Callable[[str], None] | None = None,
+        backlog: int = MAX_BACKLOG,
+    ) -> None:
         self.cap = cap
+        self.backlog = backlog  # of each listening socket (see accept_backlog)
         self.open = 0
         self.numbered = 0  # the last number given out (see `number`)
         self.listeners: set[Listener] = set()

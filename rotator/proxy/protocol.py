@@ -1017,10 +1017,10 @@ class Listener:
         loop = asyncio.get_running_loop()
         factory: Callable[[], ClientConnection] = lambda: ClientConnection(self)  # noqa: E731
         if sock is not None:
-            self.server = await loop.create_server(factory, sock=sock, backlog=1024)
+            self.server = await loop.create_server(factory, sock=sock, backlog=self.clients.backlog)
         else:
             self.server = await loop.create_server(
-                factory, self.host, self.port, reuse_address=True, backlog=1024
+                factory, self.host, self.port, reuse_address=True, backlog=self.clients.backlog
             )
         self._sweeper = loop.create_task(self._sweep())
         self.clients.listeners.add(self)

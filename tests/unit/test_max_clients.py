@@ -10,7 +10,7 @@ import pytest
 from rotator.component import proxy_limits
 from rotator.config import ConfigError
 from rotator.configfile import parse
-from rotator.proxy.clients import effective_total, total_cap
+from rotator.proxy.clients import accept_backlog, effective_total, total_cap
 from rotator.proxy.protocol import Answer
 
 HERMES = """\
@@ -105,3 +105,12 @@ def test_a_bad_max_clients_names_its_line_and_path(
         parse(text, tmp_path / "rotator.yaml")
     (problem,) = info.value.problems
     assert str(problem).startswith(f"{tmp_path}/{where}: {message}"), str(problem)
+
+
+def test_the_accept_backlog_stays_within_the_reserve() -> None:
+    # One accept burst of plain asyncio takes up to a backlog's worth of descriptors.
+    assert accept_backlog(1024) == 128
+    assert accept_backlog(65536) == 1024
+    assert accept_backlog(256) == 64
+    for limit in (256, 1024, 4096, 65536):
+        assert accept_backlog(limit) + total_cap(limit) * 2 <= limit
