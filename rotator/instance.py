@@ -250,12 +250,21 @@ class Instance:
         return [p for p in procs.values() if _alive(p)]
 
     def _signal(self, sig: signal.Signals, tree: list[psutil.Process]) -> None:
-        # The group signal reaches what forks between our scan and now; sent only
-        # while the group is provably ours (a member found above).
+        """`sig` once to each process of `tree`: a second SIGINT is "force quit" to
+        uvicorn, which then skips its shutdown hooks. The group signal reaches the
+        group's members, and what forks between our scan and now; it is sent only while
+        the group is provably ours (a member found above). The others (a new session,
+        a double fork) each get one of their own."""
+        grouped = False
         if any(_pgid(p) == self.pid for p in tree):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pid, sig)
+                grouped = True
         for proc in tree:
+            # The group is read after the group signal: one that left it since the scan
+            # still gets its signal.
+            if grouped and _pgid(proc) == self.pid:
+                continue
             with contextlib.suppress(psutil.Error):
                 proc.send_signal(sig)
 
