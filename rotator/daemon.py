@@ -782,13 +782,14 @@ class Daemon:
 
 
 async def _check_adoptable(comp: Component, inst: Instance) -> str | None:
-    """None when `inst` answers its health check now (a few tries), else why not."""
+    """None when `inst` answers its health check now (a few tries) and listens on its
+    port alone, as a new instance must before it gets traffic; else why not."""
     deadline = time.monotonic() + ADOPT_CHECK_TIMEOUT
     problem: str | None = "not checked"
     while time.monotonic() < deadline:
         problem = await comp.health.probe(comp.host, inst.port)
         if problem is None:
-            return None
+            return await inst.port_problem()
         await asyncio.sleep(0.2)
     return problem
 

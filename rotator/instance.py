@@ -7,6 +7,7 @@ environment (ROTATOR_INSTANCE) that its descendants inherit.
 Stopping signals the process group, every descendant found through psutil, and
 every process still carrying the marker (a double fork leaves both the group
 and the tree), waits, kills what is left and checks that nothing survived.
+It can also tell whether the socket listening on its port is its own (`port_problem`).
 Identity is pid *and* create time: a bare pid may have been reused. Deciding
 *when* to start or stop is the component's job, not this module's.
 """
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import psutil
 
-from rotator import logs
+from rotator import logs, ports
 from rotator.spawner import SpawnedChild, Spawner, SpawnerGone
 
 MARKER = "ROTATOR_INSTANCE"
@@ -191,6 +192,24 @@ class Instance:
             return abs(proc.create_time() - self.create_time) <= CREATE_TIME_SLACK and _alive(proc)
         except psutil.Error:
             return False
+
+    async def port_problem(self) -> str | None:
+        """None when this instance's tree, and nobody else, listens on its port; else who
+        does instead or as well. Anyone can read a command line and bind its port before
+        a slow-starting app does, then answer the health check: traffic must not follow.
+        Off the event loop: it scans processes and sockets (a few ms, once per start)."""
+        return await asyncio.get_running_loop().run_in_executor(None, self._port_problem)
+
+    def _port_problem(self) -> str | None:
+        tree = self._tree()
+        pids = {p.pid for p in tree}
+        if ports.listens_alone(self.port, pids):
+            return None
+        try:
+            listening = ports.port_listeners(self.port, tree)
+        except (psutil.Error, OSError) as exc:
+            return f"cannot tell who listens on port {self.port}: {exc}"
+        return ports.describe_squatters(self.port, self.pid, pids, listening)
 
     def tail(self, lines: int = 20) -> list[str]:
         """The last lines this instance wrote, after rotator's header."""

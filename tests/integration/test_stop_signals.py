@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 from pathlib import Path
+
+import psutil
 
 from tests.conftest import PY, cli, component, wait_until, write_config
 
@@ -112,5 +113,7 @@ def test_each_process_of_the_tree_gets_the_stop_signal_once(tmp_path: Path, daem
             assert daemon.component("web")["last_stop"] == "graceful"
     finally:
         for path in tmp_path.glob("ready-*"):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(path.name.split("-")[3]), signal.SIGKILL)
+            with contextlib.suppress(psutil.Error):
+                proc = psutil.Process(int(path.name.split("-")[3]))
+                if str(script) in proc.cmdline():  # not a pid reused since
+                    proc.kill()
