@@ -5,10 +5,10 @@ listening on the port is the new instance's own (anyone may bind a port before a
 slow app does and answer its health check), switch the route, optionally verify
 the new instance for a while (rolling back to the old one, which is still
 running, when it fails), then, outside the lock, drain the replaced instance and
-stop its tree. A failed start leaves the route and the
-old instance untouched. One lock covers spawn to switch (and verify), so
-rotations of a component never interleave; draining happens after the lock is
-released, so a slow drain does not hold the next rotation back.
+stop its tree. A failed start leaves the route and the old instance untouched.
+One lock covers spawn to switch (and verify), so rotations of a component never
+interleave; draining happens after the lock is released, so a slow drain does
+not hold the next rotation back.
 
 While an instance is active, a guard task watches it: an exit or
 `unhealthy_threshold` failed health checks start a replacement, with

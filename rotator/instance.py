@@ -197,7 +197,7 @@ class Instance:
         """None when this instance's tree, and nobody else, listens on its port; else who
         does instead or as well. Anyone can read a command line and bind its port before
         a slow-starting app does, then answer the health check: traffic must not follow.
-        Off the event loop: it scans processes and sockets (a few ms, once per start)."""
+        Off the event loop: it scans processes and sockets (~1 ms on Linux, once per start)."""
         return await asyncio.get_running_loop().run_in_executor(None, self._port_problem)
 
     def _port_problem(self) -> str | None:
