@@ -30,11 +30,12 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from rotator import __version__, activation, printer
+from rotator import __version__, activation, cgroups, printer
 from rotator import takeover as takeover_
 from rotator.admin import make_app
 from rotator.component import Component, RotationFailed, probe_socket, proxy_limits
@@ -51,7 +52,7 @@ from rotator.fleet import (
 )
 from rotator.health import HealthCheck
 from rotator.history import EventLog
-from rotator.instance import Instance, marked_processes
+from rotator.instance import KILL_GRACE, Instance, marked_processes
 from rotator.metrics import Metrics
 from rotator.ports import describe_holders, port_holders, probe_port
 from rotator.proxy.protocol import Listener
@@ -155,6 +156,8 @@ class Daemon:
         self._background: set[asyncio.Future[None]] = set()  # SIGHUP reloads
         # Starts every instance, so that the event loop never waits for a process to start.
         self.spawner = Spawner()
+        # A cgroup per instance where rotator may make one (Linux): see cgroups.py.
+        self.cgroup_parent = cgroups.parent()
         self.bus.subscribe(self._on_event)
         # Subscribed from the start, so the lifecycle counts miss no event.
         self.metrics = Metrics(self, self.bus)
@@ -222,7 +225,12 @@ class Daemon:
         write_private(config.token_path, token)
         self.out(
             f"rotator {__version__}: admin on http://{config.admin.listen}, "
-            f"{len(self.components)} component(s), event loop {self.event_loop}"
+            f"{len(self.components)} component(s), event loop {self.event_loop}, "
+            + (
+                f"a cgroup per instance under {self.cgroup_parent}"
+                if self.cgroup_parent
+                else "no cgroups"
+            )
         )
         state = self._load_state()
         kept = await self._adopt(state)
@@ -288,7 +296,9 @@ class Daemon:
             socket_probe=probe_socket,
             marker_scope=self.scope,
             warm=preconnect,
-            spawn=functools.partial(Instance.spawn, spawner=self.spawner),
+            spawn=functools.partial(
+                Instance.spawn, spawner=self.spawner, cgroup_parent=self.cgroup_parent
+            ),
         )
 
     async def _start_admin(self, token: str) -> None:
@@ -711,6 +721,26 @@ class Daemon:
             )
             why = "of a removed component" if comp is None else "left from the earlier run"
             self.out(f"{name}: stopped pid {root.pid} {why} ({result.outcome})")
+        if self.cgroup_parent is not None:
+            await self._stop_leftover_cgroups(self.cgroup_parent, kept)
+
+    async def _stop_leftover_cgroups(self, parent: Path, kept: set[str]) -> None:
+        """What is left in the cgroups of this state_dir's instances that nobody adopted
+        (an instance whose root died while no daemon ran leaves its escapees there, with
+        no marker to find them by) is killed, and the cgroups removed."""
+        keep = {cgroups.name_of(marker) for marker in kept}
+        for cgroup in parent.glob(cgroups.name_of(f"{self.scope}:*")):
+            if cgroup.name in keep:
+                continue
+            if cgroups.members(cgroup):
+                pids = cgroups.members(cgroup)
+                cgroups.kill(cgroup)
+                self.out(f"rotator: killed {pids} left in {cgroup.name} from the earlier run")
+                for _ in range(int(KILL_GRACE / 0.05)):
+                    if not cgroups.members(cgroup):
+                        break
+                    await asyncio.sleep(0.05)
+            cgroups.remove(cgroup)
 
     # -- state ------------------------------------------------------------------------
     def _on_event(self, event: Event) -> None:

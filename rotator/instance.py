@@ -6,7 +6,9 @@ straight to a log file of its own (see logs.py), and carries a marker in its
 environment (ROTATOR_INSTANCE) that its descendants inherit.
 Stopping signals the process group, every descendant found through psutil, and
 every process still carrying the marker (a double fork leaves both the group
-and the tree), waits, kills what is left and checks that nothing survived.
+and the tree), and, on Linux where rotator can make one, every process in the
+instance's cgroup (see cgroups.py): each once. It waits, kills what is left and
+checks that nothing survived.
 It can also tell whether the socket listening on its port is its own (`port_problem`).
 Identity is pid *and* create time: a bare pid may have been reused. Deciding
 *when* to start or stop is the component's job, not this module's.
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import psutil
 
-from rotator import logs, ports
+from rotator import cgroups, logs, ports
 from rotator.spawner import SpawnedChild, Spawner, SpawnerGone
 
 MARKER = "ROTATOR_INSTANCE"
@@ -70,6 +72,7 @@ class Instance:
         process: SpawnedChild | None = None,
         create_time: float | None = None,
         started: float | None = None,
+        cgroup: Path | None = None,
     ) -> None:
         self.name = name
         self.port = port
@@ -87,6 +90,8 @@ class Instance:
             except psutil.Error:
                 create_time = 0.0
         self.create_time = create_time
+        # Ours from the spawn; one an earlier daemon made is found again by the pid.
+        self.cgroup = cgroup if process is not None else cgroups.of_process(pid)
 
     def __repr__(self) -> str:
         return f"{self.name}[{self.pid} :{self.port}]"
@@ -103,10 +108,12 @@ class Instance:
         marker: str = "",
         *,
         spawner: Spawner,
+        cgroup_parent: Path | None = None,
     ) -> Instance:
         """Start the command through `spawner`, its output going to a file of its own in
-        `log_dir`."""
+        `log_dir`, in a cgroup of its own under `cgroup_parent` if given."""
         marker = marker or new_marker("-", name)
+        cgroup = cgroups.make(cgroup_parent, marker) if cgroup_parent is not None else None
         log_dir.mkdir(parents=True, exist_ok=True)
         starting = logs.starting_path(log_dir)
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -117,18 +124,18 @@ class Instance:
             offset = log.tell()
         try:
             process = await spawner.spawn(
-                argv, cwd, {**os.environ, **env, MARKER: marker}, starting
+                argv, cwd, {**os.environ, **env, MARKER: marker}, starting, cgroup
             )
         except FileNotFoundError as exc:
-            _discard(starting)
+            _discard(starting, cgroup)
             if exc.filename == str(cwd):  # removed since the config was read, say
                 raise SpawnError(f"working directory not found: {cwd}") from exc
             raise SpawnError(f"command not found: {argv[0]}") from exc
         except OSError as exc:
-            _discard(starting)
+            _discard(starting, cgroup)
             raise SpawnError(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from exc
         except SpawnerGone as exc:
-            _discard(starting)
+            _discard(starting, cgroup)
             raise SpawnError(f"cannot start {argv[0]!r}: {exc}") from exc
         log_path = logs.named_for(starting, process.pid)
         try:
@@ -136,7 +143,9 @@ class Instance:
             os.rename(starting, log_path)
         except OSError:
             log_path = starting
-        return cls(name, port, process.pid, marker, log_path, offset, process=process)
+        return cls(
+            name, port, process.pid, marker, log_path, offset, process=process, cgroup=cgroup
+        )
 
     @classmethod
     def adopt(
@@ -225,17 +234,26 @@ class Instance:
         loop = asyncio.get_running_loop()
         tree = await loop.run_in_executor(None, self._tree)
         if not tree and (self.returncode is not None or not self._root_alive()):
-            return StopResult("gone", 0.0)
+            return self._stopped(StopResult("gone", 0.0))
         if not force:
             self._signal(sig, tree)
             if await self._wait_gone(tree, timeout):
-                return StopResult("graceful", time.monotonic() - began)
+                return self._stopped(StopResult("graceful", time.monotonic() - began))
         tree = _union(tree, await loop.run_in_executor(None, self._tree))
+        if self.cgroup is not None:
+            cgroups.kill(self.cgroup)  # also what forks meanwhile
         self._signal(signal.SIGKILL, tree)
         await self._wait_gone(tree, KILL_GRACE)
         tree = _union(tree, await loop.run_in_executor(None, self._tree))
         survivors = tuple(p.pid for p in tree if _alive(p))
-        return StopResult("forced", time.monotonic() - began, survivors)
+        return self._stopped(StopResult("forced", time.monotonic() - began, survivors))
+
+    def _stopped(self, result: StopResult) -> StopResult:
+        """The cgroup of a stopped instance goes (the kernel keeps it while a process,
+        a zombie even, is in it: then it stays, and the next stop or sweep tries again)."""
+        if self.cgroup is not None:
+            cgroups.remove(self.cgroup)
+        return result
 
     def _tree(self) -> list[psutil.Process]:
         """The root and its descendants, whatever else is in its process group
@@ -266,6 +284,11 @@ class Instance:
             with contextlib.suppress(psutil.Error, OSError):
                 if os.getpgid(pid) == self.pid or proc.environ().get(MARKER) == self.marker:
                     procs[pid] = proc
+        # What left the group, the tree and the marker is still in the cgroup.
+        for pid in cgroups.members(self.cgroup) if self.cgroup is not None else ():
+            if pid not in procs:
+                with contextlib.suppress(psutil.Error):
+                    procs[pid] = newer[pid][0] if pid in newer else psutil.Process(pid)
         return [p for p in procs.values() if _alive(p)]
 
     def _signal(self, sig: signal.Signals, tree: list[psutil.Process]) -> None:
@@ -323,10 +346,13 @@ def marked_processes(prefix: str) -> dict[str, list[psutil.Process]]:
     return found
 
 
-def _discard(log: Path) -> None:
-    """The log of a command that never ran: no pid to name it by, and the error says it all."""
+def _discard(log: Path, cgroup: Path | None) -> None:
+    """The log (and cgroup) of a command that never ran: no pid to name it by, and the
+    error says it all."""
     with contextlib.suppress(OSError):
         log.unlink()
+    if cgroup is not None:
+        cgroups.remove(cgroup)
 
 
 def _pgid(proc: psutil.Process) -> int | None:
