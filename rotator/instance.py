@@ -249,8 +249,8 @@ class Instance:
         return self._stopped(StopResult("forced", time.monotonic() - began, survivors))
 
     def _stopped(self, result: StopResult) -> StopResult:
-        """The cgroup of a stopped instance goes (the kernel keeps it while a process,
-        a zombie even, is in it: then it stays, and the next stop or sweep tries again)."""
+        """The cgroup of a stopped instance goes (the kernel refuses while a process is
+        in it: then it stays, for the next daemon's sweep)."""
         if self.cgroup is not None:
             cgroups.remove(self.cgroup)
         return result
