@@ -1,12 +1,14 @@
 """The life of one component: start, rotate, deploy, roll back, supervise, stop, adopt.
 
-A rotation is: choose a port, spawn, wait until healthy, switch the route,
-optionally verify the new instance for a while (rolling back to the old one,
-which is still running, when it fails), then, outside the lock, drain the
-replaced instance and stop its tree. A failed start leaves the route and the
-old instance untouched. One lock covers spawn to switch (and verify), so
-rotations of a component never interleave; draining happens after the lock is
-released, so a slow drain does not hold the next rotation back.
+A rotation is: choose a port, spawn, wait until healthy, check that the socket
+listening on the port is the new instance's own (anyone may bind a port before a
+slow app does and answer its health check), switch the route, optionally verify
+the new instance for a while (rolling back to the old one, which is still
+running, when it fails), then, outside the lock, drain the replaced instance and
+stop its tree. A failed start leaves the route and the old instance untouched.
+One lock covers spawn to switch (and verify), so rotations of a component never
+interleave; draining happens after the lock is released, so a slow drain does
+not hold the next rotation back.
 
 While an instance is active, a guard task watches it: an exit or
 `unhealthy_threshold` failed health checks start a replacement, with
@@ -452,6 +454,8 @@ class Component:
             # Shutdown during a start: nobody else knows this instance yet.
             await asyncio.shield(self._stop(inst, spec.stop_signal, spec.stop_timeout))
             raise
+        if path is None:
+            await self._own_port(inst, spec)
         self.emit(
             "healthy",
             f"pid {inst.pid} healthy after {seconds * 1000:.0f} ms",
@@ -459,6 +463,19 @@ class Component:
             ms=round(seconds * 1000),
         )
         return inst
+
+    async def _own_port(self, inst: Instance, spec: ComponentSpec) -> None:
+        """Whoever answered the health check, the switch needs the listener on the port to
+        be the new instance's own, and no other one besides: else the instance is stopped
+        and the start fails (RotationFailed), naming who holds the port."""
+        try:
+            problem = await inst.port_problem()
+        except asyncio.CancelledError:
+            await asyncio.shield(self._stop(inst, spec.stop_signal, spec.stop_timeout))
+            raise
+        if problem is not None:
+            await self._stop(inst, spec.stop_signal, spec.stop_timeout)
+            raise RotationFailed(f"{problem}: not switching to it", inst.tail(LOG_TAIL))
 
     def _choose_port(self, spec: ComponentSpec) -> int:
         in_use = {d.instance.port for d in self.draining}

@@ -31,11 +31,12 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from rotator import __version__, activation, printer, private
+from rotator import __version__, activation, cgroups, printer, private
 from rotator import takeover as takeover_
 from rotator.admin import make_app
 from rotator.component import Component, RotationFailed, probe_socket, proxy_limits
@@ -52,7 +53,7 @@ from rotator.fleet import (
 )
 from rotator.health import HealthCheck
 from rotator.history import EventLog
-from rotator.instance import Instance, NotOurs, marked_processes
+from rotator.instance import KILL_GRACE, Instance, NotOurs, marked_processes
 from rotator.metrics import Metrics
 from rotator.ports import describe_holders, port_holders, probe_port
 from rotator.proxy.clients import UNLIMITED, Clients, accept_backlog, effective_total
@@ -174,6 +175,8 @@ class Daemon:
         cap, self._cap_warning = effective_total(config.max_clients, self.fd_limit)
         # Client connections over every listener, capped below the descriptor limit.
         self.clients = Clients(cap, report=self.out, backlog=accept_backlog(self.fd_limit))
+        # A cgroup per instance where rotator may make one (Linux): see cgroups.py.
+        self.cgroup_parent = cgroups.parent()
         # Two subscribers, so that saving never depends on printing.
         self.bus.subscribe(self._state_changed)
         self.bus.subscribe(self._print_event)
@@ -259,7 +262,12 @@ class Daemon:
         self.out(
             f"rotator {__version__}: admin on http://{config.admin.listen}, "
             f"{len(self.components)} component(s), event loop {self.event_loop}, "
-            f"max_clients {self.clients.cap} (descriptor limit {limit})"
+            f"max_clients {self.clients.cap} (descriptor limit {limit}), "
+            + (
+                f"a cgroup per instance under {self.cgroup_parent}"
+                if self.cgroup_parent
+                else "no cgroups"
+            )
         )
         if self._cap_warning:
             self.out(f"rotator: warning: {self._cap_warning}")
@@ -329,7 +337,9 @@ class Daemon:
             socket_probe=probe_socket,
             marker_scope=self.scope,
             warm=preconnect,
-            spawn=functools.partial(Instance.spawn, spawner=self.spawner),
+            spawn=functools.partial(
+                Instance.spawn, spawner=self.spawner, cgroup_parent=self.cgroup_parent
+            ),
         )
 
     async def _start_admin(self, token: str) -> None:
@@ -766,6 +776,26 @@ class Daemon:
             )
             why = "of a removed component" if comp is None else "left from the earlier run"
             self.out(f"{name}: stopped pid {root.pid} {why} ({result.outcome})")
+        if self.cgroup_parent is not None:
+            await self._stop_leftover_cgroups(self.cgroup_parent, kept)
+
+    async def _stop_leftover_cgroups(self, parent: Path, kept: set[str]) -> None:
+        """What is left in the cgroups of this state_dir's instances that nobody adopted
+        (an instance whose root died while no daemon ran leaves its escapees there, with
+        no marker to find them by) is killed, and the cgroups removed."""
+        keep = {cgroups.name_of(marker) for marker in kept}
+        for cgroup in parent.glob(cgroups.name_of(f"{self.scope}:*")):
+            if cgroup.name in keep:
+                continue
+            if cgroups.members(cgroup):
+                pids = cgroups.members(cgroup)
+                cgroups.kill(cgroup)
+                self.out(f"rotator: killed {pids} left in {cgroup.name} from the earlier run")
+                for _ in range(int(KILL_GRACE / 0.05)):
+                    if not cgroups.members(cgroup):
+                        break
+                    await asyncio.sleep(0.05)
+            cgroups.remove(cgroup)
 
     # -- state ------------------------------------------------------------------------
     def _state_changed(self, event: Event) -> None:
@@ -899,13 +929,14 @@ class Daemon:
 
 
 async def _check_adoptable(comp: Component, inst: Instance) -> str | None:
-    """None when `inst` answers its health check now (a few tries), else why not."""
+    """None when `inst` answers its health check now (a few tries) and listens on its
+    port alone, as a new instance must before it gets traffic; else why not."""
     deadline = time.monotonic() + ADOPT_CHECK_TIMEOUT
     problem: str | None = "not checked"
     while time.monotonic() < deadline:
         problem = await comp.health.probe(comp.host, inst.port)
         if problem is None:
-            return None
+            return await inst.port_problem()
         await asyncio.sleep(0.2)
     return problem
 

@@ -2,9 +2,10 @@
 
 Run as `python -m rotator.demo --port P`, or `--unix PATH` to listen on a Unix
 socket instead. Flags make it misbehave on purpose (slow start, crash, never
-healthy, ignore SIGTERM, leave a child process, close every connection); routes
-echo what they received so tests can check what the proxy forwarded. Every
-response carries X-Instance-Pid/-Port (and X-Instance-Socket on a Unix socket).
+healthy, ignore SIGTERM, leave a child process, close every connection, share its
+port with SO_REUSEPORT); routes echo what they received so tests can check what
+the proxy forwarded. Every response carries X-Instance-Pid/-Port (and
+X-Instance-Socket on a Unix socket).
 """
 
 from __future__ import annotations
@@ -198,6 +199,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--never-healthy", action="store_true", help="/health answers 503")
     p.add_argument("--ignore-sigterm", action="store_true", help="only SIGKILL stops it")
     p.add_argument("--spawn-child", action="store_true", help="leave a child in our group")
+    p.add_argument("--reuse-port", action="store_true", help="bind with SO_REUSEPORT")
     p.add_argument("--access-log", action="store_true")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS")
     args = p.parse_args(argv)
@@ -253,7 +255,7 @@ async def serve(args: argparse.Namespace) -> int:
         site: web.BaseSite = (
             web.UnixSite(runner, cfg.unix)
             if cfg.unix is not None
-            else web.TCPSite(runner, cfg.host, cfg.port)
+            else web.TCPSite(runner, cfg.host, cfg.port, reuse_port=args.reuse_port or None)
         )
         where = cfg.unix if cfg.unix is not None else f"{cfg.host}:{cfg.port}"
         try:

@@ -6,7 +6,10 @@ straight to a log file of its own (see logs.py), and carries a marker in its
 environment (ROTATOR_INSTANCE) that its descendants inherit.
 Stopping signals the process group, every descendant found through psutil, and
 every process still carrying the marker (a double fork leaves both the group
-and the tree), waits, kills what is left and checks that nothing survived.
+and the tree), and, on Linux where rotator can make one, every process in the
+instance's cgroup (see cgroups.py): each once. It waits, kills what is left and
+checks that nothing survived.
+It can also tell whether the socket listening on its port is its own (`port_problem`).
 Identity is pid *and* create time: a bare pid may have been reused; adopting one
 also needs it to run as our user and carry its marker. Deciding
 *when* to start or stop is the component's job, not this module's.
@@ -28,7 +31,7 @@ from pathlib import Path
 
 import psutil
 
-from rotator import logs
+from rotator import cgroups, logs, ports
 from rotator.printer import os_error
 from rotator.spawner import SpawnedChild, Spawner, SpawnerGone
 
@@ -77,6 +80,7 @@ class Instance:
         process: SpawnedChild | None = None,
         create_time: float | None = None,
         started: float | None = None,
+        cgroup: Path | None = None,
     ) -> None:
         self.name = name
         self.port = port
@@ -94,6 +98,8 @@ class Instance:
             except psutil.Error:
                 create_time = 0.0
         self.create_time = create_time
+        # Ours from the spawn; one an earlier daemon made is found again by the pid.
+        self.cgroup = cgroup if process is not None else cgroups.of_process(pid)
 
     def __repr__(self) -> str:
         return f"{self.name}[{self.pid} :{self.port}]"
@@ -110,29 +116,31 @@ class Instance:
         marker: str = "",
         *,
         spawner: Spawner,
+        cgroup_parent: Path | None = None,
     ) -> Instance:
         """Start the command through `spawner`, its output going to a file of its own in
-        `log_dir`."""
+        `log_dir`, in a cgroup of its own under `cgroup_parent` if given."""
         marker = marker or new_marker("-", name)
         starting = logs.starting_path(log_dir)
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         where = f"port {port}" if port else f"socket {env.get('ROTATOR_SOCKET', '?')}"
         header = f"==== rotator: {name} on {where} at {stamp}: {shlex.join(argv)}\n".encode()
         offset = _create_log(log_dir, starting, header)
+        cgroup = cgroups.make(cgroup_parent, marker) if cgroup_parent is not None else None
         try:
             process = await spawner.spawn(
-                argv, cwd, {**os.environ, **env, MARKER: marker}, starting
+                argv, cwd, {**os.environ, **env, MARKER: marker}, starting, cgroup
             )
         except FileNotFoundError as exc:
-            _discard(starting)
+            _discard(starting, cgroup)
             if exc.filename == str(cwd):  # removed since the config was read, say
                 raise SpawnError(f"working directory not found: {cwd}") from exc
             raise SpawnError(f"command not found: {argv[0]}") from exc
         except OSError as exc:
-            _discard(starting)
+            _discard(starting, cgroup)
             raise SpawnError(f"cannot start {argv[0]!r}: {os_error(exc)}") from exc
         except SpawnerGone as exc:
-            _discard(starting)
+            _discard(starting, cgroup)
             raise SpawnError(f"cannot start {argv[0]!r}: {exc}") from exc
         log_path = logs.named_for(starting, process.pid)
         try:
@@ -140,7 +148,9 @@ class Instance:
             os.rename(starting, log_path)
         except OSError:
             log_path = starting
-        return cls(name, port, process.pid, marker, log_path, offset, process=process)
+        return cls(
+            name, port, process.pid, marker, log_path, offset, process=process, cgroup=cgroup
+        )
 
     @classmethod
     def adopt(
@@ -205,6 +215,24 @@ class Instance:
         except psutil.Error:
             return False
 
+    async def port_problem(self) -> str | None:
+        """None when this instance's tree, and nobody else, listens on its port; else who
+        does instead or as well. Anyone can read a command line and bind its port before
+        a slow-starting app does, then answer the health check: traffic must not follow.
+        Off the event loop: it scans processes and sockets (~1 ms on Linux, once per start)."""
+        return await asyncio.get_running_loop().run_in_executor(None, self._port_problem)
+
+    def _port_problem(self) -> str | None:
+        tree = self._tree()
+        pids = {p.pid for p in tree}
+        if ports.listens_alone(self.port, pids):
+            return None
+        try:
+            listening = ports.port_listeners(self.port, tree)
+        except (psutil.Error, OSError) as exc:
+            return f"cannot tell who listens on port {self.port}: {exc}"
+        return ports.describe_squatters(self.port, self.pid, pids, listening)
+
     def tail(self, lines: int = 20) -> list[str]:
         """The last lines this instance wrote, after rotator's header."""
         if self.log_path is None:
@@ -219,17 +247,26 @@ class Instance:
         loop = asyncio.get_running_loop()
         tree = await loop.run_in_executor(None, self._tree)
         if not tree and (self.returncode is not None or not self._root_alive()):
-            return StopResult("gone", 0.0)
+            return self._stopped(StopResult("gone", 0.0))
         if not force:
             self._signal(sig, tree)
             if await self._wait_gone(tree, timeout):
-                return StopResult("graceful", time.monotonic() - began)
+                return self._stopped(StopResult("graceful", time.monotonic() - began))
         tree = _union(tree, await loop.run_in_executor(None, self._tree))
+        if self.cgroup is not None:
+            cgroups.kill(self.cgroup)  # also what forks meanwhile
         self._signal(signal.SIGKILL, tree)
         await self._wait_gone(tree, KILL_GRACE)
         tree = _union(tree, await loop.run_in_executor(None, self._tree))
         survivors = tuple(p.pid for p in tree if _alive(p))
-        return StopResult("forced", time.monotonic() - began, survivors)
+        return self._stopped(StopResult("forced", time.monotonic() - began, survivors))
+
+    def _stopped(self, result: StopResult) -> StopResult:
+        """The cgroup of a stopped instance goes (the kernel refuses while a process is
+        in it: then it stays, for the next daemon's sweep)."""
+        if self.cgroup is not None:
+            cgroups.remove(self.cgroup)
+        return result
 
     def _tree(self) -> list[psutil.Process]:
         """The root and its descendants, whatever else is in its process group
@@ -260,15 +297,29 @@ class Instance:
             with contextlib.suppress(psutil.Error, OSError):
                 if os.getpgid(pid) == self.pid or proc.environ().get(MARKER) == self.marker:
                     procs[pid] = proc
+        # What left the group, the tree and the marker is still in the cgroup.
+        for pid in cgroups.members(self.cgroup) if self.cgroup is not None else ():
+            if pid not in procs:
+                with contextlib.suppress(psutil.Error):
+                    procs[pid] = newer[pid][0] if pid in newer else psutil.Process(pid)
         return [p for p in procs.values() if _alive(p)]
 
     def _signal(self, sig: signal.Signals, tree: list[psutil.Process]) -> None:
-        # The group signal reaches what forks between our scan and now; sent only
-        # while the group is provably ours (a member found above).
+        """`sig` once to each process of `tree`: a second SIGINT is "force quit" to
+        uvicorn, which then skips its shutdown hooks. The group signal reaches the
+        group's members, and what forks between our scan and now; it is sent only while
+        the group is provably ours (a member found above). The others (a new session,
+        a double fork) each get one of their own."""
+        grouped = False
         if any(_pgid(p) == self.pid for p in tree):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pid, sig)
+                grouped = True
         for proc in tree:
+            # The group is read after the group signal: one that left it since the scan
+            # still gets its signal.
+            if grouped and _pgid(proc) == self.pid:
+                continue
             with contextlib.suppress(psutil.Error):
                 proc.send_signal(sig)
 
@@ -323,10 +374,13 @@ def _create_log(log_dir: Path, path: Path, header: bytes) -> int:
     raise SpawnError(f"cannot create its log file: {reason}")
 
 
-def _discard(log: Path) -> None:
-    """The log of a command that never ran: no pid to name it by, and the error says it all."""
+def _discard(log: Path, cgroup: Path | None = None) -> None:
+    """The log (and cgroup) of a command that never ran: no pid to name it by, and the
+    error says it all."""
     with contextlib.suppress(OSError):
         log.unlink()
+    if cgroup is not None:
+        cgroups.remove(cgroup)
 
 
 def _pgid(proc: psutil.Process) -> int | None:

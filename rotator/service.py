@@ -142,6 +142,9 @@ def _service_unit(config: Config, options: Options, sockets: list[str]) -> str:
         # and after a crash the restarted daemon adopts them instead of starting anew;
         # whatever an earlier daemon left behind, the next `rotator up` stops.
         "KillMode=process",
+        # The daemon makes a cgroup per instance under its own (see cgroups.py): systemd
+        # hands it that subtree.
+        "Delegate=yes",
         "Restart=on-failure",
         f"RestartSec={RESTART_DELAY}s",
         "RestartPreventExitStatus=2",  # a config error: restarting cannot help

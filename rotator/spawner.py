@@ -11,7 +11,8 @@ say). The spawner is a fresh interpreter (forking a process with threads is unsa
 started once per daemon; its side is spawner_process.py.
 
 Protocol, one JSON object per line over a socket pair:
-  daemon -> spawner  {"id": n, "argv": [...], "cwd": "...", "env": {...}, "log": "path"}
+  daemon -> spawner  {"id": n, "argv": [...], "cwd": "...", "env": {...}, "log": "path",
+                     "cgroup": "path" or null}  (the child joins the cgroup before exec)
   spawner -> daemon  {"id": n, "pid": p}  or  {"id": n, "errno": e, "strerror": s,
                      "filename": f}  or  {"id": n, "error": "..."}
                      {"exited": pid, "code": c}  when a child it started exits
@@ -111,10 +112,16 @@ class Spawner:
         self._reading = asyncio.ensure_future(self._read(reader))
 
     async def spawn(
-        self, argv: list[str], cwd: Path, env: dict[str, str], log: Path
+        self,
+        argv: list[str],
+        cwd: Path,
+        env: dict[str, str],
+        log: Path,
+        cgroup: Path | None = None,
     ) -> SpawnedChild:
-        """Start `argv` in a session of its own, stdin from /dev/null, output appended to
-        `log`. Raises OSError as subprocess would (FileNotFoundError: no such command)."""
+        """Start `argv` in a session of its own (and in `cgroup`, if given and it can),
+        stdin from /dev/null, output appended to `log`. Raises OSError as subprocess
+        would (FileNotFoundError: no such command)."""
         async with self._starting:
             if self._writer is None:
                 await self.start()
@@ -122,7 +129,14 @@ class Spawner:
             raise SpawnerGone("the spawner exited")
         ident = next(self._ids)
         child = self._replies[ident] = asyncio.get_running_loop().create_future()
-        request = {"id": ident, "argv": argv, "cwd": str(cwd), "env": env, "log": str(log)}
+        request = {
+            "id": ident,
+            "argv": argv,
+            "cwd": str(cwd),
+            "env": env,
+            "log": str(log),
+            "cgroup": None if cgroup is None else str(cgroup),
+        }
         self._writer.write(json.dumps(request).encode() + b"\n")
         return await child
 

@@ -60,6 +60,7 @@ def serve(fd: int, fd_limit: int | None = None) -> None:
 
 def _start(request: dict[str, Any], children: dict[int, subprocess.Popen[bytes]]) -> dict[str, Any]:
     ident = request["id"]
+    cgroup = request.get("cgroup")
     try:
         log = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         try:
@@ -71,6 +72,9 @@ def _start(request: dict[str, Any], children: dict[int, subprocess.Popen[bytes]]
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                # Before exec, so that nothing the instance forks is ever outside it.
+                # This process has no threads: running code between fork and exec is safe.
+                preexec_fn=(lambda: _join(cgroup)) if cgroup else None,
             )
         finally:
             os.close(log)
@@ -80,6 +84,18 @@ def _start(request: dict[str, Any], children: dict[int, subprocess.Popen[bytes]]
         return {"id": ident, "error": f"{type(exc).__name__}: {exc}"}
     children[proc.pid] = proc
     return {"id": ident, "pid": proc.pid}
+
+
+def _join(cgroup: str) -> None:
+    """Move the calling process into `cgroup`; where that fails, it runs without one."""
+    try:
+        fd = os.open(os.path.join(cgroup, "cgroup.procs"), os.O_WRONLY)
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
 
 
 def _send(channel: socket.socket, message: dict[str, Any]) -> None:

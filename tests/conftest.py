@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -25,6 +26,8 @@ import aiohttp
 import psutil
 import pytest
 import yaml
+
+from rotator import cgroups
 
 PY = sys.executable
 DEMO = f"{PY} -m rotator.demo --port {{port}} --name {{name}}"
@@ -220,6 +223,19 @@ class RunningDaemon:
                 os.killpg(pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(5)
+        self._remove_cgroups()
+
+    def _remove_cgroups(self) -> None:
+        """The instances' cgroups a killed daemon left (a live one removes its own)."""
+        parent = cgroups.parent()
+        if parent is None:
+            return
+        state_dir = (self.config.parent / self.data.get("state_dir", ".rotator")).resolve()
+        scope = hashlib.sha1(str(state_dir).encode()).hexdigest()[:10]
+        for cgroup in parent.glob(cgroups.name_of(f"{scope}:*")):
+            cgroups.kill(cgroup)
+            wait_until(lambda cgroup=cgroup: not cgroups.members(cgroup), timeout=5)
+            cgroups.remove(cgroup)
 
 
 @pytest.fixture

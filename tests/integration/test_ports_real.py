@@ -1,9 +1,11 @@
-"""probe_port / port_holders / choose_port against real sockets on 127.0.0.1."""
+"""probe_port / port_holders / listens_alone / port_listeners / choose_port against real
+sockets on 127.0.0.1."""
 
 from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -11,7 +13,16 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
-from rotator.ports import Choice, PortState, choose_port, port_holders, probe_port
+from rotator import ports
+from rotator.ports import (
+    Choice,
+    PortState,
+    choose_port,
+    listens_alone,
+    port_holders,
+    port_listeners,
+    probe_port,
+)
 
 HOST = "127.0.0.1"
 
@@ -71,6 +82,71 @@ def test_port_holders_never_raises(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(psutil, "net_connections", broken)
     assert port_holders([1, 2]) == {}
+
+
+def test_port_listeners_names_the_listening_process_only(listener: socket.socket) -> None:
+    port = port_of(listener)
+    me = (os.getpid(), psutil.Process().name())
+    # An accepted connection and a client bound to the port are not listeners.
+    with socket.create_connection((HOST, port)) as client, listener.accept()[0]:
+        assert port_listeners(port, []) == [me]
+        assert port_listeners(client.getsockname()[1], []) == []
+
+
+def test_port_listeners_sees_only_the_tree_where_the_system_hides_the_rest(
+    listener: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def denied(kind: str = "inet") -> list[object]:
+        raise psutil.AccessDenied()  # macOS without root
+
+    monkeypatch.setattr(ports, "_listening_inodes", lambda port: None)  # no sock_diag
+    monkeypatch.setattr(psutil, "net_connections", denied)
+    port = port_of(listener)
+    assert not listens_alone(port, [os.getpid()])  # no quick look: psutil is asked
+    assert port_listeners(port, [psutil.Process()]) == [(os.getpid(), psutil.Process().name())]
+    assert port_listeners(port, []) == []
+
+
+LINUX = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sock_diag is Linux's")
+
+
+@LINUX
+def test_listens_alone_tells_a_listener_of_ours_from_anothers(listener: socket.socket) -> None:
+    port = port_of(listener)
+    assert listens_alone(port, [os.getpid()])
+    assert not listens_alone(port, [os.getppid()])
+    assert not listens_alone(free_port(), [os.getpid()])  # nobody listens
+    with socket.socket(socket.AF_INET6) as six:
+        six.bind(("::1", 0))
+        six.listen()
+        assert listens_alone(port_of(six), [os.getpid()])
+
+
+@LINUX
+def test_a_port_shared_with_so_reuseport_is_not_ours_alone() -> None:
+    sockets = []
+    for _ in range(2):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((HOST, port_of(sockets[0]) if sockets else 0))
+        sock.listen()
+        sockets.append(sock)
+    # The second one is held by another process alone.
+    other = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(30)"], pass_fds=(sockets[1].fileno(),)
+    )
+    sockets.pop().close()
+    try:
+        port = port_of(sockets[0])
+        assert listens_alone(port, [os.getpid(), other.pid])
+        assert not listens_alone(port, [os.getpid()])
+        me = (os.getpid(), psutil.Process().name())
+        theirs = (other.pid, psutil.Process(other.pid).name())
+        assert sorted(port_listeners(port, [])) == sorted([me, theirs])
+    finally:
+        other.kill()
+        other.wait()
+        sockets[0].close()
 
 
 def test_closed_never_listened_port_is_free() -> None:

@@ -53,6 +53,7 @@ class FakeInstance:
         self.create_time = 1.0
         self.stopping = False
         self.stopped_with: signal.Signals | None = None
+        self.squatted: str | None = None  # what port_problem() answers
         self.exit: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
     @property
@@ -67,6 +68,9 @@ class FakeInstance:
         if not self.exit.done():
             self.exit.set_result(-sig)
         return StopResult("graceful", 0.01)
+
+    async def port_problem(self) -> str | None:
+        return self.squatted
 
     def tail(self, lines: int = 20) -> list[str]:
         return [f"log of {self.pid}"]
@@ -102,6 +106,7 @@ class World:
         self.busy: set[int] = set()
         self.probe_script: list[str | None] = []  # answers of health probes while running
         self.forgotten: list[int] = []  # ports whose kept health connection was closed
+        self.squatted: dict[int, str] = {}  # port -> who holds it instead of the instance
 
     async def spawn(
         self,
@@ -115,6 +120,7 @@ class World:
     ) -> Any:
         assert argv == ["app", "--port", str(port)] and env["PORT"] == str(port)
         inst = FakeInstance(1000 + len(self.instances), port)
+        inst.squatted = self.squatted.get(port)
         self.instances.append(inst)
         return inst
 
@@ -220,6 +226,48 @@ def test_failed_health_gate_leaves_old_instance_and_route_untouched() -> None:
         assert c.state == "running" and c.active is w.instances[0] and c.restarts == 0
         assert w.instances[1].stopped_with == signal.SIGTERM  # the failed one is stopped
         assert w.instances[0].stopped_with is None
+
+    run(scenario())
+
+
+def test_a_port_held_by_another_process_fails_the_start_and_is_never_switched_to() -> None:
+    async def scenario() -> None:
+        w = World()
+        c = w.component()
+        await c.rotate()
+        target = w.route.target
+        w.squatted = {9002: "port 9002 is held by pid 77 (nc), not by the instance pid 1001"}
+        with pytest.raises(RotationFailed) as failed:
+            await c.rotate()
+        assert failed.value.reason == (
+            "port 9002 is held by pid 77 (nc), not by the instance pid 1001: not switching to it"
+        )
+        assert w.route.target is target and not target.retired
+        assert c.state == "running" and c.active is w.instances[0] and c.restarts == 0
+        assert w.instances[1].stopped_with == signal.SIGTERM
+        assert w.forgotten == [9002]  # the health connection (to the squatter) is closed
+        assert "healthy" not in w.kinds()[4:]
+        await c.rotate()  # the next port is the instance's own
+        assert w.route.target is not None and w.route.target.port == 9003
+
+    run(scenario())
+
+
+def test_a_squatted_first_start_and_crash_recovery_fail_too() -> None:
+    async def scenario() -> None:
+        w = World()
+        w.squatted = {9001: "port 9001 is held by a process of another user, not by ..."}
+        c = w.component()
+        with pytest.raises(RotationFailed, match="another user"):
+            await c.start()
+        assert c.state == "failed" and w.route.target is None
+        await c.start()
+        assert c.active is not None and c.active.port == 9002
+        w.squatted = {9003: "port 9003 is held by pid 77 (nc), not by ..."}
+        w.instances[-1].exit.set_result(1)  # a crash: the replacement skips the squatter
+        while c.active is None or c.active.port == 9002:
+            await asyncio.sleep(0.01)
+        assert c.active.port == 9001 and w.instances[-2].stopped_with == signal.SIGTERM
 
     run(scenario())
 

@@ -14,6 +14,7 @@ from rotator.ports import (
     choose_port,
     describe_exhausted,
     describe_holders,
+    describe_squatters,
     format_pool,
     rotation_order,
 )
@@ -135,3 +136,33 @@ def test_describe_holders() -> None:
     assert describe_holders(8080, {8080: [(4242, "python3")]}) == "held by pid 4242 (python3)"
     assert describe_holders(8080, {8080: [(1, "a"), (2, "b")]}) == "held by pid 1 (a) and pid 2 (b)"
     assert describe_holders(8080, {}) == "held by an unknown process"
+
+
+def test_describe_squatters_accepts_the_instance_alone() -> None:
+    assert describe_squatters(8080, 10, {10, 11}, [(11, "worker")]) is None
+    assert describe_squatters(8080, 10, {10, 11}, [(10, "master"), (11, "worker")]) is None
+
+
+def test_describe_squatters_names_who_holds_the_port_instead() -> None:
+    assert describe_squatters(8080, 10, {10}, [(7, "nc")]) == (
+        "port 8080 is held by pid 7 (nc), not by the instance pid 10"
+    )
+    assert describe_squatters(8080, 10, {10}, [(None, "?")]) == (
+        "port 8080 is held by a process of another user, not by the instance pid 10"
+    )
+    assert describe_squatters(8080, 10, {10}, [(7, "nc"), (None, "?")]) == (
+        "port 8080 is held by pid 7 (nc) and a process of another user, not by the instance pid 10"
+    )
+
+
+def test_describe_squatters_refuses_a_listener_besides_the_instance() -> None:
+    # SO_REUSEPORT: the kernel would hand part of the connections to the other one.
+    assert describe_squatters(8080, 10, {10}, [(10, "app"), (7, "python3")]) == (
+        "port 8080 is also held by pid 7 (python3), besides the instance pid 10"
+    )
+
+
+def test_describe_squatters_without_any_listener_of_the_instance() -> None:
+    assert describe_squatters(8080, 10, {10}, []) == (
+        "no process of the instance pid 10 listens on port 8080"
+    )

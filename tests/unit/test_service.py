@@ -86,6 +86,7 @@ def test_systemd_service_runs_up_and_stops_with_down(tmp_path: Path) -> None:
     assert words(svc["ExecStop"][0][1:]) == [*ROTATOR, "down", "-c", str(config.path)]
     assert svc["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     assert svc["KillMode"] == ["process"]
+    assert svc["Delegate"] == ["yes"]  # a cgroup per instance under the daemon's
     assert svc["Restart"] == ["on-failure"]
     assert svc["RestartPreventExitStatus"] == ["2"]
     assert svc["WorkingDirectory"] == [str(tmp_path)]
