@@ -225,6 +225,7 @@ class Component:
         self._recovery: asyncio.Task[None] | None = None
         self._guards: dict[Instance, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._unrotatable: set[Path] = set()  # log files whose rotation failed
 
     @property
     def name(self) -> str:
@@ -400,6 +401,41 @@ class Component:
         if self.active is not None:
             running.add(self.active.pid)
         logs.prune(self.log_dir, running)
+
+    async def rotate_logs(self) -> None:
+        """Rotate the log file of each running instance (the active and the draining ones)
+        that reached `logs.max_size`: one stat each; the copying runs in a thread."""
+        spec = self.spec
+        if not spec.log_max_size:
+            return
+        for inst in [self.active, *(d.instance for d in self.draining)]:
+            if inst is None or inst.log_path is None:
+                continue
+            try:
+                size = os.stat(inst.log_path).st_size
+            except OSError:
+                continue  # gone with a pruning, or never there
+            if size < spec.log_max_size:
+                continue
+            try:
+                await asyncio.to_thread(logs.rotate, inst.log_path, spec.log_keep)
+            except OSError as exc:
+                if inst.log_path not in self._unrotatable:  # said once, not every check
+                    self._unrotatable.add(inst.log_path)
+                    self.emit(
+                        "log",
+                        f"cannot rotate the log of pid {inst.pid} ({inst.log_path.name}):"
+                        f" {exc.strerror or exc}",
+                        pid=inst.pid,
+                    )
+                continue
+            self._unrotatable.discard(inst.log_path)
+            self.emit(
+                "log",
+                f"rotated the log of pid {inst.pid} at {size} bytes",
+                pid=inst.pid,
+                bytes=size,
+            )
 
     def _rotated(self, began: float, outcome: str) -> None:
         """A rotation ended: `ok`, `failed` (nothing changed) or `rolled_back` (verify failed)."""

@@ -196,7 +196,9 @@ class Instance:
         """The last lines this instance wrote, after rotator's header."""
         if self.log_path is None:
             return []
-        return logs.tail(self.log_path, lines, start=self.log_offset)
+        # A rotated file (logs.rotate) starts with the instance's output, not the header.
+        start = self.log_offset if logs.header_end(self.log_path) else 0
+        return logs.tail(self.log_path, lines, start=start)
 
     async def stop(self, sig: signal.Signals, timeout: float, *, force: bool = False) -> StopResult:
         """Stop the whole tree: `sig`, up to `timeout` seconds, then SIGKILL (at once with force)."""
