@@ -7,6 +7,7 @@ import asyncio
 import os
 import re
 import shlex
+import socket
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -159,6 +160,19 @@ def test_a_tcp_check_against_nothing_is_described() -> None:
     missing = "/nonexistent/web.sock"
     assert asyncio.run(HealthCheck(spec).probe("127.0.0.1", 0, unix=missing)) == (
         f"no socket at {missing}"
+    )
+
+
+def test_a_tcp_check_connects_to_a_unix_socket(tmp_path: Path) -> None:
+    path = str(tmp_path / "web.sock")
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(path)
+        server.listen()
+        assert asyncio.run(HealthCheck(HealthSpec(tcp=True)).probe("", 0, unix=path)) is None
+        accepted, _ = server.accept()
+        accepted.close()
+    assert asyncio.run(HealthCheck(HealthSpec(tcp=True)).probe("", 0, unix=path)) == (
+        f"connecting to {path}: connection refused"
     )
 
 
