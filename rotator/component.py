@@ -72,13 +72,28 @@ Warmer = Callable[[Target, int, float], Awaitable[int]]
 
 
 class HealthGate(Protocol):
-    """`unix` is passed (only) for an instance on a Unix socket: the path to probe."""
+    """`unix` is passed (only) for an instance on a Unix socket: the path to probe.
+    `definition` is what the instance was started from (an exec check runs with its
+    cwd and env, a deployed one's included)."""
 
     async def wait_until_healthy(
-        self, host: str, port: int, exited: Awaitable[int], *, unix: str | None = None
+        self,
+        host: str,
+        port: int,
+        exited: Awaitable[int],
+        *,
+        unix: str | None = None,
+        definition: ComponentSpec | None = None,
     ) -> float: ...
 
-    async def probe(self, host: str, port: int, *, unix: str | None = None) -> str | None: ...
+    async def probe(
+        self,
+        host: str,
+        port: int,
+        *,
+        unix: str | None = None,
+        definition: ComponentSpec | None = None,
+    ) -> str | None: ...
 
     def forget(self, host: str, port: int, *, unix: str | None = None) -> None:
         """The instance is about to be stopped: close what the gate keeps open to it."""
@@ -465,10 +480,12 @@ class Component:
         self.emit("spawned", f"started pid {inst.pid} on {where}", pid=inst.pid, **self._at(inst))
         try:
             if path is None:
-                seconds = await self.health.wait_until_healthy(self.host, port, inst.wait())
+                seconds = await self.health.wait_until_healthy(
+                    self.host, port, inst.wait(), definition=spec
+                )
             else:
                 seconds = await self.health.wait_until_healthy(
-                    self.host, port, inst.wait(), unix=path
+                    self.host, port, inst.wait(), unix=path, definition=spec
                 )
         except NotHealthy as exc:
             await self._stop(inst, spec.stop_signal, spec.stop_timeout)
@@ -545,12 +562,12 @@ class Component:
     def _target(self, inst: Instance, label: str = "") -> Target:
         return Target(self.host, inst.port, label=label, path=self._sockets.get(inst))
 
-    def _check(self, inst: Instance) -> Awaitable[str | None]:
-        """One health probe of `inst`, on its port or its socket."""
+    def _check(self, inst: Instance, spec: ComponentSpec) -> Awaitable[str | None]:
+        """One health probe of `inst` (started from `spec`), on its port or its socket."""
         path = self._sockets.get(inst)
         if path is None:
-            return self.health.probe(self.host, inst.port)
-        return self.health.probe(self.host, inst.port, unix=path)
+            return self.health.probe(self.host, inst.port, definition=spec)
+        return self.health.probe(self.host, inst.port, unix=path, definition=spec)
 
     async def _stop(
         self, inst: Instance, sig: signal.Signals, timeout: float, *, force: bool = False
@@ -611,7 +628,7 @@ class Component:
         failures, problem = 0, None
         while time.monotonic() < deadline and failures < threshold and new.returncode is None:
             await asyncio.sleep(min(spec.health.interval, max(0.0, deadline - time.monotonic())))
-            problem = await self._check(new)
+            problem = await self._check(new, spec)
             failures = failures + 1 if problem else 0
         if failures < threshold and new.returncode is None:
             self.emit("verified", f"pid {new.pid} stayed healthy for {window:g}s", pid=new.pid)
@@ -723,7 +740,7 @@ class Component:
                     return
                 if not check_health:
                     continue
-                problem = await self._check(inst)
+                problem = await self._check(inst, self.spec)
                 failures = failures + 1 if problem else 0
                 if problem and inst is self.active:
                     self.emit(

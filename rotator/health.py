@@ -15,9 +15,9 @@ port (asking the instance to close, `Connection: close`, would put one there aft
 every probe).
 
 `health: {tcp: true}` only connects (and closes first, for the same reason).
-`health: {exec: ...}` runs a command in the component's cwd with its env (those of
-the config; a `rotator deploy` of another cwd or env does not change the check's),
-PORT/HOST or ROTATOR_SOCKET set as for the instance; exit 0 is healthy. It is started
+`health: {exec: ...}` runs a command in the cwd and with the env the instance was
+started from (`definition`: a deployed one's included; else the component's), PORT/HOST
+or ROTATOR_SOCKET set as for the instance; exit 0 is healthy. It is started
 by the daemon's spawner, like an instance, in a session of its own that is killed as a
 whole at the timeout: an asyncio subprocess holds the event loop, and the proxy on it,
 until the child has exec'd, on every check. Measured with uvloop (the daemon's loop when
@@ -110,11 +110,19 @@ class HealthCheck:
             conn.close()
         self._kept.clear()
 
-    async def probe(self, host: str, port: int, *, unix: str | None = None) -> str | None:
+    async def probe(
+        self,
+        host: str,
+        port: int,
+        *,
+        unix: str | None = None,
+        definition: ComponentSpec | None = None,
+    ) -> str | None:
         """None when healthy, otherwise what was wrong (for messages). With `unix`, the
-        probe goes to that Unix socket (host and port only name the Host header)."""
+        probe goes to that Unix socket (host and port only name the Host header). An exec
+        check runs in `definition`'s cwd and env (default: the component's)."""
         if self.spec.exec:
-            return await self._exec(host, port, unix)
+            return await self._exec(host, port, unix, definition or self.component)
         if self.spec.tcp:
             return await self._connect(host, port, unix)
         path = self.spec.path
@@ -151,9 +159,10 @@ class HealthCheck:
         writer.close()
         return None
 
-    async def _exec(self, host: str, port: int, unix: str | None) -> str | None:
-        assert self.component is not None and self._spawn is not None
-        component = self.component
+    async def _exec(
+        self, host: str, port: int, unix: str | None, component: ComponentSpec | None
+    ) -> str | None:
+        assert component is not None
         argv, env = dataclasses.replace(component, command=self.spec.exec).render(port, host, unix)
         # The spawner appends output to an existing file: one per probe, read once it exits.
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -161,14 +170,15 @@ class HealthCheck:
         os.close(fd)
         output = Path(name)
         try:
-            return await self._run(argv, {**os.environ, **env}, output)
+            return await self._run(argv, component.cwd, {**os.environ, **env}, output)
         finally:
             with contextlib.suppress(OSError):
                 output.unlink()
 
-    async def _run(self, argv: list[str], env: dict[str, str], output: Path) -> str | None:
-        assert self.component is not None and self._spawn is not None
-        cwd = self.component.cwd
+    async def _run(
+        self, argv: list[str], cwd: Path, env: dict[str, str], output: Path
+    ) -> str | None:
+        assert self._spawn is not None
         try:
             child = await self._spawn(argv, cwd, env, output)
         except FileNotFoundError as exc:
@@ -194,12 +204,18 @@ class HealthCheck:
         return f"exec {argv[0]} exited with code {code}" + (f": {said}" if said else "")
 
     async def wait_until_healthy(
-        self, host: str, port: int, exited: Awaitable[int], *, unix: str | None = None
+        self,
+        host: str,
+        port: int,
+        exited: Awaitable[int],
+        *,
+        unix: str | None = None,
+        definition: ComponentSpec | None = None,
     ) -> float:
         """Seconds until the first healthy probe (on the Unix socket `unix`, if given).
         Raises NotHealthy when the process exits first or start_timeout passes."""
         began = time.monotonic()
-        polling = asyncio.ensure_future(self._poll(host, port, unix))
+        polling = asyncio.ensure_future(self._poll(host, port, unix, definition))
         exit_wait = asyncio.ensure_future(exited)
         try:
             done, _ = await asyncio.wait({polling, exit_wait}, return_when=asyncio.FIRST_COMPLETED)
@@ -212,11 +228,13 @@ class HealthCheck:
         code = exit_wait.result()
         raise NotHealthy(f"exited with code {code} before becoming healthy")
 
-    async def _poll(self, host: str, port: int, unix: str | None) -> None:
+    async def _poll(
+        self, host: str, port: int, unix: str | None, definition: ComponentSpec | None
+    ) -> None:
         last: list[str | None] = [None]
 
         async def attempt() -> str | None:
-            last[0] = await self.probe(host, port, unix=unix)
+            last[0] = await self.probe(host, port, unix=unix, definition=definition)
             return last[0]
 
         retrying = AsyncRetrying(

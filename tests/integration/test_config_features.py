@@ -311,3 +311,21 @@ def follow_and_check(tmp_path: Path, config: Path, daemon: Any, follower: Follow
     assert followed[-1] - followed[0] + 1 - len(followed) <= rotations
     # Through all this, one instance: it never noticed.
     assert active_pid(daemon) == pid
+
+
+def test_an_exec_check_gates_a_deploy_with_the_deployed_env_and_cwd(
+    tmp_path: Path, daemon_factory: Any
+) -> None:
+    # As an exec probe runs in the new container: the check sees the new definition.
+    (tmp_path / "v2").mkdir()
+    check = ["sh", "-c", 'test "$READY" = yes || { echo "READY=$READY in $PWD"; exit 1; }']
+    web = component(env={"READY": "yes"}, health={"exec": check, "start_timeout": "2s"})
+    config = write_config(tmp_path, {"web": web})
+    daemon = daemon_factory(config)
+    first = active_pid(daemon)
+    refused = cli(config, "deploy", "web", "--env", "READY=no", "--cwd", str(tmp_path / "v2"))
+    assert refused.returncode == 1, refused
+    assert f"exited with code 1: READY=no in {tmp_path / 'v2'}" in refused.stdout
+    assert active_pid(daemon) == first
+    assert cli(config, "deploy", "web", "--env", "OTHER=1").returncode == 0
+    assert active_pid(daemon) != first
