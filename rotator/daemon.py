@@ -808,7 +808,7 @@ async def _check_adoptable(comp: Component, inst: Instance) -> str | None:
     deadline = time.monotonic() + ADOPT_CHECK_TIMEOUT
     problem: str | None = "not checked"
     while time.monotonic() < deadline:
-        problem = await comp.health.probe(comp.host, inst.port)
+        problem = await comp.health.probe(comp.host, inst.port, definition=comp.spec)
         if problem is None:
             return None
         await asyncio.sleep(0.2)
