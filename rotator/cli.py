@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from rotator import __version__, fleet, printer, private
+from rotator import __version__, envfile, fleet, printer, private
 from rotator.config import Config, ConfigError
 from rotator.configfile import default_path, load, parse_env_assignments
 
@@ -139,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="K=V",
         help="set an environment variable (repeatable)",
+    )
+    deploy.add_argument(
+        "--env-file",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="set the variables of a dotenv file (repeatable; later files, then --env, win)",
     )
     rollback = sub.add_parser(
         "rollback", parents=[common, wait], help="return to the previous definition"
@@ -363,9 +370,14 @@ def cmd_deploy(config: Config, args: argparse.Namespace) -> int:
         body["command"] = args.new_command
     if args.cwd is not None:
         body["cwd"] = str(Path(args.cwd).expanduser().resolve())  # relative to where the user is
-    if args.env:
+    if args.env or args.env_file:
         try:
-            body["env"] = parse_env_assignments(args.env)
+            env = {}
+            for file in args.env_file:  # relative to where the user is, like --cwd
+                env.update(envfile.read(Path(file).expanduser()))
+            body["env"] = env | parse_env_assignments(args.env)
+        except FileNotFoundError as exc:
+            raise CommandError(f"--env-file {exc.filename}: no such file", USAGE) from None
         except ValueError as exc:
             raise CommandError(str(exc), USAGE) from None
     return operate(Admin(config), known(config, args.name), "deploy", body, wait=args.wait)

@@ -75,13 +75,28 @@ Warmer = Callable[[Target, int, float], Awaitable[int]]
 
 
 class HealthGate(Protocol):
-    """`unix` is passed (only) for an instance on a Unix socket: the path to probe."""
+    """`unix` is passed (only) for an instance on a Unix socket: the path to probe.
+    `definition` is what the instance was started from (an exec check runs with its
+    cwd and env, a deployed one's included)."""
 
     async def wait_until_healthy(
-        self, host: str, port: int, exited: Awaitable[int], *, unix: str | None = None
+        self,
+        host: str,
+        port: int,
+        exited: Awaitable[int],
+        *,
+        unix: str | None = None,
+        definition: ComponentSpec | None = None,
     ) -> float: ...
 
-    async def probe(self, host: str, port: int, *, unix: str | None = None) -> str | None: ...
+    async def probe(
+        self,
+        host: str,
+        port: int,
+        *,
+        unix: str | None = None,
+        definition: ComponentSpec | None = None,
+    ) -> str | None: ...
 
     def forget(self, host: str, port: int, *, unix: str | None = None) -> None:
         """The instance is about to be stopped: close what the gate keeps open to it."""
@@ -229,6 +244,7 @@ class Component:
         self._recovery: asyncio.Task[None] | None = None
         self._guards: dict[Instance, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._unrotatable: set[Path] = set()  # log files whose rotation failed
 
     @property
     def name(self) -> str:
@@ -410,6 +426,41 @@ class Component:
             running.add(self.active.pid)
         logs.prune(self.log_dir, running)
 
+    async def rotate_logs(self) -> None:
+        """Rotate the log file of each running instance (the active and the draining ones)
+        that reached `logs.max_size`: one stat each; the copying runs in a thread."""
+        spec = self.spec
+        if not spec.log_max_size:
+            return
+        for inst in [self.active, *(d.instance for d in self.draining)]:
+            if inst is None or inst.log_path is None:
+                continue
+            try:
+                size = os.stat(inst.log_path).st_size
+            except OSError:
+                continue  # gone with a pruning, or never there
+            if size < spec.log_max_size:
+                continue
+            try:
+                await asyncio.to_thread(logs.rotate, inst.log_path, spec.log_keep)
+            except OSError as exc:
+                if inst.log_path not in self._unrotatable:  # said once, not every check
+                    self._unrotatable.add(inst.log_path)
+                    self.emit(
+                        "log",
+                        f"cannot rotate the log of pid {inst.pid} ({inst.log_path.name}):"
+                        f" {exc.strerror or exc}",
+                        pid=inst.pid,
+                    )
+                continue
+            self._unrotatable.discard(inst.log_path)
+            self.emit(
+                "log",
+                f"rotated the log of pid {inst.pid} at {size} bytes",
+                pid=inst.pid,
+                bytes=size,
+            )
+
     def _rotated(self, began: float, outcome: str) -> None:
         """A rotation ended: `ok`, `failed` (nothing changed) or `rolled_back` (verify failed)."""
         seconds = round(time.monotonic() - began, 3)
@@ -440,10 +491,12 @@ class Component:
         self.emit("spawned", f"started pid {inst.pid} on {where}", pid=inst.pid, **self._at(inst))
         try:
             if path is None:
-                seconds = await self.health.wait_until_healthy(self.host, port, inst.wait())
+                seconds = await self.health.wait_until_healthy(
+                    self.host, port, inst.wait(), definition=spec
+                )
             else:
                 seconds = await self.health.wait_until_healthy(
-                    self.host, port, inst.wait(), unix=path
+                    self.host, port, inst.wait(), unix=path, definition=spec
                 )
         except NotHealthy as exc:
             await self._stop(inst, spec.stop_signal, spec.stop_timeout)
@@ -469,7 +522,7 @@ class Component:
         be the new instance's own, and no other one besides: else the instance is stopped
         and the start fails (RotationFailed), naming who holds the port."""
         try:
-            problem = await inst.port_problem()
+            problem = await inst.port_problem(wait=spec.health.start_timeout)
         except asyncio.CancelledError:
             await asyncio.shield(self._stop(inst, spec.stop_signal, spec.stop_timeout))
             raise
@@ -535,12 +588,12 @@ class Component:
     def _target(self, inst: Instance, label: str = "") -> Target:
         return Target(self.host, inst.port, label=label, path=self._sockets.get(inst))
 
-    def _check(self, inst: Instance) -> Awaitable[str | None]:
-        """One health probe of `inst`, on its port or its socket."""
+    def _check(self, inst: Instance, spec: ComponentSpec) -> Awaitable[str | None]:
+        """One health probe of `inst` (started from `spec`), on its port or its socket."""
         path = self._sockets.get(inst)
         if path is None:
-            return self.health.probe(self.host, inst.port)
-        return self.health.probe(self.host, inst.port, unix=path)
+            return self.health.probe(self.host, inst.port, definition=spec)
+        return self.health.probe(self.host, inst.port, unix=path, definition=spec)
 
     async def _stop(
         self, inst: Instance, sig: signal.Signals, timeout: float, *, force: bool = False
@@ -601,7 +654,7 @@ class Component:
         failures, problem = 0, None
         while time.monotonic() < deadline and failures < threshold and new.returncode is None:
             await asyncio.sleep(min(spec.health.interval, max(0.0, deadline - time.monotonic())))
-            problem = await self._check(new)
+            problem = await self._check(new, spec)
             failures = failures + 1 if problem else 0
         if failures < threshold and new.returncode is None:
             self.emit("verified", f"pid {new.pid} stayed healthy for {window:g}s", pid=new.pid)
@@ -713,7 +766,7 @@ class Component:
                     return
                 if not check_health:
                     continue
-                problem = await self._check(inst)
+                problem = await self._check(inst, self.spec)
                 failures = failures + 1 if problem else 0
                 if problem and inst is self.active:
                     self.emit(

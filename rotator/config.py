@@ -46,6 +46,14 @@ class HealthSpec:
     start_timeout: float = 30.0
     # Consecutive failed checks before a running instance counts as unhealthy (also in verify).
     unhealthy_threshold: int = 3
+    # The kind of check: an HTTP GET of `path` (the default); a TCP connect that succeeds
+    # (`tcp`); or a command that exits 0 (`exec`: words with `command`'s placeholders).
+    tcp: bool = False
+    exec: tuple[str, ...] = ()
+
+    @property
+    def kind(self) -> str:
+        return "exec" if self.exec else "tcp" if self.tcp else "http"
 
 
 @dataclass(frozen=True)
@@ -84,6 +92,12 @@ class ComponentSpec:
     # (state_dir/sockets/<name>.<n>.sock), and `ports` is empty.
     transport: str = "tcp"
     sockets: tuple[str, ...] = ()
+    # The `env_file` files read into `env` (absolute; for messages and export only).
+    env_files: tuple[Path, ...] = ()
+    # `logs`: a running instance's file is copied to <file>.1 and truncated once it is
+    # this large (bytes; 0 = never), keeping `log_keep` such copies.
+    log_max_size: int = 0
+    log_keep: int = 5
 
     @property
     def unix(self) -> bool:

@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from rotator import envfile
 from rotator.config import (
     Address,
     AdminSpec,
@@ -49,7 +50,11 @@ Entry = tuple[Node, Node]  # (key node, value node): keys carry the line for "un
 
 TOP_KEYS = ("admin", "state_dir", "max_clients", "defaults", "components", "export")
 KUBERNETES_KEYS = ("image", "images", "namespace")  # export.kubernetes
-HEALTH_KEYS = ("path", "interval", "timeout", "start_timeout", "unhealthy_threshold")
+HEALTH_KEYS = ("path", "interval", "timeout", "start_timeout", "unhealthy_threshold", "tcp", "exec")
+# The keys that choose the kind of check: one per block; a component's replaces the default's.
+HEALTH_KINDS = ("path", "tcp", "exec")
+LOGS_KEYS = ("max_size", "keep")
+ENV_FILE_KEYS = ("path", "required")  # an env_file item as a mapping, as in docker compose
 DEFAULT_KEYS = (
     "health",
     "drain_timeout",
@@ -75,6 +80,8 @@ DEFAULT_KEYS = (
     "max_clients",
     "transport",
     "sockets",
+    "env_file",
+    "logs",
 )
 PER_COMPONENT_KEYS = ("listen", "ports", "command", "depends_on")
 COMPONENT_KEYS = PER_COMPONENT_KEYS + DEFAULT_KEYS
@@ -302,10 +309,17 @@ class _Parser:
             self.dependencies.append((name, f"{path}.depends_on", depends_on))
         own = self.shared(found, path)
         self.check_backoff(found, own, defaults, path)
-        # Component wins: health field by field, env key by key, the rest as a whole.
-        health = HealthSpec(**{**defaults.get("health", {}), **own.pop("health", {})})
-        env = {**defaults.get("env", {}), **own.pop("env", {})}
-        rest = {k: v for k, v in defaults.items() if k not in ("health", "env")} | own
+        # Component wins: health field by field (but the kind of check as a whole), env
+        # and logs key by key, env_file as a whole (and under env), the rest as a whole.
+        health = HealthSpec(**_merged_health(defaults.get("health", {}), own.pop("health", {})))
+        if transport:
+            self.check_exec(health, transport, found, key, path)
+        files = own.pop("env_file", defaults.get("env_file", []))
+        env = {var: value for _, variables in files for var, value in variables.items()}
+        env |= {**defaults.get("env", {}), **own.pop("env", {})}
+        logs = {**defaults.get("logs", {}), **own.pop("logs", {})}
+        merged = ("health", "env", "env_file", "logs")
+        rest = {k: v for k, v in defaults.items() if k not in merged} | own
         rest.setdefault("cwd", self.base.resolve())
         count = rest.pop("sockets", DEFAULT_SOCKETS)
         sockets = socket_paths(self.state_dir, name, count) if transport == "unix" else ()
@@ -331,6 +345,9 @@ class _Parser:
             health=health,
             depends_on=tuple(dict.fromkeys(dep for dep, _ in depends_on)),
             sockets=sockets,
+            env_files=tuple(file for file, _ in files),
+            log_max_size=logs.get("max_size", 0),
+            log_keep=logs.get("keep", _SPEC_DEFAULTS["log_keep"]),
             **rest,
         )
 
@@ -411,6 +428,8 @@ class _Parser:
             "max_clients": lambda node, at: self.integer(node, at, minimum=0),
             "transport": self.transport,
             "sockets": lambda node, at: self.integer(node, at, minimum=2),
+            "env_file": self.env_files,
+            "logs": self.logs,
         }
         values = {
             key: read(found[key][1], f"{path}.{key}")
@@ -690,6 +709,79 @@ class _Parser:
             here = f"{path}.unhealthy_threshold"
             if (count := self.integer(found["unhealthy_threshold"][1], here, 1)) is not None:
                 values["unhealthy_threshold"] = count
+        if "tcp" in found and (tcp := self.boolean(found["tcp"][1], f"{path}.tcp")) is not None:
+            values["tcp"] = tcp
+        if "exec" in found and (words := self.command(found["exec"][1], f"{path}.exec")):
+            values["exec"] = words
+        kinds = [k for k in HEALTH_KINDS if k in found and not (k == "tcp" and not values.get(k))]
+        if len(kinds) > 1:
+            self.fail(
+                found[kinds[1]][0],
+                f"{path}.{kinds[1]}",
+                f"cannot be set with {kinds[0]}: a check is an HTTP GET of path, a TCP"
+                " connect (tcp: true) or a command (exec), one of them",
+            )
+        return values
+
+    def check_exec(
+        self, health: HealthSpec, transport: str, found: dict[str, Entry], key: Node, path: str
+    ) -> None:
+        """An exec check's command, like `command`, may only use its transport's placeholder."""
+        if not health.exec or not (problem := foreign_placeholder(health.exec, transport)):
+            return
+        at, here = key, f"{path}.health.exec (from defaults)"
+        node = _value(found, "health")
+        for key_node, value_node in node.value if isinstance(node, MappingNode) else []:
+            if key_node.value == "exec":
+                at, here = value_node, f"{path}.health.exec"
+        self.fail(at, here, problem)
+
+    def env_files(self, node: Node, path: str) -> list[tuple[Path, dict[str, str]]]:
+        """Each file of `env_file` (a path, a list of them, or {path, required} items) with
+        its variables; a missing file is a problem unless `required: false`."""
+        items = node.value if isinstance(node, SequenceNode) else [node]
+        read: list[tuple[Path, dict[str, str]]] = []
+        for i, item in enumerate(items):
+            here = f"{path}[{i}]" if isinstance(node, SequenceNode) else path
+            required: bool | None = True
+            if isinstance(item, MappingNode):
+                found = self.mapping(item, here, ENV_FILE_KEYS) or {}
+                if "required" in found:
+                    required = self.boolean(found["required"][1], f"{here}.required")
+                at = self.required(found, item, here, "path", "the env file", self.path_value)
+            else:
+                at = self.path_value(item, here)
+            if at is None or required is None:
+                continue
+            try:
+                read.append((at, envfile.read(at)))
+            except FileNotFoundError:
+                if required:
+                    self.fail(
+                        item,
+                        here,
+                        f"{at} does not exist (give it as {{path: ..., required: false}}"
+                        " if it may be missing)",
+                    )
+            except envfile.EnvFileError as exc:
+                self.problems.append(Problem(exc.file, exc.line, here, exc.message))
+        return read
+
+    def logs(self, node: Node, path: str) -> dict[str, int]:
+        found = self.mapping(node, path, LOGS_KEYS) or {}
+        values: dict[str, int] = {}
+        if "max_size" in found:
+            # 0 turns rotation off (a default's, say); below 1KiB a file would rotate on
+            # about every line.
+            size = self.parsed(found["max_size"][1], f"{path}.max_size", parse_size)
+            if size is not None and 0 < size < 1024:
+                self.fail(
+                    found["max_size"][1], f"{path}.max_size", "must be 0 (off) or 1KiB or more"
+                )
+            elif size is not None:
+                values["max_size"] = size
+        if "keep" in found and (keep := self.integer(found["keep"][1], f"{path}.keep", 1)):
+            values["keep"] = keep
         return values
 
     def integer(self, node: Node, path: str, minimum: int) -> int | None:
@@ -823,6 +915,14 @@ def _bytes(size: int) -> str:
 
 
 _SPEC_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ComponentSpec)}
+
+
+def _merged_health(defaults: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
+    """A component's health fields over the defaults'; a component that chooses a kind
+    of check (path, tcp or exec) replaces the default's kind as a whole."""
+    if any(key in own for key in HEALTH_KINDS):
+        defaults = {k: v for k, v in defaults.items() if k not in HEALTH_KINDS}
+    return {**defaults, **own}
 
 
 def _value(found: dict[str, Entry], key: str) -> Node | None:

@@ -88,6 +88,10 @@ ADOPT_CHECK_TIMEOUT = 3.0
 # Events the human log leaves out: state transitions repeat what the event before said,
 # and a daemon record repeats a line the daemon printed itself.
 QUIET_KINDS = frozenset({"state", "daemon"})
+# How often running instances' log sizes are checked against `logs.max_size`: one stat
+# per instance (a few microseconds); a file grows past max_size by at most what its
+# instance writes in this time.
+LOG_CHECK_INTERVAL = 1.0
 NO_STATE_CHANGE = frozenset(
     {
         "healthy",
@@ -194,6 +198,7 @@ class Daemon:
         await self.spawner.start()
         startup = asyncio.ensure_future(self._startup())
         stopping = asyncio.ensure_future(self._shutdown.wait())
+        rotating = asyncio.ensure_future(self._rotate_logs())
         try:
             await asyncio.wait({startup, stopping}, return_when=asyncio.FIRST_COMPLETED)
             if not startup.done():  # told to stop while still starting
@@ -203,12 +208,20 @@ class Daemon:
                 await stopping
         finally:
             stopping.cancel()
+            rotating.cancel()
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             await self._stop_everything()
             await self.spawner.close()
         if not startup.cancelled() and startup.exception() is not None:
             raise startup.exception()  # type: ignore[misc]
+
+    async def _rotate_logs(self) -> None:
+        """Every LOG_CHECK_INTERVAL, each component rotates its instances' outgrown logs."""
+        while True:
+            await asyncio.sleep(LOG_CHECK_INTERVAL)
+            for comp in list(self.components.values()):
+                await comp.rotate_logs()
 
     def request_shutdown(self) -> None:
         if self._shutdown is not None:
@@ -331,7 +344,7 @@ class Daemon:
             spec,
             listener.route,
             self.bus,
-            health=HealthCheck(spec.health),
+            health=self._health_check(spec),
             log_dir=self.config.log_dir(spec.name),
             probe=probe_port,
             socket_probe=probe_socket,
@@ -340,6 +353,14 @@ class Daemon:
             spawn=functools.partial(
                 Instance.spawn, spawner=self.spawner, cgroup_parent=self.cgroup_parent
             ),
+        )
+
+    def _health_check(self, spec: ComponentSpec) -> HealthCheck:
+        return HealthCheck(
+            spec.health,
+            spec,
+            spawn=self.spawner.spawn,
+            output_dir=self.config.state_dir / "health",
         )
 
     async def _start_admin(self, token: str) -> None:
@@ -669,8 +690,9 @@ class Daemon:
         """Rotate `comp` to a reloaded definition; its health check is the new one's
         only if the rotation succeeds."""
         health = comp.health
-        if spec.health != comp.config_spec.health:
-            comp.health = HealthCheck(spec.health)
+        # An exec check also runs in the component's cwd, with its env.
+        if spec.health != comp.config_spec.health or spec.health.exec:
+            comp.health = self._health_check(spec)
         try:
             await comp.reconfigure(spec, rotate=True)
         except RotationFailed:
@@ -934,7 +956,7 @@ async def _check_adoptable(comp: Component, inst: Instance) -> str | None:
     deadline = time.monotonic() + ADOPT_CHECK_TIMEOUT
     problem: str | None = "not checked"
     while time.monotonic() < deadline:
-        problem = await comp.health.probe(comp.host, inst.port)
+        problem = await comp.health.probe(comp.host, inst.port, definition=comp.spec)
         if problem is None:
             return await inst.port_problem()
         await asyncio.sleep(0.2)

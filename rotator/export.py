@@ -158,7 +158,7 @@ def _deployment(
     health = spec.health
     period = math.ceil(health.interval)
     probe = {
-        "httpGet": {"path": health.path, "port": PORT_NAME},
+        **_probe_action(spec),
         "periodSeconds": period,
         "timeoutSeconds": math.ceil(health.timeout),
         "failureThreshold": health.unhealthy_threshold,
@@ -220,17 +220,41 @@ def _service(spec: ComponentSpec, name: str) -> dict[str, Any]:
     }
 
 
+def _probe_action(spec: ComponentSpec) -> dict[str, Any]:
+    """What a probe does: httpGet of the health path, tcpSocket, or exec of the command
+    with {port} the container port and {host} 127.0.0.1 (the kubelet runs it inside the
+    container, in its environment)."""
+    health = spec.health
+    if health.tcp and not health.exec:
+        return {"tcpSocket": {"port": PORT_NAME}}
+    if health.exec:
+        check = dataclasses.replace(
+            spec, command=tuple(word.replace(_PYTHON, "python") for word in health.exec)
+        )
+        # Probe commands are not subject to $(VAR) expansion: the words stay as written.
+        return {"exec": {"command": check.render(CONTAINER_PORT, host="127.0.0.1")[0]}}
+    return {"httpGet": {"path": health.path, "port": PORT_NAME}}
+
+
 def _wait_for(dependency: ComponentSpec, names: dict[str, str]) -> dict[str, Any]:
     """An init container that waits until `dependency` answers its health check through
     its Service, as rotator starts a component only after its dependencies are healthy.
-    Bounded: on giving up it exits 1, and the kubelet retries it with backoff."""
+    Bounded: on giving up it exits 1, and the kubelet retries it with backoff.
+
+    For a tcp or exec check it waits for a connection to the Service: the Service
+    forwards only to ready pods, so one is accepted once a pod passes its check."""
     name = names[dependency.name]
-    url = f"http://{name}:{dependency.listen.port}{dependency.health.path}"
+    timeout = math.ceil(dependency.health.timeout)
+    if dependency.health.kind == "http":
+        url = f"http://{name}:{dependency.listen.port}{dependency.health.path}"
+        check, where = f"wget -q -T {timeout} -O /dev/null {shlex.quote(url)}", url
+    else:
+        check = f"nc -z -w {timeout} {name} {dependency.listen.port}"
+        where = f"{name}:{dependency.listen.port}"
     tries = math.ceil(dependency.health.start_timeout) + SCHEDULE_SECONDS
     script = (
-        f"i=0; until wget -q -T {math.ceil(dependency.health.timeout)} -O /dev/null"
-        f" {shlex.quote(url)}; do i=$((i+1)); if [ $i -ge {tries} ]; then"
-        f" echo {shlex.quote(f'{name} not healthy at {url}')} >&2; exit 1; fi; sleep 1; done"
+        f"i=0; until {check}; do i=$((i+1)); if [ $i -ge {tries} ]; then"
+        f" echo {shlex.quote(f'{name} not healthy at {where}')} >&2; exit 1; fi; sleep 1; done"
     )
     return {
         "name": f"wait-for-{name}"[:_LABEL_MAX].rstrip("-"),
@@ -313,6 +337,18 @@ def _notes(spec: ComponentSpec, name: str, config: Config) -> list[str]:
         )
     if _own_cwd(spec, config):
         notes.append(f"cwd became workingDir {spec.cwd}: the image must hold the code there")
+    if spec.env_files:
+        files = ", ".join(path.name for path in spec.env_files)
+        notes.append(
+            f"env_file {files}: the variables were read now and written into the Deployment's"
+            " env; move secrets to a Secret (envFrom: secretRef)"
+        )
+    if spec.log_max_size:
+        notes.append(
+            f"logs.max_size {_value('log_max_size', spec.log_max_size)} has no per-pod"
+            " equivalent: the kubelet rotates container logs by its containerLogMaxSize and"
+            " containerLogMaxFiles (10Mi and 5 by default)"
+        )
     if changed := [key for key in _RESTARTS if getattr(spec, key) != _DEFAULTS[key]]:
         notes.append(
             f"{_settings(spec, changed)} no Kubernetes equivalent (the kubelet restarts a"
@@ -337,8 +373,10 @@ def _value(key: str, value: object) -> str:
     """A setting as it would be written in the config."""
     if isinstance(value, bool):
         return str(value).lower()
-    if key == "max_header_size" and isinstance(value, int) and value % 1024 == 0:
-        return f"{value // 1024}KiB"
+    if key in ("max_header_size", "log_max_size") and isinstance(value, int):
+        for unit, factor in (("MiB", 1024 * 1024), ("KiB", 1024)):
+            if value % factor == 0:
+                return f"{value // factor}{unit}"
     return _duration(value) if isinstance(value, float) else str(value)
 
 

@@ -41,6 +41,8 @@ KILL_GRACE = 3.0
 POLL = 0.02
 # How often an adopted instance (not our child: no exit notification) is checked.
 ADOPTED_POLL = 0.25
+# How often a port nobody listens on yet is looked at again (see port_problem).
+PORT_POLL = 0.05
 # psutil's create_time is a float derived from boot time and clock ticks.
 CREATE_TIME_SLACK = 0.05
 
@@ -215,29 +217,43 @@ class Instance:
         except psutil.Error:
             return False
 
-    async def port_problem(self) -> str | None:
+    async def port_problem(self, wait: float = 0.0) -> str | None:
         """None when this instance's tree, and nobody else, listens on its port; else who
         does instead or as well. Anyone can read a command line and bind its port before
         a slow-starting app does, then answer the health check: traffic must not follow.
-        Off the event loop: it scans processes and sockets (~1 ms on Linux, once per start)."""
-        return await asyncio.get_running_loop().run_in_executor(None, self._port_problem)
+        A port nobody listens on yet is asked about again, for up to `wait` seconds while
+        the instance runs: a check that does not touch the port (exec) may pass before
+        the app has bound it. Off the event loop: it scans processes and sockets (~1 ms
+        on Linux, once per start)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            problem, unbound = await loop.run_in_executor(None, self._port_problem)
+            if problem is None or not unbound or self.returncode is not None:
+                return problem
+            if loop.time() >= deadline or not self._root_alive():
+                return problem
+            await asyncio.sleep(PORT_POLL)
 
-    def _port_problem(self) -> str | None:
+    def _port_problem(self) -> tuple[str | None, bool]:
+        """What is wrong with the port's listeners, and whether it is that there are none."""
         tree = self._tree()
         pids = {p.pid for p in tree}
         if ports.listens_alone(self.port, pids):
-            return None
+            return None, False
         try:
             listening = ports.port_listeners(self.port, tree)
         except (psutil.Error, OSError) as exc:
-            return f"cannot tell who listens on port {self.port}: {exc}"
-        return ports.describe_squatters(self.port, self.pid, pids, listening)
+            return f"cannot tell who listens on port {self.port}: {exc}", False
+        return ports.describe_squatters(self.port, self.pid, pids, listening), not listening
 
     def tail(self, lines: int = 20) -> list[str]:
         """The last lines this instance wrote, after rotator's header."""
         if self.log_path is None:
             return []
-        return logs.tail(self.log_path, lines, start=self.log_offset)
+        # A rotated file (logs.rotate) starts with the instance's output, not the header.
+        start = self.log_offset if logs.header_end(self.log_path) else 0
+        return logs.tail(self.log_path, lines, start=start)
 
     async def stop(self, sig: signal.Signals, timeout: float, *, force: bool = False) -> StopResult:
         """Stop the whole tree: `sig`, up to `timeout` seconds, then SIGKILL (at once with force)."""

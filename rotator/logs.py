@@ -9,6 +9,16 @@ descriptor either way. This module creates, names, finds and prunes those files 
 reads them: the last lines across a component's files, and the lines written since,
 as a poll (`LogReader`). Deciding when to prune and which instances are running is
 the component's business; serving the lines is the admin API's.
+
+`logs: {max_size, keep}` rotates a running instance's file (`rotate`): it is copied
+to `<file>.1` (older copies shifted to .2 ... .keep) and truncated in place, as
+logrotate's copytruncate does. The instance keeps writing through its descriptor,
+which is opened for appending, so its next write lands at the new end; nothing it
+writes passes through the daemon, which it may outlive. A line written between the
+last read of the copy and the truncation is lost (a window of microseconds). Readers
+read the copies before the file, and a follower picks up the end of the copy when
+it finds the file rotated. Rotating and reading both happen in the daemon, under one
+lock, so a reader never sees a rotation half done.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import threading
 import time
 import uuid
 from collections.abc import Collection, Iterator
@@ -45,6 +56,9 @@ PARTIAL_FLUSH_POLLS = 5
 HEADER = b"==== rotator: "
 _FILE = re.compile(r"^(\d{8}-\d{6}\.\d{3})-(\d+)\.log$")
 _STARTING = ".starting"
+_ROTATED = re.compile(r"^(.+\.log)\.(\d+)$")
+# Held while a file is rotated, and while a reader reads: see the module docstring.
+_ROTATION = threading.Lock()
 
 Line = tuple[int, str]  # (pid, text)
 
@@ -126,10 +140,62 @@ def prune(log_dir: Path, running: Collection[int], keep: int = LOG_FILES_KEPT) -
     for path in files[: max(0, len(files) - keep)]:
         if pid_of(path) in running:
             continue
-        with contextlib.suppress(OSError):  # gone already, or a read-only disk: it stays
-            path.unlink()
-            removed.append(path)
+        for each in [path, *_rotated_files(path, names)]:
+            with contextlib.suppress(OSError):  # gone already, or a read-only disk: it stays
+                each.unlink()
+                removed.append(each)
     return removed
+
+
+def rotated_path(path: Path, n: int) -> Path:
+    """The n-th newest copy of a rotated instance file: <file>.1 is the latest."""
+    return path.with_name(f"{path.name}.{n}")
+
+
+def rotated_files(path: Path) -> list[Path]:
+    """The rotated copies of an instance file, oldest first (<file>.keep ... <file>.1)."""
+    return _rotated_files(path, _names(path.parent))
+
+
+def _rotated_files(path: Path, names: list[str]) -> list[Path]:
+    found = [
+        (int(m[2]), name) for name in names if (m := _ROTATED.match(name)) and m[1] == path.name
+    ]
+    return [path.with_name(name) for _, name in sorted(found, reverse=True)]
+
+
+def rotate(path: Path, keep: int) -> None:
+    """Copy the file to <file>.1, shifting older copies up to <file>.keep (the oldest
+    goes), then truncate it in place. OSError if it cannot be done (nothing is lost)."""
+    with _ROTATION:
+        for n in range(keep, 0, -1):
+            with contextlib.suppress(FileNotFoundError):
+                if n == keep:
+                    rotated_path(path, n).unlink()
+                else:
+                    os.replace(rotated_path(path, n), rotated_path(path, n + 1))
+        copy = path.with_name(f".{path.name}.rotating")
+        try:
+            fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with open(path, "rb") as source, os.fdopen(fd, "wb") as target:
+                # Until a read finds nothing more: the truncation follows it at once.
+                while chunk := source.read(READ_CHUNK):
+                    target.write(chunk)
+        except OSError:
+            with contextlib.suppress(OSError):
+                copy.unlink()
+            raise
+        os.truncate(path, 0)
+        os.replace(copy, rotated_path(path, 1))
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """Which file is at `path` (a rotation puts a new one at <file>.1), or None."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def _stale_starting(log_dir: Path, names: list[str]) -> list[Path]:
@@ -183,6 +249,16 @@ def _last_lines(fd: int, start: int, end: int, n: int) -> tuple[list[bytes], byt
     return pieces[-n:] if n > 0 else [], partial
 
 
+def _whole_lines(path: Path, n: int) -> list[bytes]:
+    """The last `n` lines of a rotated copy, a partial last one (cut by the rotation) included."""
+    try:
+        with open(path, "rb") as f:
+            complete, partial = _last_lines(f.fileno(), 0, f.seek(0, os.SEEK_END), n)
+    except OSError:
+        return []
+    return ([*complete, partial] if partial else complete)[-n:] if n > 0 else []
+
+
 def _pieces(line: bytes) -> Iterator[bytes]:
     if len(line) <= MAX_LINE:
         yield line
@@ -201,6 +277,7 @@ class _Tracked:
     offset: int  # read up to here
     pending: bytes = b""  # a partial last line, held until it ends
     idle: int = 0  # polls without growth while something is pending
+    rotated: tuple[int, int, int] | None = None  # the <file>.1 seen last (see _identity)
 
 
 class LogReader:
@@ -216,25 +293,31 @@ class LogReader:
     def history(self, n: int, *, follow: bool = False) -> list[Line]:
         """The last `n` lines across the files in start order. When following, a partial
         last line is held back, to be sent whole by `poll`."""
-        files = instance_files(self.log_dir, self.pid)
-        found: list[Line] = []
-        for path in reversed(files):
-            pid = pid_of(path) or 0
-            try:
-                with open(path, "rb") as f:
-                    end = f.seek(0, os.SEEK_END)
-                    want = n - len(found)
-                    complete, partial = _last_lines(f.fileno(), 0, end, want)
-            except OSError:
-                continue
-            tracked = self._tracked[path.name] = _Tracked(pid, end)
-            if follow:
-                tracked.pending = partial
-            elif partial:
-                complete.append(partial)
-            mine = [(pid, _text(line)) for line in complete]
-            found[:0] = mine[-want:] if want > 0 else []
-        return found
+        with _ROTATION:
+            files = instance_files(self.log_dir, self.pid)
+            found: list[Line] = []
+            for path in reversed(files):
+                pid = pid_of(path) or 0
+                try:
+                    with open(path, "rb") as f:
+                        end = f.seek(0, os.SEEK_END)
+                        want = n - len(found)
+                        complete, partial = _last_lines(f.fileno(), 0, end, want)
+                except OSError:
+                    continue
+                tracked = self._tracked[path.name] = _Tracked(pid, end)
+                tracked.rotated = _identity(rotated_path(path, 1))
+                if follow:
+                    tracked.pending = partial
+                elif partial:
+                    complete.append(partial)
+                for older in reversed(rotated_files(path)):  # the newest copy first
+                    if len(complete) >= want:
+                        break
+                    complete[:0] = _whole_lines(older, want - len(complete))
+                mine = [(pid, _text(line)) for line in complete]
+                found[:0] = mine[-want:] if want > 0 else []
+            return found
 
     @property
     def files(self) -> list[str]:
@@ -246,22 +329,36 @@ class LogReader:
         (this call stopped at READ_CHUNK for a file). `final` sends partial lines too."""
         out: list[Line] = []
         behind = False
-        files = instance_files(self.log_dir, self.pid)
-        names = {path.name for path in files}
-        for name in [n for n in self._tracked if n not in names]:  # pruned, or renamed away
-            self._flush(self._tracked.pop(name), out)
-        for path in files:
-            tracked = self._tracked.setdefault(path.name, _Tracked(pid_of(path) or 0, 0))
-            behind = self._read(path, tracked, out) or behind
-            if final or (tracked.pending and tracked.idle >= PARTIAL_FLUSH_POLLS):
-                self._flush(tracked, out)
+        with _ROTATION:
+            files = instance_files(self.log_dir, self.pid)
+            names = {path.name for path in files}
+            for name in [n for n in self._tracked if n not in names]:  # pruned, or renamed away
+                self._flush(self._tracked.pop(name), out)
+            for path in files:
+                tracked = self._tracked.get(path.name)
+                if tracked is None:
+                    tracked = self._tracked[path.name] = _Tracked(pid_of(path) or 0, 0)
+                    tracked.rotated = _identity(rotated_path(path, 1))
+                behind = self._read(path, tracked, out) or behind
+                if final or (tracked.pending and tracked.idle >= PARTIAL_FLUSH_POLLS):
+                    self._flush(tracked, out)
         return out, behind
 
     def _read(self, path: Path, tracked: _Tracked, out: list[Line]) -> bool:
+        copy = rotated_path(path, 1)
+        if (now := _identity(copy)) != tracked.rotated:
+            # Rotated since the last poll: the copy holds what was written up to the
+            # truncation; the file goes on from 0.
+            tracked.rotated = now
+            if now is not None:
+                with contextlib.suppress(OSError), open(copy, "rb") as f:
+                    f.seek(tracked.offset)
+                    self._take(tracked, f.read(), out)
+                tracked.offset = 0
         try:
             with open(path, "rb") as f:
                 size = f.seek(0, os.SEEK_END)
-                if size < tracked.offset:  # truncated by someone: start over
+                if size < tracked.offset:  # truncated by someone else: start over
                     tracked.offset, tracked.pending = 0, b""
                 chunk = os.pread(f.fileno(), min(size - tracked.offset, READ_CHUNK), tracked.offset)
         except OSError:
@@ -270,6 +367,14 @@ class LogReader:
             tracked.idle += 1
             return False
         tracked.offset += len(chunk)
+        self._take(tracked, chunk, out)
+        return tracked.offset < size
+
+    @staticmethod
+    def _take(tracked: _Tracked, chunk: bytes, out: list[Line]) -> None:
+        """The complete lines of `chunk` (after what was pending) go out; the rest waits."""
+        if not chunk:
+            return
         tracked.idle = 0
         *complete, tracked.pending = (tracked.pending + chunk).split(b"\n")
         out.extend((tracked.pid, _text(p)) for line in complete for p in _pieces(line))
@@ -277,7 +382,6 @@ class LogReader:
             cut = len(tracked.pending) - len(tracked.pending) % MAX_LINE
             out.extend((tracked.pid, _text(p)) for p in _pieces(tracked.pending[:cut]))
             tracked.pending = tracked.pending[cut:]
-        return tracked.offset < size
 
     @staticmethod
     def _flush(tracked: _Tracked, out: list[Line]) -> None:

@@ -69,7 +69,7 @@ class FakeInstance:
             self.exit.set_result(-sig)
         return StopResult("graceful", 0.01)
 
-    async def port_problem(self) -> str | None:
+    async def port_problem(self, wait: float = 0.0) -> str | None:
         return self.squatted
 
     def tail(self, lines: int = 20) -> list[str]:
@@ -82,10 +82,12 @@ class ScriptedHealth:
     def __init__(self, world: World) -> None:
         self.world = world
 
-    async def wait_until_healthy(self, host: str, port: int, exited: Awaitable[int]) -> float:
+    async def wait_until_healthy(
+        self, host: str, port: int, exited: Awaitable[int], *, definition: object = None
+    ) -> float:
         return await self.world.wait_until_healthy(host, port, exited)
 
-    async def probe(self, host: str, port: int) -> str | None:
+    async def probe(self, host: str, port: int, *, definition: object = None) -> str | None:
         return self.world.probe_script.pop(0) if self.world.probe_script else None
 
     def forget(self, host: str, port: int, *, unix: str | None = None) -> None:
@@ -557,12 +559,20 @@ class UnixHealth(ScriptedHealth):
     world: UnixWorld
 
     async def wait_until_healthy(
-        self, host: str, port: int, exited: Awaitable[int], *, unix: str | None = None
+        self,
+        host: str,
+        port: int,
+        exited: Awaitable[int],
+        *,
+        unix: str | None = None,
+        definition: object = None,
     ) -> float:
         self.world.health_calls.append((port, unix))
         return await self.world.wait_until_healthy(host, port, exited)
 
-    async def probe(self, host: str, port: int, *, unix: str | None = None) -> str | None:
+    async def probe(
+        self, host: str, port: int, *, unix: str | None = None, definition: object = None
+    ) -> str | None:
         self.world.health_calls.append((port, unix))
         return await super().probe(host, port)
 
