@@ -1,6 +1,8 @@
 """The admin HTTP API (aiohttp): what the CLI talks to.
 
-Thin handlers, one component call each. Every request must name the admin
+Thin handlers, one call each to the daemon, which they reach only through `Control`:
+a restart from the CLI and one from the dashboard take the same path. Every request
+must name the admin
 address in its Host header (a web page that rebinds a DNS name to 127.0.0.1
 cannot) and carry no foreign Origin; every request that changes state must
 carry the token from state_dir/admin.token, which only the daemon's user can
@@ -19,24 +21,45 @@ import asyncio
 import contextlib
 import hmac
 import json
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from rotator import logs
 from rotator.component import Component, RotationFailed
-from rotator.config import Address, with_overrides
+from rotator.config import Address, ComponentSpec, Config, with_overrides
 from rotator.dashboard import RedirectPages, Sessions, add_routes
-from rotator.events import Event
+from rotator.events import Event, EventBus
 from rotator.fleet import ReloadRejected
 from rotator.logs import LogReader
 from rotator.printer import error_text
+from rotator.reload import Reload
 
-if TYPE_CHECKING:
-    from rotator.daemon import Daemon
+
+class Control(Protocol):
+    """What the admin API may ask of the daemon (daemon.Daemon): every operation, on one
+    component or many, goes through here."""
+
+    config: Config
+    bus: EventBus
+
+    @property
+    def components(self) -> Mapping[str, Component]: ...
+
+    def status(self) -> dict[str, Any]: ...
+    def exposition(self) -> bytes: ...  # the Prometheus metrics
+    async def restart(self, names: Sequence[str] | None, parallel: int = 1) -> dict[str, Any]: ...
+    async def start(self, name: str) -> None: ...
+    async def stop(self, name: str, force: bool) -> None: ...
+    async def deploy(self, name: str, spec: ComponentSpec) -> None: ...
+    async def rollback(self, name: str) -> None: ...
+    async def prepare_reload(self) -> Reload: ...
+    async def apply_reload(self, reload: Reload) -> dict[str, Any]: ...
+    async def settled(self) -> str | None: ...  # once the state file has every change
+    def request_shutdown(self) -> None: ...
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -105,7 +128,7 @@ def guard(listen: Address, token: str, sessions: Sessions) -> Any:
     return middleware
 
 
-def make_app(daemon: Daemon, token: str) -> web.Application:
+def make_app(daemon: Control, token: str) -> web.Application:
     listen = daemon.config.admin.listen
     sessions = Sessions(listen)
     app = web.Application(middlewares=[guard(listen, token, sessions)], client_max_size=MAX_BODY)
@@ -134,29 +157,26 @@ def make_app(daemon: Daemon, token: str) -> web.Application:
     @routes.get("/metrics")
     async def metrics(request: web.Request) -> web.Response:
         # Read-only like /v1/status: no token, so Prometheus needs no secret.
-        return web.Response(
-            body=daemon.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST}
-        )
+        return web.Response(body=daemon.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     @routes.post("/v1/components/{name}/restart")
     async def restart(request: web.Request) -> web.StreamResponse:
         comp = component(request)
         await body(request, {})
-        return await run(request, daemon, comp.name, comp.rotate)
+        return await run(request, daemon, comp.name, partial(_restart_one, daemon, comp.name))
 
     @routes.post("/v1/components/{name}/start")
     async def start(request: web.Request) -> web.StreamResponse:
         comp = component(request)
         await body(request, {})
-        return await run(request, daemon, comp.name, comp.start)
+        return await run(request, daemon, comp.name, partial(daemon.start, comp.name))
 
     @routes.post("/v1/components/{name}/stop")
     async def stop(request: web.Request) -> web.StreamResponse:
         comp = component(request)
         args = await body(request, {"force": bool})
-        return await run(
-            request, daemon, comp.name, lambda: comp.stop(force=args.get("force", False))
-        )
+        force = args.get("force", False)
+        return await run(request, daemon, comp.name, partial(daemon.stop, comp.name, force))
 
     @routes.post("/v1/components/{name}/deploy")
     async def deploy(request: web.Request) -> web.StreamResponse:
@@ -172,7 +192,7 @@ def make_app(daemon: Daemon, token: str) -> web.Application:
             )
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
-        return await run(request, daemon, comp.name, lambda: comp.deploy(spec))
+        return await run(request, daemon, comp.name, partial(daemon.deploy, comp.name, spec))
 
     @routes.post("/v1/components/{name}/rollback")
     async def rollback(request: web.Request) -> web.StreamResponse:
@@ -180,7 +200,7 @@ def make_app(daemon: Daemon, token: str) -> web.Application:
         await body(request, {})
         if comp.previous is None:
             raise BadRequest(f"{comp.name}: nothing to roll back to (no definition was deployed)")
-        return await run(request, daemon, comp.name, comp.rollback)
+        return await run(request, daemon, comp.name, partial(daemon.rollback, comp.name))
 
     @routes.get("/v1/events", name="events")
     async def events(request: web.Request) -> web.StreamResponse:
@@ -207,7 +227,7 @@ def make_app(daemon: Daemon, token: str) -> web.Application:
         if isinstance(parallel, bool) or parallel < 1:
             raise BadRequest("field 'parallel' must be a whole number of at least 1")
         involved = set(names) if names is not None else None
-        return await run(request, daemon, involved, lambda: daemon.restart_many(names, parallel))
+        return await run(request, daemon, involved, partial(daemon.restart, names, parallel))
 
     @routes.post("/v1/reload")
     async def reload(request: web.Request) -> web.StreamResponse:
@@ -219,7 +239,7 @@ def make_app(daemon: Daemon, token: str) -> web.Application:
                 {"error": "the config was not reloaded: nothing changed", "problems": exc.problems},
                 status=400,
             )
-        return await run(request, daemon, None, lambda: daemon.apply_reload(prepared))
+        return await run(request, daemon, None, partial(daemon.apply_reload, prepared))
 
     @routes.get("/v1/components/{name}/logs", name="component-logs")
     async def component_logs(request: web.Request) -> web.StreamResponse:
@@ -277,7 +297,7 @@ async def body(request: web.Request, fields: dict[str, type | tuple[type, ...]])
 
 
 async def run(
-    request: web.Request, daemon: Daemon, names: str | Collection[str] | None, operation: Operation
+    request: web.Request, daemon: Control, names: str | Collection[str] | None, operation: Operation
 ) -> web.StreamResponse:
     """Run `operation` to its end, whatever the client does; stream the events of the
     component(s) it concerns (None: all) unless the client asked not to wait."""
@@ -303,7 +323,7 @@ async def run(
             await _write_line(resp, item)
         outcome = _outcome(task)
         # What the operation changed is on record only once the state file has it.
-        if (unsaved := await daemon.state_saved()) is not None:
+        if (unsaved := await daemon.settled()) is not None:
             outcome["state_file_error"] = unsaved
         await _write_line(resp, outcome)
     except (ConnectionResetError, RuntimeError):
@@ -324,7 +344,7 @@ def _whole(text: str, field: str) -> int:
 
 
 async def stream_events(
-    request: web.Request, daemon: Daemon, n: int, only: str | None, follow: bool
+    request: web.Request, daemon: Control, n: int, only: str | None, follow: bool
 ) -> web.StreamResponse:
     """The newest `n` events as JSON lines, then (following) each new one as it happens,
     until the client leaves or the admin API shuts down. A blank line every HEARTBEAT
@@ -396,6 +416,14 @@ async def _write_log_lines(resp: web.StreamResponse, lines: list[logs.Line]) -> 
         await resp.write(
             b"".join(json.dumps({"pid": pid, "line": text}).encode() + b"\n" for pid, text in lines)
         )
+
+
+async def _restart_one(control: Control, name: str) -> None:
+    """One component's restart: the rolling restart of one, its failure told as a
+    single operation's (RotationFailed), as the API documents."""
+    summary = await control.restart([name])
+    if name in summary["failed"]:
+        raise RotationFailed(summary["failed"][name], summary["log_tail"].get(name, []))
 
 
 def _outcome(task: asyncio.Future[dict[str, Any] | None]) -> dict[str, Any]:

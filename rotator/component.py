@@ -290,14 +290,24 @@ class Component:
             f"back to the {self.definition_source} definition: {' '.join(target.command)}",
         )
 
-    async def reconfigure(self, spec: ComponentSpec, *, rotate: bool) -> None:
+    async def reconfigure(
+        self, spec: ComponentSpec, *, rotate: bool, health: HealthGate | None = None
+    ) -> None:
         """Take the definition a reloaded config gives. `rotate` (an instance field changed):
-        a component that is not stopped on purpose rotates to it, and the config's definition
-        replaces a deployed one; if that rotation fails, nothing changes (RotationFailed).
+        a component that is not stopped on purpose rotates to it, gated by `health` (the new
+        definition's check, if given), and the config's definition replaces a deployed
+        one; if that rotation fails, nothing changes (RotationFailed), the check included.
         Otherwise the new settings apply in place, over a deployed definition if there is one."""
         if rotate and not self.stopped_on_purpose:
             self._reset_supervision()
-            await self._rotate(spec)
+            kept, self.health = self.health, health or self.health
+            try:
+                await self._rotate(spec)
+            except BaseException:
+                self.health = kept
+                raise
+        elif rotate and health is not None:
+            self.health = health
         if rotate:
             self.config_spec = self.spec = spec
             self.previous, self.definition_source, self.deployed_at = None, "config", None
@@ -369,6 +379,29 @@ class Component:
         self.last_error = reason
         self._set_state("failed")
         self.emit("failed", reason)
+
+    def restore(self, record: ComponentRecord) -> str | None:
+        """Take what an earlier daemon recorded: stopped on purpose or not, and a deployed
+        definition (over the config's). What was wrong with the record, if anything."""
+        self.stopped_on_purpose = record.stopped
+        self.route.holding = not record.stopped
+        if record.definition is None:
+            return None
+        try:
+            spec = apply_definition(self.config_spec, record.definition)
+            previous = (
+                apply_definition(self.config_spec, record.previous_definition)
+                if record.previous_definition is not None
+                else self.config_spec
+            )
+        except ValueError as exc:
+            return (
+                f"the deployed definition in the state file is unusable ({exc}); using the config's"
+            )
+        self.spec, self.previous = spec, previous
+        self.definition_source = "deployed"
+        self.deployed_at = record.deployed_at
+        return None
 
     def adopt(self, inst: Instance) -> None:
         """Make an instance an earlier daemon started the active one, as it is."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import errno
 import functools
 import gc
@@ -29,9 +28,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -39,36 +36,29 @@ from aiohttp import web
 from rotator import __version__, activation, cgroups, printer, private
 from rotator import takeover as takeover_
 from rotator.admin import make_app
+from rotator.adoption import EarlierRun
 from rotator.component import Component, RotationFailed, probe_socket, proxy_limits
-from rotator.config import ComponentSpec, Config, ConfigError, apply_definition
-from rotator.configfile import load
+from rotator.config import ComponentSpec, Config
 from rotator.events import Event, EventBus
-from rotator.fleet import (
-    ReloadPlan,
-    ReloadRejected,
-    keep_daemon_settings,
-    plan_reload,
-    reload_summary,
-    rolling_order,
-)
+from rotator.fleet import ReloadRejected, in_dependency_order
 from rotator.health import HealthCheck
 from rotator.history import EventLog
-from rotator.instance import KILL_GRACE, Instance, NotOurs, marked_processes
+from rotator.instance import Instance
 from rotator.metrics import Metrics
 from rotator.ports import describe_holders, port_holders, probe_port
 from rotator.proxy.clients import UNLIMITED, Clients, accept_backlog, effective_total
 from rotator.proxy.protocol import Listener
 from rotator.proxy.route import Route
 from rotator.proxy.upstream import preconnect
+from rotator.reload import FleetOps, Reload
 from rotator.spawner import Spawner
 from rotator.state import (
     AlreadyRunning,
-    ComponentRecord,
     DaemonLock,
     State,
-    StateError,
     StateFile,
     StateTooNew,
+    StateWriter,
     write_private,
 )
 
@@ -80,11 +70,6 @@ HANDOFF_IDLE = 2.0
 # daemon's descriptors first passed 64, 128, 256... the event loop, and every request in
 # flight, stopped for 10-20 ms (measured: the first switch's gap in the restart benchmark).
 FD_TABLE_RESERVE = 4096
-# While the state file cannot be written (a full disk), a write is tried again this often.
-STATE_RETRY = 2.0
-# An instance found from an earlier run must answer its health check within this to be adopted.
-ADOPT_CHECK_TIMEOUT = 3.0
-# Events that do not change what the state file records.
 # Events the human log leaves out: state transitions repeat what the event before said,
 # and a daemon record repeats a line the daemon printed itself.
 QUIET_KINDS = frozenset({"state", "daemon"})
@@ -92,6 +77,7 @@ QUIET_KINDS = frozenset({"state", "daemon"})
 # per instance (a few microseconds); a file grows past max_size by at most what its
 # instance writes in this time.
 LOG_CHECK_INTERVAL = 1.0
+# Events that do not change what the state file records.
 NO_STATE_CHANGE = frozenset(
     {
         "healthy",
@@ -114,15 +100,6 @@ STRANGE_STATE_FILE = "rotator did not write it; check it, then remove it"
 
 class DaemonError(Exception):
     """Startup failed for a reason the user can act on; the message says which."""
-
-
-@dataclass(frozen=True)
-class Reload:
-    """A checked reload, ready to apply: the new config, the plan, the new listeners."""
-
-    config: Config
-    plan: ReloadPlan
-    listeners: dict[str, Listener]
 
 
 class Daemon:
@@ -161,16 +138,13 @@ class Daemon:
         self.ready = False  # startup done: every component started, adopted or given up
         self.scope = hashlib.sha1(str(config.state_dir).encode()).hexdigest()[:10]
         self.state_file = StateFile(config.state_dir / "state.json")
-        self._can_save = False
-        self._saving: asyncio.Task[None] | None = None
-        self._save_again = False
-        # Set while the state file cannot be written: {"message", "since"}; in status.
-        self.state_file_error: dict[str, Any] | None = None
-        self._save_retry: asyncio.TimerHandle | None = None
+        # The pathless reason: the temporary file's name would confuse.
+        describe = functools.partial(printer.os_error, paths=False)
+        self.state = StateWriter(self.state_file, self._snapshot, self.out, describe)
         self._lock = DaemonLock(config.state_dir / "daemon.lock")
         self._shutdown: asyncio.Event | None = None
         self._runner: web.AppRunner | None = None
-        self._reloading = False
+        self.ops = FleetOps(self)  # rolling restarts and reloads
         self._background: set[asyncio.Future[None]] = set()  # SIGHUP reloads
         # Starts every instance, so that the event loop never waits for a process to start;
         # instances get `child_fd_limit`, the descriptor limit rotator was started with.
@@ -284,13 +258,20 @@ class Daemon:
         )
         if self._cap_warning:
             self.out(f"rotator: warning: {self._cap_warning}")
-        state = self._load_state()
-        kept = await self._adopt(state)
+        earlier = EarlierRun(
+            self.state_file, self.scope, self.components, self.out, self.cgroup_parent
+        )
+        try:
+            state = earlier.load()
+        except StateTooNew as exc:
+            raise DaemonError(str(exc)) from None
+        self.state.enable()
+        kept = await earlier.adopt(state)
         if self._handover is None:
-            await self._stop_leftovers(state, kept)
+            await earlier.stop_leftovers(kept)
         else:
             await self._take_over()
-        self._save()
+        self.state.now()
         skip = {
             name
             for name, c in self.components.items()
@@ -311,7 +292,7 @@ class Daemon:
         )
 
     async def _add_component(self, spec: ComponentSpec) -> None:
-        self._make_component(spec, await self._bind(spec))
+        self.add_component(spec, await self._bind(spec))
 
     async def _bind(self, spec: ComponentSpec) -> Listener:
         """The component's public listener, bound (DaemonError when it cannot be)."""
@@ -338,13 +319,13 @@ class Daemon:
         for name, sock in self.inherited.items():
             self.out(f"{name}: serving on the activated socket fd {sock.fileno()}")
 
-    def _make_component(self, spec: ComponentSpec, listener: Listener) -> None:
+    def add_component(self, spec: ComponentSpec, listener: Listener) -> None:
         self.listeners[spec.name] = listener
         self.components[spec.name] = Component(
             spec,
             listener.route,
             self.bus,
-            health=self._health_check(spec),
+            health=self.health_check(spec),
             log_dir=self.config.log_dir(spec.name),
             probe=probe_port,
             socket_probe=probe_socket,
@@ -355,7 +336,7 @@ class Daemon:
             ),
         )
 
-    def _health_check(self, spec: ComponentSpec) -> HealthCheck:
+    def health_check(self, spec: ComponentSpec) -> HealthCheck:
         return HealthCheck(
             spec.health,
             spec,
@@ -397,30 +378,23 @@ class Daemon:
 
     async def _in_dependency_order(
         self,
-        action: Callable[[Component, bool], Any],
+        action: Callable[[Component, bool], Awaitable[bool]],
         skip: Iterable[str] = (),
         reverse: bool = False,
     ) -> None:
         """Run `action` on every component once what it must follow is done: its
         dependencies when starting, its dependents when stopping."""
-        skip = set(skip)
-        loop = asyncio.get_running_loop()
-        done: dict[str, asyncio.Future[bool]] = {
-            name: loop.create_future() for name in self.components
-        }
+        skip, components = set(skip), self.components
 
-        def after(name: str) -> list[str]:
+        def after(name: str) -> Iterable[str]:
             if not reverse:
-                return list(self.components[name].spec.depends_on)
-            return [n for n, c in self.components.items() if name in c.spec.depends_on]
+                return components[name].spec.depends_on
+            return [n for n, c in components.items() if name in c.spec.depends_on]
 
-        async def one(name: str) -> None:
-            comp = self.components[name]
-            ok = all(await asyncio.gather(*(done[n] for n in after(name))))
-            result = True if name in skip else await action(comp, ok)
-            done[name].set_result(bool(result))
+        async def act(name: str, ok: bool) -> bool:
+            return True if name in skip else await action(components[name], ok)
 
-        await asyncio.gather(*(one(name) for name in self.components))
+        await in_dependency_order(list(components), after, act)
 
     async def _stop_everything(self) -> None:
         for task in self._background:
@@ -440,18 +414,16 @@ class Daemon:
 
         if self.components:
             await self._in_dependency_order(stop, reverse=True)
-            if self._saving is not None:
-                await asyncio.gather(self._saving, return_exceptions=True)
-            self._save()
+            await self.state.settled()
+            self.state.now()
         await self._release()
         if self.components:
             self.out("rotator: stopped")
-        if self._can_save:  # a daemon that got as far as reading its state
+        if self.state.enabled:  # a daemon that got as far as reading its state
             self.bus.publish(Event("", "daemon", "rotator stopped", {"pid": os.getpid()}))
 
     async def _release(self, keep_token: bool = False) -> None:
-        if self._save_retry is not None:
-            self._save_retry.cancel()
+        self.state.close()
         for listener in self.listeners.values():
             listener.stop_accepting()
         self._takeover_listener.close()
@@ -491,7 +463,7 @@ class Daemon:
     # -- takeover.Incumbent: what this daemon's SuccessorListener may ask of it ---------
     @property
     def reloading(self) -> bool:
-        return self._reloading
+        return self.ops.reloading
 
     def listening_fds(self) -> dict[str, int]:
         return {name: listener.fileno() for name, listener in self.listeners.items()}
@@ -512,11 +484,11 @@ class Daemon:
             comp.suspend()
 
     def save_last(self) -> None:
-        self._save()
-        self._can_save = False  # the successor owns the state file now
+        self.state.now()
+        self.state.enable(False)  # the successor owns the state file now
 
     def resume(self) -> None:
-        self._can_save = True
+        self.state.enable()
         for comp in self.components.values():
             comp.resume()
 
@@ -546,349 +518,66 @@ class Daemon:
             )
             self.out("rotator: stopped; the instances run on under the new daemon")
 
-    # -- fleet operations ---------------------------------------------------------------
-    async def restart_many(self, names: Sequence[str] | None, parallel: int = 1) -> dict[str, Any]:
-        """Rotate `names` (None: every component not stopped on purpose) in dependency
-        order, at most `parallel` at once, each after the ones it depends on; after the
-        first failure nothing more is begun. A summary of what was and was not done."""
-        if names is None:
-            skipped = [n for n, c in self.components.items() if c.stopped_on_purpose]
-            names = [n for n in self.components if n not in skipped]
-        else:
-            skipped = []
-        order = rolling_order(self.config, names)
-        slots = asyncio.Semaphore(max(1, parallel))
-        done: dict[str, asyncio.Future[bool]] = {
-            n: asyncio.get_running_loop().create_future() for n in order
-        }
-        restarted: list[str] = []
-        failed: dict[str, str] = {}
-        log_tails: dict[str, list[str]] = {}
+    # -- admin.Control: what the admin API may ask of this daemon --------------------------
+    async def restart(self, names: Sequence[str] | None, parallel: int = 1) -> dict[str, Any]:
+        return await self.ops.restart_many(names, parallel)
 
-        async def one(name: str) -> None:
-            comp = self.components.get(name)
-            deps = [done[d] for d in comp.spec.depends_on if d in done] if comp else []
-            ok = all(await asyncio.gather(*deps))
-            async with slots:
-                # A reload may have removed it meanwhile: then there is nothing to restart.
-                comp = self.components.get(name)
-                if comp is not None and ok and not failed:
-                    try:
-                        await comp.rotate()
-                        restarted.append(name)
-                    except RotationFailed as exc:
-                        failed[name] = exc.reason
-                        log_tails[name] = exc.log_tail
-            done[name].set_result(name in restarted)
+    async def start(self, name: str) -> None:
+        await self.components[name].start()
 
-        await asyncio.gather(*(one(n) for n in order))
-        return {
-            "result": "failed" if failed else "ok",
-            "restarted": restarted,
-            "failed": failed,
-            "not_restarted": [n for n in order if n not in restarted and n not in failed],
-            "skipped": skipped,
-            "log_tail": log_tails,  # the failed new instance's last log lines
-        }
+    async def stop(self, name: str, force: bool) -> None:
+        await self.components[name].stop(force=force)
+
+    async def deploy(self, name: str, spec: ComponentSpec) -> None:
+        await self.components[name].deploy(spec)
+
+    async def rollback(self, name: str) -> None:
+        await self.components[name].rollback()
 
     async def prepare_reload(self) -> Reload:
-        """Read and check the config file again and bind any new public address.
-        ReloadRejected (with every problem) changes nothing."""
-        if self._reloading:
-            raise ReloadRejected(["a reload is already in progress"])
-        if any(c.suspended for c in self.components.values()):
-            raise ReloadRejected(["a new rotator daemon is taking over; reload it instead"])
-        self._reloading = True
-        try:
-            return await self._prepare_reload()
-        except BaseException:
-            self._reloading = False
-            raise
-
-    async def _prepare_reload(self) -> Reload:
-        loop = asyncio.get_running_loop()
-        try:
-            new = await loop.run_in_executor(None, load, self.config.path)
-        except ConfigError as exc:
-            raise ReloadRejected([str(p) for p in exc.problems]) from None
-        new = keep_daemon_settings(self.config, new)
-        plan = plan_reload(self.config, new)
-        bound: dict[str, Listener] = {}
-        try:
-            for name in plan.added + plan.rebound:
-                bound[name] = await self._bind(new.component(name))
-        except DaemonError as exc:
-            for listener in bound.values():
-                await listener.shutdown(0)
-            raise ReloadRejected([str(exc)]) from None
-        return Reload(new, plan, bound)
+        return await self.ops.prepare_reload()
 
     async def apply_reload(self, reload: Reload) -> dict[str, Any]:
-        """Carry out a prepared reload: in-place updates, new components started, changed
-        ones rotated one at a time in dependency order (stopping at the first failure:
-        the rest keep their running definition and a later reload tries again), removed
-        ones drained and stopped and their addresses released."""
-        try:
-            return await self._apply_reload(reload)
-        finally:
-            self._reloading = False
+        return await self.ops.apply_reload(reload)
 
-    async def _apply_reload(self, reload: Reload) -> dict[str, Any]:
-        new, plan = reload.config, reload.plan
-        for note in plan.ignored:
-            self.out(f"rotator: reload: {note}")
-        cap, warning = effective_total(new.max_clients, self.fd_limit)
+    async def settled(self) -> str | None:
+        return await self.state.settled()
+
+    def exposition(self) -> bytes:
+        return self.metrics.exposition()
+
+    # -- reload.Fleet: what fleet operations (reload.py) may ask of this daemon ---------
+    async def bind(self, spec: ComponentSpec) -> Listener:
+        try:
+            return await self._bind(spec)
+        except DaemonError as exc:
+            raise ReloadRejected([str(exc)]) from None
+
+    async def start_components(self, names: set[str]) -> None:
+        await self._in_dependency_order(self._start_one, skip=set(self.components) - names)
+
+    def reconfigured(self, config: Config) -> None:
+        cap, warning = effective_total(config.max_clients, self.fd_limit)
         if warning:
             self.out(f"rotator: reload: warning: {warning}")
         if cap != self.clients.cap:
             self.out(f"rotator: reload: max_clients {self.clients.cap} -> {cap}")
             self.clients.cap = cap
-        for name in plan.updated:
-            spec = new.component(name)
-            await self.components[name].reconfigure(spec, rotate=False)
-            self.listeners[name].keepalive_timeout = spec.keepalive_timeout
-        # Moved ones: the old address serves on until the new one has started.
-        moved = [self._detach(name) for name in plan.rebound]
-        for name, listener in reload.listeners.items():
-            self._make_component(new.component(name), listener)
-        started = set(plan.added + plan.rebound)
-        await self._in_dependency_order(self._start_one, skip=set(self.components) - started)
-        failed = {n: self.components[n].last_error or "failed" for n in started}
-        failed = {n: why for n, why in failed.items() if self.components[n].state == "failed"}
-        rotated: list[str] = []
-        for name in plan.rotated:
-            if failed:
-                break
-            try:
-                await self._reconfigure(self.components[name], new.component(name))
-                rotated.append(name)
-            except RotationFailed as exc:
-                failed[name] = exc.reason
-        gone = [self._detach(name) for name in plan.removed] + moved
-        await asyncio.gather(*(self._retire(comp, listener) for comp, listener in gone))
-        # In the file's order; what failed to rotate keeps the definition it runs.
-        self.components = {n: self.components[n] for n in new.names if n in self.components}
-        self.listeners = {n: self.listeners[n] for n in self.components}
-        self.config = dataclasses.replace(
-            new, components=tuple(c.config_spec for c in self.components.values())
-        )
-        self._save_soon()
-        return {
-            "result": "failed" if failed else "ok",
-            "added": list(plan.added),
-            "removed": list(plan.removed),
-            "rebound": list(plan.rebound),
-            "rotated": rotated,
-            "not_rotated": [n for n in plan.rotated if n not in rotated and n not in failed],
-            "updated": list(plan.updated),
-            "unchanged": list(plan.unchanged),
-            "failed": failed,
-            "ignored": list(plan.ignored),
-        }
-
-    async def _reconfigure(self, comp: Component, spec: ComponentSpec) -> None:
-        """Rotate `comp` to a reloaded definition; its health check is the new one's
-        only if the rotation succeeds."""
-        health = comp.health
-        # An exec check also runs in the component's cwd, with its env.
-        if spec.health != comp.config_spec.health or spec.health.exec:
-            comp.health = self._health_check(spec)
-        try:
-            await comp.reconfigure(spec, rotate=True)
-        except RotationFailed:
-            comp.health = health
-            raise
-
-    def _detach(self, name: str) -> tuple[Component, Listener]:
-        """Take a component out of the daemon (its name is free at once); it serves on
-        until retired."""
-        return self.components.pop(name), self.listeners.pop(name)
-
-    async def _retire(self, comp: Component, listener: Listener) -> None:
-        """Drain and stop a detached component, then close its public address."""
-        await comp.shutdown()
-        await listener.shutdown(comp.spec.drain_timeout)
-        comp.emit("removed", f"removed; {comp.spec.listen} released")
+        self.config = config
+        self.state.soon()
 
     def _reload_on_signal(self) -> None:
         if not self.ready:
             self.out("rotator: SIGHUP ignored: still starting")
             return
-        task = asyncio.ensure_future(self._reload_and_report())
+        task = asyncio.ensure_future(self.ops.reload_and_report())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-
-    async def _reload_and_report(self) -> None:
-        try:
-            result = await self.apply_reload(await self.prepare_reload())
-        except ReloadRejected as exc:
-            self.out("rotator: reload rejected, nothing changed:")
-            for problem in exc.problems:
-                self.out(f"    {problem}")
-            return
-        self.out(f"rotator: reload {result['result']}: {reload_summary(result)}")
-
-    # -- the earlier run --------------------------------------------------------------
-    def _load_state(self) -> State:
-        try:
-            state = self.state_file.load()
-        except StateTooNew as exc:
-            raise DaemonError(str(exc)) from None
-        except StateError as exc:
-            self.out(f"rotator: {exc}")
-            state = State(components={})
-        self._can_save = True
-        for name, record in state.components.items():
-            comp = self.components.get(name)
-            if comp is not None:
-                _restore_definition(comp, record, self.out)
-        return state
-
-    async def _adopt(self, state: State) -> set[str]:
-        """Adopt each recorded active instance that still runs and is healthy; the
-        markers of the adopted ones."""
-        kept: set[str] = set()
-        for name, record in state.components.items():
-            comp = self.components.get(name)
-            r = record.active
-            if comp is None or r is None or record.stopped:
-                continue
-            try:
-                if not r.marker.startswith(f"{self.scope}:{name}:"):
-                    raise NotOurs("its marker is not one of this state_dir's (a copied state_dir?)")
-                inst = Instance.adopt(
-                    name, r.port, r.pid, r.create_time, r.marker, r.started, comp.log_dir
-                )
-            except NotOurs as exc:  # a claim of the state file that the process disproves
-                self.out(f"{name}: not adopting pid {r.pid}: {exc}; leaving it alone")
-                continue
-            if inst is None:
-                self.out(f"{name}: pid {r.pid} of the earlier run is gone")
-                continue
-            problem = await _check_adoptable(comp, inst)
-            if problem is None:
-                comp.adopt(inst)
-                kept.add(r.marker)
-            else:
-                self.out(f"{name}: not adopting pid {r.pid}: {problem}")
-        return kept
-
-    async def _stop_leftovers(self, state: State, kept: set[str]) -> None:
-        """Stop every process an earlier daemon of this state_dir started and nobody
-        adopted: draining or unhealthy instances, removed components, and instances
-        the state file never learnt of. The marker proves they are ours."""
-        for marker, procs in marked_processes(f"{self.scope}:").items():
-            if marker in kept:
-                continue
-            name = marker.split(":")[1]
-            comp = self.components.get(name)
-            spec = comp.spec if comp is not None else None
-            root = min(procs, key=lambda p: p.create_time())
-            inst = Instance(
-                name,
-                0,
-                root.pid,
-                marker,
-                None,  # only stopped: its log is not read
-                0,
-                create_time=root.create_time(),
-            )
-            result = await inst.stop(
-                spec.stop_signal if spec else signal.SIGTERM, spec.stop_timeout if spec else 10.0
-            )
-            why = "of a removed component" if comp is None else "left from the earlier run"
-            self.out(f"{name}: stopped pid {root.pid} {why} ({result.outcome})")
-        if self.cgroup_parent is not None:
-            await self._stop_leftover_cgroups(self.cgroup_parent, kept)
-
-    async def _stop_leftover_cgroups(self, parent: Path, kept: set[str]) -> None:
-        """What is left in the cgroups of this state_dir's instances that nobody adopted
-        (an instance whose root died while no daemon ran leaves its escapees there, with
-        no marker to find them by) is killed, and the cgroups removed."""
-        keep = {cgroups.name_of(marker) for marker in kept}
-        for cgroup in parent.glob(cgroups.name_of(f"{self.scope}:*")):
-            if cgroup.name in keep:
-                continue
-            if cgroups.members(cgroup):
-                pids = cgroups.members(cgroup)
-                cgroups.kill(cgroup)
-                self.out(f"rotator: killed {pids} left in {cgroup.name} from the earlier run")
-                for _ in range(int(KILL_GRACE / 0.05)):
-                    if not cgroups.members(cgroup):
-                        break
-                    await asyncio.sleep(0.05)
-            cgroups.remove(cgroup)
 
     # -- state ------------------------------------------------------------------------
     def _state_changed(self, event: Event) -> None:
         if event.kind not in NO_STATE_CHANGE:
-            self._save_soon()
-
-    def _save_soon(self) -> None:
-        """Write the state file in a thread: its fsyncs take milliseconds that the
-        proxy, on this loop, must not wait for (they showed as gaps at switches).
-        One writer at a time; changes during a write cause one more write."""
-        if not self._can_save:
-            return  # never overwrite a state file we have not read
-        if self._saving is not None and not self._saving.done():
-            self._save_again = True
-            return
-        self._saving = asyncio.ensure_future(self._write_state())
-
-    async def _write_state(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            self._save_again = False
-            state = self._snapshot()  # taken on the loop: consistent
-            self._saved(await loop.run_in_executor(None, self._write, state))
-            if not self._save_again:
-                return
-
-    def _save(self) -> None:
-        """Write the state file now (startup and shutdown, where nothing else runs)."""
-        if self._can_save:
-            self._saved(self._write(self._snapshot()))
-
-    def _write(self, state: State) -> OSError | None:
-        """In a thread: what went wrong, if anything (the loop reports it)."""
-        try:
-            self.state_file.save(state)
-        except OSError as exc:
-            return exc
-        return None
-
-    def _saved(self, error: OSError | None) -> None:
-        """How the last write went. A failure is kept for `status` and the command that
-        caused the write, said once (again if the reason changes), and retried every
-        STATE_RETRY seconds until a write succeeds, which is said too."""
-        if error is None:
-            if self.state_file_error is not None:
-                self.state_file_error = None
-                self.out(f"rotator: the state file {self.state_file.path} is written again")
-            return
-        reason = printer.os_error(error, paths=False)  # the temporary file's name would confuse
-        message = f"cannot write the state file {self.state_file.path}: {reason}"
-        if self.state_file_error is None or self.state_file_error["message"] != message:
-            self.out(
-                f"rotator: {message}; what runs is not recorded for a later daemon "
-                f"(retrying every {STATE_RETRY:g}s)"
-            )
-        since = self.state_file_error["since"] if self.state_file_error else time.time()
-        self.state_file_error = {"message": message, "since": since}
-        if self._save_retry is None or self._save_retry.cancelled():
-            self._save_retry = asyncio.get_running_loop().call_later(STATE_RETRY, self._retry_save)
-
-    def _retry_save(self) -> None:
-        self._save_retry = None
-        if self.state_file_error is not None:
-            self._save_soon()
-
-    async def state_saved(self) -> str | None:
-        """Once the changes made so far are written (or failed to be): why the last
-        write failed, or None."""
-        while self._saving is not None and not self._saving.done():
-            await asyncio.wait({self._saving})
-        return self.state_file_error["message"] if self.state_file_error else None
+            self.state.soon()
 
     def _snapshot(self) -> State:
         return State(
@@ -906,7 +595,7 @@ class Daemon:
                 "config": str(self.config.path),
                 "event_loop": self.event_loop,
                 "ready": self.ready,
-                "state_file_error": self.state_file_error,
+                "state_file_error": self.state.error,
             },
             "components": [c.status() for c in self.components.values()],
         }
@@ -948,42 +637,6 @@ class Daemon:
         self.out(f"{stamp} {event.component}: {event.message}")
         for line in event.data.get("log_tail", []):
             self.out(f"    | {line}")
-
-
-async def _check_adoptable(comp: Component, inst: Instance) -> str | None:
-    """None when `inst` answers its health check now (a few tries) and listens on its
-    port alone, as a new instance must before it gets traffic; else why not."""
-    deadline = time.monotonic() + ADOPT_CHECK_TIMEOUT
-    problem: str | None = "not checked"
-    while time.monotonic() < deadline:
-        problem = await comp.health.probe(comp.host, inst.port, definition=comp.spec)
-        if problem is None:
-            return await inst.port_problem()
-        await asyncio.sleep(0.2)
-    return problem
-
-
-def _restore_definition(
-    comp: Component, record: ComponentRecord, out: Callable[[str], None]
-) -> None:
-    comp.stopped_on_purpose = record.stopped
-    comp.route.holding = not record.stopped
-    if record.definition is None:
-        return
-    try:
-        comp.spec = apply_definition(comp.config_spec, record.definition)
-        comp.previous = (
-            apply_definition(comp.config_spec, record.previous_definition)
-            if record.previous_definition is not None
-            else comp.config_spec
-        )
-    except ValueError as exc:
-        out(
-            f"{comp.name}: the deployed definition in the state file is unusable ({exc}); using the config's"
-        )
-        return
-    comp.definition_source = "deployed"
-    comp.deployed_at = record.deployed_at
 
 
 def _print(line: str) -> None:

@@ -1,14 +1,17 @@
-"""Fleet-wide plans, pure: the order of a rolling restart, what a reload changes, and
-how long stopping everything may take.
+"""Fleet-wide plans, pure: the order of a rolling restart, what a reload changes, how
+long stopping everything may take, and the one scheduler that runs an action over
+components in dependency order.
 
-The daemon carries the plans out (daemon.py); nothing here touches a socket or
-a process, so every decision is testable from two Config objects.
+The daemon and reload.py carry the plans out; nothing here touches a socket or a
+process, so every decision is testable from two Config objects (and the scheduler
+with actions that only record what they were asked).
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,3 +137,39 @@ def stop_budget(config: Config) -> float:
 
     drain = max((spec.drain_timeout for spec in specs.values()), default=0.0)
     return drain + max(map(until_stopped, specs), default=0.0) + STOP_MARGIN
+
+
+async def in_dependency_order(
+    names: Sequence[str],
+    after: Callable[[str], Iterable[str]],
+    action: Callable[[str, bool], Awaitable[bool]],
+    *,
+    parallel: int = 0,
+) -> dict[str, bool]:
+    """Run `action(name, ok)` for each of `names` once every name it must follow
+    (`after(name)`, counted only among `names`) is done, `ok` telling whether all of
+    those succeeded; at most `parallel` actions at once (0: no limit). What each
+    action returned. An action that raises counts as failed for those that follow it;
+    once every action has ended, the first such exception is raised.
+    Starting follows dependencies; stopping follows dependents."""
+    loop = asyncio.get_running_loop()
+    done = {name: loop.create_future() for name in names}
+    slots = asyncio.Semaphore(parallel) if parallel > 0 else None
+
+    async def one(name: str) -> None:
+        result = False
+        try:
+            ok = all(await asyncio.gather(*(done[n] for n in after(name) if n in done)))
+            if slots is None:
+                result = await action(name, ok)
+            else:
+                async with slots:
+                    result = await action(name, ok)
+        finally:  # an action that raised counts as failed: what follows it must not wait
+            done[name].set_result(bool(result))
+
+    outcomes = await asyncio.gather(*(one(name) for name in names), return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+    return {name: future.result() for name, future in done.items()}

@@ -8,6 +8,8 @@ trusted (corrupt, wrong shape, older format) is moved aside and reported as a
 the instances it named alone; a file from a newer rotator (`StateTooNew`) stays
 in place. `DaemonLock` is a flock on a file in the state dir: the kernel drops it
 when the daemon dies, even by SIGKILL, and the fd is not inherited by instances.
+`StateWriter` is how the daemon saves while it serves: off the event loop, one
+write at a time, a failure kept, said once and retried.
 
 Only files are touched here. Checking that a recorded process still is the one
 we started (pid, create_time, marker), adopting or stopping it, and deciding
@@ -16,6 +18,7 @@ when to save are left to the caller.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import json
@@ -23,13 +26,15 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 STATE_VERSION = 1
 SOURCES = ("config", "deployed")
+# A state file that could not be written is tried again this often (seconds).
+STATE_RETRY = 2.0
 
 
 @dataclass(frozen=True)
@@ -225,6 +230,99 @@ class StateFile:
                 return None
             return target
         return None
+
+
+class StateWriter:
+    """Saves the daemon's state while it serves. Writes run in a thread: their fsyncs take
+    milliseconds that the proxy, on the event loop, must not wait for (they showed as
+    gaps at switches). One write at a time; changes during a write cause one more.
+
+    A failed write is kept (`error`, for `status` and for the command that caused it),
+    said once (again if the reason changes) and retried every STATE_RETRY seconds until
+    one succeeds, which is said too. Nothing is written until `enable()`: a state file
+    not yet read must never be overwritten."""
+
+    def __init__(
+        self,
+        file: StateFile,
+        snapshot: Callable[[], State],
+        out: Callable[[str], None],
+        describe: Callable[[OSError], str] = str,
+    ) -> None:
+        self.file = file
+        self._snapshot = snapshot  # taken on the loop, so it is consistent
+        self._out = out
+        self._describe = describe
+        self.enabled = False
+        self.error: dict[str, Any] | None = None  # {"message", "since"} of a failed write
+        self._writing: asyncio.Task[None] | None = None
+        self._again = False
+        self._retry: asyncio.TimerHandle | None = None
+
+    def enable(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+
+    def soon(self) -> None:
+        if not self.enabled:
+            return
+        if self._writing is not None and not self._writing.done():
+            self._again = True
+            return
+        self._writing = asyncio.ensure_future(self._write_until_current())
+
+    def now(self) -> None:
+        """Write at once, on the loop (startup and shutdown, where nothing else runs)."""
+        if self.enabled:
+            self._done(self._write(self._snapshot()))
+
+    async def settled(self) -> str | None:
+        """Once the changes made so far are written (or failed to be): why the last write
+        failed, or None."""
+        while self._writing is not None and not self._writing.done():
+            await asyncio.wait({self._writing})
+        return self.error["message"] if self.error else None
+
+    def close(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
+
+    async def _write_until_current(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._again = False
+            self._done(await loop.run_in_executor(None, self._write, self._snapshot()))
+            if not self._again:
+                return
+
+    def _write(self, state: State) -> OSError | None:
+        """In a thread: what went wrong, if anything (the loop reports it)."""
+        try:
+            self.file.save(state)
+        except OSError as exc:
+            return exc
+        return None
+
+    def _done(self, error: OSError | None) -> None:
+        if error is None:
+            if self.error is not None:
+                self.error = None
+                self._out(f"rotator: the state file {self.file.path} is written again")
+            return
+        message = f"cannot write the state file {self.file.path}: {self._describe(error)}"
+        if self.error is None or self.error["message"] != message:
+            self._out(
+                f"rotator: {message}; what runs is not recorded for a later daemon "
+                f"(retrying every {STATE_RETRY:g}s)"
+            )
+        since = self.error["since"] if self.error else time.time()
+        self.error = {"message": message, "since": since}
+        if self._retry is None or self._retry.cancelled():
+            self._retry = asyncio.get_running_loop().call_later(STATE_RETRY, self._retried)
+
+    def _retried(self) -> None:
+        self._retry = None
+        if self.error is not None:
+            self.soon()
 
 
 def write_private(path: Path, text: str) -> None:

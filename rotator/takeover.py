@@ -40,7 +40,7 @@ MAX_FDS = 1024
 HELLO_TIMEOUT = 90.0
 QUIESCE_TIMEOUT = 60.0
 # How long a successor may take from receiving the sockets to saying ready (it adopts
-# every instance, each health-checked within the daemon's ADOPT_CHECK_TIMEOUT).
+# every instance, each health-checked within adoption.ADOPT_CHECK_TIMEOUT).
 READY_TIMEOUT = 600.0
 # A successor says hello as soon as it connects; a peer that does not is dropped.
 HELLO_WAIT = 5.0

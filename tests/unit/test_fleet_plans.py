@@ -3,6 +3,7 @@ event history file (a real file in tmp_path)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ import yaml
 
 from rotator.configfile import parse
 from rotator.events import Event
-from rotator.fleet import keep_daemon_settings, plan_reload, rolling_order
+from rotator.fleet import in_dependency_order, keep_daemon_settings, plan_reload, rolling_order
 from rotator.history import EventLog
 
 BASE: dict[str, Any] = {
@@ -151,3 +152,69 @@ def test_history_survives_an_unwritable_file(tmp_path: Path) -> None:
     log.append(event(2))
     log.close()
     assert [e.message for e in EventLog(directory / "events.log").load(5)] == ["event 2"]
+
+
+# -- the one dependency-order scheduler ------------------------------------------------
+
+
+def _schedule(
+    deps: dict[str, tuple[str, ...]],
+    fails: set[str] = frozenset(),  # type: ignore[assignment]
+    raises: set[str] = frozenset(),  # type: ignore[assignment]
+    parallel: int = 0,
+) -> tuple[dict[str, bool], list[tuple[str, str, bool]], int]:
+    """Run the scheduler over `deps` with actions that record when they begin and end."""
+    log: list[tuple[str, str, bool]] = []
+    running = peak = 0
+
+    async def action(name: str, ok: bool) -> bool:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        log.append(("begin", name, ok))
+        await asyncio.sleep(0.01)
+        running -= 1
+        log.append(("end", name, ok))
+        if name in raises:
+            raise RuntimeError(name)
+        return name not in fails
+
+    async def main() -> dict[str, bool]:
+        return await in_dependency_order(list(deps), lambda n: deps[n], action, parallel=parallel)
+
+    try:
+        result = asyncio.run(main())
+    except RuntimeError:
+        result = {}
+    return result, log, peak
+
+
+def test_each_runs_after_what_it_follows_and_independent_ones_together() -> None:
+    result, log, peak = _schedule({"db": (), "cache": (), "api": ("db", "cache"), "web": ("api",)})
+    assert result == {"db": True, "cache": True, "api": True, "web": True}
+    order = [name for kind, name, _ in log if kind == "begin"]
+    ends = [name for kind, name, _ in log if kind == "end"]
+    assert set(order[:2]) == {"db", "cache"} and peak == 2  # no dependency: at once
+    assert order.index("api") > max(ends.index("db"), ends.index("cache"))
+    assert order.index("web") > ends.index("api")
+
+
+def test_a_failure_is_passed_on_to_what_follows_it_only() -> None:
+    result, log, _ = _schedule({"db": (), "api": ("db",), "other": ()}, fails={"db"})
+    assert result == {"db": False, "api": True, "other": True}
+    begun = {name: ok for kind, name, ok in log if kind == "begin"}
+    assert begun == {"db": True, "api": False, "other": True}  # api is told, and decides
+
+
+def test_parallel_bounds_the_actions_at_once() -> None:
+    _, _, peak = _schedule({n: () for n in "abcdef"}, parallel=2)
+    assert peak == 2
+    _, _, peak = _schedule({n: () for n in "abcdef"}, parallel=1)
+    assert peak == 1
+
+
+def test_an_action_that_raises_leaves_nothing_waiting_for_it() -> None:
+    # Without marking it done, "api" would wait for "db" for ever: the run would hang.
+    result, log, _ = _schedule({"db": (), "api": ("db",)}, raises={"db"})
+    assert result == {}  # the exception reached the caller...
+    assert ("end", "api", False) in log  # ...once api, told db failed, had ended too
