@@ -56,6 +56,7 @@ from rotator.ports import (
     port_holders,
     rotation_order,
 )
+from rotator.printer import duration
 from rotator.proxy.route import Limits, Route, Target
 from rotator.state import ComponentRecord, InstanceRecord
 
@@ -407,7 +408,7 @@ class Component:
             self.last_rotation = {"at": time.time(), "seconds": seconds}
         self.emit(
             "rotated",
-            f"rotation {outcome.replace('_', ' ')} after {seconds:.2f} s",
+            f"rotation {outcome.replace('_', ' ')} after {duration(seconds)}",
             outcome=outcome,
             seconds=seconds,
         )
@@ -444,7 +445,7 @@ class Component:
             raise
         self.emit(
             "healthy",
-            f"pid {inst.pid} healthy after {seconds * 1000:.0f} ms",
+            f"pid {inst.pid} healthy after {duration(seconds)}",
             pid=inst.pid,
             ms=round(seconds * 1000),
         )
@@ -530,7 +531,7 @@ class Component:
         if result.survivors:
             message = f"pid {inst.pid}: processes {list(result.survivors)} survived SIGKILL"
         else:
-            message = f"stopped pid {inst.pid} ({result.outcome}, {result.seconds * 1000:.0f} ms)"
+            message = f"stopped pid {inst.pid} ({result.outcome}, {duration(result.seconds)})"
         self.emit("stopped", message, pid=inst.pid, outcome=result.outcome)
         return result
 
@@ -577,7 +578,9 @@ class Component:
             problem = await self._check(new)
             failures = failures + 1 if problem else 0
         if failures < threshold and new.returncode is None:
-            self.emit("verified", f"pid {new.pid} stayed healthy for {window:g}s", pid=new.pid)
+            self.emit(
+                "verified", f"pid {new.pid} stayed healthy for {duration(window)}", pid=new.pid
+            )
             return
         reason = (
             f"exited with code {new.returncode}"
@@ -604,7 +607,7 @@ class Component:
         self.draining.append(draining)
         self._retire_soon(draining)
         raise RotationFailed(
-            f"rolled back: new instance pid {new.pid} {reason} within verify {window:g}s",
+            f"rolled back: new instance pid {new.pid} {reason} within verify {duration(window)}",
             new.tail(LOG_TAIL),
             rolled_back=True,
         )
@@ -650,7 +653,7 @@ class Component:
             target.close_all()
             self.emit(
                 "drained",
-                f"{'forced stop' if force else f'drain_timeout {spec.drain_timeout:g}s passed'}: "
+                f"{'forced stop' if force else f'drain_timeout {duration(spec.drain_timeout)} passed'}: "
                 f"cut {cut} request(s) of pid {inst.pid}",
                 pid=inst.pid,
                 cut=cut,
@@ -658,7 +661,7 @@ class Component:
         else:
             self.emit(
                 "drained",
-                f"drained {in_flight} request(s) from pid {inst.pid} in {took:.2f} s",
+                f"drained {in_flight} request(s) from pid {inst.pid} in {duration(took)}",
                 pid=inst.pid,
                 requests=in_flight,
                 seconds=round(took, 3),
@@ -751,7 +754,7 @@ class Component:
                     self.emit(
                         "restarting",
                         f"starting a replacement (restart {self._recent_crashes()} of at most "
-                        f"{spec.max_restarts} in {spec.restart_window:g}s)",
+                        f"{spec.max_restarts} in {duration(spec.restart_window)})",
                     )
                     await self._rotate(self.spec, recovering=True)
         except RotationFailed:
@@ -759,7 +762,7 @@ class Component:
 
     def _announce_backoff(self, retry_state: RetryCallState) -> None:
         delay = retry_state.next_action.sleep if retry_state.next_action else 0.0
-        self.emit("backoff", f"next restart attempt in {delay:.1f}s")
+        self.emit("backoff", f"next restart attempt in {duration(delay)}")
 
     def _recent_crashes(self) -> int:
         horizon = time.monotonic() - self.spec.restart_window
@@ -782,7 +785,7 @@ class Component:
         self.route.holding = False
         self.route.swap(None)
         self.last_error = (
-            f"gave up after {self._recent_crashes()} restarts in {self.spec.restart_window:g}s; "
+            f"gave up after {self._recent_crashes()} restarts in {duration(self.spec.restart_window)}; "
             f"last: {self.last_error}"
         )
         self._set_state("failed")

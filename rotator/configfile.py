@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import itertools
 import math
 import os
 import re
@@ -45,6 +46,7 @@ from rotator.config import (
     socket_paths,
     split_words,
 )
+from rotator.printer import duration
 
 T = TypeVar("T")
 Entry = tuple[Node, Node]  # (key node, value node): keys carry the line for "unknown key"
@@ -86,6 +88,10 @@ _ADDRESS = re.compile(r"(?:\[([^\]\s]+)\]|([^\s:\[\]]+)):(\d+)")
 _PORTS = re.compile(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?")
 _INTEGER = re.compile(r"\s*[-+]?\d+\s*")
 _DURATION = re.compile(r"([-+]?(?:\d+(?:\.\d*)?|\.\d+))\s*(ms|s|m|h)?")
+# 1m30s, 2h 05m: units from the largest down, as rotator prints durations (and nginx reads them).
+_DURATION_PART = r"(?:\d+(?:\.\d*)?|\.\d+)\s*(?:ms|s|m|h)"
+_COMPOUND = re.compile(rf"{_DURATION_PART}(?:\s*{_DURATION_PART})+")
+_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)")
 _UNITS: dict[str | None, float] = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 _SIZE = re.compile(r"([-+]?\d+)\s*(B|KiB|MiB)?")
 _SIZE_UNITS: dict[str | None, int] = {"B": 1, "KiB": 1024, "MiB": 1024 * 1024, None: 1}
@@ -109,13 +115,17 @@ DEFAULT_SOCKETS = 4  # the socket pool's size when `sockets` is not set
 
 
 def parse_duration(value: object) -> float:
-    """Seconds from 250ms, 2s, 1.5m, 1h or a bare number of seconds (30, 0.5, "30")."""
+    """Seconds from 250ms, 2s, 1.5m, 1h, 1m30s or a bare number of seconds (30, 0.5, "30")."""
     seconds: float | None = None
     try:
         if isinstance(value, int | float) and not isinstance(value, bool):
             seconds = float(value)
         elif isinstance(value, str) and (m := _DURATION.fullmatch(value.strip())):
             seconds = float(m[1]) * _UNITS[m[2]]
+        elif isinstance(value, str) and _COMPOUND.fullmatch(value.strip()):
+            parts = [(float(n), _UNITS[unit]) for n, unit in _PART.findall(value)]
+            if all(a[1] > b[1] for a, b in itertools.pairwise(parts)):
+                seconds = sum(n * unit for n, unit in parts)
     except OverflowError:
         seconds = None
     if seconds is None or not math.isfinite(seconds):
@@ -476,10 +486,10 @@ class _Parser:
         if most >= initial:
             return
         if "restart_backoff_max" in values:
-            message = f"{_seconds(most)} is less than restart_backoff ({_seconds(initial)})"
+            message = f"{duration(most)} is less than restart_backoff ({duration(initial)})"
             self.fail(found["restart_backoff_max"][1], f"{path}.restart_backoff_max", message)
         else:
-            message = f"{_seconds(initial)} is more than restart_backoff_max ({_seconds(most)})"
+            message = f"{duration(initial)} is more than restart_backoff_max ({duration(most)})"
             self.fail(found["restart_backoff"][1], f"{path}.restart_backoff", message)
 
     def check_dependencies(self, names: list[str]) -> None:
@@ -973,11 +983,6 @@ def _shortest_cycle(
             break
     cycle.reverse()
     return cycle, node
-
-
-def _seconds(seconds: float) -> str:
-    """0.5 -> '500ms', 30.0 -> '30s': durations in messages, close to how they are written."""
-    return f"{seconds * 1000:g}ms" if seconds < 1 else f"{seconds:g}s"
 
 
 def _bytes(size: int) -> str:

@@ -25,6 +25,7 @@ import httptools
 from tenacity import AsyncRetrying, RetryError, retry_if_result, stop_after_delay, wait_fixed
 
 from rotator.config import HealthSpec
+from rotator.printer import duration
 
 # The gap between a process becoming ready and traffic reaching it is at most
 # this, plus one probe; probes that are refused cost next to nothing.
@@ -65,7 +66,7 @@ class HealthCheck:
         try:
             status = await asyncio.wait_for(self._get(host, port, unix), self.spec.timeout)
         except TimeoutError:
-            return f"{path} did not answer within {self.spec.timeout:g}s"
+            return f"{path} did not answer within {duration(self.spec.timeout)}"
         except ConnectionRefusedError:
             return f"{path}: connection refused"
         except FileNotFoundError:
@@ -111,7 +112,7 @@ class HealthCheck:
             await retrying(attempt)
         except RetryError:
             raise NotHealthy(
-                f"not healthy within start_timeout {self.spec.start_timeout:g}s (last check: {last[0]})"
+                f"not healthy within start_timeout {duration(self.spec.start_timeout)} (last check: {last[0]})"
             ) from None
 
     async def _get(self, host: str, port: int, unix: str | None) -> int:

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from rotator import printer
 from rotator.config import (
     Address,
     AdminSpec,
@@ -554,6 +555,9 @@ def test_render_substitutes_placeholders(tmp_path: Path) -> None:
         (0.25, 0.25),
         (0, 0.0),
         ("0ms", 0.0),
+        ("1m30s", 90.0),  # as rotator prints durations; nginx reads them so too
+        ("2h 05m", 7500.0),
+        ("1h1m1s1ms", 3661.001),
     ],
 )
 def test_parse_duration(value: object, seconds: float) -> None:
@@ -575,6 +579,9 @@ def test_parse_duration(value: object, seconds: float) -> None:
         (10**400, "is not a duration"),
         (-1, "-1 is negative"),
         ("-2s", "'-2s' is negative"),
+        ("1s1m", "is not a duration"),  # the largest unit first
+        ("1m1m", "is not a duration"),
+        ("1m 30", "is not a duration"),
     ],
 )
 def test_parse_duration_rejects(value: object, fragment: str) -> None:
@@ -939,7 +946,7 @@ LIFECYCLE_CASES = [
     (
         HERMES + "    restart_backoff: 1m\n",
         "components.hermes.restart_backoff",
-        "60s is more than restart_backoff_max (30s)",
+        "1m is more than restart_backoff_max (30s)",
         6,
     ),
     (
@@ -1778,3 +1785,27 @@ def test_split_words_takes_linear_time(text: str) -> None:
     with contextlib.suppress(ValueError):
         split_words(text)
     assert time.monotonic() - began < 3  # well under 1 s; shlex: 8 s or more
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0.0004, "0ms"),
+        (0.5482, "548ms"),
+        (0.9996, "1s"),  # not "1000ms"
+        (1.0, "1s"),
+        (2.634, "2.63s"),
+        (30.0, "30s"),
+        (59.996, "1m"),
+        (90.0, "1m30s"),
+        (125.4, "2m05s"),
+        (3600.0, "1h"),
+        (7500.0, "2h05m"),
+        (200000.0, "55h33m"),
+    ],
+)
+def test_one_duration_format_that_the_config_reads_back(seconds: float, text: str) -> None:
+    assert printer.duration(seconds) == text
+    # Rounded to 10 ms under a minute, to the second under an hour, then to the minute.
+    margin = 0.005 if seconds < 60 else 0.5 if seconds < 3600 else 30
+    assert parse_duration(text) == pytest.approx(seconds, abs=margin)
