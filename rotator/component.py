@@ -460,7 +460,13 @@ class Component:
                 spec.ports, self.last_port, in_use, lambda p: self._probe(self.host, p)
             )
         except NoFreePort:
-            raise RotationFailed(describe_exhausted(spec.ports, port_holders(spec.ports))) from None
+            own = {
+                d.instance.port: f"draining instance (pid {d.instance.pid})" for d in self.draining
+            }
+            if self.active is not None:
+                own[self.active.port] = f"active instance (pid {self.active.pid})"
+            holders = port_holders(spec.ports)
+            raise RotationFailed(describe_exhausted(spec.ports, holders, own)) from None
         port = choice.port
         self.last_port = port
         if choice.state is PortState.TIME_WAIT:
