@@ -159,7 +159,8 @@ def load(path: Path | str) -> Config:
     try:
         data = path.read_bytes()
     except OSError as exc:
-        problem = Problem(str(path), None, "", f"cannot read the config file: {exc.strerror}")
+        reason = exc.strerror or str(exc)
+        problem = Problem(str(path), None, "", f"cannot read the config file: {reason}")
         raise ConfigError([problem]) from None
     try:
         return parse(data.decode("utf-8"), path)
@@ -703,7 +704,8 @@ class _Parser:
             for item in bad:
                 what = f"{item.value!r} (quote it)" if isinstance(item, ScalarNode) else _kind(item)
                 self.fail(item, path, f"list items must be strings, not {what}")
-            for item in (nul := [item for item in node.value if "\0" in str(item.value)]):
+            nul = [item for item in node.value if item not in bad and "\0" in item.value]
+            for item in nul:
                 self.fail(item, path, NUL)
             if bad or nul:
                 return None
