@@ -27,9 +27,11 @@ from typing import Any
 from benchlib import Processes, handle_sigterm, machine, median, table, workdir, write_result
 from restart_under_load import TARGET_SWITCH_MS, RotatorCli, run_scenario
 
+from rotator.configfile import parse_duration
+
 NAME = "switch_latency"
 # The daemon's own account of a rotation, from the CLI's event lines.
-ROTATION_LINE = re.compile(r"rotation ok after ([\d.]+) ?s")
+ROTATION_LINE = re.compile(r"rotation ok after (\S+)")  # a duration as rotator writes it
 COLUMNS = {  # key in the per-restart rows: column heading
     "switch_ms": "switch",
     "before_spawn_ms": "before spawn",
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = result["switch"]["per_restart"]
     for row, restart in zip(rows, result["restarts"], strict=False):
         found = ROTATION_LINE.search(restart["note"])
-        row["daemon_ms"] = round(float(found.group(1)) * 1000, 1) if found else None
+        row["daemon_ms"] = round(parse_duration(found.group(1)) * 1000, 1) if found else None
     medians = {k: median([r[k] for r in rows if r.get(k) is not None]) for k in COLUMNS}
     medians = {k: None if v is None else round(v, 1) for k, v in medians.items()}
     print()

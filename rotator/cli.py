@@ -18,7 +18,7 @@ import time
 import urllib.error
 import urllib.request
 import webbrowser
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -205,10 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    path = getattr(args, "config", None) or default_path(os.environ)
     try:
-        config = load(path)
-        return COMMANDS[args.command](config, args)
+        config = load(config_path(getattr(args, "config", None), os.environ))
+        code = COMMANDS[args.command](config, args)
+        sys.stdout.flush()  # here, not at exit: a closed pipe is then a BrokenPipeError below
+        return code
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
@@ -218,6 +219,30 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code
     except KeyboardInterrupt:
         return FAILED
+    except BrokenPipeError:
+        # `rotator status | head -3`: the reader has gone. Quietly, as `ls | head`; the
+        # recipe of Python's docs ("Note on SIGPIPE"): what is still buffered goes to
+        # /dev/null, or Python would complain again when it flushes at exit. Exit 1 like
+        # Python's own: the output, perhaps the result, was not all delivered.
+        _quiet_stdout()
+        return FAILED
+
+
+def config_path(given: Path | None, env: Mapping[str, str]) -> Path:
+    """The config file: -c, else $ROTATOR_CONFIG, else ./rotator.yaml; a CommandError
+    (usage) saying where it looked when the file is not there and -c was not given."""
+    path = given or default_path(env)
+    if given is None and not path.exists():
+        if env.get("ROTATOR_CONFIG"):
+            where = f"$ROTATOR_CONFIG is {path}, which does not exist; point it elsewhere"
+        else:
+            where = f"no {path} in {Path.cwd()} and $ROTATOR_CONFIG is not set; give one"
+        raise CommandError(f"no config file ({where} with -c FILE or ROTATOR_CONFIG=FILE)", USAGE)
+    return path
+
+
+def _quiet_stdout() -> None:
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 # -- commands -------------------------------------------------------------------
@@ -337,6 +362,8 @@ def cmd_events(config: Config, args: argparse.Namespace) -> int:
             print(json.dumps(event) if args.json else printer.history_line(event), flush=True)
     except KeyboardInterrupt:
         pass  # the way to stop following
+    except BrokenPipeError:  # as in `logs`: the reader has all it wanted
+        _quiet_stdout()
     except (http.client.HTTPException, OSError, ValueError):
         raise CommandError(LOST) from None
     return OK
@@ -356,9 +383,8 @@ def cmd_logs(config: Config, args: argparse.Namespace) -> int:
                 print(f"rotator: {item['end']}", file=sys.stderr)
     except KeyboardInterrupt:
         pass  # the way to stop following
-    except BrokenPipeError:
-        # `rotator logs | head`: done. Python would complain again when it flushes at exit.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except BrokenPipeError:  # `rotator logs -f | grep -m1 ready`: the reader has all it wanted
+        _quiet_stdout()
     except (http.client.HTTPException, OSError):
         raise CommandError(LOST) from None
     return OK
@@ -494,7 +520,7 @@ def cmd_down(config: Config, args: argparse.Namespace) -> int:
             print(f"rotator: daemon {pid} stopped")
             return OK
         time.sleep(0.1)
-    raise CommandError(f"daemon {pid} is still running after {budget:g}s")
+    raise CommandError(f"daemon {pid} is still running after {printer.duration(budget)}")
 
 
 def cmd_dashboard(config: Config, args: argparse.Namespace) -> int:

@@ -58,7 +58,7 @@ from rotator.ports import (
     port_holders,
     rotation_order,
 )
-from rotator.printer import error_text, os_error
+from rotator.printer import duration, error_text, os_error
 from rotator.proxy.route import Limits, Route, Target
 from rotator.state import ComponentRecord, InstanceRecord
 
@@ -501,7 +501,7 @@ class Component:
             self.last_rotation = {"at": time.time(), "seconds": seconds}
         self.emit(
             "rotated",
-            f"rotation {outcome.replace('_', ' ')} after {seconds:.2f} s",
+            f"rotation {outcome.replace('_', ' ')} after {duration(seconds)}",
             outcome=outcome,
             seconds=seconds,
         )
@@ -544,7 +544,7 @@ class Component:
             await self._own_port(inst, spec)
         self.emit(
             "healthy",
-            f"pid {inst.pid} healthy after {seconds * 1000:.0f} ms",
+            f"pid {inst.pid} healthy after {duration(seconds)}",
             pid=inst.pid,
             ms=round(seconds * 1000),
         )
@@ -572,7 +572,13 @@ class Component:
                 spec.ports, self.last_port, in_use, lambda p: self._probe(self.host, p)
             )
         except NoFreePort:
-            raise RotationFailed(describe_exhausted(spec.ports, port_holders(spec.ports))) from None
+            own = {
+                d.instance.port: f"draining instance (pid {d.instance.pid})" for d in self.draining
+            }
+            if self.active is not None:
+                own[self.active.port] = f"active instance (pid {self.active.pid})"
+            holders = port_holders(spec.ports)
+            raise RotationFailed(describe_exhausted(spec.ports, holders, own)) from None
         port = choice.port
         self.last_port = port
         if choice.state is PortState.TIME_WAIT:
@@ -643,7 +649,7 @@ class Component:
         if result.survivors:
             message = f"pid {inst.pid}: processes {list(result.survivors)} survived SIGKILL"
         else:
-            message = f"stopped pid {inst.pid} ({result.outcome}, {result.seconds * 1000:.0f} ms)"
+            message = f"stopped pid {inst.pid} ({result.outcome}, {duration(result.seconds)})"
         self.emit("stopped", message, pid=inst.pid, outcome=result.outcome)
         return result
 
@@ -690,7 +696,9 @@ class Component:
             problem = await self._check(new, spec)
             failures = failures + 1 if problem else 0
         if failures < threshold and new.returncode is None:
-            self.emit("verified", f"pid {new.pid} stayed healthy for {window:g}s", pid=new.pid)
+            self.emit(
+                "verified", f"pid {new.pid} stayed healthy for {duration(window)}", pid=new.pid
+            )
             return
         reason = (
             f"exited with code {new.returncode}"
@@ -717,7 +725,7 @@ class Component:
         self.draining.append(draining)
         self._retire_soon(draining)
         raise RotationFailed(
-            f"rolled back: new instance pid {new.pid} {reason} within verify {window:g}s",
+            f"rolled back: new instance pid {new.pid} {reason} within verify {duration(window)}",
             new.tail(LOG_TAIL),
             rolled_back=True,
         )
@@ -763,7 +771,7 @@ class Component:
             target.close_all()
             self.emit(
                 "drained",
-                f"{'forced stop' if force else f'drain_timeout {spec.drain_timeout:g}s passed'}: "
+                f"{'forced stop' if force else f'drain_timeout {duration(spec.drain_timeout)} passed'}: "
                 f"cut {cut} request(s) of pid {inst.pid}",
                 pid=inst.pid,
                 cut=cut,
@@ -771,7 +779,7 @@ class Component:
         else:
             self.emit(
                 "drained",
-                f"drained {in_flight} request(s) from pid {inst.pid} in {took:.2f} s",
+                f"drained {in_flight} request(s) from pid {inst.pid} in {duration(took)}",
                 pid=inst.pid,
                 requests=in_flight,
                 seconds=round(took, 3),
@@ -870,7 +878,7 @@ class Component:
                     self.emit(
                         "restarting",
                         f"starting a replacement (restart {self._recent_crashes()} of at most "
-                        f"{spec.max_restarts} in {spec.restart_window:g}s)",
+                        f"{spec.max_restarts} in {duration(spec.restart_window)})",
                     )
                     await self._rotate(self.spec, recovering=True)
         except RotationFailed:
@@ -878,7 +886,7 @@ class Component:
 
     def _announce_backoff(self, retry_state: RetryCallState) -> None:
         delay = retry_state.next_action.sleep if retry_state.next_action else 0.0
-        self.emit("backoff", f"next restart attempt in {delay:.1f}s")
+        self.emit("backoff", f"next restart attempt in {duration(delay)}")
 
     def _recent_crashes(self) -> int:
         horizon = time.monotonic() - self.spec.restart_window
@@ -901,7 +909,7 @@ class Component:
         self.route.holding = False
         self.route.swap(None)
         self.last_error = (
-            f"gave up after {self._recent_crashes()} restarts in {self.spec.restart_window:g}s; "
+            f"gave up after {self._recent_crashes()} restarts in {duration(self.spec.restart_window)}; "
             f"last: {self.last_error}"
         )
         self._set_state("failed")

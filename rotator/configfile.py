@@ -18,18 +18,20 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import itertools
 import math
 import os
 import re
-import shlex
 import signal
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
+from yaml.error import Mark
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from yaml.reader import Reader, ReaderError
 
 from rotator import envfile
 from rotator.config import (
@@ -43,7 +45,9 @@ from rotator.config import (
     Problem,
     foreign_placeholder,
     socket_paths,
+    split_words,
 )
+from rotator.printer import duration
 
 T = TypeVar("T")
 Entry = tuple[Node, Node]  # (key node, value node): keys carry the line for "unknown key"
@@ -93,6 +97,10 @@ _ADDRESS = re.compile(r"(?:\[([^\]\s]+)\]|([^\s:\[\]]+)):(\d+)")
 _PORTS = re.compile(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?")
 _INTEGER = re.compile(r"\s*[-+]?\d+\s*")
 _DURATION = re.compile(r"([-+]?(?:\d+(?:\.\d*)?|\.\d+))\s*(ms|s|m|h)?")
+# 1m30s, 2h 05m: units from the largest down, as rotator prints durations (and nginx reads them).
+_DURATION_PART = r"(?:\d+(?:\.\d*)?|\.\d+)\s*(?:ms|s|m|h)"
+_COMPOUND = re.compile(rf"{_DURATION_PART}(?:\s*{_DURATION_PART})+")
+_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)")
 _UNITS: dict[str | None, float] = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 _SIZE = re.compile(r"([-+]?\d+)\s*(B|KiB|MiB)?")
 _SIZE_UNITS: dict[str | None, int] = {"B": 1, "KiB": 1024, "MiB": 1024 * 1024, None: 1}
@@ -101,6 +109,14 @@ _WILDCARDS = {"0.0.0.0", "::"}
 _IMAGE = re.compile(r"\S+")
 _DNS_LABEL = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?")  # a Kubernetes namespace
 TRANSPORTS = ("tcp", "unix")
+# Nesting a file may have (rotator.yaml itself needs 5). PyYAML composes recursively,
+# so without a limit 1,000 levels would end in a RecursionError.
+MAX_DEPTH = 100
+MAX_SOCKETS = 1000  # a socket pool this large already has more than any rotation needs
+TOP = "(top level)"  # the field of a problem with the file as a whole
+# Guessing a did-you-mean compares a name with every candidate; past this many
+# comparisons in one file (20,000 components each naming an unknown one) guesses stop.
+HINT_BUDGET = 200_000
 # The longest Unix socket path that binds everywhere: sun_path is 104 bytes on macOS
 # (108 on Linux), including the terminating NUL.
 MAX_SOCKET_PATH = 103
@@ -108,13 +124,17 @@ DEFAULT_SOCKETS = 4  # the socket pool's size when `sockets` is not set
 
 
 def parse_duration(value: object) -> float:
-    """Seconds from 250ms, 2s, 1.5m, 1h or a bare number of seconds (30, 0.5, "30")."""
+    """Seconds from 250ms, 2s, 1.5m, 1h, 1m30s or a bare number of seconds (30, 0.5, "30")."""
     seconds: float | None = None
     try:
         if isinstance(value, int | float) and not isinstance(value, bool):
             seconds = float(value)
         elif isinstance(value, str) and (m := _DURATION.fullmatch(value.strip())):
             seconds = float(m[1]) * _UNITS[m[2]]
+        elif isinstance(value, str) and _COMPOUND.fullmatch(value.strip()):
+            parts = [(float(n), _UNITS[unit]) for n, unit in _PART.findall(value)]
+            if all(a[1] > b[1] for a, b in itertools.pairwise(parts)):
+                seconds = sum(n * unit for n, unit in parts)
     except OverflowError:
         seconds = None
     if seconds is None or not math.isfinite(seconds):
@@ -146,16 +166,30 @@ def default_path(env: Mapping[str, str]) -> Path:
 def load(path: Path | str) -> Config:
     path = Path(path).expanduser()
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        data = path.read_bytes()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
         problem = Problem(str(path), None, "", f"cannot read the config file: {reason}")
         raise ConfigError([problem]) from None
-    return parse(text, path)
+    try:
+        return parse(data.decode("utf-8"), path)
+    except UnicodeDecodeError as exc:
+        # Read on with the bad bytes replaced, so that other problems are found in the
+        # same pass; the first bad byte is named at its line and field.
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - data.rfind(b"\n", 0, exc.start)
+        where = (len(data[: exc.start].decode("utf-8")), line)
+        message = f"byte 0x{data[exc.start]:02x} at column {column} is not UTF-8 (the file must be)"
+        return parse(data.decode("utf-8", "replace"), path, bad_encoding=(*where, message))
 
 
-def parse(text: str, path: Path) -> Config:
+def parse(text: str, path: Path, bad_encoding: tuple[int, int, str] | None = None) -> Config:
+    """The config in `text`; `bad_encoding`: (character index, line, message) of a byte
+    that was not UTF-8 in the file (and was replaced), reported with the other problems."""
     parser = _Parser(Path(path))
+    if bad_encoding:
+        index, line, message = bad_encoding
+        parser.problems.append(Problem(parser.file, line, _field_at(text, index) or TOP, message))
     config = parser.config(text)
     if parser.problems or config is None:
         raise ConfigError(sorted(parser.problems, key=lambda p: p.line or 0))
@@ -194,21 +228,17 @@ class _Parser:
         # (component, field path, [(dependency name, its node)]) for check_dependencies.
         self.dependencies: list[tuple[str, str, list[tuple[str, Node]]]] = []
         self.component_names: list[str] = []  # as written, valid or not
+        self.hint_budget = HINT_BUDGET
 
-    def fail(self, node: Node | None, path: str, message: str) -> None:
-        line = None if node is None else node.start_mark.line + 1
-        self.problems.append(Problem(self.file, line, path, message))
+    def fail(self, node: Node | None, path: str, message: str, line: int | None = None) -> None:
+        if node is not None:
+            line = node.start_mark.line + 1
+        self.problems.append(Problem(self.file, line, path or TOP, message))
 
     # -- the file ----------------------------------------------------------------------------
 
     def config(self, text: str) -> Config | None:
-        try:
-            root = yaml.compose(text, Loader=yaml.SafeLoader)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-            line = None if mark is None else mark.line + 1
-            reason = getattr(exc, "problem", None) or str(exc)
-            self.problems.append(Problem(self.file, line, "", f"invalid YAML: {reason}"))
+        if (root := self.compose(text)) is False:
             return None
         top = self.mapping(root, "", TOP_KEYS)
         if top is None:
@@ -225,16 +255,45 @@ class _Parser:
         state_dir = self.state_dir
         if "state_dir" in top and (found := self.path_value(top["state_dir"][1], "state_dir")):
             state_dir = self.state_dir = found
-            if state_dir.exists() and not state_dir.is_dir():
-                self.fail(top["state_dir"][1], "state_dir", f"{state_dir} is not a directory")
+            if (problem := _not_a_directory(state_dir)) not in (None, "does not exist"):
+                self.fail(top["state_dir"][1], "state_dir", f"{state_dir} {problem}")
         max_clients = None
         if "max_clients" in top:
             max_clients = self.total_clients(top["max_clients"][1], "max_clients")
         defaults = self.defaults(_value(top, "defaults"))
-        components = self.components(top.get("components"), defaults)
+        # A missing `components` is reported where the file's mapping begins.
+        first_line = 1 if root is None else root.start_mark.line + 1
+        components = self.components(top.get("components"), defaults, first_line)
         self.check_overlaps()
         kubernetes = self.kubernetes(_value(top, "export"))
         return Config(self.path, admin, state_dir, components, kubernetes, max_clients)
+
+    def compose(self, text: str) -> Node | Literal[False] | None:
+        """The file's root node (None for an empty file); False once a problem is reported."""
+        loader: _Loader | None = None
+        try:
+            loader = _Loader(text)
+            return loader.get_single_node()
+        except _TooDeep as exc:
+            field = _field(loader.keys if loader else [])
+            message = f"nested more than {MAX_DEPTH} levels deep"
+            self.fail(None, field, message, exc.mark.line + 1)
+        except ReaderError as exc:  # a character YAML does not allow (a NUL, say)
+            line = text.count("\n", 0, exc.position) + 1
+            what = f"#x{exc.character:04x}" if isinstance(exc.character, int) else "a character"
+            message = f"invalid YAML: {what} is not allowed in a YAML file"
+            self.fail(None, _field_at(text, exc.position), message, line)
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            field = _field(loader.keys if loader else [])
+            message = f"invalid YAML: {exc.problem or exc.context}"
+            self.fail(None, field, message, 1 if mark is None else mark.line + 1)
+        except yaml.YAMLError as exc:  # not raised by PyYAML 6 while composing; one line anyway
+            self.fail(None, "", f"invalid YAML: {' '.join(str(exc).split())}", 1)
+        finally:
+            if loader is not None:
+                loader.dispose()
+        return False
 
     def defaults(self, node: Node | None) -> dict[str, Any]:
         # Parsed once, so a bad default is reported once, at its defaults.* path.
@@ -247,10 +306,11 @@ class _Parser:
         return values
 
     def components(
-        self, entry: Entry | None, defaults: dict[str, Any]
+        self, entry: Entry | None, defaults: dict[str, Any], first_line: int
     ) -> tuple[ComponentSpec, ...]:
         if entry is None:
-            self.fail(None, "components", "missing (at least one component is required)")
+            message = "missing (at least one component is required)"
+            self.fail(None, "components", message, first_line)
             return ()
         found = self.mapping(entry[1], "components")
         if found == {}:
@@ -371,13 +431,13 @@ class _Parser:
                         " at most 63, starting and ending with a letter or digit)",
                     )
         images: dict[str, str] = {}
-        names = self.component_names
+        names = dict.fromkeys(self.component_names)
         for name, (key_node, value_node) in (
             self.mapping(_value(found, "images"), f"{path}.images") or {}
         ).items():
             here = f"{path}.images.{name}"
             if name not in names:
-                hint = _did_you_mean(name, names) if names else ""
+                hint = self.name_hint(name, names) if names else ""
                 self.fail(key_node, here, f"unknown component {name!r}{hint}")
             elif (own := self.image(value_node, here)) is not None:
                 images[name] = own
@@ -427,7 +487,7 @@ class _Parser:
             "max_connections": lambda node, at: self.integer(node, at, minimum=0),
             "max_clients": lambda node, at: self.integer(node, at, minimum=0),
             "transport": self.transport,
-            "sockets": lambda node, at: self.integer(node, at, minimum=2),
+            "sockets": lambda node, at: self.integer(node, at, minimum=2, maximum=MAX_SOCKETS),
             "env_file": self.env_files,
             "logs": self.logs,
         }
@@ -453,10 +513,10 @@ class _Parser:
         if most >= initial:
             return
         if "restart_backoff_max" in values:
-            message = f"{_seconds(most)} is less than restart_backoff ({_seconds(initial)})"
+            message = f"{duration(most)} is less than restart_backoff ({duration(initial)})"
             self.fail(found["restart_backoff_max"][1], f"{path}.restart_backoff_max", message)
         else:
-            message = f"{_seconds(initial)} is more than restart_backoff_max ({_seconds(most)})"
+            message = f"{duration(initial)} is more than restart_backoff_max ({duration(most)})"
             self.fail(found["restart_backoff"][1], f"{path}.restart_backoff", message)
 
     def check_dependencies(self, names: list[str]) -> None:
@@ -464,26 +524,26 @@ class _Parser:
         edges: dict[str, list[tuple[str, Node]]] = {name: [] for name in names}
         for name, path, deps in self.dependencies:
             seen: set[str] = set()
-            others = [other for other in names if other != name]  # for the did-you-mean
             for dep, node in deps:
                 if dep == name:
                     self.fail(node, path, f"{name!r} cannot depend on itself")
                 elif dep in seen:
                     self.fail(node, path, f"{dep!r} is listed twice")
                 elif dep not in edges:
-                    hint = (
-                        _did_you_mean(dep, others) if others else " (there is no other component)"
-                    )
+                    hint = self.name_hint(dep, names, name)
                     self.fail(node, path, f"unknown component {dep!r}{hint}")
                 else:
                     edges[name].append((dep, node))
                 seen.add(dep)
-        reach = {name: _reachable(name, edges) for name in names}
+        cycle_of: dict[str, set[str]] = {}
+        for group in _cycles({name: [dep for dep, _ in deps] for name, deps in edges.items()}):
+            members = set(group)
+            cycle_of.update(dict.fromkeys(group, members))
         done: set[str] = set()
         for name in names:  # file order: a cycle is reported at its first component
-            if name in done or name not in reach[name]:
+            if name in done or name not in cycle_of:
                 continue
-            members = {other for other in reach[name] if name in reach[other]}
+            members = cycle_of[name]
             done |= members
             cycle, first = _shortest_cycle(name, edges, members)
             self.fail(
@@ -492,30 +552,63 @@ class _Parser:
                 f"dependency cycle: {' -> '.join(cycle)}",
             )
 
+    def name_hint(self, name: str, names: Collection[str], exclude: str | None = None) -> str:
+        """' (did you mean ...?)' for an unknown component `name` among `names` (but
+        `exclude`), or what else to say; guesses stop once HINT_BUDGET is spent."""
+        if not (len(names) - (exclude in names)):
+            return " (there is no other component)"
+        if self.hint_budget > 0:
+            self.hint_budget -= len(names)
+            close = difflib.get_close_matches(name, names, n=2)
+            if close := [other for other in close if other != exclude]:
+                return f" (did you mean {close[0]!r}?)"
+        if len(names) <= 10:
+            return f" (expected one of: {', '.join(n for n in names if n != exclude)})"
+        return ""
+
     def check_overlaps(self) -> None:
-        """Binds that would fail, or steal each other's traffic, at runtime."""
+        """Binds that would fail, or steal each other's traffic, at runtime. Each address
+        and port is checked against the first earlier one it clashes with, through dicts:
+        20,000 components take no longer than twice 10,000."""
+        same_host: dict[tuple[int, str], int] = {}  # (port, host) -> the first listen there
+        first_on_port: dict[int, int] = {}
+        wildcard_on_port: dict[int, int] = {}
         for i, (_, addr, node, path) in enumerate(self.listens):
-            for other, prior, _, _ in self.listens[:i]:
+            spot = (addr.port, addr.host.lower())
+            clashes = [same_host.get(spot)]
+            if addr.host in _WILDCARDS:  # a wildcard takes the port on every host
+                clashes.append(first_on_port.get(addr.port))
+                wildcard_on_port.setdefault(addr.port, i)
+            else:
+                clashes.append(wildcard_on_port.get(addr.port))
+            same_host.setdefault(spot, i)
+            first_on_port.setdefault(addr.port, i)
+            if earlier := [j for j in clashes if j is not None]:
+                other, prior, _, _ = self.listens[min(earlier)]
                 if addr == prior:
                     self.fail(node, path, f"{addr} is also the listen address of {other}")
-                elif addr.port == prior.port and (
-                    addr.host.lower() == prior.host.lower() or {addr.host, prior.host} & _WILDCARDS
-                ):
+                else:
                     self.fail(node, path, f"{addr} overlaps {prior}, the listen address of {other}")
         public: dict[int, str] = {}
         for owner, addr, _, _ in self.listens:
             public.setdefault(addr.port, owner)
+        first_pool: dict[int, int] = {}  # port -> the first pool with it
         for i, (_, pool, pool_node, pool_path) in enumerate(self.pools):
-            for port, owner in public.items():
-                if port in pool:
-                    self.fail(pool_node, pool_path, f"port {port} is the listen port of {owner}")
-            for other_name, other_pool, _, _ in self.pools[:i]:
-                if shared := sorted(set(pool) & set(other_pool)):
+            shared: dict[int, list[int]] = {}  # an earlier pool -> its ports in this one
+            for port in pool:
+                if port in public:
                     self.fail(
-                        pool_node,
-                        pool_path,
-                        f"{_ports_phrase(shared)} also in the pool of component {other_name!r}",
+                        pool_node, pool_path, f"port {port} is the listen port of {public[port]}"
                     )
+                if (j := first_pool.setdefault(port, i)) != i:
+                    shared.setdefault(j, []).append(port)
+            for j, ports in shared.items():
+                self.fail(
+                    pool_node,
+                    pool_path,
+                    f"{_ports_phrase(sorted(ports))} also in the pool of component"
+                    f" {self.pools[j][0]!r}",
+                )
 
     # -- node helpers ------------------------------------------------------------------------
 
@@ -551,12 +644,18 @@ class _Parser:
         if node.tag == NULL_TAG:
             self.fail(node, path, "needs a value")
             return None
+        if "\0" in node.value:
+            self.fail(node, path, NUL)
+            return None
         if raw:
             return node.value
         try:
             return self.loader.construct_object(node)
-        except (yaml.YAMLError, ValueError) as exc:  # e.g. an unknown !tag
+        except yaml.YAMLError as exc:  # e.g. an unknown !tag
             self.fail(node, path, f"invalid value: {getattr(exc, 'problem', None) or exc}")
+            return None
+        except ValueError as exc:  # e.g. more digits than int() converts; the gist only
+            self.fail(node, path, f"invalid value: {str(exc).split(':')[0]}")
             return None
 
     def required(
@@ -631,7 +730,10 @@ class _Parser:
             for item in bad:
                 what = f"{item.value!r} (quote it)" if isinstance(item, ScalarNode) else _kind(item)
                 self.fail(item, path, f"list items must be strings, not {what}")
-            if bad:
+            nul = [item for item in node.value if item not in bad and "\0" in item.value]
+            for item in nul:
+                self.fail(item, path, NUL)
+            if bad or nul:
                 return None
             words = [item.value for item in node.value]
         elif isinstance(node, MappingNode):
@@ -641,7 +743,7 @@ class _Parser:
             if (text := self.scalar(node, path, raw=True)) is None:
                 return None
             try:
-                words = shlex.split(text)
+                words = split_words(text)
             except ValueError as exc:
                 self.fail(node, path, f"cannot be split into words: {exc}")
                 return None
@@ -784,16 +886,22 @@ class _Parser:
             values["keep"] = keep
         return values
 
-    def integer(self, node: Node, path: str, minimum: int) -> int | None:
+    def integer(
+        self, node: Node, path: str, minimum: int, maximum: int | None = None
+    ) -> int | None:
         if (value := self.scalar(node, path)) is None:
             return None
         if isinstance(value, str) and _INTEGER.fullmatch(value):
-            value = int(value)
+            with contextlib.suppress(ValueError):  # more digits than int() converts
+                value = int(value)
         if not isinstance(value, int) or isinstance(value, bool):
-            self.fail(node, path, f"{value!r} is not a whole number")
+            self.fail(node, path, f"{_short(value)} is not a whole number")
             return None
         if value < minimum:
-            self.fail(node, path, f"must be {minimum} or more, not {value}")
+            self.fail(node, path, f"must be {minimum} or more, not {_short(value)}")
+            return None
+        if maximum is not None and value > maximum:
+            self.fail(node, path, f"must be {maximum} or less, not {_short(value)}")
             return None
         return value
 
@@ -839,42 +947,136 @@ class _Parser:
     def path_value(self, node: Node, path: str) -> Path | None:
         if (text := self.scalar(node, path, raw=True)) is None:
             return None
-        return self.base.joinpath(Path(text).expanduser()).resolve()
+        try:
+            return self.base.joinpath(Path(text).expanduser()).resolve()
+        except (OSError, RuntimeError) as exc:  # ~nobody, a symlink loop, a name too long
+            self.fail(node, path, f"{text!r} is not a usable path: {_reason(exc)}")
+            return None
 
     def directory(self, node: Node, path: str) -> Path | None:
-        if (found := self.path_value(node, path)) is None or found.is_dir():
-            return found
-        problem = "is not a directory" if found.exists() else "does not exist"
-        self.fail(node, path, f"{found} {problem}")
-        return None
+        if (found := self.path_value(node, path)) is None:
+            return None
+        if problem := _not_a_directory(found):
+            self.fail(node, path, f"{found} {problem}")
+            return None
+        return found
 
     def env(self, node: Node, path: str) -> dict[str, str]:
         values: dict[str, str] = {}
         for key, (key_node, value_node) in (self.mapping(node, path) or {}).items():
-            if key_node.tag != STR_TAG or not key or "=" in key:
+            if key_node.tag != STR_TAG or not key or "=" in key or "\0" in key:
                 self.fail(
                     key_node,
                     f"{path}.{key}",
-                    "is not a valid variable name (a string without '='; quote numbers)",
+                    "is not a valid variable name (a string without '=' or NUL; quote numbers)",
                 )
             elif not isinstance(value_node, ScalarNode):
                 self.fail(
                     value_node, f"{path}.{key}", f"must be a single value, not {_kind(value_node)}"
                 )
+            elif "\0" in value_node.value:
+                self.fail(value_node, f"{path}.{key}", NUL)
             else:  # the text as written: `yes` stays "yes", 1.50 stays "1.50"; empty is ""
                 values[key] = "" if value_node.tag == NULL_TAG else value_node.value
         return values
 
 
-def _reachable(start: str, edges: dict[str, list[tuple[str, Node]]]) -> set[str]:
-    """Names reachable from `start` by one or more edges (so `start` only if on a cycle)."""
-    seen: set[str] = set()
-    stack = [dep for dep, _ in edges[start]]
-    while stack:
-        if (name := stack.pop()) not in seen:
-            seen.add(name)
-            stack.extend(dep for dep, _ in edges[name])
-    return seen
+class _TooDeep(yaml.YAMLError):
+    def __init__(self, mark: Mark) -> None:
+        super().__init__(f"nested more than {MAX_DEPTH} levels deep")
+        self.mark = mark
+
+
+class _Loader(yaml.SafeLoader):
+    """The safe loader, refusing nesting deeper than MAX_DEPTH, and keeping the keys of
+    the nodes being composed so that a syntax error can name its field."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.keys: list[str | None] = []  # a key per level; None for list items (and keys)
+
+    def compose_node(self, parent: Node | None, index: Any) -> Node | None:
+        if len(self.keys) >= MAX_DEPTH:
+            raise _TooDeep(self.peek_event().start_mark)
+        self.keys.append(index.value if isinstance(index, ScalarNode) else None)
+        node = super().compose_node(parent, index)
+        self.keys.pop()  # not on an error: then `keys` says where it happened
+        return node
+
+
+def _field(keys: list[str | None]) -> str:
+    """The field path of a list of keys; past 4 keys (rotator.yaml's deepest) cut short."""
+    named = [key for key in keys if key is not None]
+    return ".".join(named[:4]) + (".…" if len(named) > 4 else "")
+
+
+def _field_at(text: str, index: int) -> str:
+    """The field that holds character `index` of `text`, read with the characters YAML
+    refuses blanked out ("" if it is not valid YAML even so): for a problem found before
+    the file could be parsed, such as a byte that is not UTF-8."""
+    loader = _Loader(Reader.NON_PRINTABLE.sub(" ", text))
+    try:
+        node = loader.get_single_node()
+    except yaml.YAMLError:
+        return ""
+    finally:
+        loader.dispose()
+    keys: list[str | None] = []
+    for _ in range(MAX_DEPTH):  # a recursive alias (&a [*a]) must not loop forever
+        if isinstance(node, MappingNode):
+            items = node.value
+        elif isinstance(node, SequenceNode):
+            items = [(None, item) for item in node.value]
+        else:
+            break
+        inner = [(k, v) for k, v in items if (k or v).start_mark.index <= index < v.end_mark.index]
+        if not inner:
+            break
+        key, node = inner[0]
+        keys.append(key.value if isinstance(key, ScalarNode) else None)
+    return _field(keys)
+
+
+def _cycles(edges: Mapping[str, list[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one name (every dependency cycle
+    lies within one): Tarjan's algorithm, without recursion, in linear time."""
+    order: dict[str, int] = {}  # when each name was reached
+    low: dict[str, int] = {}  # the earliest name reachable back from it, still on the stack
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    groups: list[list[str]] = []
+    for root in edges:
+        if root in order:
+            continue
+        order[root] = low[root] = len(order)
+        stack.append(root)
+        on_stack.add(root)
+        work = [(root, iter(edges[root]))]
+        while work:
+            name, deps = work[-1]
+            for dep in deps:
+                if dep not in order:
+                    order[dep] = low[dep] = len(order)
+                    stack.append(dep)
+                    on_stack.add(dep)
+                    work.append((dep, iter(edges[dep])))
+                    break
+                if dep in on_stack:
+                    low[name] = min(low[name], order[dep])
+            else:
+                work.pop()
+                if work:
+                    parent = work[-1][0]
+                    low[parent] = min(low[parent], low[name])
+                if low[name] == order[name]:
+                    group = []
+                    while (member := stack.pop()) != name:
+                        on_stack.discard(member)
+                        group.append(member)
+                    on_stack.discard(name)
+                    if group:
+                        groups.append([*group, name])
+    return groups
 
 
 def _shortest_cycle(
@@ -901,11 +1103,6 @@ def _shortest_cycle(
     return cycle, node
 
 
-def _seconds(seconds: float) -> str:
-    """0.5 -> '500ms', 30.0 -> '30s': durations in messages, close to how they are written."""
-    return f"{seconds * 1000:g}ms" if seconds < 1 else f"{seconds:g}s"
-
-
 def _bytes(size: int) -> str:
     """65536 -> '64KiB', 1048576 -> '1MiB', 1000 -> '1000B': sizes in messages."""
     for unit, factor in (("MiB", 1024 * 1024), ("KiB", 1024)):
@@ -915,6 +1112,27 @@ def _bytes(size: int) -> str:
 
 
 _SPEC_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ComponentSpec)}
+NUL = "contains a NUL character (no path, command or variable can hold one)"
+
+
+def _not_a_directory(path: Path) -> str | None:
+    """Why `path` is not a directory ("does not exist", ...), or None if it is one."""
+    try:
+        if path.is_dir():
+            return None
+        return "is not a directory" if path.exists() else "does not exist"
+    except OSError as exc:  # EACCES on a parent: is_dir() raises it
+        return f"cannot be looked at: {_reason(exc)}"
+
+
+def _reason(exc: Exception) -> str:
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+
+
+def _short(value: object) -> str:
+    """repr(value), cut to 40 characters: a message quotes what was written, not 1 MB of it."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:36]}...{text[-1]}"
 
 
 def _merged_health(defaults: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:

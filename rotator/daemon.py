@@ -652,7 +652,9 @@ def _silence_stdout() -> None:
 
 
 def _bind_error(field: str, address: str, exc: OSError) -> str:
-    message = f"{field}: cannot bind {address}: {exc.strerror or exc}"
+    # asyncio's strerror repeats the address ("error while attempting to bind on address
+    # ('127.0.0.1', 8001): address already in use"): the errno's own text says it once.
+    message = f"{field}: cannot bind {address}: {os.strerror(exc.errno) if exc.errno else exc}"
     if exc.errno == errno.EADDRINUSE:
         port = int(address.rsplit(":", 1)[1])
         message += f" ({describe_holders(port, port_holders([port]))})"

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from rotator.config import ComponentSpec, Config
+from rotator.printer import duration
 
 # Every container listens on this port: a pod has its own network namespace, so there is
 # no pool to choose from, and an unprivileged port needs no capability in the image.
@@ -321,7 +322,7 @@ def _notes(spec: ComponentSpec, name: str, config: Config) -> list[str]:
         seconds = getattr(spec.health, key)
         if seconds != math.ceil(seconds):
             notes.append(
-                f"health.{key} {_duration(seconds)} rounded up to {what}"
+                f"health.{key} {duration(seconds)} rounded up to {what}"
                 f" {math.ceil(seconds)} (probes count whole seconds)"
             )
     if spec.stop_signal != signal.SIGTERM:
@@ -331,7 +332,7 @@ def _notes(spec: ComponentSpec, name: str, config: Config) -> list[str]:
         )
     if spec.verify:
         notes.append(
-            f"verify {_duration(spec.verify)} became minReadySeconds {math.ceil(spec.verify)};"
+            f"verify {duration(spec.verify)} became minReadySeconds {math.ceil(spec.verify)};"
             " a rollout that fails it stops but is not rolled back:"
             f" kubectl rollout undo deployment/{name}"
         )
@@ -377,13 +378,7 @@ def _value(key: str, value: object) -> str:
         for unit, factor in (("MiB", 1024 * 1024), ("KiB", 1024)):
             if value % factor == 0:
                 return f"{value // factor}{unit}"
-    return _duration(value) if isinstance(value, float) else str(value)
-
-
-def _duration(seconds: float) -> str:
-    if seconds >= 60 and seconds % 60 == 0:
-        return f"{seconds / 60:g}m"
-    return f"{seconds * 1000:g}ms" if seconds < 1 else f"{seconds:g}s"
+    return duration(value) if isinstance(value, float) else str(value)
 
 
 def _grouped(notes: list[tuple[str, str]], components: int) -> list[str]:

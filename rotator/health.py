@@ -43,6 +43,7 @@ import httptools
 from tenacity import AsyncRetrying, RetryError, retry_if_result, stop_after_delay, wait_fixed
 
 from rotator.config import ComponentSpec, HealthSpec
+from rotator.printer import duration
 from rotator.spawner import SpawnerGone
 
 # The gap between a process becoming ready and traffic reaching it is at most
@@ -129,7 +130,7 @@ class HealthCheck:
         try:
             status = await asyncio.wait_for(self._get(host, port, unix), self.spec.timeout)
         except TimeoutError:
-            return f"{path} did not answer within {self.spec.timeout:g}s"
+            return f"{path} did not answer within {duration(self.spec.timeout)}"
         except ConnectionRefusedError:
             return f"{path}: connection refused"
         except FileNotFoundError:
@@ -149,7 +150,7 @@ class HealthCheck:
                 else:
                     _, writer = await asyncio.open_connection(host, port)
         except TimeoutError:
-            return f"connecting to {where} took more than {self.spec.timeout:g}s"
+            return f"connecting to {where} took more than {duration(self.spec.timeout)}"
         except ConnectionRefusedError:
             return f"connecting to {where}: connection refused"
         except FileNotFoundError:
@@ -192,7 +193,7 @@ class HealthCheck:
             async with asyncio.timeout(self.spec.timeout):
                 code = await child.wait()
         except TimeoutError:
-            return f"exec {argv[0]} did not finish within {self.spec.timeout:g}s"
+            return f"exec {argv[0]} did not finish within {duration(self.spec.timeout)}"
         except SpawnerGone:
             return f"exec {argv[0]}: the spawner exited, its exit code is unknown"
         finally:
@@ -246,7 +247,7 @@ class HealthCheck:
             await retrying(attempt)
         except RetryError:
             raise NotHealthy(
-                f"not healthy within start_timeout {self.spec.start_timeout:g}s (last check: {last[0]})"
+                f"not healthy within start_timeout {duration(self.spec.start_timeout)} (last check: {last[0]})"
             ) from None
 
     async def _get(self, host: str, port: int, unix: str | None) -> int:

@@ -22,7 +22,7 @@ import os
 import socket
 import struct
 import sys
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -346,18 +346,25 @@ def describe_squatters(
     return f"port {port} is held by {strangers}, not by the instance pid {pid}"
 
 
-def describe_exhausted(pool: Sequence[int], holders: Holders) -> str:
+def describe_exhausted(
+    pool: Sequence[int], holders: Holders, own: Mapping[int, str] | None = None
+) -> str:
     """One line naming the pool and who holds each port, contiguous ports with the same
     holders merged: "no free port in pool 18001-18010 (held: 18001 by pid 4242 (python3),
-    18002-18010 by an unknown process)"."""
+    18002-18010 by an unknown process)". `own`: the ports of the component's own instances,
+    port -> which ("active instance (pid 4242)"), named as such: that the pool is full of
+    the component itself is the one thing its owner can fix."""
     if not pool:
         return "no free port in pool (the pool is empty)"
+    own = own or {}
     parts: list[tuple[int, int, str]] = []  # (first, last, who)
     for port in pool:
-        who = _who(holders.get(port, []))
+        who = f"this component's {own[port]}" if port in own else _who(holders.get(port, []))
         if parts and parts[-1][2] == who and port == parts[-1][1] + 1:
             parts[-1] = (parts[-1][0], port, who)
         else:
             parts.append((port, port, who))
     held = ", ".join(f"{_span(a, b)} by {who}" for a, b, who in parts)
+    if all(port in own for port in pool):
+        held += "; a rotation needs a free port beside its running instances: add ports"
     return f"no free port in pool {format_pool(pool)} (held: {held})"

@@ -9,17 +9,18 @@ from typing import Any
 
 
 def duration(seconds: float) -> str:
-    if seconds < 1:
-        return f"{seconds * 1000:.0f}ms"
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, secs = divmod(int(seconds), 60)
+    """The one way rotator writes a duration, measured or configured, as the config reads
+    it back: 0.0004 -> '0ms', 0.5482 -> '548ms', 1.0 -> '1s', 2.634 -> '2.63s',
+    90 -> '1m30s', 3600 -> '1h', 7500 -> '2h05m', 200000 -> '55h33m'."""
+    if round(seconds * 1000) < 1000:
+        return f"{max(seconds, 0) * 1000:.0f}ms"
+    if round(seconds, 2) < 60:
+        return f"{seconds:.2f}".rstrip("0").rstrip(".") + "s"
+    minutes, secs = divmod(round(seconds), 60)
     if minutes < 60:
-        return f"{minutes}m{secs:02d}s"
+        return f"{minutes}m{secs:02d}s" if secs else f"{minutes}m"
     hours, minutes = divmod(minutes, 60)
-    if hours < 48:
-        return f"{hours}h{minutes:02d}m"
-    return f"{hours // 24}d{hours % 24:02d}h"
+    return f"{hours}h{minutes:02d}m" if minutes else f"{hours}h"
 
 
 def os_error(exc: OSError, *, paths: bool = True) -> str:

@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from rotator.printer import duration
+
 STATE_VERSION = 1
 SOURCES = ("config", "deployed")
 # A state file that could not be written is tried again this often (seconds).
@@ -312,7 +314,7 @@ class StateWriter:
         if self.error is None or self.error["message"] != message:
             self._out(
                 f"rotator: {message}; what runs is not recorded for a later daemon "
-                f"(retrying every {STATE_RETRY:g}s)"
+                f"(retrying every {duration(STATE_RETRY)})"
             )
         since = self.error["since"] if self.error else time.time()
         self.error = {"message": message, "since": since}

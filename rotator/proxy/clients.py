@@ -23,6 +23,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
+from rotator.printer import duration
+
 if TYPE_CHECKING:
     from rotator.proxy.protocol import ClientConnection, Listener
 
@@ -164,6 +166,6 @@ class Clients:
         self._report(
             f"rotator: {scope} reached: {self._evicted} idle client connection(s) closed to "
             f"make room, {self._refused} refused since the last such line (one every "
-            f"{REPORT_INTERVAL:g}s at most)"
+            f"{duration(REPORT_INTERVAL)} at most)"
         )
         self._evicted = self._refused = 0

@@ -24,6 +24,7 @@ from typing import Any, NamedTuple, cast
 
 import httptools
 
+from rotator.printer import duration
 from rotator.proxy.clients import Clients
 from rotator.proxy.route import Route, Target
 from rotator.proxy.upstream import UpstreamConnection, connect
@@ -304,8 +305,8 @@ class Exchange:
                 task.result().close()
             return
         if isinstance(exc, TimeoutError):  # accepts nothing: not a crash to wait out
-            timeout = self.client.limits.connect_timeout
-            self.fail(Answer.INSTANCE_TIMEOUT, detail=f"connect_timeout {timeout:g}s")
+            timeout = duration(self.client.limits.connect_timeout)
+            self.fail(Answer.INSTANCE_TIMEOUT, detail=f"connect_timeout {timeout}")
         elif exc is not None:
             self._before_response_failed(exc, connect_failed=True)
         else:
@@ -1093,9 +1094,9 @@ class Listener:
                 if ex.tunnel or not ex.started:
                     continue  # a websocket may be quiet; a held request has hold_timeout
                 if limits.request_timeout and now - ex.started > limits.request_timeout:
-                    ex.timed_out(f"request_timeout {limits.request_timeout:g}s")
+                    ex.timed_out(f"request_timeout {duration(limits.request_timeout)}")
                 elif ex.upstream is not None and now - ex.upstream.last_read > limits.read_timeout:
-                    ex.timed_out(f"read_timeout {limits.read_timeout:g}s")
+                    ex.timed_out(f"read_timeout {duration(limits.read_timeout)}")
 
     def take_slot(self) -> bool:
         if self.slots_in_use < self.route.limits.max_connections:

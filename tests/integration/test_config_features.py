@@ -129,7 +129,7 @@ def test_an_exec_check_past_its_timeout_is_killed_with_what_it_started(tmp_path:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 
-    assert asyncio.run(probe_with(check)) == "exec sh did not finish within 0.5s"
+    assert asyncio.run(probe_with(check)) == "exec sh did not finish within 500ms"
     assert wait_until(lambda: not _running(marker), timeout=5), _running(marker)
     asyncio.run(asyncio.wait_for(cancelled(), 10))
     assert wait_until(lambda: not _running(marker), timeout=5), _running(marker)

@@ -92,7 +92,7 @@ def test_silent_and_garbage_servers() -> None:
         garbage = server.sockets[0].getsockname()[1]
         try:
             assert (
-                await check(timeout=0.3).probe(HOST, port) == "/health did not answer within 0.3s"
+                await check(timeout=0.3).probe(HOST, port) == "/health did not answer within 300ms"
             )
             assert (
                 await check().probe(HOST, garbage) == "/health: answered something that is not HTTP"

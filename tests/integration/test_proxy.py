@@ -1395,7 +1395,7 @@ async def test_read_timeout_gives_504_naming_the_component(backend: Backend) -> 
         started = time.monotonic()
         r = await c.request("GET", "/slow?seconds=3")
         assert time.monotonic() - started < 2
-        assert (r.status, r.body) == (504, b"rotator: shop: gateway timeout (read_timeout 0.3s)\n")
+        assert (r.status, r.body) == (504, b"rotator: shop: gateway timeout (read_timeout 300ms)\n")
         assert (await c.request("GET", "/")).status == 200  # the connection goes on
         assert p.targets[0].in_flight == 0
 

@@ -163,7 +163,8 @@ def test_a_bad_reload_changes_nothing(tmp_path: Path, daemon_factory) -> None:
     config.write_text(good + "  broken: [\n")
     syntax = cli(config, "reload")
     assert syntax.returncode == 2, syntax
-    assert re.search(rf"{re.escape(str(config))}:\d+: invalid YAML", syntax.stderr), syntax.stderr
+    broken = rf"{re.escape(str(config))}:\d+: components.broken: invalid YAML"  # file:line: field
+    assert re.search(broken, syntax.stderr), syntax.stderr
     # The daemon checks the file itself too (the CLI's check is a courtesy).
     token = (tmp_path / "state" / "admin.token").read_text().strip()
     request = urllib.request.Request(
@@ -175,7 +176,7 @@ def test_a_bad_reload_changes_nothing(tmp_path: Path, daemon_factory) -> None:
     except urllib.error.HTTPError as exc:
         assert exc.code == 400
         problems = json.load(exc)["problems"]
-    assert re.match(rf"{re.escape(str(config))}:\d+: invalid YAML", problems[0]), problems
+    assert re.match(broken, problems[0]), problems
 
     def unknown_key(components: dict[str, Any]) -> None:
         components["extra"] = extra

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 import urllib.error
@@ -256,7 +257,10 @@ def test_port_held_by_a_stranger_is_skipped_and_an_exhausted_pool_is_reported(
             result = cli(config, "restart", "web")
             assert result.returncode == 1
             assert "no free port in pool" in result.stderr
-            assert "pid" in result.stderr  # names who holds them
+            active = daemon.component("web")["active"]["pid"]
+            # Who holds them: this test, and the component itself, said so.
+            assert f" by pid {os.getpid()} (" in result.stderr
+            assert f"{c} by this component's active instance (pid {active})" in result.stderr
             assert daemon.component("web")["active"]["port"] == c  # still serving
         finally:
             blocker.close()
@@ -278,7 +282,12 @@ def test_public_port_taken_fails_startup_cleanly(tmp_path: Path, daemon_factory)
     finally:
         stranger.close()
     out = daemon.output()
-    assert f"components.web.listen: cannot bind {spec['listen']}" in out
+    # The reason once, then who holds the port (this test).
+    assert (
+        f"components.web.listen: cannot bind {spec['listen']}: Address already in use"
+        f" (held by pid {os.getpid()} ("
+    ) in out
+    assert out.lower().count("already in use") == 1, out
     assert "Traceback" not in out
     assert not (tmp_path / "state" / "logs").exists() or not any(
         "started pid" in line for line in out.splitlines()

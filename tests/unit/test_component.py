@@ -280,8 +280,10 @@ def test_exhausted_pool_fails_without_spawning() -> None:
         c = w.component()
         await c.rotate()
         w.busy = {9002, 9003}
-        with pytest.raises(RotationFailed, match="no free port in pool 9001-9003"):
+        active = c.active.pid if c.active else None
+        with pytest.raises(RotationFailed, match="no free port in pool 9001-9003") as info:
             await c.rotate()
+        assert f"9001 by this component's active instance (pid {active})" in str(info.value)
         assert len(w.instances) == 1 and c.state == "running"
 
     run(scenario())

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import random
+import shlex
 import signal
 import textwrap
+import time
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 import pytest
 
+from rotator import printer
 from rotator.config import (
     Address,
     AdminSpec,
@@ -22,9 +27,11 @@ from rotator.config import (
     Problem,
     apply_definition,
     definition_of,
+    split_words,
     with_overrides,
 )
 from rotator.configfile import (
+    HINT_BUDGET,
     default_path,
     load,
     parse,
@@ -328,8 +335,8 @@ CASES = [
     ("components:\n", "components", "must list at least one component", 1),
     ("components: [a]\n", "components", "must be a mapping, not a list", 1),
     ("components:\n  hermes: 5\n", "components.hermes", "must be a mapping, not a single value", 2),
-    ("admin: {}\n", "components", "missing (at least one component is required)", None),
-    ("- 1\n", "", "must be a mapping, not a list", 1),
+    ("admin: {}\n", "components", "missing (at least one component is required)", 1),
+    ("- 1\n", "(top level)", "must be a mapping, not a list", 1),
     # health
     (
         HERMES + "    health:\n      path: health\n",
@@ -548,6 +555,9 @@ def test_render_substitutes_placeholders(tmp_path: Path) -> None:
         (0.25, 0.25),
         (0, 0.0),
         ("0ms", 0.0),
+        ("1m30s", 90.0),  # as rotator prints durations; nginx reads them so too
+        ("2h 05m", 7500.0),
+        ("1h1m1s1ms", 3661.001),
     ],
 )
 def test_parse_duration(value: object, seconds: float) -> None:
@@ -569,6 +579,9 @@ def test_parse_duration(value: object, seconds: float) -> None:
         (10**400, "is not a duration"),
         (-1, "-1 is negative"),
         ("-2s", "'-2s' is negative"),
+        ("1s1m", "is not a duration"),  # the largest unit first
+        ("1m1m", "is not a duration"),
+        ("1m 30", "is not a duration"),
     ],
 )
 def test_parse_duration_rejects(value: object, fragment: str) -> None:
@@ -593,13 +606,118 @@ def test_load_reads_the_file(tmp_path: Path) -> None:
     assert load(str(tmp_path / "rotator.yaml")).names == ("hermes",)
 
 
-def test_yaml_syntax_error_has_its_line(tmp_path: Path) -> None:
+def test_yaml_syntax_error_has_its_line_and_field(tmp_path: Path) -> None:
     problems = problems_of(HERMES + "    env: {A: [\n", tmp_path / "r.yaml")
-    assert len(problems) == 1
+    assert [(p.line, p.path) for p in problems] == [(7, "components.hermes.env.A")]
     assert problems[0].message.startswith("invalid YAML: ")
     problems = problems_of("components:\n  a: 1\n   b: 2\n", tmp_path / "r.yaml")
-    assert [(p.line, p.path) for p in problems] == [(3, "")]
-    assert str(problems[0]).startswith(f"{tmp_path / 'r.yaml'}:3: invalid YAML: ")
+    assert [(p.line, p.path) for p in problems] == [(3, "components")]
+    assert str(problems[0]).startswith(f"{tmp_path / 'r.yaml'}:3: components: invalid YAML: ")
+    problems = problems_of("a: b: c\n", tmp_path / "r.yaml")
+    assert [(p.line, p.path) for p in problems] == [(1, "(top level)")]
+
+
+DEEP = 1000  # levels: PyYAML's recursive composer raised RecursionError here
+
+
+@pytest.mark.parametrize(
+    ("text", "path", "line"),
+    [
+        ("components: " + "[" * DEEP + "]" * DEEP + "\n", "components", 1),
+        ("components: " + "{a: " * DEEP + "1" + "}" * DEEP + "\n", "components.a.a.a.…", 1),
+        (
+            "components:\n" + "".join("  " * (i + 1) + f"k{i}:\n" for i in range(DEEP)),
+            "components.k0.k1.k2.…",
+            100,
+        ),
+        ("- " * DEEP + "x\n", "(top level)", 1),
+    ],
+)
+def test_deep_nesting_is_one_problem(text: str, path: str, line: int, tmp_path: Path) -> None:
+    problems = problems_of(text, tmp_path / "r.yaml")
+    assert [(p.line, p.path, p.message) for p in problems] == [
+        (line, path, "nested more than 100 levels deep")
+    ]
+
+
+def test_nesting_up_to_the_limit_is_read(tmp_path: Path) -> None:
+    # The 96th list in env.A is the 100th level (the file's mapping is the first): read,
+    # and refused for its shape; one more list is one level too many.
+    text = HERMES + "    env: {A: " + "[" * 96 + "]" * 96 + "}\n"
+    [problem] = problems_of(text, tmp_path / "r.yaml")
+    assert problem.message == "must be a single value, not a list"
+    [problem] = problems_of(text.replace("[]", "[[]]"), tmp_path / "r.yaml")
+    assert problem.message == "nested more than 100 levels deep"
+
+
+NUL_CASES = [
+    ('state_dir: "x\\0y"\n' + HERMES, "state_dir", 1),
+    (HERMES + '    cwd: "x\\0y"\n', "components.hermes.cwd", 6),
+    (HERMES.replace("run --port", '"run\\0 --port') + '"', "components.hermes.command", 5),
+    (HERMES.replace("run --port {port}", '[run, "a\\0"]'), "components.hermes.command", 5),
+    (HERMES + '    env: {A: "x\\0"}\n', "components.hermes.env.A", 6),
+    (HERMES.replace("127.0.0.1:8001", '"127.0.0.1\\0:8001"'), "components.hermes.listen", 3),
+    (HERMES + '    health: {path: "/\\0"}\n', "components.hermes.health.path", 6),
+]
+
+
+@pytest.mark.parametrize(("text", "path", "line"), NUL_CASES)
+def test_a_nul_character_is_refused(text: str, path: str, line: int, tmp_path: Path) -> None:
+    # Path.resolve() raised ValueError on it; a command or env value would fail only at exec.
+    problems = problems_of(text, tmp_path / "r.yaml")
+    assert [(p.line, p.path) for p in problems] == [(line, path)]
+    assert problems[0].message.startswith("contains a NUL character")
+
+
+def test_a_nul_in_a_variable_name_is_refused(tmp_path: Path) -> None:
+    problems = problems_of(HERMES + '    env: {"A\\0": x}\n', tmp_path / "r.yaml")
+    assert [(p.line, p.path) for p in problems] == [(6, "components.hermes.env.A\0")]
+    assert "\\x00" in str(problems[0]) and "\0" not in str(problems[0])  # printed escaped
+
+
+def test_a_raw_control_character_names_its_line(tmp_path: Path) -> None:
+    problems = problems_of(HERMES + "    env: {A: x\0}\n", tmp_path / "r.yaml")
+    assert [(p.line, p.path) for p in problems] == [(6, "components.hermes.env")]
+    assert problems[0].message == "invalid YAML: #x0000 is not allowed in a YAML file"
+
+
+def test_a_problem_is_printed_on_one_line() -> None:
+    problem = Problem("r.yaml", 2, "components.a\nb", "'a\\nb' is not\u2028valid")
+    assert str(problem) == "r.yaml:2: components.a\\nb: 'a\\nb' is not\\u2028valid"
+
+
+def test_bytes_that_are_not_utf8_name_line_and_field(tmp_path: Path) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_bytes(HERMES.replace("run --port", "r\xe9n --port").encode("latin-1"))
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert [str(p) for p in info.value.problems] == [
+        f"{path}:5: components.hermes.command: byte 0xe9 at column 15 is not UTF-8"
+        " (the file must be)"
+    ]
+    # Read on past it: the other problems come in the same pass.
+    path.write_bytes(b"# \xff\n" + HERMES.replace("18001-18010", "x").encode())
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert [(p.line, p.path) for p in info.value.problems] == [
+        (1, "(top level)"),
+        (5, "components.hermes.ports"),
+    ]
+
+
+def test_a_config_that_is_not_a_mapping_names_the_top_level(tmp_path: Path) -> None:
+    assert [str(p) for p in problems_of("just text\n", tmp_path / "r.yaml")] == [
+        f"{tmp_path / 'r.yaml'}:1: (top level): must be a mapping, not a single value"
+    ]
+    assert [str(p) for p in problems_of("# nothing yet\n", tmp_path / "r.yaml")] == [
+        f"{tmp_path / 'r.yaml'}:1: components: missing (at least one component is required)"
+    ]
+
+
+def test_a_path_that_cannot_be_resolved_is_a_problem(tmp_path: Path) -> None:
+    problems = problems_of(HERMES + "    cwd: ~nosuchuser-rotator/x\n", tmp_path / "r.yaml")
+    assert [(p.line, p.path) for p in problems] == [(6, "components.hermes.cwd")]
+    assert "is not a usable path" in problems[0].message
 
 
 def test_all_problems_reported_at_once_in_file_order(tmp_path: Path) -> None:
@@ -828,7 +946,7 @@ LIFECYCLE_CASES = [
     (
         HERMES + "    restart_backoff: 1m\n",
         "components.hermes.restart_backoff",
-        "60s is more than restart_backoff_max (30s)",
+        "1m is more than restart_backoff_max (30s)",
         6,
     ),
     (
@@ -1466,6 +1584,18 @@ UNIX_CASES = [
         "must be 2 or more, not 1",
         6,
     ),
+    (  # a pool of socket paths is built when the file is read: 10**9 of them would not fit
+        WEB_UNIX + "    sockets: 1000000000\n",
+        "components.web.sockets",
+        "must be 1000 or less, not 1000000000",
+        6,
+    ),
+    (
+        WEB_UNIX + "    sockets: " + "9" * 5000 + "\n",
+        "components.web.sockets",
+        "invalid value: Exceeds the limit (4300 digits) for integer string conversion",
+        6,
+    ),
     (
         "defaults:\n  sockets: many\n" + WEB_UNIX,
         "defaults.sockets",
@@ -1588,3 +1718,97 @@ def test_deploy_keeps_placeholders_to_the_transport(tmp_path: Path) -> None:
     with pytest.raises(ValueError) as info:
         with_overrides(web, command="serve --port {port}")
     assert str(info.value) == "command: {port} has no value with transport: unix (use {socket})"
+
+
+def test_many_clashing_components_take_linear_time(tmp_path: Path) -> None:
+    # Every component is the same (an alias), so each clashes with every other: the checks
+    # compared all pairs and reported each (n^2 problems; 20,000 components took minutes).
+    # Now each is reported once, against the first; and did-you-mean guesses stop.
+    n = 4000
+    text = "components:\n  c0: &c {listen: 127.0.0.1:8001, ports: 18001, command: run,"
+    text += " depends_on: c}\n" + "".join(f"  c{i}: *c\n" for i in range(1, n))
+    began = time.monotonic()
+    problems = problems_of(text, tmp_path / "r.yaml")
+    took = time.monotonic() - began
+    assert len(problems) == n + 2 * (n - 1)  # unknown dependency; listen and pool clashes
+    assert {p.message for p in problems if "c0" in p.message} == {
+        "127.0.0.1:8001 is also the listen address of component 'c0'",
+        "port 18001 is also in the pool of component 'c0'",
+    }
+    hinted = [p for p in problems if "did you mean" in p.message or "expected" in p.message]
+    assert 0 < len(hinted) <= HINT_BUDGET // n + 1
+    assert took < 10, f"{n} components took {took:.1f}s: quadratic again?"  # ~0.5 s
+
+
+def test_a_long_dependency_cycle_is_one_problem(tmp_path: Path) -> None:
+    # Longer than Python's recursion limit: the cycle search must not recurse.
+    n = 1500
+    text = "components:\n" + "".join(
+        f"  c{i}: {{listen: 127.0.0.1:{10000 + i}, ports: {20000 + i}, command: run,"
+        f" depends_on: c{(i + 1) % n}}}\n"
+        for i in range(n)
+    )
+    [problem] = problems_of(text, tmp_path / "r.yaml")
+    assert problem.path == "components.c0.depends_on"
+    assert problem.message == "dependency cycle: " + " -> ".join(
+        [*(f"c{i}" for i in range(n)), "c0"]
+    )
+
+
+SHELL_PIECES = ["a", "b", " ", "\t", "\n", "\r", "'", '"', "\\", "\x0b", "é", "x y", "$"]
+
+
+def test_split_words_is_shlex_split() -> None:
+    rnd = random.Random(14)
+    for _ in range(20000):
+        text = "".join(rnd.choice(SHELL_PIECES) for _ in range(rnd.randint(0, 12)))
+        try:
+            want: object = shlex.split(text)
+        except ValueError:
+            want = ValueError
+        try:
+            got: object = split_words(text)
+        except ValueError:
+            got = ValueError
+        assert got == want, repr(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "x" * 2**20,  # shlex.split took 8 s for this one word: it grows a word by +=
+        "'" + "x" * 2**20 + "'",
+        '"' + 'x\\"' * 2**18 + '"',
+        "\\x" * 2**19,
+        '"' + "x" * 2**20,  # unclosed: the error must not take long either
+    ],
+)
+def test_split_words_takes_linear_time(text: str) -> None:
+    began = time.monotonic()
+    with contextlib.suppress(ValueError):
+        split_words(text)
+    assert time.monotonic() - began < 3  # well under 1 s; shlex: 8 s or more
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0.0004, "0ms"),
+        (0.5482, "548ms"),
+        (0.9996, "1s"),  # not "1000ms"
+        (1.0, "1s"),
+        (2.634, "2.63s"),
+        (30.0, "30s"),
+        (59.996, "1m"),
+        (90.0, "1m30s"),
+        (125.4, "2m05s"),
+        (3600.0, "1h"),
+        (7500.0, "2h05m"),
+        (200000.0, "55h33m"),
+    ],
+)
+def test_one_duration_format_that_the_config_reads_back(seconds: float, text: str) -> None:
+    assert printer.duration(seconds) == text
+    # Rounded to 10 ms under a minute, to the second under an hour, then to the minute.
+    margin = 0.005 if seconds < 60 else 0.5 if seconds < 3600 else 30
+    assert parse_duration(text) == pytest.approx(seconds, abs=margin)

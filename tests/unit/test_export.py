@@ -305,7 +305,7 @@ NOTES = [
     ),
     ("connect_timeout: 1s", "connect_timeout 1s has no Kubernetes equivalent"),
     ("read_timeout: 2m", "read_timeout 2m has no Kubernetes equivalent"),
-    ("request_timeout: 90s", "request_timeout 90s has no Kubernetes equivalent"),
+    ("request_timeout: 90s", "request_timeout 1m30s has no Kubernetes equivalent"),
     ("keepalive_timeout: 500ms", "keepalive_timeout 500ms has no Kubernetes equivalent"),
     ("header_timeout: 2s", "header_timeout 2s has no Kubernetes equivalent"),
     ("trust_forwarded: true", "trust_forwarded true has no Kubernetes equivalent"),

@@ -125,6 +125,21 @@ def test_describe_exhausted_merges_same_holder_runs() -> None:
     )
 
 
+def test_describe_exhausted_names_the_components_own_instances() -> None:
+    own = {18001: "active instance (pid 4242)", 18003: "draining instance (pid 4100)"}
+    holders = {18001: [(4242, "python3")], 18002: [(7, "nc")], 18003: [(4100, "python3")]}
+    assert describe_exhausted([18001, 18002, 18003], holders, own) == (
+        "no free port in pool 18001-18003 (held: 18001 by this component's active instance"
+        " (pid 4242), 18002 by pid 7 (nc), 18003 by this component's draining instance"
+        " (pid 4100))"
+    )
+    # A pool no larger than what the component itself runs: say what to do.
+    assert describe_exhausted([18001], holders, own) == (
+        "no free port in pool 18001 (held: 18001 by this component's active instance"
+        " (pid 4242); a rotation needs a free port beside its running instances: add ports)"
+    )
+
+
 def test_format_pool() -> None:
     assert format_pool([*range(18001, 18011), 18020]) == "18001-18010,18020"
     assert format_pool([18001]) == "18001"
