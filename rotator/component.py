@@ -157,6 +157,16 @@ def probe_socket(path: str) -> SocketState:
     return SocketState.BUSY
 
 
+class ComponentState(enum.StrEnum):
+    """Where a component is; its value is what status, events and metrics say."""
+
+    STARTING = "starting"  # no instance yet (first start, or a crash's replacement)
+    RUNNING = "running"  # an instance serves
+    ROTATING = "rotating"  # an instance serves while its replacement starts
+    STOPPED = "stopped"  # on purpose: its address answers 503
+    FAILED = "failed"  # it could not be started, or crashed more than max_restarts allow
+
+
 class RotationFailed(Exception):
     def __init__(
         self, reason: str, log_tail: list[str] | None = None, *, rolled_back: bool = False
@@ -224,7 +234,7 @@ class Component:
         self._marker_scope = marker_scope
         self._warm = warm
         self.host = instance_host(spec.listen.host)
-        self.state = "stopped"
+        self.state = ComponentState.STOPPED
         self.active: Instance | None = None
         self.draining: list[Draining] = []
         self.restarts = 0
@@ -334,7 +344,7 @@ class Component:
         self.route.holding = False
         async with self._lock:
             self._drop_active(self.route.swap(None))
-            self._set_state("stopped")
+            self._set_state(ComponentState.STOPPED)
         while self.draining:
             await asyncio.gather(*(self._retire_soon(d, force=force) for d in list(self.draining)))
 
@@ -377,7 +387,7 @@ class Component:
     def mark_failed(self, reason: str) -> None:
         """Not started at all (a dependency is not running)."""
         self.last_error = reason
-        self._set_state("failed")
+        self._set_state(ComponentState.FAILED)
         self.emit("failed", reason)
 
     def restore(self, record: ComponentRecord) -> str | None:
@@ -408,7 +418,7 @@ class Component:
         self.last_port = inst.port
         self._make_active(inst)
         self._ensure_guard(inst)
-        self._set_state("running")
+        self._set_state(ComponentState.RUNNING)
         self.emit(
             "adopted", f"adopted pid {inst.pid} on port {inst.port}", pid=inst.pid, port=inst.port
         )
@@ -425,7 +435,7 @@ class Component:
             self.stopped_on_purpose = False
             self.route.holding = True
             replacing = self.active is not None
-            self._set_state("rotating" if replacing else "starting")
+            self._set_state(ComponentState.ROTATING if replacing else ComponentState.STARTING)
             try:
                 new = await self._launch(spec)
                 old = self._switch(new, await self._warmed_target(new))
@@ -437,8 +447,8 @@ class Component:
                 # with backoff when recovering, never a component left `starting` for ever.
                 exc = error if isinstance(error, RotationFailed) else _failed_start(error)
                 self.last_error = exc.reason
-                idle = "starting" if recovering else "failed"
-                self._set_state("running" if self.active is not None else idle)
+                idle = ComponentState.STARTING if recovering else ComponentState.FAILED
+                self._set_state(ComponentState.RUNNING if self.active is not None else idle)
                 self.emit("failed", exc.reason, log_tail=exc.log_tail)
                 self._rotated(began, "rolled_back" if exc.rolled_back else "failed")
                 if exc is error:
@@ -447,7 +457,7 @@ class Component:
             self.last_error = None
             if replacing or recovering:
                 self.restarts += 1
-            self._set_state("running")
+            self._set_state(ComponentState.RUNNING)
         if old is not None:
             await self._retire_soon(old)
         self._rotated(began, "ok")
@@ -834,7 +844,7 @@ class Component:
             # Gone: requests are held (hold_timeout) until the replacement is ready.
             self.active = None
             self.route.swap(None)
-            self._set_state("starting")  # no instance until the replacement is ready
+            self._set_state(ComponentState.STARTING)  # no instance until the replacement is ready
             # What it started may have outlived it (a master's workers): stop the rest of its tree.
             inst.stopping = True
             self._spawn_task(self._stop_crashed(inst))
@@ -912,7 +922,7 @@ class Component:
             f"gave up after {self._recent_crashes()} restarts in {duration(self.spec.restart_window)}; "
             f"last: {self.last_error}"
         )
-        self._set_state("failed")
+        self._set_state(ComponentState.FAILED)
         self.emit("failed", self.last_error, log_tail=self.last_log_tail)
 
     def _reset_supervision(self) -> None:
@@ -930,7 +940,7 @@ class Component:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def _set_state(self, state: str) -> None:
+    def _set_state(self, state: ComponentState) -> None:
         if state != self.state:
             was, self.state = self.state, state
             self.emit("state", f"{was} -> {state}", was=was, now=state)
@@ -987,7 +997,7 @@ class Component:
             "last_stop": self.last_stop,
             "last_error": self.last_error,
             "last_exit": self.last_exit,
-            "log_tail": self.last_log_tail if self.state == "failed" else [],
+            "log_tail": self.last_log_tail if self.state is ComponentState.FAILED else [],
         }
 
     @property

@@ -37,7 +37,7 @@ from rotator import __version__, activation, cgroups, printer, private
 from rotator import takeover as takeover_
 from rotator.admin import make_app
 from rotator.adoption import EarlierRun
-from rotator.component import Component, RotationFailed, probe_socket, proxy_limits
+from rotator.component import Component, ComponentState, RotationFailed, probe_socket, proxy_limits
 from rotator.config import ComponentSpec, Config
 from rotator.events import Event, EventBus
 from rotator.fleet import ReloadRejected, in_dependency_order
@@ -284,8 +284,8 @@ class Daemon:
         # paused the event loop, and with it every request, for ~15 ms each time.
         gc.freeze()
         self._takeover_listener.start()
-        running = sum(c.state == "running" for c in self.components.values())
-        failed = [c.name for c in self.components.values() if c.state == "failed"]
+        running = sum(c.state is ComponentState.RUNNING for c in self.components.values())
+        failed = [c.name for c in self.components.values() if c.state is ComponentState.FAILED]
         self.out(
             f"rotator: {running} of {len(self.components)} component(s) running"
             + (f"; failed: {', '.join(failed)}" if failed else "")

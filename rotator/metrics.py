@@ -26,7 +26,7 @@ from prometheus_client.metrics_core import (
 )
 
 from rotator import __version__
-from rotator.component import Component
+from rotator.component import Component, ComponentState
 from rotator.events import Event, EventBus
 from rotator.proxy.route import DURATION_BOUNDS
 
@@ -35,7 +35,7 @@ from rotator.proxy.route import DURATION_BOUNDS
 ROTATION_BOUNDS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 ROTATION_OUTCOMES = ("ok", "failed", "rolled_back")
 STOP_OUTCOMES = ("graceful", "forced", "gone")
-STATES = ("starting", "running", "rotating", "stopped", "failed")
+STATES = tuple(ComponentState)
 
 
 class Source(Protocol):

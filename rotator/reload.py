@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from rotator.component import Component, RotationFailed
+from rotator.component import Component, ComponentState, RotationFailed
 from rotator.config import ComponentSpec, Config, ConfigError
 from rotator.configfile import load
 from rotator.fleet import (
@@ -176,7 +176,7 @@ class FleetOps:
         failed = {
             n: fleet.components[n].last_error or "failed"
             for n in started
-            if fleet.components[n].state == "failed"
+            if fleet.components[n].state is ComponentState.FAILED
         }
         rotated: list[str] = []
         for name in plan.rotated:
