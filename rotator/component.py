@@ -47,7 +47,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 
 from rotator import logs
 from rotator.config import ComponentSpec, apply_definition, definition_of
-from rotator.events import Event, EventBus
+from rotator.events import Event, EventBus, Kind
 from rotator.health import NotHealthy
 from rotator.instance import Instance, SpawnError, StopResult, new_marker
 from rotator.ports import (
@@ -260,7 +260,7 @@ class Component:
     def name(self) -> str:
         return self.spec.name
 
-    def emit(self, kind: str, message: str, **data: Any) -> None:
+    def emit(self, kind: Kind, message: str, **data: Any) -> None:
         self.bus.publish(Event(self.name, kind, message, data))
 
     # -- operations (each is one admin API call) --------------------------------
@@ -271,7 +271,7 @@ class Component:
 
     async def start(self) -> None:
         if self.active is not None:
-            self.emit("start", f"already running (pid {self.active.pid})")
+            self.emit(Kind.START, f"already running (pid {self.active.pid})")
             return
         self._reset_supervision()
         await self._rotate(self.spec)
@@ -284,7 +284,7 @@ class Component:
         self.previous, self.spec = self.spec, spec
         self.definition_source = "deployed"
         self.deployed_at = time.time()
-        self.emit("deployed", f"now running the deployed definition: {' '.join(spec.command)}")
+        self.emit(Kind.DEPLOYED, f"now running the deployed definition: {' '.join(spec.command)}")
 
     async def rollback(self) -> None:
         if self.previous is None:
@@ -296,7 +296,7 @@ class Component:
         self.definition_source = "config" if target is self.config_spec else "deployed"
         self.deployed_at = None if target is self.config_spec else time.time()
         self.emit(
-            "rolledback",
+            Kind.ROLLED_BACK,
             f"back to the {self.definition_source} definition: {' '.join(target.command)}",
         )
 
@@ -388,7 +388,7 @@ class Component:
         """Not started at all (a dependency is not running)."""
         self.last_error = reason
         self._set_state(ComponentState.FAILED)
-        self.emit("failed", reason)
+        self.emit(Kind.FAILED, reason)
 
     def restore(self, record: ComponentRecord) -> str | None:
         """Take what an earlier daemon recorded: stopped on purpose or not, and a deployed
@@ -420,7 +420,10 @@ class Component:
         self._ensure_guard(inst)
         self._set_state(ComponentState.RUNNING)
         self.emit(
-            "adopted", f"adopted pid {inst.pid} on port {inst.port}", pid=inst.pid, port=inst.port
+            Kind.ADOPTED,
+            f"adopted pid {inst.pid} on port {inst.port}",
+            pid=inst.pid,
+            port=inst.port,
         )
 
     # -- the rotation ------------------------------------------------------------
@@ -428,7 +431,7 @@ class Component:
         self, spec: ComponentSpec, *, verify: float = 0.0, recovering: bool = False
     ) -> None:
         if self._lock.locked():
-            self.emit("waiting", "waiting for the rotation in progress")
+            self.emit(Kind.WAITING, "waiting for the rotation in progress")
         began = time.monotonic()
         async with self._lock:
             self._refuse_if_suspended()
@@ -449,7 +452,7 @@ class Component:
                 self.last_error = exc.reason
                 idle = ComponentState.STARTING if recovering else ComponentState.FAILED
                 self._set_state(ComponentState.RUNNING if self.active is not None else idle)
-                self.emit("failed", exc.reason, log_tail=exc.log_tail)
+                self.emit(Kind.FAILED, exc.reason, log_tail=exc.log_tail)
                 self._rotated(began, "rolled_back" if exc.rolled_back else "failed")
                 if exc is error:
                     raise
@@ -490,7 +493,7 @@ class Component:
                 if inst.log_path not in self._unrotatable:  # said once, not every check
                     self._unrotatable.add(inst.log_path)
                     self.emit(
-                        "log",
+                        Kind.LOG,
                         f"cannot rotate the log of pid {inst.pid} ({inst.log_path.name}):"
                         f" {exc.strerror or exc}",
                         pid=inst.pid,
@@ -498,7 +501,7 @@ class Component:
                 continue
             self._unrotatable.discard(inst.log_path)
             self.emit(
-                "log",
+                Kind.LOG,
                 f"rotated the log of pid {inst.pid} at {size} bytes",
                 pid=inst.pid,
                 bytes=size,
@@ -510,7 +513,7 @@ class Component:
         if outcome == "ok":
             self.last_rotation = {"at": time.time(), "seconds": seconds}
         self.emit(
-            "rotated",
+            Kind.ROTATED,
             f"rotation {outcome.replace('_', ' ')} after {duration(seconds)}",
             outcome=outcome,
             seconds=seconds,
@@ -531,7 +534,9 @@ class Component:
         if path is not None:
             self._sockets[inst] = path
         self._prune_logs(inst)
-        self.emit("spawned", f"started pid {inst.pid} on {where}", pid=inst.pid, **self._at(inst))
+        self.emit(
+            Kind.SPAWNED, f"started pid {inst.pid} on {where}", pid=inst.pid, **self._at(inst)
+        )
         try:
             if path is None:
                 seconds = await self.health.wait_until_healthy(
@@ -553,7 +558,7 @@ class Component:
         if path is None:
             await self._own_port(inst, spec)
         self.emit(
-            "healthy",
+            Kind.HEALTHY,
             f"pid {inst.pid} healthy after {duration(seconds)}",
             pid=inst.pid,
             ms=round(seconds * 1000),
@@ -593,7 +598,7 @@ class Component:
         self.last_port = port
         if choice.state is PortState.TIME_WAIT:
             self.emit(
-                "port",
+                Kind.PORT,
                 f"every free port of the pool has TIME_WAIT left; using {port}, which SO_REUSEADDR accepts",
             )
         return port
@@ -614,7 +619,7 @@ class Component:
             if state is SocketState.STALE:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
-                self.emit("socket", f"removed the stale socket file {path}", socket=path)
+                self.emit(Kind.SOCKET, f"removed the stale socket file {path}", socket=path)
         except OSError as exc:
             raise RotationFailed(f"cannot use socket {path}: {exc.strerror or exc}") from None
         return path
@@ -660,7 +665,7 @@ class Component:
             message = f"pid {inst.pid}: processes {list(result.survivors)} survived SIGKILL"
         else:
             message = f"stopped pid {inst.pid} ({result.outcome}, {duration(result.seconds)})"
-        self.emit("stopped", message, pid=inst.pid, outcome=result.outcome)
+        self.emit(Kind.STOPPED, message, pid=inst.pid, outcome=result.outcome)
         return result
 
     async def _warmed_target(self, inst: Instance) -> Target:
@@ -673,7 +678,7 @@ class Component:
         if self._warm is not None and count:
             opened = await self._warm(target, count, WARM_TIMEOUT)
             self.emit(
-                "warmed",
+                Kind.WARMED,
                 f"opened {opened} connection(s) to pid {inst.pid}",
                 pid=inst.pid,
                 connections=opened,
@@ -685,7 +690,7 @@ class Component:
         self._make_active(new, target)
         was = f"{self._short(old.instance)} -> " if old is not None else ""
         self.emit(
-            "switched",
+            Kind.SWITCHED,
             f"switched {was}{self._short(new)} (pid {new.pid})",
             pid=new.pid,
             **self._at(new),
@@ -707,7 +712,7 @@ class Component:
             failures = failures + 1 if problem else 0
         if failures < threshold and new.returncode is None:
             self.emit(
-                "verified", f"pid {new.pid} stayed healthy for {duration(window)}", pid=new.pid
+                Kind.VERIFIED, f"pid {new.pid} stayed healthy for {duration(window)}", pid=new.pid
             )
             return
         reason = (
@@ -725,7 +730,7 @@ class Component:
             self.route.swap(None)
             self.active = None
         self.emit(
-            "rollback",
+            Kind.ROLLBACK,
             f"pid {new.pid} failed verification ({reason}): traffic back to "
             + (f"pid {old.instance.pid}" if old else "nobody"),
             pid=new.pid,
@@ -780,7 +785,7 @@ class Component:
             cut = left or target.in_flight
             target.close_all()
             self.emit(
-                "drained",
+                Kind.DRAINED,
                 f"{'forced stop' if force else f'drain_timeout {duration(spec.drain_timeout)} passed'}: "
                 f"cut {cut} request(s) of pid {inst.pid}",
                 pid=inst.pid,
@@ -788,7 +793,7 @@ class Component:
             )
         else:
             self.emit(
-                "drained",
+                Kind.DRAINED,
                 f"drained {in_flight} request(s) from pid {inst.pid} in {duration(took)}",
                 pid=inst.pid,
                 requests=in_flight,
@@ -821,7 +826,7 @@ class Component:
                 failures = failures + 1 if problem else 0
                 if problem and inst is self.active:
                     self.emit(
-                        "unhealthy",
+                        Kind.CHECK_FAILED,
                         f"pid {inst.pid} failed check {failures}/{health.unhealthy_threshold}: {problem}",
                         pid=inst.pid,
                         check=failures,  # one event per failed check; _crashed's has none
@@ -849,7 +854,7 @@ class Component:
             inst.stopping = True
             self._spawn_task(self._stop_crashed(inst))
         self.emit(
-            "exited" if code is not None else "unhealthy",
+            Kind.EXITED if code is not None else Kind.UNHEALTHY,
             reason,
             pid=inst.pid,
             code=code,
@@ -880,13 +885,13 @@ class Component:
                 raise RotationFailed("restart budget spent")
             if recent:
                 delay = min(spec.restart_backoff * 2 ** (recent - 1), spec.restart_backoff_max)
-                self.emit("backoff", f"next restart attempt in {delay:.1f}s")
+                self.emit(Kind.BACKOFF, f"next restart attempt in {duration(delay)}")
                 await asyncio.sleep(delay)
             async for attempt in retrying:
                 with attempt:
                     self._crashes.append(time.monotonic())
                     self.emit(
-                        "restarting",
+                        Kind.RESTARTING,
                         f"starting a replacement (restart {self._recent_crashes()} of at most "
                         f"{spec.max_restarts} in {duration(spec.restart_window)})",
                     )
@@ -896,7 +901,7 @@ class Component:
 
     def _announce_backoff(self, retry_state: RetryCallState) -> None:
         delay = retry_state.next_action.sleep if retry_state.next_action else 0.0
-        self.emit("backoff", f"next restart attempt in {duration(delay)}")
+        self.emit(Kind.BACKOFF, f"next restart attempt in {duration(delay)}")
 
     def _recent_crashes(self) -> int:
         horizon = time.monotonic() - self.spec.restart_window
@@ -911,7 +916,7 @@ class Component:
         if self.active is not None:
             # Unhealthy but alive: it keeps serving what it can, watched for its exit only.
             self.last_error = f"no healthy replacement could be started; last: {self.last_error}"
-            self.emit("failed", self.last_error)
+            self.emit(Kind.FAILED, self.last_error)
             self._guards[self.active] = self._spawn_task(
                 self._guard(self.active, check_health=False)
             )
@@ -923,7 +928,7 @@ class Component:
             f"last: {self.last_error}"
         )
         self._set_state(ComponentState.FAILED)
-        self.emit("failed", self.last_error, log_tail=self.last_log_tail)
+        self.emit(Kind.FAILED, self.last_error, log_tail=self.last_log_tail)
 
     def _reset_supervision(self) -> None:
         self._crashes.clear()
@@ -943,7 +948,7 @@ class Component:
     def _set_state(self, state: ComponentState) -> None:
         if state != self.state:
             was, self.state = self.state, state
-            self.emit("state", f"{was} -> {state}", was=was, now=state)
+            self.emit(Kind.STATE, f"{was} -> {state}", was=was, now=state)
 
     # -- reporting ----------------------------------------------------------------------
     def record(self) -> ComponentRecord:

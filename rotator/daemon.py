@@ -39,7 +39,7 @@ from rotator.admin import make_app
 from rotator.adoption import EarlierRun
 from rotator.component import Component, ComponentState, RotationFailed, probe_socket, proxy_limits
 from rotator.config import ComponentSpec, Config
-from rotator.events import Event, EventBus
+from rotator.events import Event, EventBus, Kind
 from rotator.fleet import ReloadRejected, in_dependency_order
 from rotator.health import HealthCheck
 from rotator.history import EventLog
@@ -70,28 +70,10 @@ HANDOFF_IDLE = 2.0
 # daemon's descriptors first passed 64, 128, 256... the event loop, and every request in
 # flight, stopped for 10-20 ms (measured: the first switch's gap in the restart benchmark).
 FD_TABLE_RESERVE = 4096
-# Events the human log leaves out: state transitions repeat what the event before said,
-# and a daemon record repeats a line the daemon printed itself.
-QUIET_KINDS = frozenset({"state", "daemon"})
 # How often running instances' log sizes are checked against `logs.max_size`: one stat
 # per instance (a few microseconds); a file grows past max_size by at most what its
 # instance writes in this time.
 LOG_CHECK_INTERVAL = 1.0
-# Events that do not change what the state file records.
-NO_STATE_CHANGE = frozenset(
-    {
-        "healthy",
-        "waiting",
-        "unhealthy",
-        "backoff",
-        "port",
-        "verified",
-        "start",
-        "rotated",
-        "daemon",
-        "warmed",
-    }
-)
 
 
 # What to do about a state file someone else wrote (the daemon refuses to start).
@@ -229,7 +211,7 @@ class Daemon:
         self.bus.publish(
             Event(
                 "",
-                "daemon",
+                Kind.DAEMON,
                 f"rotator {__version__} starting (pid {os.getpid()})",
                 {"pid": os.getpid()},
             )
@@ -420,7 +402,7 @@ class Daemon:
         if self.components:
             self.out("rotator: stopped")
         if self.state.enabled:  # a daemon that got as far as reading its state
-            self.bus.publish(Event("", "daemon", "rotator stopped", {"pid": os.getpid()}))
+            self.bus.publish(Event("", Kind.DAEMON, "rotator stopped", {"pid": os.getpid()}))
 
     async def _release(self, keep_token: bool = False) -> None:
         self.state.close()
@@ -514,7 +496,7 @@ class Daemon:
         successor = self._takeover_listener.successor
         if successor is not None:
             self.bus.publish(
-                Event("", "daemon", f"handed over to pid {successor}", {"pid": os.getpid()})
+                Event("", Kind.DAEMON, f"handed over to pid {successor}", {"pid": os.getpid()})
             )
             self.out("rotator: stopped; the instances run on under the new daemon")
 
@@ -576,7 +558,7 @@ class Daemon:
 
     # -- state ------------------------------------------------------------------------
     def _state_changed(self, event: Event) -> None:
-        if event.kind not in NO_STATE_CHANGE:
+        if Kind(event.kind).saves:
             self.state.soon()
 
     def _snapshot(self) -> State:
@@ -618,7 +600,7 @@ class Daemon:
             )
             with contextlib.suppress(OSError, ValueError):
                 print(f"rotator: {message}", file=sys.stderr, flush=True)
-            self.bus.publish(Event("", "daemon", message))
+            self.bus.publish(Event("", Kind.DAEMON, message))
 
     def _listener_failed(self, listener: Callable[[Event], None], exc: Exception) -> None:
         name = getattr(listener, "__qualname__", type(listener).__name__)
@@ -631,7 +613,7 @@ class Daemon:
         if self.json_log:
             self._write_log(printer.json_line(event.time, "", event.to_json()))
             return
-        if event.kind in QUIET_KINDS:
+        if Kind(event.kind).quiet:
             return
         stamp = time.strftime("%H:%M:%S", time.localtime(event.time))
         self.out(f"{stamp} {event.component}: {event.message}")

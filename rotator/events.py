@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,10 +20,56 @@ from typing import Any
 HISTORY = 1000
 
 
+class Kind(enum.StrEnum):
+    """Every kind of event, declared once: whether it changes what the state file records
+    (`saves`: the daemon writes the file after it) and whether the human log leaves it out
+    (`quiet`). The value is what events.log, `rotator events` and the JSON log say."""
+
+    saves: bool
+    quiet: bool
+
+    def __new__(cls, value: str, saves: bool = True, quiet: bool = False) -> Kind:
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member.saves = saves
+        member.quiet = quiet
+        return member
+
+    # An instance's life.
+    SPAWNED = "spawned"
+    HEALTHY = "healthy", False
+    WARMED = "warmed", False  # connections opened to it before the switch
+    PORT = "port", False  # a port chosen (or skipped) for it
+    SOCKET = "socket"  # a stale socket file removed
+    SWITCHED = "switched"
+    DRAINED = "drained"
+    STOPPED = "stopped"
+    ADOPTED = "adopted"
+    LOG = "log", False  # its log file rotated
+    # Supervision.
+    CHECK_FAILED = "check_failed", False  # one failed health check of the active instance
+    UNHEALTHY = "unhealthy", False  # unhealthy_threshold failed checks: being replaced
+    EXITED = "exited"  # it exited on its own: being replaced
+    RESTARTING = "restarting"
+    BACKOFF = "backoff", False
+    # Operations and their outcome.
+    START = "start", False  # `start` of a component that already runs
+    WAITING = "waiting", False  # for the rotation in progress
+    ROTATED = "rotated", False  # a rotation's outcome and duration (the metrics')
+    FAILED = "failed"
+    DEPLOYED = "deployed"
+    VERIFIED = "verified", False
+    ROLLBACK = "rollback"
+    ROLLED_BACK = "rolledback"
+    REMOVED = "removed"  # taken out of the config by a reload
+    STATE = "state", True, True  # a component's state changed (said by the event before)
+    DAEMON = "daemon", False, True  # the daemon's own record (it printed the line itself)
+
+
 @dataclass(frozen=True)
 class Event:
     component: str
-    kind: str  # spawned, healthy, switched, drained, stopped, rotated, failed, exited, state...
+    kind: str  # a Kind; any string in a history written by another version
     message: str  # one human line, without the component name
     data: dict[str, Any] = field(default_factory=dict)
     time: float = field(default_factory=time.time)

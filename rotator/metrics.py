@@ -27,7 +27,7 @@ from prometheus_client.metrics_core import (
 
 from rotator import __version__
 from rotator.component import Component, ComponentState
-from rotator.events import Event, EventBus
+from rotator.events import Event, EventBus, Kind
 from rotator.proxy.route import DURATION_BOUNDS
 
 # Rotations take from a fraction of a second (a quick app) to minutes (a slow
@@ -73,13 +73,11 @@ class LifecycleCounters:
 
     def __call__(self, event: Event) -> None:
         kind, data = event.kind, event.data
-        if kind == "rotated":
+        if kind == Kind.ROTATED:
             self._rotated(self._of(event.component), data.get("outcome"), data.get("seconds"))
-        elif kind == "unhealthy" and "check" in data:
-            # The guard's event per failed check; the one _crashed adds at the threshold has no
-            # `check`, so a check is counted once.
+        elif kind == Kind.CHECK_FAILED:
             self._of(event.component).health_check_failures += 1
-        elif kind == "stopped" and isinstance(outcome := data.get("outcome"), str):
+        elif kind == Kind.STOPPED and isinstance(outcome := data.get("outcome"), str):
             stops = self._of(event.component).stops
             stops[outcome] = stops.get(outcome, 0) + 1
 

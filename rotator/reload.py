@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from rotator.component import Component, ComponentState, RotationFailed
 from rotator.config import ComponentSpec, Config, ConfigError
 from rotator.configfile import load
+from rotator.events import Kind
 from rotator.fleet import (
     ReloadPlan,
     ReloadRejected,
@@ -240,4 +241,4 @@ async def _retire(comp: Component, listener: Listener) -> None:
     """Drain and stop a detached component, then close its public address."""
     await comp.shutdown()
     await listener.shutdown(comp.spec.drain_timeout)
-    comp.emit("removed", f"removed; {comp.spec.listen} released")
+    comp.emit(Kind.REMOVED, f"removed; {comp.spec.listen} released")
