@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import json
 import os
+import pwd
 import random
 import signal
 import socket
@@ -84,6 +85,22 @@ def _recycle_ports() -> Iterator[None]:
     """A test's ports go back to the range when it ends (its processes are gone by then)."""
     yield
     _handed_out.clear()
+
+
+# Files given to another user (the trust tests): possible only as root.
+ROOT = os.geteuid() == 0
+as_root = pytest.mark.skipif(not ROOT, reason="giving a file to another user needs root")
+
+
+def nobody() -> int:
+    try:
+        return pwd.getpwnam("nobody").pw_uid
+    except KeyError:
+        return 65534
+
+
+def mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
 
 
 def component(pool: int = 4, command: str = DEMO, **extra: Any) -> dict[str, Any]:

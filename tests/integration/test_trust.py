@@ -18,21 +18,18 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import PY, alive, cli, component, wait_until, write_config
-
-ROOT = os.geteuid() == 0
-as_root = pytest.mark.skipif(not ROOT, reason="giving a file to another user needs root")
-
-
-def nobody() -> int:
-    try:
-        return pwd.getpwnam("nobody").pw_uid
-    except KeyError:
-        return 65534
-
-
-def mode(path: Path) -> int:
-    return path.stat().st_mode & 0o777
+from tests.conftest import (
+    PY,
+    ROOT,
+    alive,
+    as_root,
+    cli,
+    component,
+    mode,
+    nobody,
+    wait_until,
+    write_config,
+)
 
 
 def record(pid: int, port: int, marker: str) -> dict[str, Any]:

@@ -4,27 +4,13 @@ each refusal says to do. (The daemon and CLI using them: tests/integration/test_
 from __future__ import annotations
 
 import os
-import pwd
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from rotator.private import NotPrivate, check_file, make_state_dir, read_token
-
-ROOT = os.geteuid() == 0
-as_root = pytest.mark.skipif(not ROOT, reason="giving a file to another user needs root")
-
-
-def nobody() -> int:
-    try:
-        return pwd.getpwnam("nobody").pw_uid
-    except KeyError:
-        return 65534
-
-
-def mode(path: Path) -> int:
-    return path.stat().st_mode & 0o777
+from tests.conftest import as_root, mode, nobody
 
 
 @pytest.fixture
