@@ -59,7 +59,7 @@ from rotator.ports import (
     rotation_order,
 )
 from rotator.printer import duration, error_text, os_error
-from rotator.proxy.route import Limits, Route, Target
+from rotator.proxy.route import Route, Target
 from rotator.state import ComponentRecord, InstanceRecord
 
 Spawn = Callable[..., Awaitable[Instance]]
@@ -182,21 +182,6 @@ class Draining:
     instance: Instance
     target: Target
     task: asyncio.Task[None] | None = None  # the drain-and-stop, once begun
-
-
-def proxy_limits(spec: ComponentSpec) -> Limits:
-    """What the proxy in front of the component's instances allows."""
-    return Limits(
-        connect_timeout=spec.connect_timeout,
-        read_timeout=spec.read_timeout,
-        request_timeout=spec.request_timeout,
-        header_timeout=spec.header_timeout,
-        trust_forwarded=spec.trust_forwarded,
-        max_header_size=spec.max_header_size,
-        max_headers=spec.max_headers,
-        max_connections=spec.max_connections,
-        max_clients=spec.max_clients,
-    )
 
 
 def instance_host(listen_host: str) -> str:
@@ -326,8 +311,7 @@ class Component:
         self.spec = self._rebase(self.spec, old_config)
         if self.previous is not None:
             self.previous = self._rebase(self.previous, old_config)
-        self.route.limits = proxy_limits(spec)
-        self.route.hold_timeout = spec.hold_timeout
+        self.route.limits = spec.proxy
 
     def _rebase(self, spec: ComponentSpec, old_config: ComponentSpec) -> ComponentSpec:
         """`spec` (the config's definition or a deployed one) on top of the new config's."""
@@ -871,7 +855,9 @@ class Component:
         spec = self.spec
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(RotationFailed),
-            wait=wait_exponential(multiplier=spec.restart_backoff, max=spec.restart_backoff_max),
+            wait=wait_exponential(
+                multiplier=spec.restart.restart_backoff, max=spec.restart.restart_backoff_max
+            ),
             stop=lambda _: self._budget_spent(),
             before_sleep=self._announce_backoff,
             reraise=True,
@@ -884,7 +870,10 @@ class Component:
             if self._budget_spent():
                 raise RotationFailed("restart budget spent")
             if recent:
-                delay = min(spec.restart_backoff * 2 ** (recent - 1), spec.restart_backoff_max)
+                delay = min(
+                    spec.restart.restart_backoff * 2 ** (recent - 1),
+                    spec.restart.restart_backoff_max,
+                )
                 self.emit(Kind.BACKOFF, f"next restart attempt in {duration(delay)}")
                 await asyncio.sleep(delay)
             async for attempt in retrying:
@@ -893,7 +882,7 @@ class Component:
                     self.emit(
                         Kind.RESTARTING,
                         f"starting a replacement (restart {self._recent_crashes()} of at most "
-                        f"{spec.max_restarts} in {duration(spec.restart_window)})",
+                        f"{spec.restart.max_restarts} in {duration(spec.restart.restart_window)})",
                     )
                     await self._rotate(self.spec, recovering=True)
         except RotationFailed:
@@ -904,13 +893,13 @@ class Component:
         self.emit(Kind.BACKOFF, f"next restart attempt in {duration(delay)}")
 
     def _recent_crashes(self) -> int:
-        horizon = time.monotonic() - self.spec.restart_window
+        horizon = time.monotonic() - self.spec.restart.restart_window
         while self._crashes and self._crashes[0] < horizon:
             self._crashes.popleft()
         return len(self._crashes)
 
     def _budget_spent(self) -> bool:
-        return self._recent_crashes() >= self.spec.max_restarts
+        return self._recent_crashes() >= self.spec.restart.max_restarts
 
     def _give_up(self) -> None:
         if self.active is not None:
@@ -924,7 +913,7 @@ class Component:
         self.route.holding = False
         self.route.swap(None)
         self.last_error = (
-            f"gave up after {self._recent_crashes()} restarts in {duration(self.spec.restart_window)}; "
+            f"gave up after {self._recent_crashes()} restarts in {duration(self.spec.restart.restart_window)}; "
             f"last: {self.last_error}"
         )
         self._set_state(ComponentState.FAILED)

@@ -66,6 +66,42 @@ class HealthSpec:
         return "exec" if self.exec else "tcp" if self.tcp else "http"
 
 
+def _proxy(default: Any, does: str) -> Any:
+    """A ProxySpec field; `does` says what it does at the proxy (export's notes read it)."""
+    return field(default=default, metadata={"does": does})
+
+
+@dataclass(frozen=True)
+class ProxySpec:
+    """The proxy in front of a component's instances (seconds, bytes); each knob is
+    documented in docs/configuration.md. A reload swaps the whole object."""
+
+    hold_timeout: float = _proxy(5.0, "holds requests while no instance is ready")
+    connect_timeout: float = _proxy(5.0, "bounds connecting to an instance")  # then 504
+    read_timeout: float = _proxy(60.0, "bounds waiting for an instance's bytes")
+    request_timeout: float = _proxy(0.0, "bounds a whole exchange")  # 0 = no limit
+    header_timeout: float = _proxy(10.0, "bounds how long a request head may take")  # 408
+    keepalive_timeout: float = _proxy(60.0, "closes idle client connections")
+    # Keep incoming X-Forwarded-* (append to -For) or replace them.
+    trust_forwarded: bool = _proxy(False, "decides on X-Forwarded-* headers")
+    max_header_size: int = _proxy(64 * 1024, "limits request heads")  # larger: 431
+    max_headers: int = _proxy(100, "limits request header lines")  # more: 431
+    # Requests passed to instances at once; 0 = no limit.
+    max_connections: int = _proxy(0, "limits requests in flight")
+    # Client connections open at once on `listen`; 0 = only the daemon's total applies.
+    max_clients: int = _proxy(0, "limits client connections")
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """How crashed instances are replaced (seconds)."""
+
+    max_restarts: int = 5  # more crash restarts than this within restart_window: failed
+    restart_window: float = 60.0
+    restart_backoff: float = 0.5  # delay before the first crash restart, doubled each time
+    restart_backoff_max: float = 30.0
+
+
 @dataclass(frozen=True)
 class ComponentSpec:
     name: str
@@ -80,24 +116,10 @@ class ComponentSpec:
     drain_timeout: float = 30.0
     stop_signal: signal.Signals = signal.SIGTERM
     stop_timeout: float = 10.0
-    hold_timeout: float = 5.0
     depends_on: tuple[str, ...] = ()  # started before this one, stopped after it
     verify: float = 0.0  # seconds of health checks after a deploy's switch; 0 = off
-    max_restarts: int = 5  # more crash restarts than this within restart_window: failed
-    restart_window: float = 60.0
-    restart_backoff: float = 0.5  # delay before the first crash restart, doubled each time
-    restart_backoff_max: float = 30.0
-    # The proxy in front of the instances (seconds, bytes); see docs/configuration.md.
-    connect_timeout: float = 5.0  # connecting to an instance; past it: 504
-    read_timeout: float = 60.0  # waiting for the instance's next bytes (head or more body)
-    request_timeout: float = 0.0  # the whole exchange; 0 = no limit
-    keepalive_timeout: float = 60.0  # an idle client connection is closed
-    header_timeout: float = 10.0  # a request head begun must end within it; else 408
-    trust_forwarded: bool = False  # keep incoming X-Forwarded-* (append to -For) or replace them
-    max_header_size: int = 64 * 1024  # a larger request head: 431
-    max_headers: int = 100  # more request header lines: 431
-    max_connections: int = 0  # requests passed to instances at once; 0 = no limit
-    max_clients: int = 0  # client connections open at once on `listen`; 0 = only the total's
+    restart: RestartPolicy = RestartPolicy()
+    proxy: ProxySpec = ProxySpec()  # the YAML keys stay flat: `connect_timeout: 5s`
     # "tcp": instances listen on a port of `ports`; "unix": on a socket path of `sockets`
     # (state_dir/sockets/<name>.<n>.sock), and `ports` is empty.
     transport: str = "tcp"

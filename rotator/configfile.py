@@ -43,6 +43,8 @@ from rotator.config import (
     HealthSpec,
     KubernetesExport,
     Problem,
+    ProxySpec,
+    RestartPolicy,
     foreign_placeholder,
     socket_paths,
     split_words,
@@ -396,6 +398,8 @@ class _Parser:
             return None
         if listen is None or ports is None or command is None or transport is None:
             return None
+        proxy = ProxySpec(**{k: rest.pop(k) for k in _PROXY_KEYS & rest.keys()})
+        restart = RestartPolicy(**{k: rest.pop(k) for k in _RESTART_KEYS & rest.keys()})
         return ComponentSpec(
             name,
             listen,
@@ -408,6 +412,8 @@ class _Parser:
             env_files=tuple(file for file, _ in files),
             log_max_size=logs.get("max_size", 0),
             log_keep=logs.get("keep", _SPEC_DEFAULTS["log_keep"]),
+            proxy=proxy,
+            restart=restart,
             **rest,
         )
 
@@ -1111,7 +1117,14 @@ def _bytes(size: int) -> str:
     return f"{size}B"
 
 
-_SPEC_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ComponentSpec)}
+_SPEC_DEFAULTS = {
+    f.name: f.default
+    for spec in (ComponentSpec, ProxySpec, RestartPolicy)
+    for f in dataclasses.fields(spec)
+}
+# The flat YAML keys that fill a component's nested specs.
+_PROXY_KEYS = frozenset(f.name for f in dataclasses.fields(ProxySpec))
+_RESTART_KEYS = frozenset(f.name for f in dataclasses.fields(RestartPolicy))
 NUL = "contains a NUL character (no path, command or variable can hold one)"
 
 

@@ -37,7 +37,7 @@ from rotator import __version__, activation, cgroups, printer, private
 from rotator import takeover as takeover_
 from rotator.admin import make_app
 from rotator.adoption import EarlierRun
-from rotator.component import Component, ComponentState, RotationFailed, probe_socket, proxy_limits
+from rotator.component import Component, ComponentState, RotationFailed, probe_socket
 from rotator.config import ComponentSpec, Config
 from rotator.events import Event, EventBus, Kind
 from rotator.fleet import ReloadRejected, in_dependency_order
@@ -278,10 +278,8 @@ class Daemon:
 
     async def _bind(self, spec: ComponentSpec) -> Listener:
         """The component's public listener, bound (DaemonError when it cannot be)."""
-        route = Route(spec.name, spec.hold_timeout, proxy_limits(spec))
-        listener = Listener(
-            route, spec.listen.host, spec.listen.port, spec.keepalive_timeout, self.clients
-        )
+        route = Route(spec.name, limits=spec.proxy)
+        listener = Listener(route, spec.listen.host, spec.listen.port, clients=self.clients)
         try:
             await listener.start(self.inherited.pop(spec.name, None))
         except OSError as exc:

@@ -39,23 +39,6 @@ _NOT_LABEL = re.compile(r"[^a-z0-9-]+")
 _LABEL_MAX = 63
 _PYTHON = "{python}"
 
-# Options of rotator's proxy, and what each does there; Kubernetes has no proxy of its own.
-_PROXY = {
-    "hold_timeout": "holds requests while no instance is ready",
-    "connect_timeout": "bounds connecting to an instance",
-    "read_timeout": "bounds waiting for an instance's bytes",
-    "request_timeout": "bounds a whole exchange",
-    "keepalive_timeout": "closes idle client connections",
-    "header_timeout": "bounds how long a request head may take",
-    "trust_forwarded": "decides on X-Forwarded-* headers",
-    "max_header_size": "limits request heads",
-    "max_headers": "limits request header lines",
-    "max_connections": "limits requests in flight",
-    "max_clients": "limits client connections",
-}
-_RESTARTS = ("max_restarts", "restart_window", "restart_backoff", "restart_backoff_max")
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ComponentSpec)}
-
 
 class _Dumper(yaml.SafeDumper):
     """Writes a value shared by two places twice: kubectl reads YAML aliases, but people
@@ -350,21 +333,26 @@ def _notes(spec: ComponentSpec, name: str, config: Config) -> list[str]:
             " equivalent: the kubelet rotates container logs by its containerLogMaxSize and"
             " containerLogMaxFiles (10Mi and 5 by default)"
         )
-    if changed := [key for key in _RESTARTS if getattr(spec, key) != _DEFAULTS[key]]:
+    restart = [f.name for f in dataclasses.fields(spec.restart) if _changed(spec.restart, f)]
+    if restart:
         notes.append(
-            f"{_settings(spec, changed)} no Kubernetes equivalent (the kubelet restarts a"
-            " crashed container forever, its backoff doubling from 10s to 5m)"
+            f"{_settings(spec.restart, restart)} no Kubernetes equivalent (the kubelet restarts"
+            " a crashed container forever, its backoff doubling from 10s to 5m)"
         )
-    for key, what in _PROXY.items():
-        if getattr(spec, key) != _DEFAULTS[key]:
+    for f in dataclasses.fields(spec.proxy):
+        if _changed(spec.proxy, f):
             notes.append(
-                f"{_settings(spec, [key])} no Kubernetes equivalent (rotator's proxy {what}):"
-                " configure it on an Ingress or a service mesh"
+                f"{_settings(spec.proxy, [f.name])} no Kubernetes equivalent (rotator's proxy"
+                f" {f.metadata['does']}): configure it on an Ingress or a service mesh"
             )
     return notes
 
 
-def _settings(spec: ComponentSpec, keys: list[str]) -> str:
+def _changed(spec: Any, f: dataclasses.Field[Any]) -> bool:
+    return bool(getattr(spec, f.name) != f.default)
+
+
+def _settings(spec: Any, keys: list[str]) -> str:
     """'hold_timeout 30s has' / 'max_restarts 2, restart_window 5m have'."""
     text = ", ".join(f"{key} {_value(key, getattr(spec, key))}" for key in keys)
     return f"{text} {'has' if len(keys) == 1 else 'have'}"

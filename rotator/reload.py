@@ -167,7 +167,6 @@ class FleetOps:
         for name in plan.updated:
             spec = new.component(name)
             await fleet.components[name].reconfigure(spec, rotate=False)
-            fleet.listeners[name].keepalive_timeout = spec.keepalive_timeout
         # Moved ones: the old address serves on until the new one has started.
         moved = [self._detach(name) for name in plan.rebound]
         for name, listener in reload.listeners.items():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import socket
 from collections.abc import Callable
 from enum import Enum
@@ -55,7 +56,6 @@ IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"
 # A request body buffered while no instance connection is ready yet; past this
 # the client is not read until the body can flow.
 BODY_BUFFER_LIMIT = 256 * 1024
-KEEPALIVE_TIMEOUT = 60.0
 # The longest a timeout may fire late (the sweep runs at least this often).
 SWEEP_INTERVAL = 1.0
 # Retries of one request at most (say, a stale keep-alive, then a refused connect).
@@ -992,11 +992,12 @@ class Listener:
         route: Route,
         host: str,
         port: int,
-        keepalive_timeout: float = KEEPALIVE_TIMEOUT,
+        keepalive_timeout: float | None = None,
         clients: Clients | None = None,
     ) -> None:
         self.route = route
-        self.keepalive_timeout = keepalive_timeout
+        if keepalive_timeout is not None:  # given apart (tests): it goes into the limits
+            route.limits = dataclasses.replace(route.limits, keepalive_timeout=keepalive_timeout)
         # Shared by all the daemon's listeners: the total of client connections and its cap.
         self.clients = clients or Clients()
         self.host = host
@@ -1011,6 +1012,10 @@ class Listener:
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.host_header = b"Host: " + address.encode() + b"\r\n"
         self._sweeper: asyncio.Task[None] | None = None
+
+    @property
+    def keepalive_timeout(self) -> float:
+        return self.route.limits.keepalive_timeout
 
     async def start(self, sock: socket.socket | None = None) -> None:
         """Bind host:port, or serve on `sock`, a listening socket bound by someone else

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from bisect import bisect_left
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from rotator.config import ProxySpec
 
 if TYPE_CHECKING:
     from rotator.proxy.upstream import UpstreamConnection
@@ -31,19 +33,8 @@ MAX_IDLE_PER_TARGET = 64
 DURATION_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
-@dataclass(frozen=True)
-class Limits:
-    """How long and how much the proxy allows, per component (see docs/configuration.md)."""
-
-    connect_timeout: float = 5.0
-    read_timeout: float = 60.0  # between two reads from the instance
-    request_timeout: float = 0.0  # the whole exchange; 0 = no limit
-    header_timeout: float = 10.0  # from a request head's first byte to its end; else 408
-    trust_forwarded: bool = False
-    max_header_size: int = 64 * 1024
-    max_headers: int = 100
-    max_connections: int = 0  # requests passed to instances at once; 0 = no limit
-    max_clients: int = 0  # client connections open at once; 0 = only the daemon's total
+# What the proxy allows, per component: the config's own object (docs/configuration.md).
+Limits = ProxySpec
 
 
 class Target:
@@ -145,7 +136,6 @@ class Route:
         "codes",
         "duration_sum",
         "durations",
-        "hold_timeout",
         "holding",
         "limits",
         "name",
@@ -153,10 +143,13 @@ class Route:
         "target",
     )
 
-    def __init__(self, name: str, hold_timeout: float, limits: Limits | None = None) -> None:
+    def __init__(
+        self, name: str, hold_timeout: float | None = None, limits: Limits | None = None
+    ) -> None:
         self.name = name
-        self.hold_timeout = hold_timeout
         self.limits = limits or Limits()
+        if hold_timeout is not None:  # given apart (tests): it goes into the limits
+            self.limits = dataclasses.replace(self.limits, hold_timeout=hold_timeout)
         # False while the component is stopped on purpose: no instance is coming,
         # so requests are answered 503 at once instead of being held.
         self.holding = True
@@ -171,6 +164,10 @@ class Route:
         self.clients_evicted = 0  # idle ones closed to make room at a cap
         self.clients_refused = 0  # new ones answered 503 at a cap, none being idle
         self._waiters: list[asyncio.Future[Target]] = []
+
+    @property
+    def hold_timeout(self) -> float:
+        return self.limits.hold_timeout
 
     def swap(self, new: Target | None) -> Target | None:
         """Make `new` the current target in one step and return the one it replaced."""

@@ -23,7 +23,7 @@ from rotator.component import (
     choose_socket,
     probe_socket,
 )
-from rotator.config import Address, ComponentSpec, HealthSpec
+from rotator.config import Address, ComponentSpec, HealthSpec, RestartPolicy
 from rotator.events import Event, EventBus
 from rotator.health import NotHealthy
 from rotator.instance import StopResult
@@ -371,7 +371,8 @@ def test_crash_loop_ends_in_failed_and_a_restart_revives() -> None:
     async def scenario() -> None:
         w = World()
         spec = dataclasses.replace(
-            SPEC, max_restarts=3, restart_backoff=0.001, restart_backoff_max=0.002
+            SPEC,
+            restart=RestartPolicy(max_restarts=3, restart_backoff=0.001, restart_backoff_max=0.002),
         )
         c = w.component(spec)
         await c.rotate()

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from rotator.component import RotationFailed
+from rotator.config import RestartPolicy
 from rotator.events import Event, EventBus
 from tests.unit.test_component import SPEC, World, run
 
@@ -45,7 +46,8 @@ def test_an_oserror_while_recovering_is_a_failed_start_retried_with_backoff() ->
     async def scenario() -> None:
         w = FailingWorld()
         spec = dataclasses.replace(
-            SPEC, max_restarts=5, restart_backoff=0.001, restart_backoff_max=0.002
+            SPEC,
+            restart=RestartPolicy(max_restarts=5, restart_backoff=0.001, restart_backoff_max=0.002),
         )
         c = w.component(spec)
         await c.rotate()
@@ -66,7 +68,8 @@ def test_a_start_that_always_raises_ends_failed_after_max_restarts() -> None:
     async def scenario() -> None:
         w = FailingWorld()
         spec = dataclasses.replace(
-            SPEC, max_restarts=3, restart_backoff=0.001, restart_backoff_max=0.002
+            SPEC,
+            restart=RestartPolicy(max_restarts=3, restart_backoff=0.001, restart_backoff_max=0.002),
         )
         c = w.component(spec)
         await c.rotate()
@@ -102,7 +105,8 @@ def test_a_crash_loop_is_starting_between_attempts_and_gives_up_without_a_last_w
         w = World()
         # Long backoffs: a wait before giving up would show as seconds.
         spec = dataclasses.replace(
-            SPEC, max_restarts=2, restart_backoff=0.2, restart_backoff_max=0.2
+            SPEC,
+            restart=RestartPolicy(max_restarts=2, restart_backoff=0.2, restart_backoff_max=0.2),
         )
         c = w.component(spec)
         seen: list[tuple[str, bool]] = []

@@ -25,6 +25,7 @@ from rotator.config import (
     ConfigError,
     HealthSpec,
     Problem,
+    ProxySpec,
     apply_definition,
     definition_of,
     split_words,
@@ -430,7 +431,7 @@ def test_full_example(tmp_path: Path) -> None:
         drain_timeout=0.0,
         stop_signal=signal.SIGINT,
         stop_timeout=5.0,
-        hold_timeout=1.5,
+        proxy=ProxySpec(hold_timeout=1.5),
     )
     zeus = ComponentSpec(
         name="zeus",
@@ -443,7 +444,7 @@ def test_full_example(tmp_path: Path) -> None:
         drain_timeout=20.0,
         stop_signal=signal.SIGUSR1,
         stop_timeout=5.0,
-        hold_timeout=1.5,
+        proxy=ProxySpec(hold_timeout=1.5),
     )
     assert config.components == (hermes, zeus)
     assert config.component("zeus") == zeus
@@ -458,7 +459,7 @@ def test_defaults_when_omitted(tmp_path: Path) -> None:
     assert config.state_dir == (tmp_path / ".rotator").resolve()
     assert spec.cwd == tmp_path.resolve()
     assert spec.health == HealthSpec()
-    assert (spec.drain_timeout, spec.stop_timeout, spec.hold_timeout) == (30.0, 10.0, 5.0)
+    assert (spec.drain_timeout, spec.stop_timeout, spec.proxy.hold_timeout) == (30.0, 10.0, 5.0)
     assert spec.stop_signal is signal.SIGTERM
     assert dict(spec.env) == {}
     assert spec.ports == tuple(range(18001, 18011))
@@ -1031,11 +1032,18 @@ def test_lifecycle_keys_parse_and_merge(tmp_path: Path) -> None:
     )
     db, api, web = config.components
     assert db.health == HealthSpec(interval=3.0, timeout=1.0, unhealthy_threshold=2)
-    assert (db.verify, db.max_restarts, db.restart_window) == (0.0, 7, 120.0)
-    assert (db.restart_backoff, db.restart_backoff_max, db.depends_on) == (0.25, 60.0, ())
+    assert (db.verify, db.restart.max_restarts, db.restart.restart_window) == (0.0, 7, 120.0)
+    assert (db.restart.restart_backoff, db.restart.restart_backoff_max, db.depends_on) == (
+        0.25,
+        60.0,
+        (),
+    )
     assert api.health == HealthSpec(interval=3.0, unhealthy_threshold=1)
-    assert (api.verify, api.max_restarts, api.depends_on) == (10.0, 0, ("db",))
-    assert (api.restart_backoff, api.restart_backoff_max) == (1.0, 1.0)  # equal is fine
+    assert (api.verify, api.restart.max_restarts, api.depends_on) == (10.0, 0, ("db",))
+    assert (api.restart.restart_backoff, api.restart.restart_backoff_max) == (
+        1.0,
+        1.0,
+    )  # equal is fine
     assert web.depends_on == ("api", "db")
     assert config.start_order() == ("db", "api", "web")
 
@@ -1043,13 +1051,18 @@ def test_lifecycle_keys_parse_and_merge(tmp_path: Path) -> None:
 def test_lifecycle_defaults_when_omitted(tmp_path: Path) -> None:
     spec = parse_ok(HERMES, tmp_path / "rotator.yaml").component("hermes")
     assert spec.health.unhealthy_threshold == 3
-    assert (spec.depends_on, spec.verify, spec.max_restarts, spec.restart_window) == (
+    assert (
+        spec.depends_on,
+        spec.verify,
+        spec.restart.max_restarts,
+        spec.restart.restart_window,
+    ) == (
         (),
         0.0,
         5,
         60.0,
     )
-    assert (spec.restart_backoff, spec.restart_backoff_max) == (0.5, 30.0)
+    assert (spec.restart.restart_backoff, spec.restart.restart_backoff_max) == (0.5, 30.0)
     built = ComponentSpec(
         name="hermes",
         listen=spec.listen,
@@ -1301,32 +1314,66 @@ def test_proxy_keys_parse_and_merge(tmp_path: Path) -> None:
         tmp_path / "rotator.yaml",
     )
     a, b, c = config.components
-    assert (a.connect_timeout, a.read_timeout, a.request_timeout, a.keepalive_timeout) == (
+    assert (
+        a.proxy.connect_timeout,
+        a.proxy.read_timeout,
+        a.proxy.request_timeout,
+        a.proxy.keepalive_timeout,
+    ) == (
         2.0,
         30.0,
         120.0,
         15.0,
     )
-    assert (a.trust_forwarded, a.max_header_size, a.max_headers) == (True, 16384, 50)
-    assert (a.header_timeout, b.header_timeout, c.header_timeout) == (3.0, 0.5, 3.0)
-    assert (b.connect_timeout, b.read_timeout, b.request_timeout, b.keepalive_timeout) == (
+    assert (a.proxy.trust_forwarded, a.proxy.max_header_size, a.proxy.max_headers) == (
+        True,
+        16384,
+        50,
+    )
+    assert (a.proxy.header_timeout, b.proxy.header_timeout, c.proxy.header_timeout) == (
+        3.0,
+        0.5,
+        3.0,
+    )
+    assert (
+        b.proxy.connect_timeout,
+        b.proxy.read_timeout,
+        b.proxy.request_timeout,
+        b.proxy.keepalive_timeout,
+    ) == (
         0.25,
         5.0,
         0.0,
         60.0,
     )
-    assert (b.trust_forwarded, b.max_header_size, b.max_headers) == (False, 1048576, 200)
+    assert (b.proxy.trust_forwarded, b.proxy.max_header_size, b.proxy.max_headers) == (
+        False,
+        1048576,
+        200,
+    )
     # each key is merged on its own: c sets two and inherits the rest from defaults
-    assert (c.connect_timeout, c.request_timeout, c.max_headers) == (2.0, 120.0, 50)
-    assert (c.trust_forwarded, c.max_header_size) == (False, 4096)
-    assert isinstance(a.max_header_size, int) and isinstance(a.trust_forwarded, bool)
+    assert (c.proxy.connect_timeout, c.proxy.request_timeout, c.proxy.max_headers) == (
+        2.0,
+        120.0,
+        50,
+    )
+    assert (c.proxy.trust_forwarded, c.proxy.max_header_size) == (False, 4096)
+    assert isinstance(a.proxy.max_header_size, int) and isinstance(a.proxy.trust_forwarded, bool)
 
 
 def test_proxy_defaults_when_omitted(tmp_path: Path) -> None:
     spec = parse_ok(HERMES, tmp_path / "rotator.yaml").component("hermes")
-    assert (spec.connect_timeout, spec.read_timeout, spec.request_timeout) == (5.0, 60.0, 0.0)
-    assert (spec.keepalive_timeout, spec.header_timeout) == (60.0, 10.0)
-    assert (spec.trust_forwarded, spec.max_header_size, spec.max_headers) == (False, 65536, 100)
+    assert (spec.proxy.connect_timeout, spec.proxy.read_timeout, spec.proxy.request_timeout) == (
+        5.0,
+        60.0,
+        0.0,
+    )
+    assert (spec.proxy.keepalive_timeout, spec.proxy.header_timeout) == (60.0, 10.0)
+    assert (spec.proxy.trust_forwarded, spec.proxy.max_header_size, spec.proxy.max_headers) == (
+        False,
+        65536,
+        100,
+    )
     built = ComponentSpec(
         name="hermes",
         listen=spec.listen,
@@ -1337,8 +1384,14 @@ def test_proxy_defaults_when_omitted(tmp_path: Path) -> None:
         health=HealthSpec(),
     )
     assert spec == built  # the constructor's defaults are the file's defaults
-    tuned = dataclasses.replace(built, trust_forwarded=True, max_headers=10)
-    assert (tuned.trust_forwarded, tuned.max_headers, tuned.read_timeout) == (True, 10, 60.0)
+    tuned = dataclasses.replace(
+        built, proxy=dataclasses.replace(built.proxy, trust_forwarded=True, max_headers=10)
+    )
+    assert (tuned.proxy.trust_forwarded, tuned.proxy.max_headers, tuned.proxy.read_timeout) == (
+        True,
+        10,
+        60.0,
+    )
     assert hash(tuned) != hash(built)
 
 
@@ -1355,7 +1408,9 @@ def test_proxy_defaults_when_omitted(tmp_path: Path) -> None:
 )
 def test_trust_forwarded_values(written: str, value: bool, tmp_path: Path) -> None:
     text = HERMES + f"    trust_forwarded: {written}\n"
-    assert parse_ok(text, tmp_path / "rotator.yaml").component("hermes").trust_forwarded is value
+    assert (
+        parse_ok(text, tmp_path / "rotator.yaml").component("hermes").proxy.trust_forwarded is value
+    )
 
 
 @pytest.mark.parametrize(
@@ -1708,8 +1763,8 @@ def test_max_connections_parses_and_merges(tmp_path: Path) -> None:
         + "    max_connections: 0\n"
     )
     hermes, b = parse_ok(text, tmp_path / "rotator.yaml").components
-    assert (hermes.max_connections, b.max_connections) == (100, 0)
-    assert parse_ok(HERMES, tmp_path / "rotator.yaml").components[0].max_connections == 0
+    assert (hermes.proxy.max_connections, b.proxy.max_connections) == (100, 0)
+    assert parse_ok(HERMES, tmp_path / "rotator.yaml").components[0].proxy.max_connections == 0
 
 
 def test_deploy_keeps_placeholders_to_the_transport(tmp_path: Path) -> None:

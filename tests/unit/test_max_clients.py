@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from rotator.component import proxy_limits
 from rotator.config import ConfigError
 from rotator.configfile import parse
 from rotator.proxy.clients import accept_backlog, effective_total, total_cap
@@ -65,11 +64,10 @@ def test_max_clients_at_the_top_and_per_component(tmp_path: Path) -> None:
     assert parse("max_clients: 500\n" + HERMES, path).max_clients == 500
     assert parse('max_clients: "500"\n' + HERMES, path).max_clients == 500
     text = "defaults:\n  max_clients: 100\n" + HERMES
-    assert parse(text, path).components[0].max_clients == 100
-    assert parse(text + "    max_clients: 0\n", path).components[0].max_clients == 0
-    assert parse(HERMES, path).components[0].max_clients == 0
+    assert parse(text, path).components[0].proxy.max_clients == 100
+    assert parse(text + "    max_clients: 0\n", path).components[0].proxy.max_clients == 0
+    assert parse(HERMES, path).components[0].proxy.max_clients == 0
     # What the component's proxy gets (reloads set it anew the same way).
-    assert proxy_limits(parse(text, path).components[0]).max_clients == 100
 
 
 @pytest.mark.parametrize(
