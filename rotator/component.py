@@ -306,12 +306,12 @@ class Component:
         if rotate:
             self.config_spec = self.spec = spec
             self.previous, self.definition_source, self.deployed_at = None, "config", None
-            return
-        old_config, self.config_spec = self.config_spec, spec
-        self.spec = self._rebase(self.spec, old_config)
-        if self.previous is not None:
-            self.previous = self._rebase(self.previous, old_config)
-        self.route.limits = spec.proxy
+        else:
+            old_config, self.config_spec = self.config_spec, spec
+            self.spec = self._rebase(self.spec, old_config)
+            if self.previous is not None:
+                self.previous = self._rebase(self.previous, old_config)
+        self.route.limits = spec.proxy  # a rotation's reload may change the proxy's too
 
     def _rebase(self, spec: ComponentSpec, old_config: ComponentSpec) -> ComponentSpec:
         """`spec` (the config's definition or a deployed one) on top of the new config's."""

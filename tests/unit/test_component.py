@@ -453,6 +453,26 @@ def test_deploy_then_rollback_switch_definitions() -> None:
     run(scenario())
 
 
+def test_a_reload_that_rotates_applies_its_proxy_settings_too() -> None:
+    async def scenario() -> None:
+        w = World()
+        c = w.component()
+        await c.rotate()
+        new = dataclasses.replace(
+            SPEC,
+            env=MappingProxyType({"VERSION": "2"}),  # an instance field: a rotation
+            proxy=dataclasses.replace(SPEC.proxy, read_timeout=7.0, hold_timeout=0.5),
+        )
+        await c.reconfigure(new, rotate=True)
+        assert c.spec is new and len(w.instances) == 2
+        assert (c.route.limits.read_timeout, c.route.hold_timeout) == (7.0, 0.5)
+        tuned = dataclasses.replace(new, proxy=dataclasses.replace(new.proxy, max_headers=9))
+        await c.reconfigure(tuned, rotate=False)  # in place: no new instance
+        assert len(w.instances) == 2 and c.route.limits.max_headers == 9
+
+    run(scenario())
+
+
 def test_stop_drains_and_stops_everything() -> None:
     async def scenario() -> None:
         w = World()
