@@ -104,16 +104,13 @@ def check_same_backend(urls: dict[str, str]) -> int:
     return pids.pop()
 
 
-def cpu_seconds(pids: list[int], children: bool = False) -> float:
-    """CPU time (user + system) of these processes, and of their children if asked."""
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU time (user + system) of these processes."""
     total = 0.0
     for pid in pids:
         with contextlib.suppress(psutil.Error):
-            proc = psutil.Process(pid)
-            for p in [proc, *(proc.children(recursive=True) if children else [])]:
-                with contextlib.suppress(psutil.Error):
-                    t = p.cpu_times()
-                    total += t.user + t.system
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
     return total
 
 
@@ -154,11 +151,11 @@ def measure(
 def measure_one(
     url: str, conns: int, secs: float, backend: int, proxy: list[int] | None
 ) -> dict[str, Any]:
-    """One wrk run, and the CPU it cost wrk, the backend and the proxy (master and
-    workers: a proxy's pids are read with their children)."""
-    before = (cpu_seconds([backend]), cpu_seconds(proxy or [], children=True))
+    """One wrk run, and the CPU it cost wrk, the backend and the proxy's processes (not
+    their children: rotator's instances are the daemon's grandchildren)."""
+    before = (cpu_seconds([backend]), cpu_seconds(proxy or []))
     r = wrk(url, connections=conns, duration=secs)
-    after = (cpu_seconds([backend]), cpu_seconds(proxy or [], children=True))
+    after = (cpu_seconds([backend]), cpu_seconds(proxy or []))
     per_req = 1e6 / max(r.requests, 1)
     return {
         "connections": conns,
@@ -548,7 +545,9 @@ def run_all(
             proxy.start()
             others.append(proxy)
             urls[b][variant] = f"http://{HOST}:{port}"
-            cpu_of[b][variant] = [proxy.proc.pid] if proxy.proc else []
+            # nginx: its master and worker; HAProxy: its one process
+            workers = proxy.workers() if isinstance(proxy, Nginx) else set()
+            cpu_of[b][variant] = [proxy.proc.pid, *workers] if proxy.proc else []
     missing = [name for name, tool in (("nginx", NGINX), ("haproxy", HAPROXY)) if tool is None]
     if missing:
         print(f"{NAME}: not installed, left out: {', '.join(missing)}")
