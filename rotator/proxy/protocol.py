@@ -309,7 +309,8 @@ class Exchange:
         conn.send(self, b"".join([self.head, *self.buffer]) if self.buffer else self.head)
         if self.client.write_paused:
             conn.pause_reading(True)
-        self.client.update_reading()  # the buffered body is on its way: read the client again
+        if self.client.reading_paused:
+            self.client.update_reading()  # the buffered body is on its way: read the client again
 
     # -- response, from the instance -----------------------------------------
     def response_head(self, conn: UpstreamConnection, status: int, head: bytes) -> bool:
@@ -496,7 +497,8 @@ class Exchange:
         if self.target is not None:
             self.target.release()
             self.target = None
-        self._free_slot()
+        if self.slotted:
+            self._free_slot()
         self.client.exchange_done(self)
 
     def _free_slot(self) -> None:
@@ -540,7 +542,7 @@ class ClientConnection(asyncio.Protocol):
         self.closing = False  # answer what is queued, then close
         self._out: list[bytes] = []
         self._upstream_full = False
-        self._reading_paused = False
+        self.reading_paused = False
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._forwarded = b""
@@ -952,8 +954,8 @@ class ClientConnection(asyncio.Protocol):
             or (bool(self.queue) and self.queue[0].pending > BODY_BUFFER_LIMIT)
             or self._held_size > BODY_BUFFER_LIMIT
         )
-        if pause != self._reading_paused:
-            self._reading_paused = pause
+        if pause != self.reading_paused:
+            self.reading_paused = pause
             if pause:
                 self.transport.pause_reading()
             else:
