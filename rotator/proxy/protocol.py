@@ -120,11 +120,10 @@ def end_to_end(
     """One pass over a message's headers (this is per request, so it counts):
     what to forward, and the framing facts the proxy needs. A `request`'s underscored
     names are dropped, and an `untrusted` one's X-Forwarded-* too."""
-    lines: list[bytes] = []  # kept, and their lowercased names (for Connection's tokens)
-    names: list[bytes] = []
+    lines: list[bytes] = []
     tokens: set[bytes] | None = None  # headers that Connection declares hop-by-hop
     length: bytes | None = None
-    codings: list[bytes] = []
+    codings: list[bytes] | None = None
     hosts = 0
     host = b""
     for name, value in headers:
@@ -134,7 +133,7 @@ def end_to_end(
                 tokens = tokens or set()
                 tokens.update(t.strip().lower() for t in value.split(b","))
             elif low == b"transfer-encoding":
-                codings.append(value)
+                codings = [*codings, value] if codings else [value]
             continue
         if request and b"_" in low:
             # As nginx (underscores_in_headers off): a WSGI or CGI server maps
@@ -150,11 +149,11 @@ def end_to_end(
         elif untrusted and low.startswith(b"x-forwarded-"):
             continue
         lines.append(name + b": " + value + b"\r\n")
-        names.append(low)
     if tokens:
-        tokens -= NEVER_HOP
-        lines = [line for low, line in zip(names, lines, strict=True) if low not in tokens]
-    return Headers(b"".join(lines), length, b", ".join(codings), hosts, host)
+        tokens -= NEVER_HOP | drop  # those are gone already; most often all of them are
+        if tokens:
+            lines = [line for line in lines if line[: line.index(b":")].lower() not in tokens]
+    return Headers(b"".join(lines), length, b", ".join(codings) if codings else b"", hosts, host)
 
 
 # In a lowercased response head: the fields the proxy must act on, and their values.
@@ -165,11 +164,11 @@ RESPONSE_FRAMING = re.compile(
 )
 
 
-def response_headers(head: bytes, block: bytes) -> Headers:
-    """A response's header lines (`block`, CRLF-terminated, the end of `head`, as the
-    parser accepted them): what to forward, and its framing. Most responses name no
-    hop-by-hop field: their lines go on as they came, without a Python step per field."""
-    found = RESPONSE_FRAMING.findall(head.lower())
+def response_headers(found: list[tuple[bytes, bytes]], block: bytes) -> Headers:
+    """A response's header lines (`block`, CRLF-terminated, as the parser accepted them,
+    and `found`, what RESPONSE_FRAMING found in them): what to forward, and its framing.
+    Unless a field is hop-by-hop, the lines go on as they came, without a Python step
+    per field."""
     if not found:
         return Headers(block, None, b"", 0, b"")
     if len(found) == 1 and found[0][0] == b"content-length":
@@ -314,14 +313,33 @@ class Exchange:
 
     # -- response, from the instance -----------------------------------------
     def response_head(self, conn: UpstreamConnection, status: int, head: bytes) -> bool:
-        """Forward a response head (its status line and header lines, as the parser
-        accepted them). False: the response ends here although the parser may expect
-        a body (a reply to HEAD), so it must be reset."""
+        """Forward a response head (as the parser accepted it, up to its empty line).
+        False: the response ends here although the parser may expect a body (a reply
+        to HEAD), so it must be reset."""
         client = self.client
-        line, _, block = head.partition(b"\r\n")
+        found = RESPONSE_FRAMING.findall(head.lower())
+        if (
+            status >= 200
+            and len(found) == 1
+            and found[0][0] == b"content-length"
+            and self.keep_alive
+            and self.http11
+            and not client.closing
+            and head.startswith(b"HTTP/1.1 ")
+            and head[13:15] != b"\r\n"  # it has a reason phrase
+        ):
+            # The common answer: HTTP/1.1, a length, nothing hop-by-hop, nothing for us
+            # to add. It goes on as it came.
+            self.interim = False
+            self.response_started = True
+            self.status = status
+            self.buffer = []
+            client.out(head)
+            return not self.head_only
+        line, _, block = head[:-2].partition(b"\r\n")
         parts = line.split(b" ", 2)  # version, status code, reason phrase (may be empty)
         reason = parts[2] if len(parts) > 2 and parts[2] else b"-"
-        headers = response_headers(head, block)
+        headers = response_headers(found, block)
         if status == 101:
             if not self.upgrade:  # a switch nobody asked for: a broken instance
                 self.upstream_failed(conn, None)
@@ -707,7 +725,7 @@ class ClientConnection(asyncio.Protocol):
         if method == b"CONNECT":
             self._enqueue(Exchange(self, b"", keep_alive=False, error=Answer.CONNECT))
             return
-        url = self._origin_form(self._url)
+        url = self._url if self._url.startswith(b"/") else self._origin_form(self._url)
         if self.limits.trust_forwarded:
             headers, forwarded = self._trusted_forwarding()
         else:

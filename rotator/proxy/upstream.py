@@ -63,7 +63,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.exchange: Receiver | None = None
-        self.head = b""  # the last response head: status line and header lines
+        self.head = b""  # the last response head: status line, header lines, empty line
         # The bytes of a response's head(s) as they arrive (until the final head is
         # parsed), and where in them the next head begins (after an interim 1xx).
         self._heading = True
@@ -161,7 +161,7 @@ class UpstreamConnection(asyncio.Protocol):
         end = raw.find(b"\r\n\r\n", start)
         if end < 0:
             raise ValueError("response head not found where the parser ended it")
-        self.head = raw[start : end + 2]
+        self.head = raw[start : end + 4]  # with the empty line that ends it
         status = self.parser.get_status_code()
         if status < 200 and status != 101:
             self._raw, self._at = [raw], end + 4  # an interim response: another head follows
