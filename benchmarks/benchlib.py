@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmarks: ports, processes and their cleanup, wrk, nginx, rotator.
+"""Shared pieces of the benchmarks: ports, processes and their cleanup, wrk, nginx, HAProxy,
+rotator.
 
 Everything runs on 127.0.0.1 with ports in 20000-32000 (below Linux's ephemeral
 range, so no client socket can hold them). Every process is started in its own
@@ -367,6 +368,67 @@ def nginx_version() -> str | None:
     return tool_version([NGINX, "-v"]) if NGINX else None
 
 
+# -- HAProxy -----------------------------------------------------------------------------
+HAPROXY = shutil.which("haproxy") or next(
+    (p for p in ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy") if os.access(p, os.X_OK)), None
+)
+
+# One thread (as nginx's one worker), keep-alive on both sides, and idle connections to the
+# backend shared between clients (`http-reuse always`, the fastest of its reuse policies).
+HAPROXY_CONF = """\
+global
+    nbthread 1
+    maxconn 4096
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    timeout http-keep-alive 60s
+    http-reuse always
+frontend bench
+    bind {host}:{port}
+    default_backend app
+backend app
+    server app {host}:{upstream}
+"""
+
+
+class HAProxy:
+    """HAProxy in the foreground (`-db`), one process, its config in `directory`."""
+
+    def __init__(self, procs: Processes, directory: Path, listen: int, upstream: int) -> None:
+        if HAPROXY is None:
+            raise RuntimeError("haproxy is not installed")
+        self.procs = procs
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = listen
+        self.conf = self.dir / "haproxy.cfg"
+        self.conf.write_text(HAPROXY_CONF.format(host=HOST, port=listen, upstream=upstream))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        assert HAPROXY is not None
+        self.proc = self.procs.start([HAPROXY, "-db", "-f", str(self.conf)], self.dir / "out")
+        wait_http(f"http://{HOST}:{self.port}/health", proc=self.proc)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.procs.stop(self.proc, signal.SIGTERM, timeout=10)
+            self.proc = None
+
+    def output(self) -> list[str]:
+        """What HAProxy printed (warnings and alerts go to its stderr in the foreground)."""
+        with contextlib.suppress(OSError):
+            return (self.dir / "out").read_text(errors="replace").splitlines()
+        return []
+
+
+def haproxy_version() -> str | None:
+    return tool_version([HAPROXY, "-v"]) if HAPROXY else None
+
+
 # -- rotator ----------------------------------------------------------------------------
 # Quicker health checks than rotator's defaults (1 s), for benchmarks that restart.
 BENCH_DEFAULTS: dict[str, Any] = {
@@ -486,6 +548,7 @@ def machine() -> dict[str, Any]:
         "uvloop": uvloop_version(),
         "wrk": tool_version(["wrk", "--version"]),
         "nginx": nginx_version(),
+        "haproxy": haproxy_version(),
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }

@@ -1,22 +1,27 @@
-"""What rotator's proxy costs: one demo backend measured with wrk directly, through
-rotator, and through nginx, the runs alternated so that all variants share the
+"""What rotator's proxy costs: two backends measured with wrk directly, through rotator,
+through nginx and through HAProxy, the runs alternated so that all variants share the
 machine's noise.
 
-There is exactly one backend process: the instance that rotator starts (pool
-of one port). `direct` hits its port, `rotator` the component's public address,
-`nginx` an nginx whose upstream is that same port. Each round runs, for each
-body (short `/`, 100 KiB `/bytes?n=102400`) and each concurrency (16 connections:
-throughput; 1 connection: the latency one hop adds), direct, rotator, nginx in
-turn. Reported: medians over rounds, and the median of the per-round ratios.
+The backends are rotator's demo app (aiohttp), started by rotator (a component with
+a pool of one port each): `typical` on plain asyncio, as a Python app usually runs,
+and `fast`, the same app on uvloop (benchmarks/fast_backend.py), about twice as fast:
+fast enough that the proxy's own cost shows. For each backend, `direct` hits its port,
+`rotator` the component's public address, `nginx` and `haproxy` a proxy of their own
+(one worker, one thread) whose upstream is that same port. Each round runs, for each
+backend, each body (short `/`, 100 KiB `/bytes?n=102400`) and each concurrency (64
+and 16 connections: throughput; 1 connection: the latency one hop adds), the variants
+in turn. Reported: medians over rounds, the median of the per-round ratios, and each
+proxy's CPU per request (psutil, around each wrk run).
 
-Then, if py-spy is installed (`pip install py-spy`), one more wrk run (short
-body, 16 connections) through rotator while py-spy samples the daemon: the
-functions with the most own time (the frame on top of the stack) are printed
-and kept in the results; the raw stacks go to benchmarks/results/proxy_profile.txt
-(py-spy's collapsed format, for flamegraph tools). A full run samples a second
-time with --native, for the C side (uvloop, system calls).
+Then, under the fast backend (short body, 16 connections), profiles of the daemon:
+py-spy (`pip install py-spy`) for the functions with the most own time, kept in the
+results, the raw stacks in benchmarks/results/proxy_profile.txt (py-spy's collapsed
+format, for flamegraph tools); a full run samples a second time with --native, for
+the C side, and runs `perf record` (Linux, if installed) for where the CPU goes by
+shared object (kernel, CPython, uvloop, httptools) and symbol.
 
     python benchmarks/proxy_overhead.py [--quick] [--rounds N] [--duration S] [--profile S]
+                                        [--backend typical|fast]
 """
 
 from __future__ import annotations
@@ -36,11 +41,14 @@ from typing import Any
 
 import psutil
 from benchlib import (
+    HAPROXY,
     HOST,
     NGINX,
     PY,
     RESULTS,
+    ROOT,
     WRK,
+    HAProxy,
     Nginx,
     Processes,
     Rotator,
@@ -57,16 +65,27 @@ from benchlib import (
 NAME = "proxy_overhead"
 BODIES = {"short": "/", "100KiB": "/bytes?n=102400"}
 BODY_BYTES = 102400
-# Targets, printed next to the figures (c16 = the throughput runs).
+# The same demo app: on asyncio (a typical Python app), and on uvloop (a fast one).
+BACKENDS = {
+    "typical": f"{PY} -m rotator.demo --port {{port}} --name typical",
+    "fast": f"{PY} {ROOT / 'benchmarks' / 'fast_backend.py'} --port {{port}} --name fast",
+}
+CONNECTIONS = (64, 16, 1)
+# Targets, printed next to the figures. The typical backend (c16 = the throughput runs):
 TARGET_RATIO = 0.8  # rotator req/s >= 0.8x direct
-TARGET_VS_NGINX = 1.0  # rotator req/s >= nginx's
+TARGET_VS_NGINX = 1.0  # rotator req/s >= nginx's (with the fast backend: and HAProxy's)
 TARGET_P50_OVERHEAD_MS = 0.3
+# The fast backend, where the proxy's own cost shows:
+TARGET_FAST_CPU_VS_NGINX = 1.3  # rotator's CPU per short request <= 1.3x nginx's
+TARGET_FAST_P50_OVERHEAD_MS = 0.1  # at c1
 PYSPY = shutil.which("py-spy") or next(
     (str(p) for p in [Path(sys.executable).parent / "py-spy"] if p.exists()), None
 )
+PERF = shutil.which("perf") if sys.platform == "linux" else None
 PROFILE_RATE = 250  # samples/s
 IDLE = re.compile(r"^(epoll_p?wait|epoll_wait|kevent|select|poll) ")
 FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::\d+)?\)$")
+PERF_LINE = re.compile(r"^\s*(?P<pct>[\d.]+)%\s+(?P<dso>\S+)\s+\[(?P<kind>.)\]\s+(?P<sym>.+?)\s*$")
 
 
 def check_same_backend(urls: dict[str, str]) -> int:
@@ -85,102 +104,107 @@ def check_same_backend(urls: dict[str, str]) -> int:
     return pids.pop()
 
 
-def cpu_seconds(pids: list[int], children: bool = False) -> float:
-    """CPU time (user + system) of these processes, and of their children if asked."""
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU time (user + system) of these processes."""
     total = 0.0
     for pid in pids:
         with contextlib.suppress(psutil.Error):
-            proc = psutil.Process(pid)
-            for p in [proc, *(proc.children(recursive=True) if children else [])]:
-                with contextlib.suppress(psutil.Error):
-                    t = p.cpu_times()
-                    total += t.user + t.system
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
     return total
 
 
 def measure(
-    urls: dict[str, str],
-    cpu_of: dict[str, list[int]],
-    backend: int,
+    urls: dict[str, dict[str, str]],
+    cpu_of: dict[str, dict[str, list[int]]],
+    pids: dict[str, int],
     rounds: int,
-    duration: float,
-    c1_duration: float,
+    durations: dict[int, float],
 ) -> list[dict[str, Any]]:
+    """`urls[backend][variant]`; `cpu_of[backend][variant]`: the pids whose CPU is the
+    proxy's; `pids[backend]`: the backend's; `durations[connections]`: seconds per run."""
     runs: list[dict[str, Any]] = []
-    for path in BODIES.values():  # warm-up: connection pools, page cache, allocators
-        for url in urls.values():
-            wrk(url + path, connections=16, duration=1)
+    for by_variant in urls.values():  # warm-up: connection pools, page cache, allocators
+        for path in BODIES.values():
+            for url in by_variant.values():
+                wrk(url + path, connections=16, duration=1)
     for rnd in range(1, rounds + 1):
-        for body, path in BODIES.items():
-            for conns, secs in ((16, duration), (1, c1_duration)):
-                for variant, url in urls.items():
-                    # rotator: the daemon alone (the backend is its child); nginx: master + workers
-                    proxy_pids = cpu_of.get(variant, [])
-                    tree = variant == "nginx"
-                    before = (cpu_seconds([backend]), cpu_seconds(proxy_pids, tree))
-                    r = wrk(url + path, connections=conns, duration=secs)
-                    after = (cpu_seconds([backend]), cpu_seconds(proxy_pids, tree))
-                    per_req = 1e6 / max(r.requests, 1)
-                    run = {
-                        "round": rnd,
-                        "body": body,
-                        "connections": conns,
-                        "variant": variant,
-                        "rps": r.rps,
-                        "requests": r.requests,
-                        "p50_ms": r.p50_ms,
-                        "p99_ms": r.p99_ms,
-                        "errors": r.errors,
-                        "socket_errors": r.socket_errors,
-                        "non_2xx": r.non_2xx,
-                        "loadgen_cpu_us_per_req": round(r.cpu_seconds * per_req, 1),
-                        "backend_cpu_us_per_req": round((after[0] - before[0]) * per_req, 1),
-                        "proxy_cpu_us_per_req": round((after[1] - before[1]) * per_req, 1)
-                        if proxy_pids
-                        else None,
-                    }
-                    runs.append(run)
-                    print(
-                        f"  round {rnd} {body:>6} c{conns:<2} {variant:>7}: {r.rps:9.0f} req/s  "
-                        f"p50 {r.p50_ms:.3f} ms  p99 {r.p99_ms:.3f} ms"
-                        + (f"  ERRORS {r.errors}" if r.errors else ""),
-                        flush=True,
-                    )
+        for backend, by_variant in urls.items():
+            for body, path in BODIES.items():
+                for conns, secs in durations.items():
+                    for variant, url in by_variant.items():
+                        run = measure_one(
+                            url + path, conns, secs, pids[backend], cpu_of[backend].get(variant)
+                        )
+                        run.update(round=rnd, backend=backend, body=body, variant=variant)
+                        runs.append(run)
+                        print(
+                            f"  round {rnd} {backend:>7} {body:>6} c{conns:<2} {variant:>7}: "
+                            f"{run['rps']:9.0f} req/s  p50 {run['p50_ms']:.3f} ms  "
+                            f"p99 {run['p99_ms']:.3f} ms"
+                            + (f"  ERRORS {run['errors']}" if run["errors"] else ""),
+                            flush=True,
+                        )
     return runs
 
 
-def summarize(runs: list[dict[str, Any]], variants: list[str]) -> list[dict[str, Any]]:
+def measure_one(
+    url: str, conns: int, secs: float, backend: int, proxy: list[int] | None
+) -> dict[str, Any]:
+    """One wrk run, and the CPU it cost wrk, the backend and the proxy's processes (not
+    their children: rotator's instances are the daemon's grandchildren)."""
+    before = (cpu_seconds([backend]), cpu_seconds(proxy or []))
+    r = wrk(url, connections=conns, duration=secs)
+    after = (cpu_seconds([backend]), cpu_seconds(proxy or []))
+    per_req = 1e6 / max(r.requests, 1)
+    return {
+        "connections": conns,
+        "rps": r.rps,
+        "requests": r.requests,
+        "p50_ms": r.p50_ms,
+        "p99_ms": r.p99_ms,
+        "errors": r.errors,
+        "socket_errors": r.socket_errors,
+        "non_2xx": r.non_2xx,
+        "loadgen_cpu_us_per_req": round(r.cpu_seconds * per_req, 1),
+        "backend_cpu_us_per_req": round((after[0] - before[0]) * per_req, 1),
+        "proxy_cpu_us_per_req": round((after[1] - before[1]) * per_req, 1) if proxy else None,
+    }
+
+
+def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     groups = sorted(
-        {(r["body"], r["connections"]) for r in runs},
-        key=lambda g: (list(BODIES).index(g[0]), -g[1]),
+        {(r["backend"], r["body"], r["connections"]) for r in runs},
+        key=lambda g: (list(BACKENDS).index(g[0]), list(BODIES).index(g[1]), -g[2]),
     )
-    for body, conns in groups:
+    for group in groups:
         by_round: dict[int, dict[str, dict[str, Any]]] = {}
         for r in runs:
-            if (r["body"], r["connections"]) == (body, conns):
+            if (r["backend"], r["body"], r["connections"]) == group:
                 by_round.setdefault(r["round"], {})[r["variant"]] = r
+        variants = list(dict.fromkeys(v for rv in by_round.values() for v in rv))
         for variant in variants:
             mine = [rv[variant] for rv in by_round.values() if variant in rv]
-            ratios = [rv[variant]["rps"] / rv["direct"]["rps"] for rv in by_round.values()]
-            p50_over = [rv[variant]["p50_ms"] - rv["direct"]["p50_ms"] for rv in by_round.values()]
-            vs_nginx = [
-                rv[variant]["rps"] / rv["nginx"]["rps"] for rv in by_round.values() if "nginx" in rv
-            ]
             proxy_cpu = [
                 r["proxy_cpu_us_per_req"] for r in mine if r["proxy_cpu_us_per_req"] is not None
             ]
             rows.append(
                 {
-                    "body": body,
-                    "connections": conns,
+                    "backend": group[0],
+                    "body": group[1],
+                    "connections": group[2],
                     "variant": variant,
                     "rps": median([r["rps"] for r in mine]),
                     "p50_ms": median([r["p50_ms"] for r in mine]),
                     "p99_ms": median([r["p99_ms"] for r in mine]),
-                    "ratio_vs_direct": median(ratios),
-                    "p50_overhead_ms": median(p50_over),
-                    "ratio_vs_nginx": median(vs_nginx) if variant != "nginx" and vs_nginx else None,
+                    "ratio_vs_direct": _ratio(by_round, variant, "direct", "rps"),
+                    "p50_overhead_ms": median(
+                        [rv[variant]["p50_ms"] - rv["direct"]["p50_ms"] for rv in by_round.values()]
+                    ),
+                    "ratio_vs_nginx": _ratio(by_round, variant, "nginx", "rps"),
+                    "ratio_vs_haproxy": _ratio(by_round, variant, "haproxy", "rps"),
+                    "cpu_vs_nginx": _ratio(by_round, variant, "nginx", "proxy_cpu_us_per_req"),
                     "loadgen_cpu_us_per_req": median([r["loadgen_cpu_us_per_req"] for r in mine]),
                     "backend_cpu_us_per_req": median([r["backend_cpu_us_per_req"] for r in mine]),
                     "proxy_cpu_us_per_req": median(proxy_cpu),
@@ -192,14 +216,29 @@ def summarize(runs: list[dict[str, Any]], variants: list[str]) -> list[dict[str,
         if row["connections"] == 1:  # one request at a time: latency bounds it, not CPU
             row["cpu_ceiling_rps"] = row["cpu_ceiling_x_direct"] = None
             continue
+        key = (row["backend"], row["body"], row["connections"], "direct")
         direct = next(
-            r for r in rows
-            if (r["body"], r["connections"], r["variant"]) == (row["body"], row["connections"], "direct")
-        )  # fmt: skip
+            r for r in rows if (r["backend"], r["body"], r["connections"], r["variant"]) == key
+        )
         best, best_direct = cpu_ceiling(row), cpu_ceiling(direct)
         row["cpu_ceiling_rps"] = best
         row["cpu_ceiling_x_direct"] = best / best_direct if best and best_direct else None
     return rows
+
+
+def _ratio(
+    by_round: dict[int, dict[str, dict[str, Any]]], variant: str, other: str, key: str
+) -> float | None:
+    """The median over rounds of variant's `key` / other's (None: not both measured, or
+    `variant` is direct: the proxies are compared with each other)."""
+    if variant in (other, "direct") and other != "direct":
+        return None
+    ratios = [
+        rv[variant][key] / rv[other][key]
+        for rv in by_round.values()
+        if variant in rv and other in rv and rv[variant][key] and rv[other][key]
+    ]
+    return median(ratios)
 
 
 def cpu_ceiling(row: dict[str, Any]) -> float | None:
@@ -220,23 +259,38 @@ def cpu_ceiling(row: dict[str, Any]) -> float | None:
 def verdicts(rows: list[dict[str, Any]]) -> list[str]:
     lines = []
     for row in rows:
-        if row["variant"] != "rotator":
+        if row["variant"] != "rotator" or row["connections"] == 64:
             continue
-        where = f"{row['body']} c{row['connections']}"
-        ratio, over, vs = row["ratio_vs_direct"], row["p50_overhead_ms"], row["ratio_vs_nginx"]
+        fast = row["backend"] == "fast"
+        where = f"{row['backend']} {row['body']} c{row['connections']}"
         if row["connections"] == 16:
-            ok = "ok" if ratio >= TARGET_RATIO else "MISSED"
-            lines.append(f"{where}: rotator {ratio:.2f}x direct (target >= {TARGET_RATIO}x): {ok}")
-            if vs is not None:
-                ok = "ok" if vs >= TARGET_VS_NGINX else "MISSED"
+            if not fast:
+                lines.append(_check(where, "x direct", row["ratio_vs_direct"], ">=", TARGET_RATIO))
+            lines.append(_check(where, "x nginx", row["ratio_vs_nginx"], ">=", TARGET_VS_NGINX))
+            if fast and row["body"] == "short":
                 lines.append(
-                    f"{where}: rotator {vs:.2f}x nginx (target >= {TARGET_VS_NGINX:g}x): {ok}"
+                    _check(where, "x haproxy", row["ratio_vs_haproxy"], ">=", TARGET_VS_NGINX)
                 )
-        ok = "ok" if over < TARGET_P50_OVERHEAD_MS else "MISSED"
-        lines.append(
-            f"{where}: p50 overhead {over:+.3f} ms (target < {TARGET_P50_OVERHEAD_MS} ms): {ok}"
-        )
+                lines.append(
+                    _check(
+                        where, "CPU per request x nginx's", row["cpu_vs_nginx"], "<=",
+                        TARGET_FAST_CPU_VS_NGINX,
+                    )
+                )  # fmt: skip
+        if fast and row["connections"] == 16:
+            continue  # at c16 p50 is queueing (the backend is saturated), not the hop
+        limit = TARGET_FAST_P50_OVERHEAD_MS if fast else TARGET_P50_OVERHEAD_MS
+        lines.append(_check(where, "p50 +ms", row["p50_overhead_ms"], "<", limit, "+.3f"))
     return lines
+
+
+def _check(
+    where: str, what: str, value: float | None, op: str, target: float, spec: str = ".2f"
+) -> str:
+    if value is None:
+        return f"{where}: rotator {what}: not measured (target {op} {target:g})"
+    ok = {">=": value >= target, "<=": value <= target, "<": value < target}[op]
+    return f"{where}: rotator {what} {value:{spec}} (target {op} {target:g}): {'ok' if ok else 'MISSED'}"
 
 
 def profile_daemon(
@@ -286,6 +340,49 @@ def profile_daemon(
             "rps": load.rps, "raw": str(raw), "top_own": rows}  # fmt: skip
 
 
+def perf_daemon(pid: int, url: str, seconds: float, top: int = 15) -> dict[str, Any]:
+    """`perf record` (cpu-clock, every thread of the daemon) while wrk loads it: the share
+    of the daemon's CPU by shared object (the kernel, CPython, uvloop, httptools) and the
+    `top` symbols by own time. The report is kept in benchmarks/results/proxy_perf.txt."""
+    assert PERF is not None
+    data = RESULTS / "proxy_perf.data"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    argv = [PERF, "record", "-e", "cpu-clock", "-F", "999", "-p", str(pid), "-o", str(data),
+            "--", "sleep", f"{seconds + 1:.0f}"]  # fmt: skip
+    rec = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(0.5)  # attached before the load starts
+    load = wrk(url, connections=16, duration=seconds)
+    out, _ = rec.communicate(timeout=seconds + 30)
+    if rec.returncode != 0 or not data.exists():
+        raise RuntimeError(f"perf record exited {rec.returncode}: {out.strip()[-500:]}")
+    report = subprocess.run(
+        [PERF, "report", "-i", str(data), "--stdio", "--no-children", "--sort", "dso,sym"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    data.unlink()
+    (RESULTS / "proxy_perf.txt").write_text(report.stdout)
+    by_dso: dict[str, float] = collections.defaultdict(float)
+    symbols = []
+    for line in report.stdout.splitlines():
+        m = PERF_LINE.match(line)
+        if not m:
+            continue
+        pct = float(m["pct"])
+        by_dso[_dso(m["dso"])] += pct
+        symbols.append({"symbol": m["sym"], "dso": _dso(m["dso"]), "own_pct": pct})
+    return {"seconds": seconds, "rps": load.rps, "raw": str(RESULTS / "proxy_perf.txt"),
+            "by_dso": {k: round(v, 1) for k, v in sorted(by_dso.items(), key=lambda kv: -kv[1])},
+            "top_own": symbols[:top]}  # fmt: skip
+
+
+def _dso(name: str) -> str:
+    """`/usr/lib/.../libpython3.11.so.1.0` -> `libpython3.11`; `[kernel.kallsyms]` -> `kernel`."""
+    base = Path(name).name
+    if base.startswith("[kernel"):
+        return "kernel"
+    return re.sub(r"(\.cpython-[^.]*)?\.so.*$", "", base)
+
+
 def _function(frame: str) -> str:
     """`on_body (rotator/proxy/protocol.py:123)` -> `on_body (proxy/protocol.py)`."""
     m = FRAME.match(frame)
@@ -321,16 +418,20 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--quick", action="store_true", help="1 round of 2 s runs (smoke test)")
+    p.add_argument("--quick", action="store_true", help="1 round of 1-2 s runs (smoke test)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--duration", type=float, default=5.0, help="seconds per 16-connection run")
     p.add_argument("--profile", type=float, default=10.0, metavar="S",
-                   help="seconds of py-spy sampling under wrk (0: none)")  # fmt: skip
+                   help="seconds of each profile under wrk (0: none)")  # fmt: skip
+    p.add_argument("--backend", choices=list(BACKENDS), action="append",
+                   help="measure only this backend (repeatable; default: both)")  # fmt: skip
     args = p.parse_args(argv)
-    rounds, duration, c1_duration = args.rounds, args.duration, 3.0
-    profile_seconds = args.profile
+    rounds, profile_seconds = args.rounds, args.profile
+    durations = {64: 3.0, 16: args.duration, 1: 3.0}
     if args.quick:
-        rounds, duration, c1_duration, profile_seconds = 1, 2.0, 1.0, min(args.profile, 3.0)
+        rounds, profile_seconds = 1, min(args.profile, 3.0)
+        durations = {64: 1.0, 16: 2.0, 1: 1.0}
+    backends = args.backend or list(BACKENDS)
     if WRK is None:
         print(f"{NAME}: skipped: wrk is not installed")
         write_result(NAME, {"skipped": "wrk is not installed", "machine": machine()})
@@ -339,106 +440,42 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     try:
         with workdir("rotator-bench-") as tmp, Processes(tmp) as procs:
-            listen, instance_port, nginx_port = free_ports(3)
-            command = f"{PY} -m rotator.demo --port {{port}} --name web"
-            rot = Rotator(
-                procs,
-                tmp / "rotator",
-                {
-                    "web": {
-                        "listen": f"{HOST}:{listen}",
-                        "ports": [instance_port],
-                        "command": command,
-                    }
-                },
-            )
-            rot.start()
-            info["rotator_event_loop"] = rot.event_loop()
-            urls = {
-                "direct": f"http://{HOST}:{instance_port}",
-                "rotator": f"http://{HOST}:{listen}",
-            }
-            cpu_of = {"rotator": [rot.proc.pid] if rot.proc else []}
-            nginx = None
-            if NGINX is not None:
-                nginx = Nginx(procs, tmp / "nginx", nginx_port, instance_port)
-                nginx.start()
-                urls["nginx"] = f"http://{HOST}:{nginx_port}"
-                cpu_of["nginx"] = [nginx.proc.pid] if nginx.proc else []
-            else:
-                print(f"{NAME}: nginx is not installed: measuring direct and rotator only")
-            backend = check_same_backend(urls)
-            print(
-                f"{NAME}: backend pid {backend} on :{instance_port}; rotator on :{listen} "
-                f"(event loop {info['rotator_event_loop']})"
-                + (f"; nginx on :{nginx_port}" if nginx else "")
-                + f"; {rounds} round(s), {duration:g} s per c16 run, {c1_duration:g} s per c1 run",
-                flush=True,
-            )
-            runs = measure(urls, cpu_of, backend, rounds, duration, c1_duration)
-            profiles = []
-            if profile_seconds > 0 and PYSPY is None:
-                print(f"{NAME}: py-spy is not installed (pip install py-spy): no profile")
-            elif profile_seconds > 0 and rot.proc is not None:
-                for native in [False] if args.quick else [False, True]:
-                    print(f"{NAME}: py-spy{' --native' if native else ''} on the daemon "
-                          f"(pid {rot.proc.pid}) during {profile_seconds:g} s of wrk -c16, "
-                          "short body", flush=True)  # fmt: skip
-                    profiles.append(profile_daemon(rot.proc.pid, urls["rotator"] + BODIES["short"],
-                                                   profile_seconds, native))  # fmt: skip
-            if nginx is not None:
-                nginx.stop()
-                info["nginx_log"] = summarize_log(nginx.warnings())
-            rot.stop()
+            runs, profiles = run_all(procs, tmp, info, backends, rounds, durations,
+                                     profile_seconds, full=not args.quick)  # fmt: skip
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see handle_sigterm)
         print(f"{NAME}: interrupted; every process it started is stopped", file=sys.stderr)
         return 130
-    rows = summarize(runs, list(urls))
+    rows = summarize(runs)
     checks = verdicts(rows)
     print()
     print(
         table(
+            ["backend", "body", "conns", "variant", "req/s", "x direct", "x nginx", "x haproxy",
+             "p50 ms", "p99 ms", "p50 +ms", "CPU us/req: wrk", "backend", "proxy",
+             "proxy CPU x nginx", "CPU ceiling x direct", "errors"],
             [
-                "body",
-                "conns",
-                "variant",
-                "req/s",
-                "x direct",
-                "x nginx",
-                "p50 ms",
-                "p99 ms",
-                "p50 +ms",
-                "CPU us/req: wrk",
-                "backend",
-                "proxy",
-                "CPU ceiling x direct",
-                "errors",
-            ],
-            [
-                [
-                    r["body"],
-                    r["connections"],
-                    r["variant"],
-                    fmt(r["rps"], ".0f"),
-                    fmt(r["ratio_vs_direct"], ".2f"),
-                    fmt(r["ratio_vs_nginx"], ".2f"),
-                    fmt(r["p50_ms"], ".3f"),
-                    fmt(r["p99_ms"], ".3f"),
-                    fmt(r["p50_overhead_ms"], "+.3f"),
-                    fmt(r["loadgen_cpu_us_per_req"], ".0f"),
-                    fmt(r["backend_cpu_us_per_req"], ".0f"),
-                    fmt(r["proxy_cpu_us_per_req"], ".0f"),
-                    fmt(r["cpu_ceiling_x_direct"], ".2f"),
-                    r["errors"],
-                ]
+                [r["backend"], r["body"], r["connections"], r["variant"], fmt(r["rps"], ".0f"),
+                 fmt(r["ratio_vs_direct"], ".2f"), fmt(r["ratio_vs_nginx"], ".2f"),
+                 fmt(r["ratio_vs_haproxy"], ".2f"), fmt(r["p50_ms"], ".3f"),
+                 fmt(r["p99_ms"], ".3f"), fmt(r["p50_overhead_ms"], "+.3f"),
+                 fmt(r["loadgen_cpu_us_per_req"], ".0f"), fmt(r["backend_cpu_us_per_req"], ".0f"),
+                 fmt(r["proxy_cpu_us_per_req"], ".1f"), fmt(r["cpu_vs_nginx"], ".2f"),
+                 fmt(r["cpu_ceiling_x_direct"], ".2f"), r["errors"]]
                 for r in rows
             ],
         )
-    )
+    )  # fmt: skip
     print()
     for line in checks:
         print(f"  {line}")
     for profile in profiles:
+        if "by_dso" in profile:
+            shares = ", ".join(f"{k} {v}%" for k, v in profile["by_dso"].items() if v >= 0.5)
+            print(f"\ndaemon profile (perf record, cpu-clock, at {profile['rps']:.0f} req/s): "
+                  f"{shares}; top {len(profile['top_own'])} symbols by own time")  # fmt: skip
+            print(table(["symbol", "in", "own %"],
+                        [[r["symbol"], r["dso"], r["own_pct"]] for r in profile["top_own"]]))  # fmt: skip
+            continue
         kind = "Python and C frames" if profile["native"] else "Python frames"
         print(f"\ndaemon profile (py-spy, {kind}, {profile['samples']} busy samples at "
               f"{profile['rps']:.0f} req/s): top {len(profile['top_own'])} by own time")  # fmt: skip
@@ -450,8 +487,8 @@ def main(argv: list[str] | None = None) -> int:
             "machine": info,
             "settings": {
                 "rounds": rounds,
-                "duration_c16": duration,
-                "duration_c1": c1_duration,
+                "backends": backends,
+                "durations": durations,
                 "wrk_threads": 1,
             },
             "summary": rows,
@@ -462,6 +499,90 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"\n{NAME}: results in {path}")
     return 0
+
+
+def run_all(
+    procs: Processes,
+    tmp: Path,
+    info: dict[str, Any],
+    backends: list[str],
+    rounds: int,
+    durations: dict[int, float],
+    profile_seconds: float,
+    full: bool,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Start rotator (one component per backend), an nginx and an HAProxy per backend,
+    measure them all, then profile the daemon; every process is stopped on the way out."""
+    listen = {b: free_ports(2) for b in backends}  # public address, instance port
+    rot = Rotator(
+        procs,
+        tmp / "rotator",
+        {
+            b: {"listen": f"{HOST}:{listen[b][0]}", "ports": [listen[b][1]],
+                "command": BACKENDS[b]}
+            for b in backends
+        },
+    )  # fmt: skip
+    rot.start()
+    info["rotator_event_loop"] = rot.event_loop()
+    daemon = [rot.proc.pid] if rot.proc else []
+    urls: dict[str, dict[str, str]] = {}
+    cpu_of: dict[str, dict[str, list[int]]] = {}
+    others: list[Nginx | HAProxy] = []
+    for b in backends:
+        instance = listen[b][1]
+        urls[b] = {
+            "direct": f"http://{HOST}:{instance}",
+            "rotator": f"http://{HOST}:{listen[b][0]}",
+        }
+        cpu_of[b] = {"rotator": daemon}
+        for variant, kind in (("nginx", Nginx if NGINX else None),
+                              ("haproxy", HAProxy if HAPROXY else None)):  # fmt: skip
+            if kind is None:
+                continue
+            port = free_ports(1)[0]
+            proxy = kind(procs, tmp / f"{variant}-{b}", port, instance)
+            proxy.start()
+            others.append(proxy)
+            urls[b][variant] = f"http://{HOST}:{port}"
+            # nginx: its master and worker; HAProxy: its one process
+            workers = proxy.workers() if isinstance(proxy, Nginx) else set()
+            cpu_of[b][variant] = [proxy.proc.pid, *workers] if proxy.proc else []
+    missing = [name for name, tool in (("nginx", NGINX), ("haproxy", HAPROXY)) if tool is None]
+    if missing:
+        print(f"{NAME}: not installed, left out: {', '.join(missing)}")
+    pids = {b: check_same_backend(urls[b]) for b in backends}
+    print(
+        f"{NAME}: backends {', '.join(f'{b} pid {pids[b]}' for b in backends)}; rotator's "
+        f"event loop {info['rotator_event_loop']}; {rounds} round(s); seconds per run: "
+        + ", ".join(f"c{c} {s:g}" for c, s in durations.items()),
+        flush=True,
+    )
+    runs = measure(urls, cpu_of, pids, rounds, durations)
+    profiles = []
+    # The headline is the fast backend: there the proxy's own cost shows.
+    load = urls["fast" if "fast" in urls else backends[0]]["rotator"] + BODIES["short"]
+    if profile_seconds > 0 and daemon:
+        if PYSPY is None:
+            print(f"{NAME}: py-spy is not installed (pip install py-spy): no py-spy profile")
+        for native in [] if PYSPY is None else [False] if not full else [False, True]:
+            print(f"{NAME}: py-spy{' --native' if native else ''} on the daemon (pid "
+                  f"{daemon[0]}) during {profile_seconds:g} s of wrk -c16 on {load}",
+                  flush=True)  # fmt: skip
+            profiles.append(profile_daemon(daemon[0], load, profile_seconds, native))
+        if full and PERF is not None:
+            print(f"{NAME}: perf record on the daemon during {profile_seconds:g} s of wrk -c16",
+                  flush=True)  # fmt: skip
+            try:
+                profiles.append(perf_daemon(daemon[0], load, profile_seconds))
+            except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                print(f"{NAME}: perf record failed, no perf profile: {exc}")
+    for proxy in others:
+        proxy.stop()
+    info["nginx_logs"] = [summarize_log(p.warnings()) for p in others if isinstance(p, Nginx)]
+    info["haproxy_output"] = [p.output()[:5] for p in others if isinstance(p, HAProxy)]
+    rot.stop()
+    return runs, profiles
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import re
 import socket
 from collections.abc import Callable
 from enum import Enum
@@ -51,6 +52,7 @@ NEVER_HOP = frozenset({b"content-length", b"transfer-encoding", b"host"})
 # trust_forwarded (rotator behind another proxy), the client's own are dropped (every
 # X-Forwarded-* too, see end_to_end) and X-Forwarded-For/-Proto/-Host set by us.
 FORWARDED = frozenset({b"forwarded", b"x-real-ip", b"x-client-ip"})
+REQUEST_DROP = HOP_BY_HOP | FORWARDED
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
 # A request body buffered while no instance connection is ready yet; past this
@@ -153,10 +155,10 @@ def end_to_end(
     """One pass over a message's headers (this is per request, so it counts):
     what to forward, and the framing facts the proxy needs. A `request`'s underscored
     names are dropped, and an `untrusted` one's X-Forwarded-* too."""
-    kept: list[tuple[bytes, bytes]] = []
+    lines: list[bytes] = []
     tokens: set[bytes] | None = None  # headers that Connection declares hop-by-hop
     length: bytes | None = None
-    codings: list[bytes] = []
+    codings: list[bytes] | None = None
     hosts = 0
     host = b""
     for name, value in headers:
@@ -166,7 +168,7 @@ def end_to_end(
                 tokens = tokens or set()
                 tokens.update(t.strip().lower() for t in value.split(b","))
             elif low == b"transfer-encoding":
-                codings.append(value)
+                codings = [*codings, value] if codings else [value]
             continue
         if request and b"_" in low:
             # As nginx (underscores_in_headers off): a WSGI or CGI server maps
@@ -181,13 +183,37 @@ def end_to_end(
                 continue  # replaced by ours (see on_headers_complete)
         elif untrusted and low.startswith(b"x-forwarded-"):
             continue
-        kept.append((low, name + b": " + value + b"\r\n"))
+        lines.append(name + b": " + value + b"\r\n")
     if tokens:
-        tokens -= NEVER_HOP
-        block = b"".join(line for low, line in kept if low not in tokens)
-    else:
-        block = b"".join(line for _, line in kept)
-    return Headers(block, length, b", ".join(codings), hosts, host)
+        tokens -= NEVER_HOP | drop  # those are gone already; most often all of them are
+        if tokens:
+            lines = [line for line in lines if line[: line.index(b":")].lower() not in tokens]
+    return Headers(b"".join(lines), length, b", ".join(codings) if codings else b"", hosts, host)
+
+
+# In a lowercased response head: the fields the proxy must act on (HOP_BY_HOP and
+# Content-Length), and their values. Each starts a line: the engine looks for the CRLF
+# first, and the names are grouped by first letter, which halves the time it takes.
+RESPONSE_FRAMING = re.compile(
+    rb"\r\n(c(?:onnection|ontent-length)|keep-alive|proxy-(?:connection|authenticate"
+    rb"|authorization)|t(?:e|railer|ransfer-encoding)|upgrade):([^\r]*)"
+)
+
+
+def response_headers(found: list[tuple[bytes, bytes]], block: bytes) -> Headers:
+    """A response's header lines (`block`, CRLF-terminated, as the parser accepted them,
+    and `found`, what RESPONSE_FRAMING found in them): what to forward, and its framing.
+    Unless a field is hop-by-hop, the lines go on as they came, without a Python step
+    per field."""
+    if not found:
+        return Headers(block, None, b"", 0, b"")
+    if len(found) == 1 and found[0][0] == b"content-length":
+        return Headers(block, found[0][1].strip(), b"", 0, b"")
+    fields = []
+    for line in block.split(b"\r\n")[:-1]:
+        name, _, value = line.partition(b":")
+        fields.append((name, value.lstrip(b" \t")))
+    return end_to_end(fields, HOP_BY_HOP)
 
 
 class Exchange:
@@ -315,20 +341,41 @@ class Exchange:
     def attach(self, conn: UpstreamConnection) -> None:
         self.upstream = conn
         self.pending = 0
-        conn.exchange = self
-        conn.last_read = self.client.loop.time()  # read_timeout counts from the send
-        conn.write(b"".join([self.head, *self.buffer]) if self.buffer else self.head)
+        conn.send(self, b"".join([self.head, *self.buffer]) if self.buffer else self.head)
         if self.client.write_paused:
             conn.pause_reading(True)
-        self.client.update_reading()  # the buffered body is on its way: read the client again
+        if self.client.reading_paused:
+            self.client.update_reading()  # the buffered body is on its way: read the client again
 
     # -- response, from the instance -----------------------------------------
-    def response_head(self, conn: UpstreamConnection, status: int) -> bool:
-        """Forward a response head. False: the response ends here although the
-        parser may expect a body (a reply to HEAD), so it must be reset."""
+    def response_head(self, conn: UpstreamConnection, status: int, head: bytes) -> bool:
+        """Forward a response head (as the parser accepted it, up to its empty line).
+        False: the response ends here although the parser may expect a body (a reply
+        to HEAD), so it must be reset."""
         client = self.client
-        headers = end_to_end(conn.response_headers, HOP_BY_HOP)
-        reason = conn.reason or b"-"
+        found = RESPONSE_FRAMING.findall(head.lower())
+        if (
+            status >= 200
+            and len(found) == 1
+            and found[0][0] == b"content-length"
+            and self.keep_alive
+            and self.http11
+            and not client.closing
+            and head.startswith(b"HTTP/1.1 ")
+            and head[13:15] != b"\r\n"  # it has a reason phrase
+        ):
+            # The common answer: HTTP/1.1, a length, nothing hop-by-hop, nothing for us
+            # to add. It goes on as it came.
+            self.interim = False
+            self.response_started = True
+            self.status = status
+            self.buffer = []
+            client.out(head)
+            return not self.head_only
+        line, _, block = head[:-2].partition(b"\r\n")
+        parts = line.split(b" ", 2)  # version, status code, reason phrase (may be empty)
+        reason = parts[2] if len(parts) > 2 and parts[2] else b"-"
+        headers = response_headers(found, block)
         if status == 101:
             if not self.upgrade:  # a switch nobody asked for: a broken instance
                 self.upstream_failed(conn, None)
@@ -496,7 +543,8 @@ class Exchange:
         if self.target is not None:
             self.target.release()
             self.target = None
-        self._free_slot()
+        if self.slotted:
+            self._free_slot()
         self.client.exchange_done(self)
 
     def _free_slot(self) -> None:
@@ -540,7 +588,7 @@ class ClientConnection(asyncio.Protocol):
         self.closing = False  # answer what is queued, then close
         self._out: list[bytes] = []
         self._upstream_full = False
-        self._reading_paused = False
+        self.reading_paused = False
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._forwarded = b""
@@ -671,17 +719,15 @@ class ClientConnection(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        self._count_head(len(url))
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
-        self._count_head(len(name) + len(value) + 4)
-        if len(self._headers) > self.limits.max_headers:
+        self._head_size += len(url)
+        if self._head_size > self.limits.max_header_size:
             self._head_too_large()
 
-    def _count_head(self, size: int) -> None:
-        self._head_size += size
-        if self._head_size > self.limits.max_header_size:
+    def on_header(self, name: bytes, value: bytes) -> None:
+        headers = self._headers
+        headers.append((name, value))
+        self._head_size += len(name) + len(value) + 4
+        if self._head_size > self.limits.max_header_size or len(headers) > self.limits.max_headers:
             self._head_too_large()
 
     def _head_too_large(self) -> None:
@@ -699,21 +745,20 @@ class ClientConnection(asyncio.Protocol):
         version = parser.get_http_version()
         http11 = version == "1.1"
         upgrade = b""  # the Upgrade header of a websocket handshake
-        if parser.should_upgrade():
+        upgrading = parser.should_upgrade()
+        if upgrading:
             upgrade = next((v for n, v in self._headers if n.lower() == b"upgrade"), b"")
             if b"websocket" not in upgrade.lower():
                 upgrade = b""  # only websockets are tunnelled; others go on as plain requests
-        keep_alive = parser.should_keep_alive() and not parser.should_upgrade() and not self.closing
+        keep_alive = parser.should_keep_alive() and not upgrading and not self.closing
         if method == b"CONNECT":
             self._enqueue(Exchange(self, b"", keep_alive=False, error=Answer.CONNECT))
             return
-        url = self._origin_form(self._url)
+        url = self._url if self._url.startswith(b"/") else self._origin_form(self._url)
         if self.limits.trust_forwarded:
             headers, forwarded = self._trusted_forwarding()
         else:
-            headers = end_to_end(
-                self._headers, HOP_BY_HOP | FORWARDED, request=True, untrusted=True
-            )
+            headers = end_to_end(self._headers, REQUEST_DROP, request=True, untrusted=True)
             forwarded = self._forwarded
             if headers.host:
                 forwarded += b"X-Forwarded-Host: " + headers.host + b"\r\n"
@@ -723,7 +768,7 @@ class ClientConnection(asyncio.Protocol):
             )
             return
         chunked = bool(headers.codings)  # _acceptable made sure it ends in chunked
-        if parser.should_upgrade() and not upgrade and (chunked or headers.length is not None):
+        if upgrading and not upgrade and (chunked or headers.length is not None):
             # The parser takes an upgrade's body for the new protocol's bytes; as we do
             # not switch, it is framed like any other body (see _after_upgrade).
             if chunked:
@@ -856,8 +901,9 @@ class ClientConnection(asyncio.Protocol):
         if not self.queue or self.queue[0] is not ex:
             return
         self.queue.popleft()
+        now = self.loop.time()
         if not ex.tunnel:  # a websocket was counted at its 101
-            self.route.answered(ex.status, self.loop.time() - ex.received)
+            self.route.answered(ex.status, now - ex.received)
         # Back-pressure from the exchange's instance connection ends with the exchange.
         self._upstream_full = False
         if not (ex.keep_alive and ex.body_done) or self.transport is None:
@@ -866,7 +912,7 @@ class ClientConnection(asyncio.Protocol):
         if self.queue:
             self._start(self.queue[0])
         else:
-            self.idle_since = self.loop.time()
+            self.idle_since = now
             if self.head_began:  # the next head waited for this answer: its time starts now
                 self.head_began = self.idle_since
             self.listener.idled(self)
@@ -965,8 +1011,8 @@ class ClientConnection(asyncio.Protocol):
             or (bool(self.queue) and self.queue[0].pending > BODY_BUFFER_LIMIT)
             or self._held_size > BODY_BUFFER_LIMIT
         )
-        if pause != self._reading_paused:
-            self._reading_paused = pause
+        if pause != self.reading_paused:
+            self.reading_paused = pause
             if pause:
                 self.transport.pause_reading()
             else:

@@ -4,11 +4,15 @@ An UpstreamConnection parses responses with httptools and hands each event to th
 Exchange it currently serves (see protocol.py), through the narrow face `Receiver`;
 between exchanges it waits in its Target's idle pool. It decides nothing about framing
 or status codes, and never reaches the client connection itself.
+
+A response head is handed on as the bytes it arrived as, once httptools has parsed
+and validated it: no Python call per header field (see `on_headers_complete`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Protocol, cast
 
 import httptools
@@ -16,11 +20,13 @@ import httptools
 from rotator.proxy.route import Target
 from rotator.proxy.websocket import FrameBoundary
 
+CONNECTION = re.compile(rb"^connection:(.*)\r$", re.M)  # in a lowercased head
+
 
 class Receiver(Protocol):
     """What an UpstreamConnection needs of the exchange it serves (protocol.Exchange)."""
 
-    def response_head(self, conn: UpstreamConnection, status: int) -> bool: ...
+    def response_head(self, conn: UpstreamConnection, status: int, head: bytes) -> bool: ...
     def response_body(self, data: bytes) -> None: ...
     def response_complete(self, conn: UpstreamConnection | None, keep_alive: bool) -> None: ...
     def upstream_lost(
@@ -34,14 +40,17 @@ class Receiver(Protocol):
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
+        "_at",
+        "_heading",
+        "_raw",
         "_reset_parser",
         "exchange",
         "frames",
+        "head",
         "last_read",
         "loop",
         "parser",
-        "reason",
-        "response_headers",
+        "paused",
         "target",
         "transport",
         "tunnel",
@@ -54,9 +63,14 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.exchange: Receiver | None = None
-        self.reason = b""
-        self.response_headers: list[tuple[bytes, bytes]] = []
+        self.head = b""  # the last response head: status line, header lines, empty line
+        # The bytes of a response's head(s) as they arrive (until the final head is
+        # parsed), and where in them the next head begins (after an interim 1xx).
+        self._heading = True
+        self._raw: list[bytes] = []
+        self._at = 0
         self.used = False  # served a response before: a failure may be a stale keep-alive
+        self.paused = False  # reading, stopped while the client's socket is full
         self.last_read = 0.0  # loop time of the last bytes from the instance (read_timeout)
         self.tunnel = False  # a websocket: bytes go to the client untouched
         self.frames = FrameBoundary()  # where the websocket's frames end, once it is one
@@ -83,6 +97,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.frames.feed(data)
             ex.tunnel_bytes(data)
             return
+        if self._heading:
+            self._raw.append(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -106,10 +122,7 @@ class UpstreamConnection(asyncio.Protocol):
         # The parser's own verdict counts a response with no length as ending at
         # EOF, which a reply to HEAD does not: only the Connection header decides.
         tokens = {
-            t.strip().lower()
-            for name, value in self.response_headers
-            if name.lower() == b"connection"
-            for t in value.split(b",")
+            t.strip() for value in CONNECTION.findall(self.head.lower()) for t in value.split(b",")
         }
         if self.parser.get_http_version() == "1.0":
             return b"keep-alive" in tokens
@@ -135,20 +148,26 @@ class UpstreamConnection(asyncio.Protocol):
             self.exchange.upstream_full(False)
 
     # -- httptools callbacks -------------------------------------------------
-    def on_message_begin(self) -> None:
-        self.reason = b""
-        self.response_headers = []
-
-    def on_status(self, reason: bytes) -> None:
-        self.reason += reason
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.response_headers.append((name, value))
-
+    # No on_status or on_header: httptools then calls no Python per field. The head is
+    # cut from the bytes read instead, once the parser has accepted all of it; it
+    # rejects bare LF, CR or NUL in a value, obs-fold and a space before a colon, so
+    # the first empty line after the head's start is where the parser saw it end.
     def on_headers_complete(self) -> None:
         assert self.exchange is not None
+        raw = b"".join(self._raw)
+        start = self._at
+        while raw.startswith(b"\r\n", start):  # empty lines before a status line are skipped
+            start += 2
+        end = raw.find(b"\r\n\r\n", start)
+        if end < 0:
+            raise ValueError("response head not found where the parser ended it")
+        self.head = raw[start : end + 4]  # with the empty line that ends it
         status = self.parser.get_status_code()
-        if not self.exchange.response_head(self, status):
+        if status < 200 and status != 101:
+            self._raw, self._at = [raw], end + 4  # an interim response: another head follows
+        else:
+            self._heading, self._raw = False, []
+        if not self.exchange.response_head(self, status, self.head):
             self._reset_parser = True
 
     def on_body(self, body: bytes) -> None:
@@ -157,14 +176,25 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         if self.exchange is not None and not self._reset_parser:
-            self.exchange.response_complete(self, keep_alive=self.parser.should_keep_alive())
+            self.exchange.response_complete(self, self.parser.should_keep_alive())
 
     # -- used by Exchange ----------------------------------------------------
+    def send(self, exchange: Receiver, request: bytes) -> None:
+        """Serve `exchange`: send its request; what comes back is its response."""
+        self.exchange = exchange
+        self.last_read = self.loop.time()  # read_timeout counts from the send
+        self._heading, self._raw, self._at = True, [], 0
+        if self.transport is not None:
+            self.transport.write(request)
+
     def write(self, data: bytes) -> None:
         if self.transport is not None:
             self.transport.write(data)
 
     def pause_reading(self, paused: bool) -> None:
+        if paused == self.paused:
+            return
+        self.paused = paused
         if self.transport is not None and not self.transport.is_closing():
             if paused:
                 self.transport.pause_reading()
@@ -175,7 +205,8 @@ class UpstreamConnection(asyncio.Protocol):
         """The exchange is over and left the connection clean: back to the pool."""
         self.exchange = None
         self.used = True
-        self.pause_reading(False)
+        if self.paused:
+            self.pause_reading(False)
         self.target.put_idle(self)
 
     def close(self) -> None:

@@ -573,6 +573,58 @@ async def test_hop_by_hop_response_headers_dropped() -> None:
 
 
 @aio(10)
+async def test_plain_response_head_goes_on_byte_for_byte() -> None:
+    # Nothing hop-by-hop in it and nothing for the proxy to add: the head is not
+    # rebuilt field by field (spacing, case, order and repeats stay as they came).
+    reply = (
+        b"HTTP/1.1 200 Fine Thanks\r\nX-A:  spaced \t\r\ncontent-length: 2\r\n"
+        b"X-Dup: 1\r\nx-dup: 2\r\nSet-Cookie: a=1; Path=/\r\n\r\nok"
+    )
+    async with (
+        fake_backend(respond=lambda conn, seen: reply) as fb,
+        running_proxy(fb.target()) as p,
+    ):
+        c = await p.connect()
+        for _ in range(2):
+            c.send(request_bytes())
+            assert await asyncio.wait_for(c.reader.readexactly(len(reply)), 5) == reply
+        assert len(fb.conns) == 1
+
+
+@aio(10)
+async def test_response_head_cut_from_reads_in_pieces_and_after_interim_answers() -> None:
+    # The head is cut from the bytes read once the parser accepted it: it may come a
+    # byte at a time, or after interim answers in the same read.
+    reply = (
+        b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\n"
+        b"HTTP/1.1 100 Continue\r\n\r\n"
+        b"HTTP/1.1 200 Fine\r\nContent-Length: 2\r\nConnection: X-Hop\r\nX-Hop: 1\r\n"
+        b"X-Kept: 1\r\n\r\nok"
+    )
+
+    def respond(conn: FakeConn, seen: Seen) -> bytes:
+        if seen.url != b"/pieces":
+            return reply
+        assert conn.transport is not None
+        loop = asyncio.get_running_loop()
+        for i in range(len(reply)):
+            loop.call_later(0.002 * i, conn.transport.write, reply[i : i + 1])
+        return b""
+
+    async with fake_backend(respond=respond) as fb, running_proxy(fb.target()) as p:
+        c = await p.connect()
+        for path in ("/together", "/pieces", "/together"):
+            c.send(request_bytes("GET", path))
+            early = await c.response()
+            assert (early.status, early.headers) == (103, [(b"Link", b"</s.css>")])
+            assert (await c.response()).status == 100
+            r = await c.response()
+            assert (r.status, r.reason, r.body) == (200, b"Fine", b"ok")
+            assert r.headers == [(b"Content-Length", b"2"), (b"X-Kept", b"1")]
+        assert len(fb.conns) == 1
+
+
+@aio(10)
 async def test_non_websocket_upgrade_is_forwarded_plain_then_connection_closes(
     backend: Backend,
 ) -> None:
