@@ -3,7 +3,7 @@
     python benchmarks/fast_backend.py --port P   (the demo's flags)
 
 The demo on plain asyncio is "a typical Python app"; it is slow enough to hide
-a proxy's own cost. On uvloop the same app answers about twice as fast, which
+a proxy's own cost. On uvloop the same app answers faster (1.2-1.5x on 2 cores), which
 is what a user who tunes an app tries first, and what shows the proxy's cost.
 """
 

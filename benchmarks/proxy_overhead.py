@@ -4,7 +4,7 @@ machine's noise.
 
 The backends are rotator's demo app (aiohttp), started by rotator (a component with
 a pool of one port each): `typical` on plain asyncio, as a Python app usually runs,
-and `fast`, the same app on uvloop (benchmarks/fast_backend.py), about twice as fast:
+and `fast`, the same app on uvloop (benchmarks/fast_backend.py), 1.2-1.5x as fast:
 fast enough that the proxy's own cost shows. For each backend, `direct` hits its port,
 `rotator` the component's public address, `nginx` and `haproxy` a proxy of their own
 (one worker, one thread) whose upstream is that same port. Each round runs, for each
