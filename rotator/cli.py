@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         # recipe of Python's docs ("Note on SIGPIPE"): what is still buffered goes to
         # /dev/null, or Python would complain again when it flushes at exit. Exit 1 like
         # Python's own: the output, perhaps the result, was not all delivered.
-        _quiet_stdout()
+        printer.silence_stdout()
         return FAILED
 
 
@@ -239,10 +239,6 @@ def config_path(given: Path | None, env: Mapping[str, str]) -> Path:
             where = f"no {path} in {Path.cwd()} and $ROTATOR_CONFIG is not set; give one"
         raise CommandError(f"no config file ({where} with -c FILE or ROTATOR_CONFIG=FILE)", USAGE)
     return path
-
-
-def _quiet_stdout() -> None:
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 # -- commands -------------------------------------------------------------------
@@ -363,7 +359,7 @@ def cmd_events(config: Config, args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass  # the way to stop following
     except BrokenPipeError:  # as in `logs`: the reader has all it wanted
-        _quiet_stdout()
+        printer.silence_stdout()
     except (http.client.HTTPException, OSError, ValueError):
         raise CommandError(LOST) from None
     return OK
@@ -384,7 +380,7 @@ def cmd_logs(config: Config, args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass  # the way to stop following
     except BrokenPipeError:  # `rotator logs -f | grep -m1 ready`: the reader has all it wanted
-        _quiet_stdout()
+        printer.silence_stdout()
     except (http.client.HTTPException, OSError):
         raise CommandError(LOST) from None
     return OK

@@ -591,7 +591,7 @@ class Daemon:
         except (OSError, ValueError) as exc:  # ValueError: a closed file
             self._output_failed = True
             if self._print_line is _print:
-                _silence_stdout()
+                printer.silence_stdout()
             message = (
                 f"stdout failed ({printer.error_text(exc)}): no more output there; "
                 f"events go on to {self.history.path}"
@@ -621,14 +621,6 @@ class Daemon:
 
 def _print(line: str) -> None:
     print(line, flush=True)
-
-
-def _silence_stdout() -> None:
-    """Point stdout at /dev/null: what its buffer still holds would fail again at exit."""
-    with contextlib.suppress(OSError, ValueError):
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
 
 
 def _bind_error(field: str, address: str, exc: OSError) -> str:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+import os
+import sys
 import time
 from typing import Any
 
@@ -41,6 +44,15 @@ def error_text(exc: BaseException) -> str:
     if isinstance(exc, OSError):
         return os_error(exc)
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def silence_stdout() -> None:
+    """Point stdout at /dev/null once its reader has gone (a closed pipe): what its buffer
+    still holds would fail again at exit (Python's docs, "Note on SIGPIPE")."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def status_table(status: dict[str, Any], now: float | None = None) -> str:
