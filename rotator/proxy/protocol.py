@@ -627,10 +627,13 @@ class ClientConnection(asyncio.Protocol):
         self._feed(data)
         # A request goes upstream only once this read is parsed to its end: an error
         # later in it then stops the request before one byte of it left.
+        self._start_ready()
+        self.flush()
+
+    def _start_ready(self) -> None:
         ex, self._ready = self._ready, None
         if ex is not None and not ex.response_done:
             self._start(ex)
-        self.flush()
 
     def _feed(self, data: bytes) -> None:
         try:
@@ -926,9 +929,7 @@ class ClientConnection(asyncio.Protocol):
         self.head_began = 0.0
         self.closing = True
         self._enqueue(Exchange(self, b"", keep_alive=False, error=Answer.HEAD_TIMEOUT))
-        ex, self._ready = self._ready, None
-        if ex is not None:
-            self._start(ex)
+        self._start_ready()
 
     def _reject(self, answer: Answer) -> None:
         """A malformed request: answered in its turn, then the connection closes."""
