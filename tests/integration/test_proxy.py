@@ -25,6 +25,7 @@ import httptools
 import psutil
 import pytest
 
+from rotator.proxy.protocol import HOP_BY_HOP, RESPONSE_FRAMING
 from rotator.proxy.route import Limits, Target
 from tests.integration.proxykit import (
     HOST,
@@ -570,6 +571,15 @@ async def test_hop_by_hop_response_headers_dropped() -> None:
         assert r.headers == [(b"Content-Length", b"2"), (b"X-End", b"1"), (b"X-End", b"2")]
         assert (await c.request("GET", "/again")).body == b"ok"
         assert len(fb.conns) == 1
+
+
+def test_the_response_framing_expression_finds_every_hop_by_hop_field() -> None:
+    # A field it missed would go to the client byte for byte (the plain-head path): the
+    # expression, written out for speed, must stay the twin of HOP_BY_HOP.
+    for name in [*HOP_BY_HOP, b"content-length"]:
+        head = b"http/1.1 200 ok\r\n" + name + b": x\r\n\r\n"
+        assert RESPONSE_FRAMING.findall(head) == [(name, b" x")], name
+    assert RESPONSE_FRAMING.findall(b"http/1.1 200 ok\r\nx-connection: 1\r\n\r\n") == []
 
 
 @aio(10)
