@@ -84,7 +84,7 @@ async def exchanges(kind: str, n: int, profile: cProfile.Profile | None = None) 
     from rotator.proxy.route import Route, Target
     from rotator.proxy.upstream import UpstreamConnection
 
-    route = Route("web", 5.0)
+    route = Route("web")
     target = Target("127.0.0.1", 1)
     route.swap(target)
     client = ClientConnection(Listener(route, "127.0.0.1", 8080))

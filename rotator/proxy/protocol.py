@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import re
 import socket
 from collections.abc import Callable
@@ -1039,12 +1038,9 @@ class Listener:
         route: Route,
         host: str,
         port: int,
-        keepalive_timeout: float | None = None,
         clients: Clients | None = None,
     ) -> None:
         self.route = route
-        if keepalive_timeout is not None:  # given apart (tests): it goes into the limits
-            route.limits = dataclasses.replace(route.limits, keepalive_timeout=keepalive_timeout)
         # Shared by all the daemon's listeners: the total of client connections and its cap.
         self.clients = clients or Clients()
         self.host = host

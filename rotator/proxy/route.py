@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 from bisect import bisect_left
 from typing import TYPE_CHECKING
 
@@ -143,13 +142,9 @@ class Route:
         "target",
     )
 
-    def __init__(
-        self, name: str, hold_timeout: float | None = None, limits: Limits | None = None
-    ) -> None:
+    def __init__(self, name: str, limits: Limits | None = None) -> None:
         self.name = name
         self.limits = limits or Limits()
-        if hold_timeout is not None:  # given apart (tests): it goes into the limits
-            self.limits = dataclasses.replace(self.limits, hold_timeout=hold_timeout)
         # False while the component is stopped on purpose: no instance is coming,
         # so requests are answered 503 at once instead of being held.
         self.holding = True

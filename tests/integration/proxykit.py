@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -280,9 +281,12 @@ async def running_proxy(
     keepalive_timeout: float = 60.0,
     limits: Limits | None = None,
 ) -> AsyncIterator[Proxy]:
-    p = Proxy(Route(name, hold_timeout=hold_timeout, limits=limits), free_port())
+    limits = dataclasses.replace(
+        limits or Limits(), hold_timeout=hold_timeout, keepalive_timeout=keepalive_timeout
+    )
+    p = Proxy(Route(name, limits), free_port())
     p.swap(target)
-    p.listener = Listener(p.route, HOST, p.port, keepalive_timeout=keepalive_timeout)
+    p.listener = Listener(p.route, HOST, p.port)
     await p.listener.start()
     try:
         yield p

@@ -110,7 +110,7 @@ async def until(predicate: Callable[[], bool], timeout: float = 3.0) -> None:
 
 def test_at_its_own_cap_a_new_client_closes_the_longest_idle_one() -> None:
     async def test() -> None:
-        route = Route("web", 5.0, Limits(max_clients=2))
+        route = Route("web", Limits(max_clients=2))
         async with backend() as target, listening(route) as listener:
             route.swap(target)
             first, second = await connect(listener), await connect(listener)
@@ -127,7 +127,9 @@ def test_at_its_own_cap_a_new_client_closes_the_longest_idle_one() -> None:
 
 def test_with_none_idle_a_new_client_gets_503_at_once_and_the_busy_one_is_kept() -> None:
     async def test() -> None:
-        route = Route("web", 0.5, Limits(max_clients=1))  # no target: a request is held
+        route = Route(
+            "web", Limits(max_clients=1, hold_timeout=0.5)
+        )  # no target: a request is held
         async with listening(route) as listener:
             busy = await connect(listener)
             busy[1].write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -152,7 +154,7 @@ def test_with_none_idle_a_new_client_gets_503_at_once_and_the_busy_one_is_kept()
 def test_over_the_total_the_longest_idle_of_any_component_makes_room() -> None:
     async def test() -> None:
         clients = Clients(cap=2)
-        api, web = Route("api", 5.0), Route("web", 5.0)
+        api, web = Route("api"), Route("web")
         async with (
             backend() as target,
             listening(api, clients) as api_listener,
@@ -173,7 +175,7 @@ def test_over_the_total_the_longest_idle_of_any_component_makes_room() -> None:
 
 def test_at_a_cap_an_eighth_of_the_connections_go_at_once() -> None:
     async def test() -> None:
-        route = Route("web", 5.0, Limits(max_clients=16))
+        route = Route("web", Limits(max_clients=16))
         async with listening(route) as listener:
             conns = [await connect(listener) for _ in range(16)]
             conns.append(await connect(listener))
@@ -187,7 +189,7 @@ def test_at_a_cap_an_eighth_of_the_connections_go_at_once() -> None:
 
 def test_a_trickling_request_head_counts_as_idle_and_makes_room() -> None:
     async def test() -> None:
-        route = Route("web", 5.0, Limits(max_clients=1))
+        route = Route("web", Limits(max_clients=1))
         async with backend() as target, listening(route) as listener:
             route.swap(target)
             trickle = await connect(listener)

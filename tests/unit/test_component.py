@@ -28,7 +28,7 @@ from rotator.events import Event, EventBus
 from rotator.health import NotHealthy
 from rotator.instance import StopResult
 from rotator.ports import PortState
-from rotator.proxy.route import Route
+from rotator.proxy.route import Limits, Route
 
 SPEC = ComponentSpec(
     name="web",
@@ -101,7 +101,7 @@ class World:
         self.bus = EventBus()
         self.events: list[Event] = []
         self.bus.subscribe(self.events.append)
-        self.route = Route("web", hold_timeout=1.0)
+        self.route = Route("web", Limits(hold_timeout=1.0))
         self.instances: list[FakeInstance] = []
         self.health_script: list[BaseException | None] = []  # per spawn: None = healthy
         self.gate: asyncio.Event | None = None  # when set, health waits for it
