@@ -80,12 +80,13 @@ class MemoryTransport:
 async def exchanges(kind: str, n: int, profile: cProfile.Profile | None = None) -> int:
     """Run WARM_UP + n requests through one client and one pooled instance connection;
     the cyclic collector's passes during the n."""
+    from rotator.config import Endpoint
     from rotator.proxy.protocol import ClientConnection, Listener
     from rotator.proxy.route import Route, Target
     from rotator.proxy.upstream import UpstreamConnection
 
     route = Route("web")
-    target = Target("127.0.0.1", 1)
+    target = Target(Endpoint("127.0.0.1", 1))
     route.swap(target)
     client = ClientConnection(Listener(route, "127.0.0.1", 8080))
     to_client, to_instance = MemoryTransport(), MemoryTransport()

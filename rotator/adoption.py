@@ -3,7 +3,7 @@ file, adopt the instances it left running, stop whatever else it left behind.
 
 An instance is adopted only when the process the state file names still runs (pid and
 create time), runs as our user and carries the marker recorded for it, answers its
-health check, and alone listens on its port. Everything else that carries this
+health check, and (on a port) alone listens there. Everything else that carries this
 state_dir's marker is stopped: draining or unhealthy instances, removed components,
 instances the state file never learnt of; and, on Linux, what is left in the cgroups
 of instances nobody adopted. A process the state file names but that disproves the
@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from rotator import cgroups
 from rotator.component import Component
+from rotator.config import Endpoint
+from rotator.health import NotHealthy
 from rotator.instance import KILL_GRACE, Instance, NotOurs, marked_processes
-from rotator.state import State, StateError, StateFile, StateTooNew
+from rotator.state import InstanceRecord, State, StateError, StateFile, StateTooNew
 
 # An instance found from an earlier run must answer its health check within this to be adopted.
 ADOPT_CHECK_TIMEOUT = 3.0
@@ -64,33 +65,39 @@ class EarlierRun:
         return state
 
     async def adopt(self, state: State) -> set[str]:
-        """Adopt each recorded active instance that still runs and is healthy; the
-        markers of the adopted ones."""
+        """Adopt each recorded instance of the balancing set that still runs and is
+        healthy; the markers of the adopted ones."""
         kept: set[str] = set()
         for name, record in state.components.items():
             comp = self.components.get(name)
-            r = record.active
-            if comp is None or r is None or record.stopped:
+            if comp is None or record.stopped:
                 continue
-            try:
-                if not r.marker.startswith(f"{self.scope}:{name}:"):
-                    raise NotOurs("its marker is not one of this state_dir's (a copied state_dir?)")
-                inst = Instance.adopt(
-                    name, r.port, r.pid, r.create_time, r.marker, r.started, comp.log_dir
-                )
-            except NotOurs as exc:  # a claim of the state file that the process disproves
-                self.out(f"{name}: not adopting pid {r.pid}: {exc}; leaving it alone")
-                continue
-            if inst is None:
-                self.out(f"{name}: pid {r.pid} of the earlier run is gone")
-                continue
-            problem = await _adoptable(comp, inst)
-            if problem is None:
-                comp.adopt(inst)
-                kept.add(r.marker)
-            else:
-                self.out(f"{name}: not adopting pid {r.pid}: {problem}")
+            for r in record.instances:
+                if await self._adopt_one(comp, r):
+                    kept.add(r.marker)
         return kept
+
+    async def _adopt_one(self, comp: Component, r: InstanceRecord) -> bool:
+        name = comp.name
+        endpoint = Endpoint(comp.host, r.port or 0, r.socket)
+        try:
+            if not r.marker.startswith(f"{self.scope}:{name}:"):
+                raise NotOurs("its marker is not one of this state_dir's (a copied state_dir?)")
+            inst = Instance.adopt(
+                name, endpoint, r.pid, r.create_time, r.marker, r.started, comp.log_dir, r.replica
+            )
+        except NotOurs as exc:  # a claim of the state file that the process disproves
+            self.out(f"{name}: not adopting pid {r.pid}: {exc}; leaving it alone")
+            return False
+        if inst is None:
+            self.out(f"{name}: pid {r.pid} of the earlier run is gone")
+            return False
+        problem = await _adoptable(comp, inst)
+        if problem is not None:
+            self.out(f"{name}: not adopting pid {r.pid}: {problem}")
+            return False
+        comp.adopt(inst)
+        return True
 
     async def stop_leftovers(self, kept: set[str]) -> None:
         """Stop every process an earlier daemon of this state_dir started and nobody
@@ -103,7 +110,9 @@ class EarlierRun:
             spec = comp.spec if comp is not None else None
             root = min(procs, key=lambda p: p.create_time())
             # Only stopped: its log is not read, its port not asked.
-            inst = Instance(name, 0, root.pid, marker, None, 0, create_time=root.create_time())
+            inst = Instance(
+                name, Endpoint(""), root.pid, marker, None, 0, create_time=root.create_time()
+            )
             result = await inst.stop(
                 spec.stop_signal if spec else signal.SIGTERM, spec.stop_timeout if spec else 10.0
             )
@@ -131,13 +140,12 @@ class EarlierRun:
 
 
 async def _adoptable(comp: Component, inst: Instance) -> str | None:
-    """None when `inst` answers its health check now (a few tries) and listens on its
-    port alone, as a new instance must before it gets traffic; else why not."""
-    deadline = time.monotonic() + ADOPT_CHECK_TIMEOUT
-    problem: str | None = "not checked"
-    while time.monotonic() < deadline:
-        problem = await comp.health.probe(comp.host, inst.port, definition=comp.spec)
-        if problem is None:
-            return await inst.port_problem()
-        await asyncio.sleep(0.2)
-    return problem
+    """None when `inst` passes the gate a new instance passes (a healthy answer, here
+    within ADOPT_CHECK_TIMEOUT) and, on a port, listens there alone; else why not."""
+    try:
+        await comp.health.wait_until_healthy(
+            inst.endpoint, inst.wait(), definition=comp.spec, timeout=ADOPT_CHECK_TIMEOUT
+        )
+    except NotHealthy as exc:
+        return str(exc)
+    return None if inst.endpoint.path else await inst.port_problem()

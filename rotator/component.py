@@ -16,12 +16,11 @@ exponential backoff (tenacity) and at most `max_restarts` per
 `restart_window`, after which the component is `failed` until a manual
 restart or start.
 
-A `transport: unix` component's instances listen on Unix sockets instead of ports:
-the same rotation, with a socket path chosen round-robin from the component's pool
-(`choose_socket`), a stale socket file at that path removed before the spawn, and
-the file removed again once its instance has stopped. Such instances are left out
-of the state file (its records need a port), so a later daemon does not adopt
-them: its marker sweep stops them, and the component starts afresh.
+Where an instance listens is its Endpoint. A `transport: unix` component's instances
+listen on Unix sockets instead of ports: the same rotation, with a socket path chosen
+round-robin from the component's pool (ports.choose_socket), a stale socket file at
+that path removed before the spawn, and the file removed again once its instance has
+stopped. They are recorded in the state file and adopted as TCP ones are.
 
 The side effects (spawning, health checks, port and socket probes) come in as objects.
 """
@@ -32,13 +31,10 @@ import asyncio
 import collections
 import contextlib
 import enum
-import errno
 import os
 import signal
-import socket
-import stat
 import time
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -46,17 +42,21 @@ from typing import Any, Protocol
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
 from rotator import logs
-from rotator.config import ComponentSpec, apply_definition, definition_of
+from rotator.config import ComponentSpec, Endpoint, apply_definition, definition_of
 from rotator.events import Event, EventBus, Kind
-from rotator.health import NotHealthy
+from rotator.health import Clock, NotHealthy, SystemClock, watch
 from rotator.instance import Instance, SpawnError, StopResult, new_marker
 from rotator.ports import (
     NoFreePort,
+    NoFreeSocket,
     PortState,
+    SocketProbe,
+    SocketState,
     choose_port,
+    choose_socket,
     describe_exhausted,
     port_holders,
-    rotation_order,
+    probe_socket,
 )
 from rotator.printer import duration, error_text, os_error
 from rotator.proxy.route import Route, Target
@@ -75,86 +75,24 @@ Warmer = Callable[[Target, int, float], Awaitable[int]]
 
 
 class HealthGate(Protocol):
-    """`unix` is passed (only) for an instance on a Unix socket: the path to probe.
-    `definition` is what the instance was started from (an exec check runs with its
+    """`definition` is what the instance was started from (an exec check runs with its
     cwd and env, a deployed one's included)."""
 
     async def wait_until_healthy(
         self,
-        host: str,
-        port: int,
+        endpoint: Endpoint,
         exited: Awaitable[int],
         *,
-        unix: str | None = None,
         definition: ComponentSpec | None = None,
+        timeout: float | None = None,
     ) -> float: ...
 
     async def probe(
-        self,
-        host: str,
-        port: int,
-        *,
-        unix: str | None = None,
-        definition: ComponentSpec | None = None,
+        self, endpoint: Endpoint, *, definition: ComponentSpec | None = None
     ) -> str | None: ...
 
-    def forget(self, host: str, port: int, *, unix: str | None = None) -> None:
+    def forget(self, endpoint: Endpoint) -> None:
         """The instance is about to be stopped: close what the gate keeps open to it."""
-
-
-class SocketState(enum.Enum):
-    FREE = "free"  # nothing at the path
-    STALE = "stale"  # a socket file nobody listens on: removed before the path is used
-    BUSY = "busy"  # someone listens there, or it is not a socket file: left alone
-
-
-SocketProbe = Callable[[str], SocketState]
-
-
-class NoFreeSocket(Exception):
-    def __init__(self, pool: Sequence[str]) -> None:
-        super().__init__(
-            f"no free socket in the pool {', '.join(pool)}: each is used by an instance "
-            "or held by another listener"
-        )
-
-
-def choose_socket(
-    pool: Sequence[str], last_used: str | None, in_use: Collection[str], probe: SocketProbe
-) -> tuple[str, SocketState]:
-    """The first path in round-robin order after `last_used` (as for ports) that is not
-    `in_use` (never probed) and not BUSY, with its state (FREE or STALE); else NoFreeSocket."""
-    last = pool.index(last_used) if last_used in pool else None
-    for i in rotation_order(range(len(pool)), last):
-        path = pool[i]
-        if path in in_use:
-            continue
-        state = probe(path)
-        if state is not SocketState.BUSY:
-            return path, state
-    raise NoFreeSocket(pool)
-
-
-def probe_socket(path: str) -> SocketState:
-    """Is anyone listening on the Unix socket `path`? Connects (never blocking) to find out."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return SocketState.FREE
-    except OSError:
-        return SocketState.BUSY
-    if not stat.S_ISSOCK(mode):
-        return SocketState.BUSY
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.setblocking(False)
-        try:
-            sock.connect(path)
-        except FileNotFoundError:
-            return SocketState.FREE
-        except OSError as exc:
-            # Refused: a file without a listener. EAGAIN: a listener with a full backlog.
-            return SocketState.STALE if exc.errno == errno.ECONNREFUSED else SocketState.BUSY
-    return SocketState.BUSY
 
 
 class ComponentState(enum.StrEnum):
@@ -203,6 +141,7 @@ class Component:
         socket_probe: SocketProbe = probe_socket,
         marker_scope: str = "-",
         warm: Warmer | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.config_spec = spec
         self.spec = spec  # the definition instances start from: the config's, or a deployed one
@@ -218,6 +157,7 @@ class Component:
         self._socket_probe = socket_probe
         self._marker_scope = marker_scope
         self._warm = warm
+        self.clock = clock or SystemClock()
         self.host = instance_host(spec.listen.host)
         self.state = ComponentState.STOPPED
         self.active: Instance | None = None
@@ -225,8 +165,9 @@ class Component:
         self.restarts = 0
         self.last_port: int | None = None
         self.last_socket: str | None = None
-        # The socket path of each instance on one (transport: unix), until it has stopped.
-        self._sockets: dict[Instance, str] = {}
+        # Every instance started or adopted and not yet stopped (a crashed one included):
+        # its port or socket path is not to be chosen again.
+        self._live: set[Instance] = set()
         self.last_error: str | None = None
         self.last_exit: int | None = None
         self.last_log_tail: list[str] = []
@@ -399,15 +340,19 @@ class Component:
 
     def adopt(self, inst: Instance) -> None:
         """Make an instance an earlier daemon started the active one, as it is."""
-        self.last_port = inst.port
+        if inst.endpoint.path is None:
+            self.last_port = inst.port
+        else:
+            self.last_socket = inst.endpoint.path
+        self._live.add(inst)
         self._make_active(inst)
         self._ensure_guard(inst)
         self._set_state(ComponentState.RUNNING)
         self.emit(
             Kind.ADOPTED,
-            f"adopted pid {inst.pid} on port {inst.port}",
+            f"adopted pid {inst.pid} on {inst.endpoint}",
             pid=inst.pid,
-            port=inst.port,
+            **inst.endpoint.at,
         )
 
     # -- the rotation ------------------------------------------------------------
@@ -416,7 +361,7 @@ class Component:
     ) -> None:
         if self._lock.locked():
             self.emit(Kind.WAITING, "waiting for the rotation in progress")
-        began = time.monotonic()
+        began = self.clock.now()
         async with self._lock:
             self._refuse_if_suspended()
             self.stopped_on_purpose = False
@@ -493,7 +438,7 @@ class Component:
 
     def _rotated(self, began: float, outcome: str) -> None:
         """A rotation ended: `ok`, `failed` (nothing changed) or `rolled_back` (verify failed)."""
-        seconds = round(time.monotonic() - began, 3)
+        seconds = round(self.clock.now() - began, 3)
         if outcome == "ok":
             self.last_rotation = {"at": time.time(), "seconds": seconds}
         self.emit(
@@ -504,42 +449,35 @@ class Component:
         )
 
     async def _launch(self, spec: ComponentSpec) -> Instance:
-        path = self._choose_socket(spec) if spec.unix else None
-        port = 0 if spec.unix else self._choose_port(spec)
-        where = f"socket {path}" if path is not None else f"port {port}"
-        argv, env = spec.render(port, self.host, path)
+        if spec.unix:
+            endpoint = Endpoint(self.host, path=self._choose_socket(spec))
+        else:
+            endpoint = Endpoint(self.host, self._choose_port(spec))
+        argv, env = spec.render(endpoint.port, self.host, endpoint.path)
         marker = new_marker(self._marker_scope, self.name)
         try:
-            inst = await self._spawn(self.name, port, argv, env, spec.cwd, self.log_dir, marker)
+            inst = await self._spawn(self.name, endpoint, argv, env, spec.cwd, self.log_dir, marker)
         except SpawnError as exc:
             raise RotationFailed(str(exc)) from None
         except OSError as exc:
             raise RotationFailed(f"cannot start {argv[0]!r}: {os_error(exc)}") from None
-        if path is not None:
-            self._sockets[inst] = path
+        self._live.add(inst)
         self._prune_logs(inst)
         self.emit(
-            Kind.SPAWNED, f"started pid {inst.pid} on {where}", pid=inst.pid, **self._at(inst)
+            Kind.SPAWNED, f"started pid {inst.pid} on {endpoint}", pid=inst.pid, **endpoint.at
         )
         try:
-            if path is None:
-                seconds = await self.health.wait_until_healthy(
-                    self.host, port, inst.wait(), definition=spec
-                )
-            else:
-                seconds = await self.health.wait_until_healthy(
-                    self.host, port, inst.wait(), unix=path, definition=spec
-                )
+            seconds = await self.health.wait_until_healthy(endpoint, inst.wait(), definition=spec)
         except NotHealthy as exc:
             await self._stop(inst, spec.stop_signal, spec.stop_timeout)
             raise RotationFailed(
-                f"new instance pid {inst.pid} on {where} {exc}", inst.tail(LOG_TAIL)
+                f"new instance pid {inst.pid} on {endpoint} {exc}", inst.tail(LOG_TAIL)
             ) from None
         except asyncio.CancelledError:
             # Shutdown during a start: nobody else knows this instance yet.
             await asyncio.shield(self._stop(inst, spec.stop_signal, spec.stop_timeout))
             raise
-        if path is None:
+        if endpoint.path is None:
             await self._own_port(inst, spec)
         self.emit(
             Kind.HEALTHY,
@@ -563,9 +501,7 @@ class Component:
             raise RotationFailed(f"{problem}: not switching to it", inst.tail(LOG_TAIL))
 
     def _choose_port(self, spec: ComponentSpec) -> int:
-        in_use = {d.instance.port for d in self.draining}
-        if self.active is not None:
-            in_use.add(self.active.port)
+        in_use = {inst.port for inst in self._live}
         try:
             choice = choose_port(
                 spec.ports, self.last_port, in_use, lambda p: self._probe(self.host, p)
@@ -592,9 +528,8 @@ class Component:
         socket file at it removed. The paths of our instances that have not stopped
         yet (a crashed one included) are never chosen."""
         try:
-            path, state = choose_socket(
-                spec.sockets, self.last_socket, set(self._sockets.values()), self._socket_probe
-            )
+            in_use = {inst.endpoint.path for inst in self._live if inst.endpoint.path}
+            path, state = choose_socket(spec.sockets, self.last_socket, in_use, self._socket_probe)
         except NoFreeSocket as exc:
             raise RotationFailed(str(exc)) from None
         self.last_socket = path
@@ -608,30 +543,12 @@ class Component:
             raise RotationFailed(f"cannot use socket {path}: {exc.strerror or exc}") from None
         return path
 
-    def _at(self, inst: Instance) -> dict[str, Any]:
-        """Where an instance listens, for event data: {"port": P} or {"socket": path}."""
-        path = self._sockets.get(inst)
-        return {"port": inst.port} if path is None else {"socket": path}
-
-    def _address(self, inst: Instance) -> dict[str, Any]:
-        """Both keys, for status: the one that does not apply is None."""
-        path = self._sockets.get(inst)
-        return {"port": inst.port if path is None else None, "socket": path}
-
-    def _short(self, inst: Instance) -> str:
-        """Where an instance listens, in a few characters: ':18001' or 'web.1.sock'."""
-        path = self._sockets.get(inst)
-        return f":{inst.port}" if path is None else os.path.basename(path)
-
     def _target(self, inst: Instance, label: str = "") -> Target:
-        return Target(self.host, inst.port, label=label, path=self._sockets.get(inst))
+        return Target(inst.endpoint, label=label)
 
     def _check(self, inst: Instance, spec: ComponentSpec) -> Awaitable[str | None]:
-        """One health probe of `inst` (started from `spec`), on its port or its socket."""
-        path = self._sockets.get(inst)
-        if path is None:
-            return self.health.probe(self.host, inst.port, definition=spec)
-        return self.health.probe(self.host, inst.port, unix=path, definition=spec)
+        """One health probe of `inst` (started from `spec`)."""
+        return self.health.probe(inst.endpoint, definition=spec)
 
     async def _stop(
         self, inst: Instance, sig: signal.Signals, timeout: float, *, force: bool = False
@@ -639,10 +556,11 @@ class Component:
         """Stop `inst`'s tree; then its socket file, if it had one, goes too. Every stop
         (a retired instance, a failed start, a crashed one's leftovers) ends in one
         `stopped` event with its outcome: metrics.py counts them."""
-        self.health.forget(self.host, inst.port, unix=self._sockets.get(inst))
+        self.health.forget(inst.endpoint)
         result = await inst.stop(sig, timeout, force=force)
-        path = self._sockets.pop(inst, None)
-        if path is not None and path not in self._sockets.values():
+        self._live.discard(inst)
+        path = inst.endpoint.path
+        if path is not None and all(other.endpoint.path != path for other in self._live):
             with contextlib.suppress(OSError):
                 os.unlink(path)
         if result.survivors:
@@ -672,12 +590,12 @@ class Component:
     def _switch(self, new: Instance, target: Target | None = None) -> Draining | None:
         old = self._drop_active(self.route.target)
         self._make_active(new, target)
-        was = f"{self._short(old.instance)} -> " if old is not None else ""
+        was = f"{old.instance.endpoint.short} -> " if old is not None else ""
         self.emit(
             Kind.SWITCHED,
-            f"switched {was}{self._short(new)} (pid {new.pid})",
+            f"switched {was}{new.endpoint.short} (pid {new.pid})",
             pid=new.pid,
-            **self._at(new),
+            **new.endpoint.at,
             in_flight=old.target.in_flight if old is not None else 0,
         )
         return old
@@ -687,23 +605,12 @@ class Component:
     ) -> None:
         """Watch the new instance for `window` seconds after the switch; on failure send
         traffic back to the old instance (still running) and stop the new one."""
-        threshold = spec.health.unhealthy_threshold
-        deadline = time.monotonic() + window
-        failures, problem = 0, None
-        while time.monotonic() < deadline and failures < threshold and new.returncode is None:
-            await asyncio.sleep(min(spec.health.interval, max(0.0, deadline - time.monotonic())))
-            problem = await self._check(new, spec)
-            failures = failures + 1 if problem else 0
-        if failures < threshold and new.returncode is None:
+        reason = await self._watch(new, spec, until=self.clock.now() + window)
+        if reason is None:
             self.emit(
                 Kind.VERIFIED, f"pid {new.pid} stayed healthy for {duration(window)}", pid=new.pid
             )
             return
-        reason = (
-            f"exited with code {new.returncode}"
-            if new.returncode is not None
-            else f"{failures} failed checks ({problem})"
-        )
         if old is not None:
             self.draining.remove(old)
             old.instance.stopping = False
@@ -734,7 +641,7 @@ class Component:
         self.route.swap(target or self._active_target(inst))
 
     def _active_target(self, inst: Instance) -> Target:
-        return self._target(inst, label=f"{self.name}[{inst.pid} {self._short(inst)}]")
+        return self._target(inst, label=f"{self.name}[{inst.pid} {inst.endpoint.short}]")
 
     def _ensure_guard(self, inst: Instance) -> None:
         guard = self._guards.get(inst)
@@ -743,10 +650,18 @@ class Component:
             self._guards[inst] = guard
             guard.add_done_callback(lambda _: self._guards.pop(inst, None))
 
+    def _unguard(self, inst: Instance) -> None:
+        """`inst` no longer serves: its guard stops probing it (a probe after forget()
+        would leave a kept connection for the instance's stop to close on its side)."""
+        guard = self._guards.pop(inst, None)
+        if guard is not None and guard is not asyncio.current_task():
+            guard.cancel()
+
     def _drop_active(self, target: Target | None) -> Draining | None:
         inst, self.active = self.active, None
         if inst is None:
             return None
+        self._unguard(inst)
         inst.stopping = True
         draining = Draining(inst, target or self._target(inst))
         self.draining.append(draining)
@@ -762,9 +677,9 @@ class Component:
         spec, inst, target = self.spec, old.instance, old.target
         target.retire()
         in_flight = target.in_flight
-        began = time.monotonic()
+        began = self.clock.now()
         left = 0 if force else await target.drain(spec.drain_timeout)
-        took = time.monotonic() - began
+        took = self.clock.now() - began
         if left or (force and target.in_flight):
             cut = left or target.in_flight
             target.close_all()
@@ -791,39 +706,62 @@ class Component:
     # -- supervision ------------------------------------------------------------------
     async def _guard(self, inst: Instance, check_health: bool = True) -> None:
         """Watch the active instance: its exit, and (unless told not to) its health every interval."""
-        health = self.spec.health
-        exited = asyncio.ensure_future(inst.wait())
-        failures = 0
+        spec = self.spec
+        threshold = spec.health.unhealthy_threshold
+
+        def heard(problem: str | None, failures: int) -> None:
+            if problem is not None and inst is self.active:
+                self.emit(
+                    Kind.CHECK_FAILED,
+                    f"pid {inst.pid} failed check {failures}/{threshold}: {problem}",
+                    pid=inst.pid,
+                    check=failures,  # one event per failed check; _crashed's has none
+                )
+
+        if check_health:
+            reason = await self._watch(inst, spec, on_check=heard)
+        else:
+            reason = await self._exit_reason(inst)
+        if inst is not self.active or inst.stopping or reason is None:
+            return
+        self._crashed(inst, f"pid {inst.pid} {reason}", inst.returncode)
+
+    async def _watch(
+        self,
+        inst: Instance,
+        spec: ComponentSpec,
+        *,
+        until: float | None = None,
+        on_check: Callable[[str | None, int], None] | None = None,
+    ) -> str | None:
+        """health.watch on `inst`, which also ends at its exit: why it failed ("exited
+        with code 1", "failed 3 health checks in a row (...)"), or None if `until` came."""
+        health = spec.health
+        watching = asyncio.ensure_future(
+            watch(
+                lambda: self._check(inst, spec),
+                interval=health.interval,
+                threshold=health.unhealthy_threshold,
+                clock=self.clock,
+                on_check=on_check,
+                until=until,
+            )
+        )
+        exited = asyncio.ensure_future(self._exit_reason(inst))
         try:
-            while inst is self.active:
-                await asyncio.wait({exited}, timeout=health.interval)
-                if inst is not self.active or inst.stopping:
-                    return
-                if exited.done():
-                    self._crashed(
-                        inst, f"pid {inst.pid} exited with code {exited.result()}", exited.result()
-                    )
-                    return
-                if not check_health:
-                    continue
-                problem = await self._check(inst, self.spec)
-                failures = failures + 1 if problem else 0
-                if problem and inst is self.active:
-                    self.emit(
-                        Kind.CHECK_FAILED,
-                        f"pid {inst.pid} failed check {failures}/{health.unhealthy_threshold}: {problem}",
-                        pid=inst.pid,
-                        check=failures,  # one event per failed check; _crashed's has none
-                    )
-                if failures >= health.unhealthy_threshold and inst is self.active:
-                    self._crashed(
-                        inst,
-                        f"pid {inst.pid} failed {failures} health checks in a row ({problem})",
-                        None,
-                    )
-                    return
+            await asyncio.wait({watching, exited}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            watching.cancel()
             exited.cancel()
+        if exited.done() and not exited.cancelled():
+            return exited.result()
+        problem = watching.result()
+        if problem is None:
+            return None
+        return f"failed {health.unhealthy_threshold} health checks in a row ({problem})"
+
+    async def _exit_reason(self, inst: Instance) -> str:
+        return f"exited with code {await inst.wait()}"
 
     def _crashed(self, inst: Instance, reason: str, code: int | None) -> None:
         self.last_error = reason
@@ -860,6 +798,7 @@ class Component:
             ),
             stop=lambda _: self._budget_spent(),
             before_sleep=self._announce_backoff,
+            sleep=self.clock.sleep,
             reraise=True,
         )
         # A crash soon after the last one waits first: the backoff spans crashes, not only
@@ -875,10 +814,10 @@ class Component:
                     spec.restart.restart_backoff_max,
                 )
                 self.emit(Kind.BACKOFF, f"next restart attempt in {duration(delay)}")
-                await asyncio.sleep(delay)
+                await self.clock.sleep(delay)
             async for attempt in retrying:
                 with attempt:
-                    self._crashes.append(time.monotonic())
+                    self._crashes.append(self.clock.now())
                     self.emit(
                         Kind.RESTARTING,
                         f"starting a replacement (restart {self._recent_crashes()} of at most "
@@ -893,7 +832,7 @@ class Component:
         self.emit(Kind.BACKOFF, f"next restart attempt in {duration(delay)}")
 
     def _recent_crashes(self) -> int:
-        horizon = time.monotonic() - self.spec.restart.restart_window
+        horizon = self.clock.now() - self.spec.restart.restart_window
         while self._crashes and self._crashes[0] < horizon:
             self._crashes.popleft()
         return len(self._crashes)
@@ -944,8 +883,8 @@ class Component:
         """What the state file keeps of this component."""
         return ComponentRecord(
             name=self.name,
-            active=self._record(self.active),
-            draining=tuple(r for d in self.draining if (r := self._record(d.instance)) is not None),
+            instances=() if self.active is None else (_record(self.active),),
+            draining=tuple(_record(d.instance) for d in self.draining),
             definition=definition_of(self.spec) if self.definition_source == "deployed" else None,
             definition_source=self.definition_source,
             deployed_at=self.deployed_at,
@@ -965,7 +904,7 @@ class Component:
             if active is None
             else {
                 "pid": active.pid,
-                **self._address(active),
+                **active.endpoint.address,
                 "healthy": active.returncode is None,
                 "since": active.started,
                 "adopted": active.adopted,
@@ -973,7 +912,7 @@ class Component:
             "draining": [
                 {
                     "pid": d.instance.pid,
-                    **self._address(d.instance),
+                    **d.instance.endpoint.address,
                     "in_flight": d.target.in_flight,
                 }
                 for d in self.draining
@@ -1000,13 +939,6 @@ class Component:
         current = self.route.target.in_flight if self.route.target is not None else 0
         return current + sum(d.target.in_flight for d in self.draining)
 
-    def _record(self, inst: Instance | None) -> InstanceRecord | None:
-        # An instance on a Unix socket has no port to record: it is left out, and a
-        # later daemon stops it by its marker instead of adopting it.
-        if inst is None or inst in self._sockets:
-            return None
-        return _record(inst)
-
 
 def _failed_start(exc: Exception) -> RotationFailed:
     return RotationFailed(f"the start failed: {error_text(exc)}")
@@ -1016,7 +948,8 @@ def _record(inst: Instance) -> InstanceRecord:
     return InstanceRecord(
         pid=inst.pid,
         create_time=inst.create_time,
-        port=inst.port,
+        port=inst.endpoint.port or None,
+        socket=inst.endpoint.path,
         marker=inst.marker,
         started=inst.started,
     )

@@ -1,6 +1,6 @@
 """The configuration model: frozen specs that every other module reads, and pure helpers on them.
 
-Pure: no file reading, no sockets, no processes. Holds Address, HealthSpec, ComponentSpec
+Pure: no file reading, no sockets, no processes. Holds Address, Endpoint, HealthSpec, ComponentSpec
 (with `render`, the placeholder substitution), AdminSpec, KubernetesExport, Config (with
 `start_order`, `token_path`, `log_dir`), Problem and ConfigError. Besides, it derives specs
 for `rotator deploy` (`with_overrides`) and turns a spec's definition (command, cwd, env)
@@ -13,6 +13,7 @@ dependency cycles) is rotator.configfile's job; this module does not import it.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import signal
 import sys
@@ -46,6 +47,34 @@ class Address:
     def __str__(self) -> str:
         # An IPv6 literal needs brackets, or the port would be ambiguous.
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where one instance listens: `host`:`port`, or the Unix socket `path` (then `port`
+    is 0 and `host` only names the Host header a probe sends)."""
+
+    host: str
+    port: int = 0
+    path: str | None = None
+
+    def __str__(self) -> str:
+        return f"socket {self.path}" if self.path is not None else f"port {self.port}"
+
+    @property
+    def short(self) -> str:
+        """A few characters: ':18001' or 'web.1.sock'."""
+        return f":{self.port}" if self.path is None else os.path.basename(self.path)
+
+    @property
+    def at(self) -> dict[str, int | str]:
+        """For event data: {"port": P} or {"socket": path}."""
+        return {"port": self.port} if self.path is None else {"socket": self.path}
+
+    @property
+    def address(self) -> dict[str, int | str | None]:
+        """For status: both keys, the one that does not apply None."""
+        return {"port": None if self.path else self.port, "socket": self.path}
 
 
 @dataclass(frozen=True)

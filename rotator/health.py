@@ -1,7 +1,11 @@
-"""Health checks: is the instance on host:port (or on its Unix socket) answering its health path?
+"""Health checks: is the instance at its Endpoint (host:port, or a Unix socket) answering its health path?
 
-`wait_until_healthy` polls fast so that the switch follows readiness closely,
-and gives up early when the process exits. It reports; the component decides.
+Two rules, each in one place. `wait_until_healthy` is the gate a new instance (or an
+adopted one) must pass: the first healthy probe, polled fast so that the switch follows
+readiness closely, giving up early when the process exits. `watch` is how a serving
+instance is judged (the component's guard and a deploy's verify window): a probe every
+`interval`, unhealthy after `unhealthy_threshold` failures in a row; its clock is
+injected, so the component's tests step a fake one. They report; the component decides.
 
 A probe is a plain HTTP/1.1 GET. Its connection is kept open for the next probe
 of the same instance when the instance allows keep-alive: a fresh connection per
@@ -35,14 +39,14 @@ import os
 import signal
 import tempfile
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
 
 import httptools
 from tenacity import AsyncRetrying, RetryError, retry_if_result, stop_after_delay, wait_fixed
 
-from rotator.config import ComponentSpec, HealthSpec
+from rotator.config import ComponentSpec, Endpoint, HealthSpec
 from rotator.printer import duration
 from rotator.spawner import SpawnerGone
 
@@ -57,11 +61,50 @@ EXEC_OUTPUT = 4096
 KILL_WAIT = 1.0
 
 
+class Clock(Protocol):
+    """Monotonic time and sleeping on it: SystemClock, or a test's fake that is stepped."""
+
+    def now(self) -> float: ...
+
+    async def sleep(self, seconds: float) -> None: ...
+
+
+class SystemClock:
+    def now(self) -> float:
+        return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+async def watch(
+    check: Callable[[], Awaitable[str | None]],
+    *,
+    interval: float,
+    threshold: int,
+    clock: Clock,
+    on_check: Callable[[str | None, int], None] | None = None,
+    until: float | None = None,
+) -> str | None:
+    """Run `check` every `interval` seconds until `threshold` checks in a row have failed,
+    and return the last one's problem; or, given `until` (a time of `clock`), return None
+    once it has passed with fewer. `on_check(problem, failures in a row)` hears each."""
+    failures = 0
+    while True:
+        wait = interval if until is None else max(0.0, min(interval, until - clock.now()))
+        await clock.sleep(wait)
+        problem = await check()
+        failures = failures + 1 if problem is not None else 0
+        if on_check is not None:
+            on_check(problem, failures)
+        if failures >= threshold:
+            return problem
+        if until is not None and clock.now() >= until:
+            return None
+
+
 class NotHealthy(Exception):
     """The instance did not become healthy; the message says why."""
-
-
-Key = tuple[str, int, str | None]
 
 
 class Spawn(Protocol):
@@ -97,11 +140,11 @@ class HealthCheck:
         self._spawn = spawn
         self.output_dir = output_dir or Path()
         # One idle connection per instance, between probes (taken out while in use).
-        self._kept: dict[Key, _Connection] = {}
+        self._kept: dict[Endpoint, _Connection] = {}
 
-    def forget(self, host: str, port: int, *, unix: str | None = None) -> None:
+    def forget(self, endpoint: Endpoint) -> None:
         """Close the connection kept to this instance (it is about to be stopped)."""
-        conn = self._kept.pop((host, port, unix), None)
+        conn = self._kept.pop(endpoint, None)
         if conn is not None:
             conn.close()
 
@@ -112,43 +155,34 @@ class HealthCheck:
         self._kept.clear()
 
     async def probe(
-        self,
-        host: str,
-        port: int,
-        *,
-        unix: str | None = None,
-        definition: ComponentSpec | None = None,
+        self, endpoint: Endpoint, *, definition: ComponentSpec | None = None
     ) -> str | None:
-        """None when healthy, otherwise what was wrong (for messages). With `unix`, the
-        probe goes to that Unix socket (host and port only name the Host header). An exec
-        check runs in `definition`'s cwd and env (default: the component's)."""
+        """None when healthy, otherwise what was wrong (for messages). An exec check runs
+        in `definition`'s cwd and env (default: the component's)."""
         if self.spec.exec:
-            return await self._exec(host, port, unix, definition or self.component)
+            return await self._exec(endpoint, definition or self.component)
         if self.spec.tcp:
-            return await self._connect(host, port, unix)
+            return await self._connect(endpoint)
         path = self.spec.path
         try:
-            status = await asyncio.wait_for(self._get(host, port, unix), self.spec.timeout)
+            status = await asyncio.wait_for(self._get(endpoint), self.spec.timeout)
         except TimeoutError:
             return f"{path} did not answer within {duration(self.spec.timeout)}"
         except ConnectionRefusedError:
             return f"{path}: connection refused"
         except FileNotFoundError:
-            return f"{path}: no socket at {unix}"
+            return f"{path}: no socket at {endpoint.path}"
         except (OSError, httptools.HttpParserError, EOFError) as exc:
             return f"{path}: {_describe(exc)}"
         if 200 <= status < 400:
             return None
         return f"{path} answered {status}"
 
-    async def _connect(self, host: str, port: int, unix: str | None) -> str | None:
-        where = unix or f"port {port}"
+    async def _connect(self, endpoint: Endpoint) -> str | None:
+        where, unix = endpoint.path or f"port {endpoint.port}", endpoint.path
         try:
             async with asyncio.timeout(self.spec.timeout):
-                if unix is not None:
-                    _, writer = await asyncio.open_unix_connection(unix)
-                else:
-                    _, writer = await asyncio.open_connection(host, port)
+                _, writer = await _open(endpoint)
         except TimeoutError:
             return f"connecting to {where} took more than {duration(self.spec.timeout)}"
         except ConnectionRefusedError:
@@ -160,11 +194,11 @@ class HealthCheck:
         writer.close()
         return None
 
-    async def _exec(
-        self, host: str, port: int, unix: str | None, component: ComponentSpec | None
-    ) -> str | None:
+    async def _exec(self, endpoint: Endpoint, component: ComponentSpec | None) -> str | None:
         assert component is not None
-        argv, env = dataclasses.replace(component, command=self.spec.exec).render(port, host, unix)
+        argv, env = dataclasses.replace(component, command=self.spec.exec).render(
+            endpoint.port, endpoint.host, endpoint.path
+        )
         # The spawner appends output to an existing file: one per probe, read once it exits.
         self.output_dir.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=f"{component.name}.", suffix=".out", dir=self.output_dir)
@@ -206,17 +240,17 @@ class HealthCheck:
 
     async def wait_until_healthy(
         self,
-        host: str,
-        port: int,
+        endpoint: Endpoint,
         exited: Awaitable[int],
         *,
-        unix: str | None = None,
         definition: ComponentSpec | None = None,
+        timeout: float | None = None,
     ) -> float:
-        """Seconds until the first healthy probe (on the Unix socket `unix`, if given).
-        Raises NotHealthy when the process exits first or start_timeout passes."""
+        """Seconds until the first healthy probe. Raises NotHealthy when the process
+        exits first or `timeout` (default: start_timeout) passes."""
         began = time.monotonic()
-        polling = asyncio.ensure_future(self._poll(host, port, unix, definition))
+        timeout = self.spec.start_timeout if timeout is None else timeout
+        polling = asyncio.ensure_future(self._poll(endpoint, definition, timeout))
         exit_wait = asyncio.ensure_future(exited)
         try:
             done, _ = await asyncio.wait({polling, exit_wait}, return_when=asyncio.FIRST_COMPLETED)
@@ -230,16 +264,16 @@ class HealthCheck:
         raise NotHealthy(f"exited with code {code} before becoming healthy")
 
     async def _poll(
-        self, host: str, port: int, unix: str | None, definition: ComponentSpec | None
+        self, endpoint: Endpoint, definition: ComponentSpec | None, timeout: float
     ) -> None:
         last: list[str | None] = [None]
 
         async def attempt() -> str | None:
-            last[0] = await self.probe(host, port, unix=unix, definition=definition)
+            last[0] = await self.probe(endpoint, definition=definition)
             return last[0]
 
         retrying = AsyncRetrying(
-            stop=stop_after_delay(self.spec.start_timeout),
+            stop=stop_after_delay(timeout),
             wait=wait_fixed(min(START_POLL, self.spec.interval)),
             retry=retry_if_result(lambda problem: problem is not None),
         )
@@ -247,29 +281,32 @@ class HealthCheck:
             await retrying(attempt)
         except RetryError:
             raise NotHealthy(
-                f"not healthy within start_timeout {duration(self.spec.start_timeout)} (last check: {last[0]})"
+                f"not healthy within {'start_timeout ' if timeout == self.spec.start_timeout else ''}"
+                f"{duration(timeout)} (last check: {last[0]})"
             ) from None
 
-    async def _get(self, host: str, port: int, unix: str | None) -> int:
-        key = (host, port, unix)
-        kept = self._kept.pop(key, None)
+    async def _get(self, endpoint: Endpoint) -> int:
+        kept = self._kept.pop(endpoint, None)
         if kept is not None:
             try:
-                return await self._ask(kept, key)
+                return await self._ask(kept, endpoint)
             except (OSError, EOFError, httptools.HttpParserError):
                 pass  # the instance closed it meanwhile (its idle timeout): not a verdict
-        if unix is not None:
-            reader, writer = await asyncio.open_unix_connection(unix)
-        else:
-            reader, writer = await asyncio.open_connection(host, port)
-        return await self._ask(_Connection(reader, writer), key)
+        reader, writer = await _open(endpoint)
+        return await self._ask(_Connection(reader, writer), endpoint)
 
-    async def _ask(self, conn: _Connection, key: Key) -> int:
+    async def _ask(self, conn: _Connection, endpoint: Endpoint) -> int:
         """One GET on `conn`; afterwards the connection is kept if the answer allows, else
         closed (also when the probe fails or is cancelled by its timeout)."""
-        host, port, unix = key
+        host, port = endpoint.host, endpoint.port
         # A socket has no host:port of its own.
-        authority = "localhost" if unix else f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        authority = (
+            "localhost"
+            if endpoint.path
+            else f"[{host}]:{port}"
+            if ":" in host
+            else f"{host}:{port}"
+        )
         reusable = False
         try:
             conn.writer.write(
@@ -291,10 +328,16 @@ class HealthCheck:
             reusable = answer.complete and answer.keep_alive
             return parser.get_status_code()
         finally:
-            if reusable and key not in self._kept:
-                self._kept[key] = conn
+            if reusable and endpoint not in self._kept:
+                self._kept[endpoint] = conn
             else:
                 conn.close()
+
+
+async def _open(endpoint: Endpoint) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    if endpoint.path is not None:
+        return await asyncio.open_unix_connection(endpoint.path)
+    return await asyncio.open_connection(endpoint.host, endpoint.port)
 
 
 class _Connection:

@@ -32,6 +32,7 @@ from pathlib import Path
 import psutil
 
 from rotator import cgroups, logs, ports
+from rotator.config import Endpoint
 from rotator.printer import os_error
 from rotator.spawner import SpawnedChild, Spawner, SpawnerGone
 
@@ -74,7 +75,7 @@ class Instance:
     def __init__(
         self,
         name: str,
-        port: int,
+        endpoint: Endpoint,
         pid: int,
         marker: str,
         log_path: Path | None,
@@ -83,9 +84,11 @@ class Instance:
         create_time: float | None = None,
         started: float | None = None,
         cgroup: Path | None = None,
+        replica: int = 0,
     ) -> None:
         self.name = name
-        self.port = port
+        self.endpoint = endpoint
+        self.replica = replica  # the slot it fills among the component's replicas
         self.pid = pid
         self.marker = marker
         self.process = process  # None when adopted from an earlier daemon
@@ -104,13 +107,18 @@ class Instance:
         self.cgroup = cgroup if process is not None else cgroups.of_process(pid)
 
     def __repr__(self) -> str:
-        return f"{self.name}[{self.pid} :{self.port}]"
+        return f"{self.name}[{self.pid} {self.endpoint.short}]"
+
+    @property
+    def port(self) -> int:
+        """Its port; 0 for an instance on a Unix socket."""
+        return self.endpoint.port
 
     @classmethod
     async def spawn(
         cls,
         name: str,
-        port: int,
+        endpoint: Endpoint,
         argv: list[str],
         env: dict[str, str],
         cwd: Path,
@@ -119,14 +127,14 @@ class Instance:
         *,
         spawner: Spawner,
         cgroup_parent: Path | None = None,
+        replica: int = 0,
     ) -> Instance:
         """Start the command through `spawner`, its output going to a file of its own in
         `log_dir`, in a cgroup of its own under `cgroup_parent` if given."""
         marker = marker or new_marker("-", name)
         starting = logs.starting_path(log_dir)
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        where = f"port {port}" if port else f"socket {env.get('ROTATOR_SOCKET', '?')}"
-        header = f"==== rotator: {name} on {where} at {stamp}: {shlex.join(argv)}\n".encode()
+        header = f"==== rotator: {name} on {endpoint} at {stamp}: {shlex.join(argv)}\n".encode()
         offset = _create_log(log_dir, starting, header)
         cgroup = cgroups.make(cgroup_parent, marker) if cgroup_parent is not None else None
         try:
@@ -151,19 +159,28 @@ class Instance:
         except OSError:
             log_path = starting
         return cls(
-            name, port, process.pid, marker, log_path, offset, process=process, cgroup=cgroup
+            name,
+            endpoint,
+            process.pid,
+            marker,
+            log_path,
+            offset,
+            process=process,
+            cgroup=cgroup,
+            replica=replica,
         )
 
     @classmethod
     def adopt(
         cls,
         name: str,
-        port: int,
+        endpoint: Endpoint,
         pid: int,
         create_time: float,
         marker: str,
         started: float,
         log_dir: Path,
+        replica: int = 0,
     ) -> Instance | None:
         """The instance an earlier daemon started, if that very process still runs (None if
         it is gone); its log file is found by pid (the instance is adopted all the same if
@@ -184,7 +201,15 @@ class Instance:
         log_path = logs.find(log_dir, pid)
         offset = logs.header_end(log_path) if log_path is not None else 0
         return cls(
-            name, port, pid, marker, log_path, offset, create_time=create_time, started=started
+            name,
+            endpoint,
+            pid,
+            marker,
+            log_path,
+            offset,
+            create_time=create_time,
+            started=started,
+            replica=replica,
         )
 
     @property

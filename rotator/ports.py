@@ -1,4 +1,4 @@
-"""Choosing the private port for a component's next instance.
+"""Choosing the private port (or Unix socket path) for a component's next instance.
 
 `choose_port` is the decision: walk the pool round-robin from just after the
 last port used (so a just-freed port rests longest), skip our own live
@@ -11,6 +11,9 @@ holds ports, and `describe_exhausted` / `describe_holders` put that into words.
 Before traffic is switched to an instance, `listens_alone` tells quickly whether
 it alone listens on its port; if not, `port_listeners` asks psutil who does, and
 `describe_squatters` decides whether that is the instance alone and says why not.
+`choose_socket` and `probe_socket` are the same for a `transport: unix` component's
+pool of socket paths: round-robin, our own live paths skipped, a path someone listens
+on skipped, a stale socket file (nobody listens) reported so the caller removes it.
 Starting instances, remembering `last_used` and logging are left to the caller.
 """
 
@@ -18,8 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import os
 import socket
+import stat
 import struct
 import sys
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
@@ -90,6 +95,61 @@ def choose_port(
     if fallback is not None:
         return Choice(fallback, PortState.TIME_WAIT)
     raise NoFreePort(pool, {})
+
+
+class SocketState(enum.Enum):
+    FREE = "free"  # nothing at the path
+    STALE = "stale"  # a socket file nobody listens on: removed before the path is used
+    BUSY = "busy"  # someone listens there, or it is not a socket file: left alone
+
+
+SocketProbe = Callable[[str], SocketState]
+
+
+class NoFreeSocket(Exception):
+    def __init__(self, pool: Sequence[str]) -> None:
+        super().__init__(
+            f"no free socket in the pool {', '.join(pool)}: each is used by an instance "
+            "or held by another listener"
+        )
+
+
+def choose_socket(
+    pool: Sequence[str], last_used: str | None, in_use: Collection[str], probe: SocketProbe
+) -> tuple[str, SocketState]:
+    """The first path in round-robin order after `last_used` (as for ports) that is not
+    `in_use` (never probed) and not BUSY, with its state (FREE or STALE); else NoFreeSocket."""
+    last = pool.index(last_used) if last_used in pool else None
+    for i in rotation_order(range(len(pool)), last):
+        path = pool[i]
+        if path in in_use:
+            continue
+        state = probe(path)
+        if state is not SocketState.BUSY:
+            return path, state
+    raise NoFreeSocket(pool)
+
+
+def probe_socket(path: str) -> SocketState:
+    """Is anyone listening on the Unix socket `path`? Connects (never blocking) to find out."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return SocketState.FREE
+    except OSError:
+        return SocketState.BUSY
+    if not stat.S_ISSOCK(mode):
+        return SocketState.BUSY
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.setblocking(False)
+        try:
+            sock.connect(path)
+        except FileNotFoundError:
+            return SocketState.FREE
+        except OSError as exc:
+            # Refused: a file without a listener. EAGAIN: a listener with a full backlog.
+            return SocketState.STALE if exc.errno == errno.ECONNREFUSED else SocketState.BUSY
+    return SocketState.BUSY
 
 
 def _can_bind(family: int, addr: tuple[Any, ...], *, reuse: bool) -> bool:

@@ -1,11 +1,13 @@
 """What the daemon remembers across its own death, and the lock that keeps it single.
 
-`StateFile` saves a `State` (which instance of each component is active or being
-drained, as (pid, create_time) identities, plus deployed definitions) atomically
+`StateFile` saves a `State` (which instances of each component serve or are being
+drained, as (pid, create_time) identities with their endpoints, plus deployed
+definitions and a scaled replica count) atomically
 as readable JSON, and loads it back with strict validation. A file that cannot be
-trusted (corrupt, wrong shape, older format) is moved aside and reported as a
+trusted (corrupt, wrong shape, a format older than 1) is moved aside and reported as a
 `StateError`, so the caller can log it, continue with an empty state, and leave
-the instances it named alone; a file from a newer rotator (`StateTooNew`) stays
+the instances it named alone; format 1 (one active TCP instance per component, before
+Unix-socket instances and replicas were recorded) is still read; a file from a newer rotator (`StateTooNew`) stays
 in place. `DaemonLock` is a flock on a file in the state dir: the kernel drops it
 when the daemon dies, even by SIGKILL, and the fd is not inherited by instances.
 `StateWriter` is how the daemon saves while it serves: off the event loop, one
@@ -33,7 +35,7 @@ from typing import Any
 
 from rotator.printer import duration
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 SOURCES = ("config", "deployed")
 # A state file that could not be written is tried again this often (seconds).
 STATE_RETRY = 2.0
@@ -43,21 +45,28 @@ STATE_RETRY = 2.0
 class InstanceRecord:
     pid: int
     create_time: float  # psutil.Process(pid).create_time() at spawn; identity = (pid, create_time)
-    port: int
+    port: int | None  # where it listens: a port, or (transport: unix) the `socket` path
     marker: str  # ROTATOR_INSTANCE in the instance's environment, unique per instance
     started: float  # unix time
+    socket: str | None = None
+    replica: int = 0  # the slot it fills among the component's replicas
 
 
 @dataclass(frozen=True)
 class ComponentRecord:
     name: str
-    active: InstanceRecord | None
+    instances: tuple[InstanceRecord, ...] = ()  # in the balancing set when written
     draining: tuple[InstanceRecord, ...] = ()  # being drained/stopped when written
     definition: Mapping[str, Any] | None = None  # {"command", "cwd", "env"}; None = the config's
     definition_source: str = "config"  # "config" | "deployed"
     deployed_at: float | None = None
     previous_definition: Mapping[str, Any] | None = None  # for rollback; None = the config's
     stopped: bool = False  # stopped on purpose with `rotator stop`
+    replicas: int | None = None  # set by `rotator scale`; None = the config's count
+
+    @property
+    def active(self) -> InstanceRecord | None:
+        return self.instances[0] if self.instances else None
 
 
 @dataclass(frozen=True)
@@ -88,13 +97,21 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "int": int, "pid": int, "port": int, "number": (int, float),
     "str": str, "bool": bool, "object": dict, "list": list,
 }  # fmt: skip
-_INSTANCE = {"pid": "pid", "create_time": "number", "port": "port", "marker": "str",
-             "started": "number"}  # fmt: skip
-_COMPONENT = {"active": "instance?", "draining": "instances", "definition": "definition?",
+_INSTANCE = {"pid": "pid", "create_time": "number", "port": "port?", "socket": "str?",
+             "marker": "str", "started": "number", "replica": "slot"}  # fmt: skip
+_COMPONENT = {"instances": "instances", "draining": "instances", "definition": "definition?",
               "definition_source": "source", "deployed_at": "number?",
-              "previous_definition": "definition?", "stopped": "bool"}  # fmt: skip
+              "previous_definition": "definition?", "stopped": "bool",
+              "replicas": "count?"}  # fmt: skip
+# Format 1: one `active` instance (always on a port), no replicas.
+_INSTANCE_1 = {"pid": "pid", "create_time": "number", "port": "port", "marker": "str",
+               "started": "number"}  # fmt: skip
+_COMPONENT_1 = {"active": "instance1?", "draining": "instances1", "definition": "definition?",
+                "definition_source": "source", "deployed_at": "number?",
+                "previous_definition": "definition?", "stopped": "bool"}  # fmt: skip
 _TOP = {"version": "int", "daemon_pid": "pid?", "written_at": "number?",
         "components": "components"}  # fmt: skip
+_TOP_1 = {**_TOP, "components": "components1"}
 
 
 def _fields(obj: Any, where: str, spec: dict[str, str]) -> dict[str, Any]:
@@ -112,16 +129,29 @@ def _fields(obj: Any, where: str, spec: dict[str, str]) -> dict[str, Any]:
 def _value(value: Any, kind: str, where: str) -> Any:
     if kind.endswith("?"):
         return None if value is None else _value(value, kind[:-1], where)
-    if kind == "instance":
-        return InstanceRecord(**_fields(value, where, _INSTANCE))
-    if kind == "instances":
+    if kind in ("instance", "instance1"):
+        record = InstanceRecord(
+            **_fields(value, where, _INSTANCE_1 if kind[-1] == "1" else _INSTANCE)
+        )
+        if (record.port is None) == (record.socket is None):
+            raise _Bad(f"{where}: needs exactly one of port and socket")
+        return record
+    if kind in ("instances", "instances1"):
         items = _value(value, "list", where)
-        return tuple(_value(v, "instance", f"{where}[{i}]") for i, v in enumerate(items))
-    if kind == "components":
+        one = "instance1" if kind[-1] == "1" else "instance"
+        return tuple(_value(v, one, f"{where}[{i}]") for i, v in enumerate(items))
+    if kind in ("components", "components1"):
         return {
-            name: ComponentRecord(name=name, **_fields(c, f"components.{name}", _COMPONENT))
+            name: _component(name, c, f"components.{name}", kind[-1] == "1")
             for name, c in _value(value, "object", where).items()
         }
+    if kind in ("slot", "count"):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        if not ok or not (0 if kind == "slot" else 1) <= value <= 100_000:
+            raise _Bad(
+                f"{where}: expected a {'replica slot' if kind == 'slot' else 'replica count'}, got {value!r}"
+            )
+        return value
     if kind == "source":
         if _value(value, "str", where) not in SOURCES:
             raise _Bad(f"{where}: unknown value {value!r}")
@@ -142,6 +172,14 @@ def _value(value: Any, kind: str, where: str) -> Any:
     if kind in ("pid", "port") and not 0 < value <= (65535 if kind == "port" else 2**62):
         raise _Bad(f"{where}: {value} is out of range")  # a pid <= 0 would signal a group
     return float(value) if kind == "number" else value
+
+
+def _component(name: str, doc: Any, where: str, format_1: bool) -> ComponentRecord:
+    if not format_1:
+        return ComponentRecord(name=name, **_fields(doc, where, _COMPONENT))
+    values = _fields(doc, where, _COMPONENT_1)
+    active = values.pop("active")
+    return ComponentRecord(name=name, instances=(active,) if active else (), **values)
 
 
 def _json_default(value: object) -> Any:
@@ -183,12 +221,12 @@ class StateFile:
                 f"this one reads format {STATE_VERSION}); upgrade rotator to use it "
                 "(the file was left in place)"
             )
-        if version < STATE_VERSION:
+        if version < 1:
             moved = self._move_aside()
             raise StateError(f"state file {self.path} was written by an older rotator "
                              f"(format {version}){self._tail(moved)}", moved)  # fmt: skip
         try:
-            top = _fields(doc, "top level", _TOP)
+            top = _fields(doc, "top level", _TOP if version == STATE_VERSION else _TOP_1)
         except _Bad as exc:
             raise self._corrupt(str(exc)) from exc
         return State(top["components"], top["daemon_pid"], top["written_at"])

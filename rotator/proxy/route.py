@@ -19,7 +19,7 @@ import contextlib
 from bisect import bisect_left
 from typing import TYPE_CHECKING
 
-from rotator.config import ProxySpec
+from rotator.config import Endpoint, ProxySpec
 
 if TYPE_CHECKING:
     from rotator.proxy.upstream import UpstreamConnection
@@ -39,13 +39,15 @@ Limits = ProxySpec
 class Target:
     """One instance: where to connect, what is in flight, which connections are open.
 
-    Where to connect is host:port, or the Unix socket `path` when one is given (the
-    instance of a `transport: unix` component; its port is then 0).
+    Where to connect is its Endpoint: host:port, or a Unix socket path (the instance of
+    a `transport: unix` component). Its parts are kept as attributes of their own too,
+    for the hot path.
     """
 
     __slots__ = (
         "_drained",
         "connections",
+        "endpoint",
         "host",
         "idle",
         "in_flight",
@@ -56,11 +58,10 @@ class Target:
         "served",
     )
 
-    def __init__(self, host: str, port: int, label: str = "", path: str | None = None) -> None:
-        self.host = host
-        self.port = port
-        self.path = path
-        self.label = label or path or f"{host}:{port}"
+    def __init__(self, endpoint: Endpoint, label: str = "") -> None:
+        self.endpoint = endpoint
+        self.host, self.port, self.path = endpoint.host, endpoint.port, endpoint.path
+        self.label = label or self.path or f"{self.host}:{self.port}"
         self.in_flight = 0
         self.served = 0
         self.retired = False

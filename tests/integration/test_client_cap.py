@@ -13,6 +13,7 @@ from typing import Any, cast
 
 import pytest
 
+from rotator.config import Endpoint
 from rotator.proxy.clients import Clients
 from rotator.proxy.protocol import Listener
 from rotator.proxy.route import Limits, Route, Target
@@ -52,7 +53,7 @@ class Answer(asyncio.Protocol):
 async def backend() -> AsyncIterator[Target]:
     server = await asyncio.get_running_loop().create_server(Answer, HOST, 0)
     try:
-        yield Target(HOST, server.sockets[0].getsockname()[1])
+        yield Target(Endpoint(HOST, server.sockets[0].getsockname()[1]))
     finally:
         server.close()
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import psutil
 
-from rotator.config import Address, ComponentSpec, HealthSpec
+from rotator.config import Address, ComponentSpec, Endpoint, HealthSpec
 from rotator.health import HealthCheck
 from rotator.spawner import Spawner
 from tests.conftest import DEMO, PY, cli, component, free_ports, wait_until, write_config
@@ -110,7 +110,7 @@ async def probe_with(check: Callable[[Spawner], HealthCheck]) -> str | None:
     spawner = Spawner()
     await spawner.start()
     try:
-        return await check(spawner).probe("127.0.0.1", 2)
+        return await check(spawner).probe(Endpoint("127.0.0.1", 2))
     finally:
         await spawner.close()
 
@@ -154,11 +154,11 @@ def test_exec_check_problems_are_described(tmp_path: Path) -> None:
 def test_a_tcp_check_against_nothing_is_described() -> None:
     spec = HealthSpec(tcp=True, timeout=1)
     port = free_ports(1)[0]
-    assert asyncio.run(HealthCheck(spec).probe("127.0.0.1", port)) == (
+    assert asyncio.run(HealthCheck(spec).probe(Endpoint("127.0.0.1", port))) == (
         f"connecting to port {port}: connection refused"
     )
     missing = "/nonexistent/web.sock"
-    assert asyncio.run(HealthCheck(spec).probe("127.0.0.1", 0, unix=missing)) == (
+    assert asyncio.run(HealthCheck(spec).probe(Endpoint("127.0.0.1", path=missing))) == (
         f"no socket at {missing}"
     )
 
@@ -168,10 +168,10 @@ def test_a_tcp_check_connects_to_a_unix_socket(tmp_path: Path) -> None:
     with socket.socket(socket.AF_UNIX) as server:
         server.bind(path)
         server.listen()
-        assert asyncio.run(HealthCheck(HealthSpec(tcp=True)).probe("", 0, unix=path)) is None
+        assert asyncio.run(HealthCheck(HealthSpec(tcp=True)).probe(Endpoint("", path=path))) is None
         accepted, _ = server.accept()
         accepted.close()
-    assert asyncio.run(HealthCheck(HealthSpec(tcp=True)).probe("", 0, unix=path)) == (
+    assert asyncio.run(HealthCheck(HealthSpec(tcp=True)).probe(Endpoint("", path=path))) == (
         f"connecting to {path}: connection refused"
     )
 

@@ -198,8 +198,8 @@ def test_a_crash_loop_polled_shows_starting_gone_and_gives_up_on_time(
 def recorded_pid(config: Path, name: str) -> int | None:
     with contextlib.suppress(OSError, ValueError):
         state = json.loads((config.parent / "state" / "state.json").read_text())
-        active = state["components"][name]["active"]
-        return None if active is None else int(active["pid"])
+        instances = state["components"][name]["instances"]
+        return int(instances[0]["pid"]) if instances else None
     return None
 
 
@@ -292,7 +292,7 @@ def test_a_state_file_that_cannot_be_written_shows_in_status_and_in_the_command(
     state_file.rmdir()  # writes work again: the daemon's retry catches up on its own
     assert wait_until(lambda: daemon.status()["daemon"]["state_file_error"] is None, timeout=5)
     saved = json.loads(state_file.read_text())["components"]["web"]
-    assert saved["stopped"] is True and saved["active"] is None
+    assert saved["stopped"] is True and saved["instances"] == []
     assert "warning" not in cli(config, "status").stdout
     assert "is written again" in daemon.output()
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from rotator.config import HealthSpec
+from rotator.config import Endpoint, HealthSpec
 from rotator.health import HealthCheck, NotHealthy
 from rotator.ports import PortState, probe_port
 from tests.conftest import free_ports, wait_until
@@ -48,9 +48,9 @@ def test_probes_leave_no_time_wait_on_the_instance_port() -> None:
         health = check()
 
         async def probes() -> list[str | None]:
-            await health.wait_until_healthy(HOST, port, asyncio.Event().wait())
-            results = [await health.probe(HOST, port) for _ in range(20)]
-            health.forget(HOST, port)  # as the component does before it stops an instance
+            await health.wait_until_healthy(Endpoint(HOST, port), asyncio.Event().wait())
+            results = [await health.probe(Endpoint(HOST, port)) for _ in range(20)]
+            health.forget(Endpoint(HOST, port))  # as the component does before it stops an instance
             await asyncio.sleep(0.05)
             return results
 
@@ -66,13 +66,16 @@ def test_unhealthy_answers_are_described() -> None:
 
         async def scenario() -> None:
             assert wait_until(lambda: probe_port(HOST, port) is PortState.BUSY, timeout=10)
-            assert await health.probe(HOST, port) == "/health answered 503"
+            assert await health.probe(Endpoint(HOST, port)) == "/health answered 503"
             assert (
-                await check(path="/status/302").probe(HOST, port) is None
+                await check(path="/status/302").probe(Endpoint(HOST, port)) is None
             )  # 3xx counts as healthy
 
         asyncio.run(scenario())
-    assert asyncio.run(check().probe(HOST, free_ports(1)[0])) == "/health: connection refused"
+    assert (
+        asyncio.run(check().probe(Endpoint(HOST, free_ports(1)[0])))
+        == "/health: connection refused"
+    )
 
 
 def test_silent_and_garbage_servers() -> None:
@@ -92,10 +95,12 @@ def test_silent_and_garbage_servers() -> None:
         garbage = server.sockets[0].getsockname()[1]
         try:
             assert (
-                await check(timeout=0.3).probe(HOST, port) == "/health did not answer within 300ms"
+                await check(timeout=0.3).probe(Endpoint(HOST, port))
+                == "/health did not answer within 300ms"
             )
             assert (
-                await check().probe(HOST, garbage) == "/health: answered something that is not HTTP"
+                await check().probe(Endpoint(HOST, garbage))
+                == "/health: answered something that is not HTTP"
             )
         finally:
             server.close()
@@ -114,7 +119,7 @@ def test_wait_until_healthy_fails_fast_when_the_process_exits() -> None:
             loop = asyncio.get_running_loop()
             exited = loop.run_in_executor(None, proc.wait)
             with pytest.raises(NotHealthy, match="exited with code 3 before becoming healthy"):
-                await asyncio.wait_for(check().wait_until_healthy(HOST, port, exited), 4)
+                await asyncio.wait_for(check().wait_until_healthy(Endpoint(HOST, port), exited), 4)
 
         asyncio.run(scenario())
 
@@ -128,7 +133,7 @@ def test_wait_until_healthy_gives_up_after_start_timeout() -> None:
                 NotHealthy,
                 match=r"not healthy within start_timeout 1s \(last check: /health answered 503\)",
             ):
-                await health.wait_until_healthy(HOST, port, asyncio.Event().wait())
+                await health.wait_until_healthy(Endpoint(HOST, port), asyncio.Event().wait())
 
         asyncio.run(scenario())
 
@@ -173,9 +178,9 @@ def probe_many(server: CountingServer, count: int, pause: float = 0.0) -> list[s
         health = check()
         results = []
         for _ in range(count):
-            results.append(await health.probe(HOST, server.port))
+            results.append(await health.probe(Endpoint(HOST, server.port)))
             await asyncio.sleep(pause)
-        health.forget(HOST, server.port)
+        health.forget(Endpoint(HOST, server.port))
         await asyncio.sleep(0.05)
         listening.close()
         return results

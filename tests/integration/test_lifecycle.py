@@ -215,7 +215,11 @@ def recorded(config: Path) -> dict[str, int]:
     """The active pids the state file holds."""
     with contextlib.suppress(OSError, ValueError):
         state = json.loads((config.parent / "state" / "state.json").read_text())
-        return {name: c["active"]["pid"] for name, c in state["components"].items() if c["active"]}
+        return {
+            name: c["instances"][0]["pid"]
+            for name, c in state["components"].items()
+            if c["instances"]
+        }
     return {}
 
 
@@ -337,7 +341,7 @@ def test_failed_deploy_rolls_back_under_load(tmp_path: Path, daemon_factory, kin
         ),
         "fails-verify": (
             f"{PY} {app} {{port}} flaky",
-            "2 failed checks (/health answered 500) within verify 2s",
+            "failed 2 health checks in a row (/health answered 500) within verify 2s",
             "mode flaky listening on",
         ),
     }[kind]
@@ -682,7 +686,10 @@ def test_dead_or_unhealthy_instances_of_the_earlier_run_are_replaced(
     assert now["sick"] != pids["sick"] and now["dead"] != pids["dead"]
     assert not alive(pids["sick"]) and not alive(orphan)
     out = second.output()
-    assert f"not adopting pid {pids['sick']}: /health answered 500" in out
+    assert (
+        f"not adopting pid {pids['sick']}: not healthy within 3s (last check: /health answered 500)"
+        in out
+    )
     assert f"pid {pids['dead']} of the earlier run is gone" in out
     markers = by_component(scope)
     assert sorted(markers) == ["dead", "fine", "sick"]
@@ -723,9 +730,9 @@ def test_a_recorded_pid_reused_by_a_stranger_is_not_killed(tmp_path: Path, daemo
     try:
         path = tmp_path / "state" / "state.json"
         state = json.loads(path.read_text())
-        record = state["components"]["web"]["active"]
+        record = state["components"]["web"]["instances"][0]
         # The pid now belongs to someone else (with another create time)...
-        state["components"]["web"]["active"] = {**record, "pid": strangers[0].pid}
+        state["components"]["web"]["instances"] = [{**record, "pid": strangers[0].pid}]
         # ...and a draining record names a live stranger with its true create time.
         true_time = psutil.Process(strangers[1].pid).create_time()
         state["components"]["web"]["draining"] = [

@@ -25,6 +25,7 @@ import httptools
 import psutil
 import pytest
 
+from rotator.config import Endpoint
 from rotator.proxy.protocol import HOP_BY_HOP, RESPONSE_FRAMING
 from rotator.proxy.route import Limits, Target
 from tests.integration.proxykit import (
@@ -182,7 +183,7 @@ class FakeBackend:
         return self
 
     def target(self) -> Target:
-        return Target(HOST, self.port)
+        return Target(Endpoint(HOST, self.port))
 
     @property
     def raw(self) -> bytes:
@@ -218,7 +219,7 @@ async def test_get_passes_status_body_and_headers(backend: Backend) -> None:
     direct = await Client.open(backend.port)
     want = await direct.request("GET", "/cookies")
     direct.close()
-    async with running_proxy(Target(HOST, backend.port)) as p:
+    async with running_proxy(Target(Endpoint(HOST, backend.port))) as p:
         c = await p.connect()
         r = await c.request("GET", "/some/where?a=1&b=two")
         assert (r.version, r.status, r.reason) == (b"HTTP/1.1", 200, b"OK")
@@ -250,7 +251,7 @@ async def test_get_passes_status_body_and_headers(backend: Backend) -> None:
 @aio(10)
 async def test_aiohttp_client_through_proxy(backend: Backend) -> None:
     async with (
-        running_proxy(Target(HOST, backend.port)) as p,
+        running_proxy(Target(Endpoint(HOST, backend.port))) as p,
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
     ):
 
@@ -271,7 +272,7 @@ async def test_aiohttp_client_through_proxy(backend: Backend) -> None:
 
 @aio(10)
 async def test_keep_alive_reuses_both_connections(backend: Backend) -> None:
-    target = Target(HOST, backend.port)
+    target = Target(Endpoint(HOST, backend.port))
     async with running_proxy(target) as p:
         c = await p.connect()
         for i in range(5):
@@ -290,7 +291,7 @@ async def test_keep_alive_reuses_both_connections(backend: Backend) -> None:
 
 @aio(10)
 async def test_pipelined_requests_answered_in_order(backend: Backend) -> None:
-    async with running_proxy(Target(HOST, backend.port)) as p:
+    async with running_proxy(Target(Endpoint(HOST, backend.port))) as p:
         c = await p.connect()
         c.send(
             request_bytes("GET", "/slow?seconds=0.2")
@@ -323,7 +324,7 @@ async def test_closed_connections_are_freed_without_the_cycle_collector(backend:
     """A closed connection, client or upstream, must leave no reference cycle: with a new
     connection per request, each one's objects would otherwise wait for the cyclic
     collector, whose passes pause the proxy's loop."""
-    target = Target(HOST, backend.port)
+    target = Target(Endpoint(HOST, backend.port))
     async with running_proxy(target) as p:
         gc.collect()
         gc.set_debug(gc.DEBUG_SAVEALL)  # what the collector finds stays in gc.garbage
@@ -348,7 +349,7 @@ async def test_closed_connections_are_freed_without_the_cycle_collector(backend:
 
 @aio(10)
 async def test_encoded_path_and_query_unchanged(backend: Backend) -> None:
-    async with running_proxy(Target(HOST, backend.port)) as p:
+    async with running_proxy(Target(Endpoint(HOST, backend.port))) as p:
         c = await p.connect()
         r = await c.request("GET", "/headers?x=%20y&z=1&p=a%2Fb%3F&e=%E2%82%AC+&empty=&flag")
         assert r.json()["path_qs"] == "/headers?x=%20y&z=1&p=a%2Fb%3F&e=%E2%82%AC+&empty=&flag"
@@ -367,7 +368,7 @@ async def test_encoded_path_and_query_unchanged(backend: Backend) -> None:
 
 @aio(10)
 async def test_absolute_form_goes_to_our_backend_in_origin_form(backend: Backend) -> None:
-    target = Target(HOST, backend.port)
+    target = Target(Endpoint(HOST, backend.port))
     async with running_proxy(target) as p:
         c = await p.connect()
         c.send(
@@ -523,7 +524,7 @@ async def test_malformed_after_good_pipelined_request() -> None:
 
 @aio(10)
 async def test_hop_by_hop_request_headers_dropped_and_forwarded_set(backend: Backend) -> None:
-    async with running_proxy(Target(HOST, backend.port)) as p:
+    async with running_proxy(Target(Endpoint(HOST, backend.port))) as p:
         c = await p.connect()
         headers = [
             ("Connection", "keep-alive, X-Secret"),
@@ -638,7 +639,7 @@ async def test_response_head_cut_from_reads_in_pieces_and_after_interim_answers(
 async def test_non_websocket_upgrade_is_forwarded_plain_then_connection_closes(
     backend: Backend,
 ) -> None:
-    async with running_proxy(Target(HOST, backend.port)) as p:
+    async with running_proxy(Target(Endpoint(HOST, backend.port))) as p:
         c = await p.connect()
         headers = [("Connection", "Upgrade"), ("Upgrade", "h2c")]
         r = await c.request("GET", "/headers", headers)
@@ -652,7 +653,7 @@ async def test_non_websocket_upgrade_is_forwarded_plain_then_connection_closes(
 @aio(10)
 async def test_websocket_upgrade_headers_reach_the_instance(backend: Backend) -> None:
     # The instance declines (an ordinary 200): the answer passes, then the connection closes.
-    async with running_proxy(Target(HOST, backend.port)) as p:
+    async with running_proxy(Target(Endpoint(HOST, backend.port))) as p:
         c = await p.connect()
         headers = [("Connection", "keep-alive, Upgrade"), ("Upgrade", "websocket")]
         r = await c.request("GET", "/headers", headers)
@@ -667,7 +668,7 @@ async def test_websocket_upgrade_headers_reach_the_instance(backend: Backend) ->
 
 @aio(10)
 async def test_two_set_cookie_headers_preserved(backend: Backend) -> None:
-    async with running_proxy(Target(HOST, backend.port)) as p:
+    async with running_proxy(Target(Endpoint(HOST, backend.port))) as p:
         c = await p.connect()
         r = await c.request("GET", "/cookies")
         assert r.status == 200
@@ -689,7 +690,7 @@ async def _upload_5mib(c: Client, timeout: float = 5) -> None:
 
 @aio(15)
 async def test_content_length_upload_5mib_on_pooled_connection(backend: Backend) -> None:
-    async with running_proxy(Target(HOST, backend.port)) as p:
+    async with running_proxy(Target(Endpoint(HOST, backend.port))) as p:
         c = await p.connect()
         assert (await c.request("GET", "/warm")).status == 200  # pools an upstream connection
         for _ in range(2):
@@ -700,7 +701,7 @@ async def test_content_length_upload_5mib_on_pooled_connection(backend: Backend)
 async def test_content_length_upload_5mib_on_new_connection(backend: Backend) -> None:
     # A fresh Target: no pooled connection, so the body arrives while connecting
     # and more than BODY_BUFFER_LIMIT of it is buffered (client reading paused).
-    async with running_proxy(Target(HOST, backend.port)) as p:
+    async with running_proxy(Target(Endpoint(HOST, backend.port))) as p:
         c = await p.connect()
         await _upload_5mib(c, timeout=2)
 
@@ -709,7 +710,7 @@ async def test_content_length_upload_5mib_on_new_connection(backend: Backend) ->
 async def test_chunked_upload_many_chunks(backend: Backend) -> None:
     parts = [os.urandom((i * 37) % 3000 + 1) for i in range(800)]
     wire = b"".join(b"%x\r\n%b\r\n" % (len(x), x) for x in parts) + b"0\r\n\r\n"
-    async with running_proxy(Target(HOST, backend.port)) as p:
+    async with running_proxy(Target(Endpoint(HOST, backend.port))) as p:
         c = await p.connect()
         head = b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
         c.send(head)
@@ -743,7 +744,7 @@ async def test_chunked_upload_reaches_backend_chunked() -> None:
 @aio(10)
 async def test_download_10mb_intact(backend: Backend) -> None:
     n = 10_000_000
-    async with running_proxy(Target(HOST, backend.port)) as p:
+    async with running_proxy(Target(Endpoint(HOST, backend.port))) as p:
         c = await p.connect()
         r = await c.request("GET", f"/bytes?n={n}", timeout=8)
         assert r.status == 200 and r.get("Content-Length") == str(n).encode()
@@ -754,7 +755,7 @@ async def test_download_10mb_intact(backend: Backend) -> None:
 
 @aio(10)
 async def test_chunked_response_streams_in_chunks(backend: Backend) -> None:
-    async with running_proxy(Target(HOST, backend.port)) as p:
+    async with running_proxy(Target(Endpoint(HOST, backend.port))) as p:
         c = await p.connect()
         c.send(request_bytes("GET", "/chunked?n=20"))
         started = time.monotonic()
@@ -775,7 +776,7 @@ async def test_chunked_response_streams_in_chunks(backend: Backend) -> None:
 
 @aio(10)
 async def test_http10_client(backend: Backend) -> None:
-    async with running_proxy(Target(HOST, backend.port)) as p:
+    async with running_proxy(Target(Endpoint(HOST, backend.port))) as p:
         # A response without length: sent raw, ended by closing.
         c = await p.connect()
         c.send(b"GET /chunked?n=3 HTTP/1.0\r\nHost: old.example\r\n\r\n")
@@ -808,7 +809,7 @@ async def test_http10_client(backend: Backend) -> None:
 
 @aio(10)
 async def test_http10_client_without_host(backend: Backend) -> None:
-    async with running_proxy(Target(HOST, backend.port)) as p:
+    async with running_proxy(Target(Endpoint(HOST, backend.port))) as p:
         c = await p.connect()
         c.send(b"GET /x HTTP/1.0\r\n\r\n")  # valid HTTP/1.0: Host is optional
         r = await c.response()
@@ -817,7 +818,7 @@ async def test_http10_client_without_host(backend: Backend) -> None:
 
 @aio(10)
 async def test_pipelined_http10_then_http11_response_not_chunked(backend: Backend) -> None:
-    async with running_proxy(Target(HOST, backend.port)) as p:
+    async with running_proxy(Target(Endpoint(HOST, backend.port))) as p:
         c = await p.connect()
         c.send(
             b"GET /chunked?n=2 HTTP/1.0\r\nHost: h\r\nConnection: keep-alive\r\n\r\n"
@@ -837,7 +838,7 @@ async def test_pipelined_http10_then_http11_response_not_chunked(backend: Backen
 async def test_head_then_next_request_on_same_connection(backend: Backend) -> None:
     # Only routes built on web.Response: the demo's streamed routes (/bytes, /chunked)
     # send a body even to HEAD (aiohttp StreamResponse), which no proxy can frame.
-    target = Target(HOST, backend.port)
+    target = Target(Endpoint(HOST, backend.port))
     async with running_proxy(target) as p:
         c = await p.connect()
         for path in ("/", "/headers", "/cookies"):
@@ -898,7 +899,7 @@ async def test_head_response_with_connection_close_is_not_reused() -> None:
 @pytest.mark.parametrize("code", [204, 304])
 @aio(10)
 async def test_no_body_status_then_next_request(backend: Backend, code: int) -> None:
-    async with running_proxy(Target(HOST, backend.port)) as p:
+    async with running_proxy(Target(Endpoint(HOST, backend.port))) as p:
         c = await p.connect()
         r = await c.request("GET", f"/status/{code}")
         assert r.status == code
@@ -912,7 +913,7 @@ async def test_no_body_status_then_next_request(backend: Backend, code: int) -> 
 
 @aio(10)
 async def test_expect_100_continue(backend: Backend) -> None:
-    async with running_proxy(Target(HOST, backend.port)) as p:
+    async with running_proxy(Target(Endpoint(HOST, backend.port))) as p:
         c = await p.connect()
         body = b"x" * 1000 + b"end"
         c.send(
@@ -947,7 +948,7 @@ async def test_no_target_503_after_hold_timeout(backend: Backend) -> None:
         assert r.body == b"rotator: shop: service unavailable\n"
         assert r.get("Content-Length") == str(len(r.body)).encode()
         # The same connection works once a target exists.
-        p.swap(Target(HOST, backend.port))
+        p.swap(Target(Endpoint(HOST, backend.port)))
         r = await c.request("GET", "/now")
         assert r.status == 200 and r.json()["path"] == "/now"
 
@@ -959,7 +960,7 @@ async def test_target_appearing_during_hold_is_used(backend: Backend) -> None:
         started = time.monotonic()
         c.send(request_bytes("GET", "/held"))
         await asyncio.sleep(0.2)
-        p.swap(Target(HOST, backend.port))
+        p.swap(Target(Endpoint(HOST, backend.port)))
         r = await c.response()
         assert r.status == 200 and r.json()["path"] == "/held"
         assert 0.2 <= time.monotonic() - started < 1.5
@@ -974,7 +975,7 @@ async def test_client_leaving_while_held_leaves_nothing_behind(backend: Backend)
         c.close()
         assert p.listener is not None
         await until(lambda: not p.listener.connections if p.listener else True)
-        target = Target(HOST, backend.port)
+        target = Target(Endpoint(HOST, backend.port))
         p.swap(target)
         await asyncio.sleep(0.1)
         assert (target.in_flight, target.served) == (0, 0)
@@ -986,7 +987,9 @@ async def test_client_leaving_while_held_leaves_nothing_behind(backend: Backend)
 async def test_refused_backend_is_held_then_503() -> None:
     # A refused connect means the instance is gone: the request waits (hold_timeout)
     # for a replacement, and without one answers 503, whatever the method.
-    async with running_proxy(Target(HOST, free_port()), name="shop", hold_timeout=0.3) as p:
+    async with running_proxy(
+        Target(Endpoint(HOST, free_port())), name="shop", hold_timeout=0.3
+    ) as p:
         c = await p.connect()
         started = time.monotonic()
         r = await c.request("GET", "/")
@@ -1001,11 +1004,11 @@ async def test_refused_backend_is_held_then_503() -> None:
 
 @aio(10)
 async def test_refused_request_is_retried_on_the_replacement(backend: Backend) -> None:
-    async with running_proxy(Target(HOST, free_port()), hold_timeout=3.0) as p:
+    async with running_proxy(Target(Endpoint(HOST, free_port())), hold_timeout=3.0) as p:
         c = await p.connect()
         c.send(request_bytes("POST", "/echo", body=b"payload"))
         await asyncio.sleep(0.2)  # refused, now held
-        p.swap(Target(HOST, backend.port))
+        p.swap(Target(Endpoint(HOST, backend.port)))
         r = await c.response()
         assert (r.status, r.body) == (200, b"payload")
         assert p.targets[0].in_flight == 0
@@ -1046,7 +1049,7 @@ async def test_backend_switching_protocols_gives_502() -> None:
 async def test_swap_moves_keepalive_connection_and_drains_old(
     backend: Backend, backend_b: Backend
 ) -> None:
-    old, new = Target(HOST, backend.port), Target(HOST, backend_b.port)
+    old, new = Target(Endpoint(HOST, backend.port)), Target(Endpoint(HOST, backend_b.port))
     async with running_proxy(old) as p:
         c = await p.connect()
         slow = await p.connect()
@@ -1083,12 +1086,12 @@ async def test_swap_moves_keepalive_connection_and_drains_old(
 
 @aio(10)
 async def test_drain_times_out_with_count(backend: Backend, backend_b: Backend) -> None:
-    old = Target(HOST, backend.port)
+    old = Target(Endpoint(HOST, backend.port))
     async with running_proxy(old) as p:
         slow = await p.connect()
         slow.send(request_bytes("GET", "/slow?seconds=2"))
         await until(lambda: old.in_flight == 1)
-        p.swap(Target(HOST, backend_b.port))
+        p.swap(Target(Endpoint(HOST, backend_b.port)))
         started = time.monotonic()
         assert await old.drain(0.2) == 1
         assert 0.15 <= time.monotonic() - started < 1
@@ -1103,12 +1106,12 @@ CLOSE_ALL_ORPHANS = (
 
 @aio(10)
 async def test_close_all_before_response_answers_502(backend: Backend, backend_b: Backend) -> None:
-    old = Target(HOST, backend.port)
+    old = Target(Endpoint(HOST, backend.port))
     async with running_proxy(old) as p:
         slow = await p.connect()
         slow.send(request_bytes("GET", "/slow?seconds=2"))
         await until(lambda: old.in_flight == 1)
-        p.swap(Target(HOST, backend_b.port))
+        p.swap(Target(Endpoint(HOST, backend_b.port)))
         assert await old.drain(0.1) == 1
         old.close_all()  # the drain deadline passed: cut what is left
         # Cut before any response byte, on a connection never used before: a 502 now.
@@ -1119,13 +1122,13 @@ async def test_close_all_before_response_answers_502(backend: Backend, backend_b
 
 @aio(10)
 async def test_close_all_mid_response_closes_client(backend: Backend, backend_b: Backend) -> None:
-    old = Target(HOST, backend.port)
+    old = Target(Endpoint(HOST, backend.port))
     async with running_proxy(old) as p:
         c = await p.connect()
         c.send(request_bytes("GET", "/bytes?n=50000000"))
         assert (await c.head()).status == 200
         await asyncio.wait_for(c.reader.readexactly(MiB), 5)
-        p.swap(Target(HOST, backend_b.port))
+        p.swap(Target(Endpoint(HOST, backend_b.port)))
         old.close_all()
         # Part of the body is out: the client must see the connection end, not wait forever.
         with contextlib.suppress(ConnectionResetError):
@@ -1136,7 +1139,7 @@ async def test_close_all_mid_response_closes_client(backend: Backend, backend_b:
 
 @aio(15)
 async def test_swap_under_load_loses_nothing(backend: Backend, backend_b: Backend) -> None:
-    targets = [Target(HOST, backend.port), Target(HOST, backend_b.port)]
+    targets = [Target(Endpoint(HOST, backend.port)), Target(Endpoint(HOST, backend_b.port))]
     async with running_proxy(targets[0]) as p:
         statuses: list[int] = []
         pids: set[int] = set()
@@ -1154,7 +1157,7 @@ async def test_swap_under_load_loses_nothing(backend: Backend, backend_b: Backen
         tasks = [asyncio.ensure_future(client(i % 2 == 0)) for i in range(8)]
         for i in range(10):
             await asyncio.sleep(0.06)
-            old = p.swap(Target(HOST, targets[(i + 1) % 2].port))
+            old = p.swap(Target(Endpoint(HOST, targets[(i + 1) % 2].port)))
             assert old is not None
             old.retire()
         stop.set()
@@ -1169,7 +1172,7 @@ async def test_swap_under_load_loses_nothing(backend: Backend, backend_b: Backen
 
 @aio(15)
 async def test_backend_closing_every_connection(closing_backend: Backend) -> None:
-    target = Target(HOST, closing_backend.port)
+    target = Target(Endpoint(HOST, closing_backend.port))
     async with running_proxy(target) as p:
         c = await p.connect()
         for i in range(200):
@@ -1185,7 +1188,7 @@ async def test_backend_closing_every_connection(closing_backend: Backend) -> Non
 
 @aio(10)
 async def test_client_disconnect_mid_response(backend: Backend) -> None:
-    target = Target(HOST, backend.port)
+    target = Target(Endpoint(HOST, backend.port))
     async with running_proxy(target) as p:
         c = await p.connect()
         c.send(request_bytes("GET", "/bytes?n=50000000"))
@@ -1230,7 +1233,7 @@ async def _read_pattern(reader: asyncio.StreamReader, n: int, slow_reads: int) -
 @aio(20)
 async def test_download_200mb_slow_reader_bounded_memory(backend: Backend) -> None:
     n = 200 * MiB
-    async with running_proxy(Target(HOST, backend.port)) as p:
+    async with running_proxy(Target(Endpoint(HOST, backend.port))) as p:
         c = await p.connect()
         c.send(request_bytes("GET", f"/bytes?n={n}"))
         r = await c.head()
@@ -1251,7 +1254,7 @@ async def test_download_200mb_slow_reader_bounded_memory(backend: Backend) -> No
 async def test_upload_200mb_echo_slow_reader_bounded_memory(backend: Backend) -> None:
     n = 200 * MiB
     block = pattern(MiB)
-    async with running_proxy(Target(HOST, backend.port)) as p:
+    async with running_proxy(Target(Endpoint(HOST, backend.port))) as p:
         c = await p.connect()
         assert (await c.request("GET", "/warm")).status == 200  # see the xfail 5 MiB test
 
@@ -1282,7 +1285,7 @@ async def test_upload_200mb_echo_slow_reader_bounded_memory(backend: Backend) ->
 
 @aio(10)
 async def test_shutdown_finishes_in_flight_then_refuses(backend: Backend) -> None:
-    target = Target(HOST, backend.port)
+    target = Target(Endpoint(HOST, backend.port))
     async with running_proxy(target) as p:
         assert p.listener is not None
         idle = await p.connect()
@@ -1317,7 +1320,7 @@ async def test_backend_replaced_on_same_port(tmp_path: Path) -> None:
     first = Backend(tmp_path / "first.log", port=port).wait_ready()
     second: Backend | None = None
     try:
-        target = Target(HOST, port)
+        target = Target(Endpoint(HOST, port))
         async with running_proxy(target) as p:
             c = await p.connect()
             r = await c.request("GET", "/")
@@ -1429,7 +1432,7 @@ async def test_early_response_while_upload_buffered_keeps_connection_usable() ->
 async def test_idle_and_half_sent_connections_are_closed_after_keepalive_timeout(
     backend: Backend,
 ) -> None:
-    async with running_proxy(Target(HOST, backend.port), keepalive_timeout=0.4) as p:
+    async with running_proxy(Target(Endpoint(HOST, backend.port)), keepalive_timeout=0.4) as p:
         idle = await p.connect()
         assert (await idle.request("GET", "/")).status == 200
         slow = await p.connect()
@@ -1452,7 +1455,7 @@ async def test_idle_and_half_sent_connections_are_closed_after_keepalive_timeout
 @aio(10)
 async def test_read_timeout_gives_504_naming_the_component(backend: Backend) -> None:
     limits = Limits(read_timeout=0.3)
-    async with running_proxy(Target(HOST, backend.port), name="shop", limits=limits) as p:
+    async with running_proxy(Target(Endpoint(HOST, backend.port)), name="shop", limits=limits) as p:
         c = await p.connect()
         started = time.monotonic()
         r = await c.request("GET", "/slow?seconds=3")
@@ -1466,7 +1469,7 @@ async def test_read_timeout_gives_504_naming_the_component(backend: Backend) -> 
 async def test_read_timeout_mid_body_cuts_the_connection(backend: Backend) -> None:
     # /chunked sends a chunk every 10 ms: never idle long enough for read_timeout...
     limits = Limits(read_timeout=0.5, request_timeout=0.4)
-    async with running_proxy(Target(HOST, backend.port), limits=limits) as p:
+    async with running_proxy(Target(Endpoint(HOST, backend.port)), limits=limits) as p:
         c = await p.connect()
         c.send(request_bytes("GET", "/chunked?n=200"))
         assert (await c.head()).status == 200
@@ -1497,7 +1500,7 @@ async def test_forwarded_headers_are_replaced_unless_trusted(backend: Backend) -
         ),
     ):
         limits = Limits(trust_forwarded=trust)
-        async with running_proxy(Target(HOST, backend.port), limits=limits) as p:
+        async with running_proxy(Target(Endpoint(HOST, backend.port)), limits=limits) as p:
             c = await p.connect()
             r = await c.request("GET", "/headers", claimed, host="x")
             got = [
@@ -1510,7 +1513,9 @@ async def test_forwarded_headers_are_replaced_unless_trusted(backend: Backend) -
 
 @aio(10)
 async def test_trusted_forwarding_adds_what_is_missing(backend: Backend) -> None:
-    async with running_proxy(Target(HOST, backend.port), limits=Limits(trust_forwarded=True)) as p:
+    async with running_proxy(
+        Target(Endpoint(HOST, backend.port)), limits=Limits(trust_forwarded=True)
+    ) as p:
         c = await p.connect()
         r = await c.request("GET", "/headers", host="x")
         got = {h[0].lower(): h[1] for h in r.json()["headers"]}
@@ -1521,7 +1526,7 @@ async def test_trusted_forwarding_adds_what_is_missing(backend: Backend) -> None
 @aio(10)
 async def test_too_many_or_too_large_headers_get_431(backend: Backend) -> None:
     limits = Limits(max_headers=10, max_header_size=2048)
-    async with running_proxy(Target(HOST, backend.port), limits=limits) as p:
+    async with running_proxy(Target(Endpoint(HOST, backend.port)), limits=limits) as p:
         many = await p.connect()
         many.send(request_bytes("GET", "/", [(f"X-H{i}", "v") for i in range(11)]))
         r = await many.response()
@@ -1541,7 +1546,9 @@ async def test_too_many_or_too_large_headers_get_431(backend: Backend) -> None:
 @aio(10)
 async def test_max_connections_makes_requests_wait_their_turn(backend: Backend) -> None:
     limits = Limits(max_connections=1)
-    async with running_proxy(Target(HOST, backend.port), hold_timeout=3.0, limits=limits) as p:
+    async with running_proxy(
+        Target(Endpoint(HOST, backend.port)), hold_timeout=3.0, limits=limits
+    ) as p:
         first, second = await p.connect(), await p.connect()
         started = time.monotonic()
         first.send(request_bytes("GET", "/slow?seconds=0.5"))
@@ -1559,7 +1566,9 @@ async def test_max_connections_answers_503_after_hold_and_never_leaks_a_slot(
     backend: Backend,
 ) -> None:
     limits = Limits(max_connections=1)
-    async with running_proxy(Target(HOST, backend.port), hold_timeout=0.3, limits=limits) as p:
+    async with running_proxy(
+        Target(Endpoint(HOST, backend.port)), hold_timeout=0.3, limits=limits
+    ) as p:
         busy = await p.connect()
         busy.send(request_bytes("GET", "/slow?seconds=1"))
         await until(lambda: p.targets[0].in_flight == 1)
@@ -1597,7 +1606,7 @@ async def test_compressed_bodies_pass_untouched() -> None:
 
 @aio(15)
 async def test_many_idle_connections_do_not_stop_others(backend: Backend) -> None:
-    async with running_proxy(Target(HOST, backend.port)) as p:
+    async with running_proxy(Target(Endpoint(HOST, backend.port))) as p:
         idle = [await p.connect() for _ in range(300)]
         for c in idle[:100]:
             c.send(b"GET / HTTP/1.1\r\nHost: x\r\n")  # heads that never end

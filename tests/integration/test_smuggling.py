@@ -40,6 +40,7 @@ from typing import Any, cast
 import h11
 import pytest
 
+from rotator.config import Endpoint
 from rotator.proxy.route import Limits, Target
 from tests.corpus import gunicorn
 from tests.integration.proxykit import (
@@ -271,7 +272,7 @@ class Instance:
             await self.server.wait_closed()
 
     def target(self) -> Target:
-        return Target(HOST, self.port)
+        return Target(Endpoint(HOST, self.port))
 
     def mark(self) -> Mark:
         return Mark(len(self.requests), tuple(len(c.raw) for c in self.conns))
@@ -1205,7 +1206,7 @@ def demo(tmp_path: Path) -> Iterator[Backend]:
 
 @aio(20)
 async def test_poisoning_every_victim_gets_its_own_answers(demo: Backend) -> None:
-    async with running_proxy(Target(HOST, demo.port)) as p:
+    async with running_proxy(Target(Endpoint(HOST, demo.port))) as p:
         wrong: list[str] = []
         stop = asyncio.Event()
 

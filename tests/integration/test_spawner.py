@@ -15,6 +15,7 @@ from typing import Any
 import psutil
 import pytest
 
+from rotator.config import Endpoint
 from rotator.instance import Instance, SpawnError
 from rotator.spawner import Spawner, SpawnerGone
 
@@ -156,7 +157,13 @@ def test_a_killed_spawner_is_replaced_and_its_children_run_on(tmp_path: Path) ->
 def test_an_instance_whose_spawner_died_still_learns_of_its_exit(tmp_path: Path) -> None:
     async def scenario(spawner: Spawner, log: Path) -> None:
         inst = await Instance.spawn(
-            "web", 0, ["sleep", "30"], {}, tmp_path, tmp_path / "logs", spawner=spawner
+            "web",
+            Endpoint("127.0.0.1"),
+            ["sleep", "30"],
+            {},
+            tmp_path,
+            tmp_path / "logs",
+            spawner=spawner,
         )
         assert spawner.pid is not None
         os.kill(spawner.pid, signal.SIGKILL)
@@ -173,10 +180,20 @@ def test_an_instance_that_cannot_start_is_a_spawn_error(tmp_path: Path) -> None:
     async def scenario(spawner: Spawner, log: Path) -> None:
         logs = tmp_path / "logs"
         with pytest.raises(SpawnError, match="command not found: no-such-command"):
-            await Instance.spawn("web", 0, ["no-such-command"], {}, tmp_path, logs, spawner=spawner)
+            await Instance.spawn(
+                "web",
+                Endpoint("127.0.0.1"),
+                ["no-such-command"],
+                {},
+                tmp_path,
+                logs,
+                spawner=spawner,
+            )
         gone = tmp_path / "gone"
         with pytest.raises(SpawnError, match=f"working directory not found: {gone}$"):
-            await Instance.spawn("web", 0, ["true"], {}, gone, logs, spawner=spawner)
+            await Instance.spawn(
+                "web", Endpoint("127.0.0.1"), ["true"], {}, gone, logs, spawner=spawner
+            )
         assert list(logs.iterdir()) == []  # the log of a command that never ran is removed
 
     run(tmp_path, scenario)

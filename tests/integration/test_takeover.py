@@ -136,7 +136,7 @@ def test_a_successor_that_vanishes_before_ready_leaves_the_old_daemon_in_charge(
         lambda: (d.component("web")["active"] or {}).get("pid") not in (None, before["web"]), 15
     )
     state = json.loads((state_dir / "state.json").read_text())
-    assert state["components"]["web"]["active"]["pid"] != before["web"]  # it saves again
+    assert state["components"]["web"]["instances"][0]["pid"] != before["web"]  # it saves again
 
 
 def test_an_unknown_protocol_is_refused(tmp_path: Path, daemon_factory: Any) -> None:

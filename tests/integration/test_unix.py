@@ -70,9 +70,10 @@ def test_unix_component_serves_through_its_public_tcp_address(
     assert headers["X-Instance-Socket"] == path and headers["X-Instance-Port"] == "0"
     assert int(headers["X-Instance-Pid"]) == active["pid"]
     assert (state_dir / "sockets").stat().st_mode & 0o077 == 0
-    # Not in the state file: a unix instance is never adopted (see test below).
+    # Recorded with its path: adopted after a daemon crash (see the test below).
     state = json.loads((state_dir / "state.json").read_text())
-    assert state["components"]["web"]["active"] is None
+    (record,) = state["components"]["web"]["instances"]
+    assert record["socket"] == path and record["port"] is None and record["pid"] == active["pid"]
     status = cli(config, "status")
     assert status.returncode == 0 and "web" in status.stdout, status.stderr
     assert cli(config, "down").returncode == 0
@@ -170,7 +171,7 @@ def test_killed_unix_instance_is_replaced_and_its_socket_removed(
     assert wait_until(lambda: socket_files(state_dir) == [os.path.basename(new["socket"])])
 
 
-def test_unix_instances_of_a_killed_daemon_are_stopped_not_adopted(
+def test_unix_instances_of_a_killed_daemon_are_adopted(
     tmp_path: Path, state_dir: Path, daemon_factory
 ) -> None:
     config = write_config(tmp_path, {"web": unix_component()}, state_dir=str(state_dir))
@@ -183,12 +184,15 @@ def test_unix_instances_of_a_killed_daemon_are_stopped_not_adopted(
 
     second = daemon_factory(config)
     new = second.component("web")["active"]
-    assert new["pid"] != old["pid"] and new["adopted"] is False
-    assert not alive(old["pid"])  # stopped by its marker
-    assert "left from the earlier run" in second.output()
+    assert new["pid"] == old["pid"] and new["adopted"] is True
+    assert new["socket"] == old["socket"]
     code, headers, _ = get(second.url("web"))
-    assert code == 200 and int(headers["X-Instance-Pid"]) == new["pid"]
-    assert socket_files(state_dir) == [os.path.basename(new["socket"])]
+    assert code == 200 and int(headers["X-Instance-Pid"]) == old["pid"]
+    # The next rotation moves on to another path of the pool, and removes the old file.
+    assert cli(config, "restart", "web").returncode == 0
+    newest = second.component("web")["active"]
+    assert newest["socket"] != old["socket"] and not alive(old["pid"])
+    assert socket_files(state_dir) == [os.path.basename(newest["socket"])]
 
 
 def test_max_connections_from_the_config_reaches_the_proxy(

@@ -15,19 +15,12 @@ from typing import Any
 
 import pytest
 
-from rotator.component import (
-    Component,
-    NoFreeSocket,
-    RotationFailed,
-    SocketState,
-    choose_socket,
-    probe_socket,
-)
-from rotator.config import Address, ComponentSpec, HealthSpec, RestartPolicy
+from rotator.component import Component, RotationFailed
+from rotator.config import Address, ComponentSpec, Endpoint, HealthSpec, RestartPolicy
 from rotator.events import Event, EventBus
 from rotator.health import NotHealthy
 from rotator.instance import StopResult
-from rotator.ports import PortState
+from rotator.ports import NoFreeSocket, PortState, SocketState, choose_socket, probe_socket
 from rotator.proxy.route import Limits, Route
 
 SPEC = ComponentSpec(
@@ -45,8 +38,8 @@ SPEC = ComponentSpec(
 
 
 class FakeInstance:
-    def __init__(self, pid: int, port: int) -> None:
-        self.pid, self.port = pid, port
+    def __init__(self, pid: int, endpoint: Endpoint) -> None:
+        self.pid, self.endpoint, self.port = pid, endpoint, endpoint.port
         self.started = 0.0
         self.adopted = False
         self.marker = f"m{pid}"
@@ -83,21 +76,59 @@ class ScriptedHealth:
         self.world = world
 
     async def wait_until_healthy(
-        self, host: str, port: int, exited: Awaitable[int], *, definition: object = None
+        self, endpoint: Endpoint, exited: Awaitable[int], *, definition: object = None
     ) -> float:
-        return await self.world.wait_until_healthy(host, port, exited)
+        return await self.world.wait_until_healthy(endpoint, exited)
 
-    async def probe(self, host: str, port: int, *, definition: object = None) -> str | None:
+    async def probe(self, endpoint: Endpoint, *, definition: object = None) -> str | None:
         return self.world.probe_script.pop(0) if self.world.probe_script else None
 
-    def forget(self, host: str, port: int, *, unix: str | None = None) -> None:
-        self.world.forgotten.append(port)
+    def forget(self, endpoint: Endpoint) -> None:
+        self.world.forgotten.append(endpoint.port)
+
+
+class FakeClock:
+    """Time that moves only when a test steps it."""
+
+    def __init__(self) -> None:
+        self.time = 0.0
+        self.sleepers: list[tuple[float, asyncio.Future[None]]] = []
+
+    def now(self) -> float:
+        return self.time
+
+    async def sleep(self, seconds: float) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        self.sleepers.append((self.time + seconds, fut))
+        await fut
+
+    async def advance(self, seconds: float) -> None:
+        """Step `seconds` forward, waking each sleeper at its time, in order, and letting
+        what it starts run before the next one wakes."""
+        end = self.time + seconds
+        while True:
+            await settle()
+            self.sleepers = [(t, f) for t, f in self.sleepers if not f.done()]
+            due = [entry for entry in self.sleepers if entry[0] <= end]
+            if not due:
+                break
+            wake, fut = min(due, key=lambda entry: entry[0])
+            self.time = max(self.time, wake)
+            fut.set_result(None)
+        self.time = end
+
+
+async def settle() -> None:
+    """Let every ready task run until none is left ready (the fakes never block)."""
+    for _ in range(50):
+        await asyncio.sleep(0)
 
 
 class World:
     """The side effects a Component sees, scripted."""
 
     def __init__(self) -> None:
+        self.clock = FakeClock()
         self.bus = EventBus()
         self.events: list[Event] = []
         self.bus.subscribe(self.events.append)
@@ -113,20 +144,21 @@ class World:
     async def spawn(
         self,
         name: str,
-        port: int,
+        endpoint: Endpoint,
         argv: list[str],
         env: dict[str, str],
         cwd: Path,
         log: Path,
         marker: str,
     ) -> Any:
+        port = endpoint.port
         assert argv == ["app", "--port", str(port)] and env["PORT"] == str(port)
-        inst = FakeInstance(1000 + len(self.instances), port)
+        inst = FakeInstance(1000 + len(self.instances), endpoint)
         inst.squatted = self.squatted.get(port)
         self.instances.append(inst)
         return inst
 
-    async def wait_until_healthy(self, host: str, port: int, exited: Awaitable[int]) -> float:
+    async def wait_until_healthy(self, endpoint: Endpoint, exited: Awaitable[int]) -> float:
         asyncio.ensure_future(
             exited
         ).cancel()  # a real gate watches for the exit; this one is scripted
@@ -149,6 +181,7 @@ class World:
             log_dir=Path("/dev/null"),
             spawn=self.spawn,
             probe=self.probe,
+            clock=self.clock,
         )
 
     def kinds(self) -> list[str]:
@@ -267,9 +300,12 @@ def test_a_squatted_first_start_and_crash_recovery_fail_too() -> None:
         assert c.active is not None and c.active.port == 9002
         w.squatted = {9003: "port 9003 is held by pid 77 (nc), not by ..."}
         w.instances[-1].exit.set_result(1)  # a crash: the replacement skips the squatter
-        while c.active is None or c.active.port == 9002:
-            await asyncio.sleep(0.01)
-        assert c.active.port == 9001 and w.instances[-2].stopped_with == signal.SIGTERM
+        await w.clock.advance(5.0)  # the attempt on 9003 failed; the next waits its backoff
+        assert (
+            c.active is not None
+            and c.active.port == 9001
+            and w.instances[-2].stopped_with == signal.SIGTERM
+        )
 
     run(scenario())
 
@@ -372,17 +408,18 @@ def test_crash_loop_ends_in_failed_and_a_restart_revives() -> None:
         w = World()
         spec = dataclasses.replace(
             SPEC,
-            restart=RestartPolicy(max_restarts=3, restart_backoff=0.001, restart_backoff_max=0.002),
+            restart=RestartPolicy(max_restarts=3, restart_backoff=1.0, restart_backoff_max=4.0),
         )
         c = w.component(spec)
         await c.rotate()
         w.health_script = [NotHealthy("exited with code 1 before becoming healthy")] * 10
         w.instances[0].exit.set_result(1)
-        for _ in range(500):
-            await asyncio.sleep(0.001)
-            if c.state == "failed":
-                break
+        await w.clock.advance(0.5)
+        assert c.state == "starting" and len(w.instances) == 2  # the first attempt, at once
+        await w.clock.advance(60)
         assert c.state == "failed"
+        backoffs = [e.message for e in w.events if e.kind == "backoff"]
+        assert backoffs == ["next restart attempt in 1s", "next restart attempt in 2s"]
         assert len(w.instances) == 1 + 3  # the crashed one and max_restarts attempts
         assert w.route.target is None and not w.route.holding  # 503 at once now
         assert "gave up after 3 restarts" in (c.last_error or "")
@@ -396,14 +433,14 @@ def test_crash_loop_ends_in_failed_and_a_restart_revives() -> None:
 def test_unhealthy_instance_is_replaced_while_it_keeps_serving() -> None:
     async def scenario() -> None:
         w = World()
-        spec = dataclasses.replace(SPEC, health=HealthSpec(interval=0.001, unhealthy_threshold=2))
+        spec = dataclasses.replace(SPEC, health=HealthSpec(interval=1.0, unhealthy_threshold=2))
         c = w.component(spec)
         await c.rotate()
         w.probe_script = ["/health answered 500", "/health answered 500"]
-        for _ in range(500):
-            await asyncio.sleep(0.001)
-            if len(w.instances) == 2 and c.state == "running" and not c.draining:
-                break
+        await w.clock.advance(1.5)
+        assert w.kinds().count("check_failed") == 1 and w.route.target.port == 9001  # type: ignore[union-attr]
+        await w.clock.advance(1.0)
+        assert len(w.instances) == 2 and c.state == "running" and not c.draining
         assert w.route.target is not None and w.route.target.port == 9002
         assert w.instances[0].stopped_with == signal.SIGTERM  # replaced, then stopped
         assert "unhealthy" in w.kinds()  # once, at the threshold...
@@ -419,16 +456,39 @@ def test_deploy_with_failed_verify_rolls_back_to_the_old_instance() -> None:
         await c.rotate()
         old_target = w.route.target
         new_spec = dataclasses.replace(
-            SPEC, verify=0.05, health=HealthSpec(interval=0.001, unhealthy_threshold=2)
+            SPEC, verify=10.0, health=HealthSpec(interval=1.0, unhealthy_threshold=2)
         )
-        w.probe_script = ["/health answered 500"] * 2
-        with pytest.raises(RotationFailed, match="rolled back"):
-            await c.deploy(new_spec)
+        failed = "/health answered 500"
+        w.probe_script = [None, failed, None, failed, failed]
+        deploy = asyncio.ensure_future(c.deploy(new_spec))
+        await w.clock.advance(4.5)  # failures, but never two in a row
+        assert not deploy.done() and w.route.target is not old_target
+        await w.clock.advance(1.0)
+        with pytest.raises(RotationFailed, match="failed 2 health checks in a row"):
+            await deploy
         assert w.route.target is old_target and c.active is w.instances[0]
         assert c.spec is SPEC and c.definition_source == "config"
         for _ in range(20):
             await asyncio.sleep(0)
         assert w.instances[1].stopped_with == signal.SIGTERM and w.instances[0].stopped_with is None
+
+    run(scenario())
+
+
+def test_deploy_with_verify_keeps_a_new_instance_that_stays_healthy_for_the_window() -> None:
+    async def scenario() -> None:
+        w = World()
+        c = w.component()
+        await c.rotate()
+        new_spec = dataclasses.replace(SPEC, verify=3.0, health=HealthSpec(interval=1.0))
+        w.probe_script = ["/health answered 500", None, "/health answered 500"]
+        deploy = asyncio.ensure_future(c.deploy(new_spec))
+        await w.clock.advance(2.5)
+        assert not deploy.done()
+        await w.clock.advance(1.0)
+        await deploy
+        assert c.spec is new_spec and c.active is w.instances[1]
+        assert "verified" in w.kinds()
 
     run(scenario())
 
@@ -545,7 +605,7 @@ class UnixWorld(World):
     async def spawn(
         self,
         name: str,
-        port: int,
+        endpoint: Endpoint,
         argv: list[str],
         env: dict[str, str],
         cwd: Path,
@@ -553,9 +613,10 @@ class UnixWorld(World):
         marker: str,
     ) -> Any:
         socket_path = env["ROTATOR_SOCKET"]
-        assert port == 0 and argv == ["app", "--unix", socket_path] and "PORT" not in env
+        assert endpoint.path == socket_path and endpoint.port == 0
+        assert argv == ["app", "--unix", socket_path] and "PORT" not in env
         Path(socket_path).write_text("")  # where the instance would bind
-        inst = FakeInstance(1000 + len(self.instances), port)
+        inst = FakeInstance(1000 + len(self.instances), endpoint)
         self.instances.append(inst)
         return inst
 
@@ -583,22 +644,14 @@ class UnixHealth(ScriptedHealth):
     world: UnixWorld
 
     async def wait_until_healthy(
-        self,
-        host: str,
-        port: int,
-        exited: Awaitable[int],
-        *,
-        unix: str | None = None,
-        definition: object = None,
+        self, endpoint: Endpoint, exited: Awaitable[int], *, definition: object = None
     ) -> float:
-        self.world.health_calls.append((port, unix))
-        return await self.world.wait_until_healthy(host, port, exited)
+        self.world.health_calls.append((endpoint.port, endpoint.path))
+        return await self.world.wait_until_healthy(endpoint, exited)
 
-    async def probe(
-        self, host: str, port: int, *, unix: str | None = None, definition: object = None
-    ) -> str | None:
-        self.world.health_calls.append((port, unix))
-        return await super().probe(host, port)
+    async def probe(self, endpoint: Endpoint, *, definition: object = None) -> str | None:
+        self.world.health_calls.append((endpoint.port, endpoint.path))
+        return await super().probe(endpoint)
 
 
 def test_unix_component_rotates_between_socket_paths(tmp_path: Path) -> None:
@@ -612,7 +665,8 @@ def test_unix_component_rotates_between_socket_paths(tmp_path: Path) -> None:
         assert w.health_calls == [(0, sockets[0])]
         status = c.status()["active"]
         assert status["port"] is None and status["socket"] == sockets[0]
-        assert c.record().active is None  # no port to record: never adopted
+        recorded = c.record().active  # recorded with its path: adopted after a crash
+        assert recorded is not None and recorded.socket == sockets[0] and recorded.port is None
         await c.rotate()
         assert w.route.target is not None and w.route.target.path == sockets[1]
         assert not Path(sockets[0]).exists()  # removed once its instance stopped

@@ -3,11 +3,9 @@ the states they show. Fake instances (see test_component.py): no processes, no s
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import errno
 import os
-import time
 from typing import Any
 
 import pytest
@@ -15,7 +13,7 @@ import pytest
 from rotator.component import RotationFailed
 from rotator.config import RestartPolicy
 from rotator.events import Event, EventBus
-from tests.unit.test_component import SPEC, World, run
+from tests.unit.test_component import SPEC, World, run, settle
 
 
 class FailingWorld(World):
@@ -35,11 +33,13 @@ class FailingWorld(World):
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/state/logs/web/.x.starting")
 
 
-async def until(predicate: Any, timeout: float = 2.0) -> None:
-    deadline = time.monotonic() + timeout
+async def until(w: World, predicate: Any, timeout: float = 60.0) -> None:
+    """Step the world's clock, 10 ms at a time, until `predicate` holds."""
+    deadline = w.clock.now() + timeout
+    await settle()
     while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.001)
+        assert w.clock.now() < deadline, "timed out"
+        await w.clock.advance(0.01)
 
 
 def test_an_oserror_while_recovering_is_a_failed_start_retried_with_backoff() -> None:
@@ -53,7 +53,7 @@ def test_an_oserror_while_recovering_is_a_failed_start_retried_with_backoff() ->
         await c.rotate()
         w.errors = [ENOSPC, ENOSPC]
         w.instances[0].exit.set_result(137)
-        await until(lambda: c.state == "running" and len(w.instances) == 2)
+        await until(w, lambda: c.state == "running" and len(w.instances) == 2)
         failures = [e.message for e in w.events if e.kind == "failed"]
         assert len(failures) == 2
         assert failures[0] == (
@@ -75,7 +75,7 @@ def test_a_start_that_always_raises_ends_failed_after_max_restarts() -> None:
         await c.rotate()
         w.errors = [ENOSPC] * 10
         w.instances[0].exit.set_result(137)
-        await until(lambda: c.state == "failed")
+        await until(w, lambda: c.state == "failed")
         assert w.kinds().count("restarting") == 3 and len(w.errors) == 10 - 3
         assert "gave up after 3 restarts" in (c.last_error or "")
         assert "ENOSPC" in (c.last_error or "")
@@ -103,7 +103,7 @@ def test_a_manual_restart_that_raises_fails_and_leaves_the_old_instance(
 def test_a_crash_loop_is_starting_between_attempts_and_gives_up_without_a_last_wait() -> None:
     async def scenario() -> None:
         w = World()
-        # Long backoffs: a wait before giving up would show as seconds.
+        # A wait before giving up would show in the clock's time.
         spec = dataclasses.replace(
             SPEC,
             restart=RestartPolicy(max_restarts=2, restart_backoff=0.2, restart_backoff_max=0.2),
@@ -112,14 +112,14 @@ def test_a_crash_loop_is_starting_between_attempts_and_gives_up_without_a_last_w
         seen: list[tuple[str, bool]] = []
         w.bus.subscribe(lambda _: seen.append((c.state, c.active is not None)))
         await c.rotate()
-        began = time.monotonic()
+        began = w.clock.now()
         for n in range(3):  # each replacement comes up healthy, then crashes
             w.instances[n].exit.set_result(1)
-            await until(lambda n=n: len(w.instances) == n + 2 or c.state == "failed")
+            await until(w, lambda n=n: len(w.instances) == n + 2 or c.state == "failed")
             if c.state != "failed":
-                await until(lambda: c.state == "running")
-        await until(lambda: c.state == "failed")
-        took = time.monotonic() - began
+                await until(w, lambda: c.state == "running")
+        await until(w, lambda: c.state == "failed")
+        took = w.clock.now() - began
         # Two attempts: the first at once, the second after one backoff (0.2 s); then
         # the budget is spent and the third crash gives up at once.
         assert len(w.instances) == 1 + 2

@@ -87,16 +87,13 @@ def test_state_and_active_instance_follow_the_component() -> None:
 def test_each_failed_health_check_counts_once() -> None:
     async def scenario() -> None:
         w = World()
-        spec = dataclasses.replace(SPEC, health=HealthSpec(interval=0.001, unhealthy_threshold=3))
+        spec = dataclasses.replace(SPEC, health=HealthSpec(interval=1.0, unhealthy_threshold=3))
         c, metrics = setup(w, spec)
         await c.rotate()
         # Two failures, a pass, then three in a row: the threshold, so it is replaced.
         w.probe_script = ["500", "500", None, "500", "500", "500"]
-        for _ in range(500):
-            await asyncio.sleep(0.001)
-            if len(w.instances) == 2 and c.state == "running" and not c.draining:
-                break
-        assert len(w.instances) == 2
+        await w.clock.advance(6.5)
+        assert len(w.instances) == 2 and c.state == "running" and not c.draining
         s = scrape(metrics)
         assert value(s, "rotator_health_check_failures_total", component="web") == 5
         assert value(s, "rotator_instance_restarts_total", component="web") == 1
@@ -112,10 +109,12 @@ def test_rotation_outcomes_and_durations() -> None:
         await c.rotate()
         w.probe_script = ["500"] * 2
         verifying = dataclasses.replace(
-            SPEC, verify=0.05, health=HealthSpec(interval=0.001, unhealthy_threshold=2)
+            SPEC, verify=5.0, health=HealthSpec(interval=1.0, unhealthy_threshold=2)
         )
+        deploy = asyncio.ensure_future(c.deploy(verifying))
+        await w.clock.advance(2.5)
         with pytest.raises(RotationFailed, match="rolled back"):
-            await c.deploy(verifying)
+            await deploy
         w.health_script = [RotationFailed("never healthy")]
         with pytest.raises(RotationFailed):
             await c.rotate()

@@ -23,6 +23,7 @@ from rotator.state import (
 
 A = InstanceRecord(pid=4242, create_time=1700000000.25, port=20001, marker="web-7", started=1.5)
 B = InstanceRecord(pid=4243, create_time=1700000001.0, port=20002, marker="web-8", started=2.0)
+C = InstanceRecord(4244, 1700000001.5, None, "web-9", 2.5, socket="/run/web.1.sock", replica=1)
 DEFINITION = {"command": ["python", "-m", "app"], "cwd": "/srv/app", "env": {"DEBUG": "1"}}
 
 
@@ -31,14 +32,14 @@ def full_state() -> State:
         components={
             "web": ComponentRecord(
                 name="web",
-                active=A,
+                instances=(A, C),
                 draining=(B,),
                 definition=DEFINITION,
                 definition_source="deployed",
                 deployed_at=1700000002.5,
                 previous_definition={"command": ["python", "-m", "old"], "cwd": None, "env": {}},
             ),
-            "api": ComponentRecord(name="api", active=None, stopped=True),
+            "api": ComponentRecord(name="api", stopped=True, replicas=3),
         },
         daemon_pid=99,
         written_at=1700000003.0,
@@ -52,19 +53,24 @@ def good_doc() -> dict[str, Any]:
         "written_at": 1.0,
         "components": {
             "web": {
-                "active": {
-                    "pid": 10,
-                    "create_time": 1.0,
-                    "port": 20001,
-                    "marker": "m",
-                    "started": 2,
-                },
+                "instances": [
+                    {
+                        "pid": 10,
+                        "create_time": 1.0,
+                        "port": 20001,
+                        "socket": None,
+                        "marker": "m",
+                        "started": 2,
+                        "replica": 0,
+                    }
+                ],
                 "draining": [],
                 "definition": None,
                 "definition_source": "config",
                 "deployed_at": None,
                 "previous_definition": None,
                 "stopped": False,
+                "replicas": None,
             }
         },
     }
@@ -108,7 +114,7 @@ def test_missing_file_is_an_empty_state(path: Path) -> None:
 
 def test_save_fills_in_written_at_and_accepts_read_only_mappings(path: Path) -> None:
     record = ComponentRecord(
-        "web", A, definition=MappingProxyType({"env": MappingProxyType({"A": "1"})})
+        "web", (A,), definition=MappingProxyType({"env": MappingProxyType({"A": "1"})})
     )
     StateFile(path).save(State(components=MappingProxyType({"web": record})))
     loaded = StateFile(path).load()
@@ -118,7 +124,7 @@ def test_save_fills_in_written_at_and_accepts_read_only_mappings(path: Path) -> 
 
 def test_save_rejects_a_record_filed_under_another_name(path: Path) -> None:
     with pytest.raises(ValueError, match="filed under"):
-        StateFile(path).save(State(components={"web": ComponentRecord("api", None)}))
+        StateFile(path).save(State(components={"web": ComponentRecord("api")}))
 
 
 def test_save_is_atomic_0600_and_leaves_no_temp_files(path: Path) -> None:
@@ -137,7 +143,7 @@ def test_a_failed_save_leaves_the_old_file_intact(path: Path) -> None:
     sf = StateFile(path)
     sf.save(full_state())
     before = path.read_bytes()
-    broken = ComponentRecord("web", A, definition={"command": ["x"], "oops": object()})
+    broken = ComponentRecord("web", (A,), definition={"command": ["x"], "oops": object()})
     with pytest.raises(TypeError):
         sf.save(State(components={"web": broken}))
     assert path.read_bytes() == before
@@ -149,7 +155,7 @@ def test_a_non_finite_number_is_refused_at_save_not_at_load(path: Path) -> None:
     sf = StateFile(path)
     bad = InstanceRecord(pid=1, create_time=float("nan"), port=1, marker="m", started=0.0)
     with pytest.raises(ValueError):
-        sf.save(State(components={"web": ComponentRecord("web", bad)}))
+        sf.save(State(components={"web": ComponentRecord("web", (bad,))}))
     assert not path.exists() and leftovers(path) == []
 
 
@@ -211,19 +217,33 @@ def web(doc: dict[str, Any]) -> dict[str, Any]:
     ("mutate", "fragment"),
     [
         (
-            lambda d: web(d)["active"].update(pid="10"),
-            "components.web.active.pid: expected pid, got str",
+            lambda d: web(d)["instances"][0].update(pid="10"),
+            "components.web.instances[0].pid: expected pid, got str",
         ),
         (
-            lambda d: web(d)["active"].update(pid=True),
-            "components.web.active.pid: expected pid, got bool",
+            lambda d: web(d)["instances"][0].update(pid=True),
+            "components.web.instances[0].pid: expected pid, got bool",
         ),
-        (lambda d: web(d)["active"].update(pid=0), "components.web.active.pid: 0 is out of range"),
-        (lambda d: web(d)["active"].update(pid=-1), "out of range"),
-        (lambda d: web(d)["active"].update(port=70000), "components.web.active.port: 70000"),
-        (lambda d: web(d)["active"].update(create_time="x"), "create_time: expected number"),
-        (lambda d: web(d)["active"].pop("marker"), "components.web.active: missing key 'marker'"),
-        (lambda d: web(d)["active"].update(extra=1), "unexpected key 'extra'"),
+        (
+            lambda d: web(d)["instances"][0].update(pid=0),
+            "components.web.instances[0].pid: 0 is out of range",
+        ),
+        (lambda d: web(d)["instances"][0].update(pid=-1), "out of range"),
+        (
+            lambda d: web(d)["instances"][0].update(port=70000),
+            "components.web.instances[0].port: 70000",
+        ),
+        (lambda d: web(d)["instances"][0].update(create_time="x"), "create_time: expected number"),
+        (
+            lambda d: web(d)["instances"][0].pop("marker"),
+            "components.web.instances[0]: missing key 'marker'",
+        ),
+        (lambda d: web(d)["instances"][0].update(extra=1), "unexpected key 'extra'"),
+        (lambda d: web(d)["instances"][0].update(socket="/s"), "needs exactly one of port and"),
+        (lambda d: web(d)["instances"][0].update(port=None), "needs exactly one of port and"),
+        (lambda d: web(d)["instances"][0].update(replica=-1), "instances[0].replica: expected a"),
+        (lambda d: web(d).update(replicas=0), "components.web.replicas: expected a replica count"),
+        (lambda d: web(d).update(active=None), "components.web: unexpected key 'active'"),
         (lambda d: web(d).pop("stopped"), "components.web: missing key 'stopped'"),
         (lambda d: web(d).update(stopped=0), "components.web.stopped: expected bool, got int"),
         (lambda d: web(d).update(draining={}), "components.web.draining: expected list"),
@@ -255,6 +275,25 @@ def test_integers_are_accepted_where_floats_are_expected(path: Path) -> None:
     write(path, json.dumps(good_doc()))
     active = StateFile(path).load().components["web"].active
     assert active is not None and active.started == 2.0 and isinstance(active.started, float)
+
+
+def test_format_1_is_still_read(path: Path) -> None:
+    """Before format 2, a component had one `active` instance, always on a port."""
+    doc = good_doc()
+    doc["version"] = 1
+    web(doc)["active"] = {
+        k: v for k, v in web(doc).pop("instances")[0].items() if k not in ("socket", "replica")
+    }
+    web(doc).pop("replicas")
+    write(path, json.dumps(doc))
+    record = StateFile(path).load().components["web"]
+    assert record.instances == (InstanceRecord(10, 1.0, 20001, "m", 2.0),)
+    assert record.replicas is None and record.active == record.instances[0]
+    web(doc)["active"]["socket"] = "/s"  # format 1 never had one
+    write(path, json.dumps(doc))
+    with pytest.raises(StateError) as info:
+        StateFile(path).load()
+    assert_moved_aside(path, info.value, "components.web.active: unexpected key 'socket'")
 
 
 def test_older_version_is_moved_aside(path: Path) -> None:
