@@ -23,9 +23,11 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-DEFINITION_KEYS = ("command", "cwd", "env")  # what `rotator deploy` may change
+# What `rotator deploy` may change. Not `replicas`: a deploy changes what runs, not how
+# many; the count stays the config's (or `rotator scale`'s).
+DEFINITION_KEYS = ("command", "cwd", "env")
 # A regex rather than str.format, so literal braces (awk scripts, JSON) pass through untouched.
-_PLACEHOLDER = re.compile(r"\{(port|socket|host|name|python)\}")
+_PLACEHOLDER = re.compile(r"\{(port|socket|host|name|python|replica)\}")
 # One piece of a command line, as shlex.split (POSIX mode) reads it: unquoted text, a
 # backslash escape, a single- or double-quoted string, a run of whitespace, or (failing
 # all of them) a stray quote or trailing backslash. Possessive, so it never backtracks.
@@ -159,20 +161,26 @@ class ComponentSpec:
     # this large (bytes; 0 = never), keeping `log_keep` such copies.
     log_max_size: int = 0
     log_keep: int = 5
+    # Instances serving at once behind `listen`, each in a slot 0 .. replicas-1 (`{replica}`,
+    # ROTATOR_REPLICA). `replicas_auto`: written as `auto`, resolved to the CPU count when
+    # the file was read (export says so; another machine resolves it differently).
+    replicas: int = 1
+    replicas_auto: bool = False
 
     @property
     def unix(self) -> bool:
         return self.transport == "unix"
 
     def render(
-        self, port: int, host: str | None = None, socket: str | None = None
+        self, port: int, host: str | None = None, socket: str | None = None, *, replica: int = 0
     ) -> tuple[list[str], dict[str, str]]:
         """argv and env additions for an instance on `port` (or, given `socket`, on that
-        Unix socket path), placeholders substituted."""
+        Unix socket path) filling slot `replica`, placeholders substituted."""
         host = self.listen.host if host is None else host
         # {python}: the interpreter rotator runs on, so that a Python component
         # finds the same environment without relying on PATH.
-        values = {"host": host, "name": self.name, "python": sys.executable}
+        slot = str(replica)
+        values = {"host": host, "name": self.name, "python": sys.executable, "replica": slot}
         if socket is None:
             values["port"] = str(port)
         else:
@@ -183,11 +191,13 @@ class ComponentSpec:
             return _PLACEHOLDER.sub(lambda m: values.get(m[1], m[0]), text)
 
         env = {key: sub(value) for key, value in self.env.items()}
-        # Last, so the instance always learns its real address.
+        # Last, so the instance always learns its real address and slot (as PM2's cluster
+        # mode sets NODE_APP_INSTANCE, with one replica too).
         if socket is None:
             env.update(PORT=str(port), HOST=host)
         else:
             env.update(ROTATOR_SOCKET=socket)
+        env.update(ROTATOR_REPLICA=slot)
         return [sub(word) for word in self.command], env
 
 

@@ -88,6 +88,7 @@ DEFAULT_KEYS = (
     "sockets",
     "env_file",
     "logs",
+    "replicas",
 )
 PER_COMPONENT_KEYS = ("listen", "ports", "command", "depends_on")
 COMPONENT_KEYS = PER_COMPONENT_KEYS + DEFAULT_KEYS
@@ -115,6 +116,9 @@ TRANSPORTS = ("tcp", "unix")
 # so without a limit 1,000 levels would end in a RecursionError.
 MAX_DEPTH = 100
 MAX_SOCKETS = 1000  # a socket pool this large already has more than any rotation needs
+# A pool holds replicas + 1 (a rotation starts one new instance before an old one stops),
+# and a socket pool at most MAX_SOCKETS; a thousand processes is past any one machine anyway.
+MAX_REPLICAS = MAX_SOCKETS - 1
 TOP = "(top level)"  # the field of a problem with the file as a whole
 # Guessing a did-you-mean compares a name with every candidate; past this many
 # comparisons in one file (20,000 components each naming an unknown one) guesses stop.
@@ -122,7 +126,9 @@ HINT_BUDGET = 200_000
 # The longest Unix socket path that binds everywhere: sun_path is 104 bytes on macOS
 # (108 on Linux), including the terminating NUL.
 MAX_SOCKET_PATH = 103
-DEFAULT_SOCKETS = 4  # the socket pool's size when `sockets` is not set
+# The socket pool's size when `sockets` is not set, for one replica: more replicas get as
+# many spare paths beside them as one has (a rotation's new instance, and old ones draining).
+DEFAULT_SOCKETS = 4
 
 
 def parse_duration(value: object) -> float:
@@ -383,10 +389,16 @@ class _Parser:
         merged = ("health", "env", "env_file", "logs")
         rest = {k: v for k, v in defaults.items() if k not in merged} | own
         rest.setdefault("cwd", self.base.resolve())
-        count = rest.pop("sockets", DEFAULT_SOCKETS)
+        wanted = rest.pop("replicas", 1)
+        replicas = min(os.cpu_count() or 1, MAX_REPLICAS) if wanted == "auto" else wanted
+        count = rest.pop("sockets", min(replicas + DEFAULT_SOCKETS - 1, MAX_SOCKETS))
         sockets = socket_paths(self.state_dir, name, count) if transport == "unix" else ()
         if transport == "tcp" and "sockets" in found:
             self.fail(found["sockets"][0], f"{path}.sockets", "is only used with transport: unix")
+        # Its own bad value is reported already: no pool is too small for what is not known.
+        if "replicas" not in found or "replicas" in own:
+            pool = len(sockets) if transport == "unix" else len(ports) if ports else None
+            self.check_pool(pool, replicas, wanted == "auto", transport, found, key, path)
         if sockets and (size := len(os.fsencode(sockets[-1]))) > MAX_SOCKET_PATH:
             at = found["transport"][1] if "transport" in found else key
             self.fail(
@@ -412,6 +424,8 @@ class _Parser:
             env_files=tuple(file for file, _ in files),
             log_max_size=logs.get("max_size", 0),
             log_keep=logs.get("keep", _SPEC_DEFAULTS["log_keep"]),
+            replicas=replicas,
+            replicas_auto=wanted == "auto",
             proxy=proxy,
             restart=restart,
             **rest,
@@ -496,6 +510,7 @@ class _Parser:
             "sockets": lambda node, at: self.integer(node, at, minimum=2, maximum=MAX_SOCKETS),
             "env_file": self.env_files,
             "logs": self.logs,
+            "replicas": lambda node, at: self.count_or_auto(node, at, maximum=MAX_REPLICAS),
         }
         values = {
             key: read(found[key][1], f"{path}.{key}")
@@ -524,6 +539,37 @@ class _Parser:
         else:
             message = f"{duration(initial)} is more than restart_backoff_max ({duration(most)})"
             self.fail(found["restart_backoff"][1], f"{path}.restart_backoff", message)
+
+    def check_pool(
+        self,
+        size: int | None,
+        replicas: int,
+        auto: bool,
+        transport: str | None,
+        found: dict[str, Entry],
+        key: Node,
+        path: str,
+    ) -> None:
+        """The pool (`size` ports, or socket paths; None when unknown) holds replicas + 1:
+        a rotation starts one new instance before it stops an old one. Reported at the
+        component's `ports` or `sockets`, wherever `replicas` was set. One replica on one
+        port stays allowed, as before replicas existed: it runs, and a rotation asks for a
+        second port (a socket pool has at least 2 anyway)."""
+        if size is None or transport is None or size > replicas or replicas == 1:
+            return
+        if transport == "tcp":
+            at, here, what = found["ports"][1], f"{path}.ports", "port"
+        elif "sockets" in found:
+            at, here, what = found["sockets"][1], f"{path}.sockets", "socket"
+        else:  # a pool that only defaults.sockets sized (the built-in one is never too small)
+            at, here, what = key, f"{path}.sockets (from defaults)", "socket"
+        written = f"auto ({replicas} on this machine)" if auto else str(replicas)
+        self.fail(
+            at,
+            here,
+            f"{size} {what}{'' if size == 1 else 's'} for replicas: {written}; a rotation needs"
+            f" replicas + 1 = {replicas + 1} (one new instance starts before an old one stops)",
+        )
 
     def check_dependencies(self, names: list[str]) -> None:
         """Unknown names, self-dependencies, duplicates, then one problem per cycle."""
@@ -914,17 +960,29 @@ class _Parser:
     def total_clients(self, node: Node, path: str) -> int | None:
         """The top-level max_clients: a whole number, 1 or more, or `auto` (None, as when
         a problem was reported: the daemon then derives it from the descriptor limit)."""
+        value = self.count_or_auto(node, path)
+        return None if value == "auto" else value
+
+    def count_or_auto(
+        self, node: Node, path: str, maximum: int | None = None
+    ) -> int | Literal["auto"] | None:
+        """A whole number, 1 or more (up to `maximum`), or `auto` (any case); None once
+        reported. What `auto` means is the caller's."""
         if (value := self.scalar(node, path)) is None:
             return None
         if isinstance(value, str) and value.strip().lower() == "auto":
-            return None
+            return "auto"
         if isinstance(value, str) and _INTEGER.fullmatch(value):
-            value = int(value)
+            with contextlib.suppress(ValueError):  # more digits than int() converts
+                value = int(value)
         if not isinstance(value, int) or isinstance(value, bool):
-            self.fail(node, path, f"{value!r} is not a whole number or auto")
+            self.fail(node, path, f"{_short(value)} is not a whole number or auto")
             return None
         if value < 1:
-            self.fail(node, path, f"must be 1 or more (or auto), not {value}")
+            self.fail(node, path, f"must be 1 or more (or auto), not {_short(value)}")
+            return None
+        if maximum is not None and value > maximum:
+            self.fail(node, path, f"must be {maximum} or less (or auto), not {_short(value)}")
             return None
         return value
 

@@ -38,6 +38,7 @@ MIN_VERSION = "1.30"  # preStop `sleep` is on by default from here on
 _NOT_LABEL = re.compile(r"[^a-z0-9-]+")
 _LABEL_MAX = 63
 _PYTHON = "{python}"
+_REPLICA = "{replica}"
 
 
 class _Dumper(yaml.SafeDumper):
@@ -176,10 +177,10 @@ def _deployment(
     pod["containers"] = [container]
     min_ready = math.ceil(spec.verify)
     deployment: dict[str, Any] = {
-        "replicas": 1,
+        "replicas": spec.replicas,
         "selector": {"matchLabels": {LABEL: name}},
-        # One new pod next to the old one, which serves until the new one is ready:
-        # a rotation.
+        # One new pod beside the old ones; an old one goes only once the new one is
+        # ready: a rotation, one replica at a time, as rotator rolls them.
         "strategy": {
             "type": "RollingUpdate",
             "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
@@ -249,7 +250,9 @@ def _wait_for(dependency: ComponentSpec, names: dict[str, str]) -> dict[str, Any
 
 def _rendered(spec: ComponentSpec) -> tuple[list[str], dict[str, str]]:
     """argv and env for a container: {port} is CONTAINER_PORT, {host} all interfaces (a
-    pod must accept connections from outside itself), {python} the image's `python`."""
+    pod must accept connections from outside itself), {python} the image's `python`,
+    {replica} 0. No ROTATOR_REPLICA: a Deployment's pods are alike, none has a slot, and
+    an app that keys work on slot 0 should not find it in every pod (reported)."""
 
     def python(text: str) -> str:
         return text.replace(_PYTHON, "python")
@@ -259,7 +262,9 @@ def _rendered(spec: ComponentSpec) -> tuple[list[str], dict[str, str]]:
         command=tuple(python(word) for word in spec.command),
         env={key: python(value) for key, value in spec.env.items()},
     )
-    return own.render(CONTAINER_PORT, host="0.0.0.0")
+    argv, env = own.render(CONTAINER_PORT, host="0.0.0.0")
+    del env["ROTATOR_REPLICA"]
+    return argv, env
 
 
 def _command(spec: ComponentSpec) -> list[str]:
@@ -296,6 +301,18 @@ def _notes(spec: ComponentSpec, name: str, config: Config) -> list[str]:
         )
     if any(_PYTHON in word for word in spec.command):
         notes.append("{python} became `python`: the image must have it on its PATH")
+    if spec.replicas_auto:
+        notes.append(
+            f"replicas: auto is {spec.replicas} on this machine; set a number for the cluster"
+        )
+    # Rotator tells each replica its slot; a Deployment's pods are alike and have none.
+    slotless = "a Deployment's pods are alike, with no slot number"
+    if any(_REPLICA in word for word in (*spec.command, *spec.env.values(), *spec.health.exec)):
+        notes.append(
+            f"{{replica}} became 0 in every pod, and ROTATOR_REPLICA is not set: {slotless}"
+        )
+    elif spec.replicas > 1:
+        notes.append(f"ROTATOR_REPLICA is not set: {slotless}")
     if spec.depends_on:
         notes.append(
             "depends_on: start order kept (an init container waits for each dependency's"

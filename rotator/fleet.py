@@ -24,7 +24,8 @@ STOP_MARGIN = 10.0
 # What an instance is started from: a change to one of these needs a new instance.
 # Everything else (proxy limits, timeouts, restart policy, depends_on, verify) is
 # applied to the running component in place. Health is here because a new health
-# check should be proven by a health-gated start, not trusted.
+# check should be proven by a health-gated start, not trusted. `replicas` is not: a new
+# count starts or stops replicas and leaves the others running (ReloadPlan.scaled).
 INSTANCE_FIELDS = ("command", "cwd", "env", "ports", "transport", "sockets", "health")
 
 
@@ -44,6 +45,9 @@ class ReloadPlan:
     rotated: tuple[str, ...] = ()  # an instance field changed: rotated to the new definition
     updated: tuple[str, ...] = ()  # only proxy or supervision settings: applied in place
     unchanged: tuple[str, ...] = ()
+    # `replicas` changed in the file (see replicas_changed): scaled to the new count. Each
+    # is also under `rotated` or `updated`, which say what else is applied and how.
+    scaled: tuple[str, ...] = ()
     # Changes a running daemon cannot apply (its own address, its state_dir), one line each.
     ignored: tuple[str, ...] = ()
 
@@ -60,14 +64,25 @@ def plan_reload(old: Config, new: Config) -> ReloadPlan:
         "updated": [],
         "unchanged": [],
     }
-    for name in new.start_order():
+    order = new.start_order()
+    for name in order:
         groups[_change(before.get(name), after[name])].append(name)
     removed = [name for name in reversed(old.start_order()) if name not in after]
+    kept = set(groups["rotated"] + groups["updated"])  # added and rebound ones start afresh
+    scaled = [n for n in order if n in kept and replicas_changed(before[n], after[n])]
     return ReloadPlan(
         removed=tuple(removed),
         ignored=tuple(_daemon_changes(old, new)),
+        scaled=tuple(scaled),
         **{key: tuple(names) for key, names in groups.items()},
     )
+
+
+def replicas_changed(old: ComponentSpec, new: ComponentSpec) -> bool:
+    """Whether the file's `replicas` differs between two specs of a component. `auto`
+    and the number it resolved to are different settings: a reload that writes out the
+    same count still applies it (over a count `rotator scale` set meanwhile)."""
+    return (old.replicas, old.replicas_auto) != (new.replicas, new.replicas_auto)
 
 
 def _change(old: ComponentSpec | None, new: ComponentSpec) -> str:
@@ -119,6 +134,7 @@ RELOAD_PARTS = (
     ("rebound", "moved to a new address"),
     ("rotated", "rotated"),
     ("updated", "updated in place"),
+    ("scaled", "scaled"),
     ("not_rotated", "not rotated"),
 )
 

@@ -247,6 +247,28 @@ def test_check_names_the_env_files_line(tmp_path: Path) -> None:
     )
 
 
+def test_check_refuses_a_pool_too_small_for_the_replicas(tmp_path: Path) -> None:
+    config = tmp_path / "rotator.yaml"
+    config.write_text(
+        "defaults:\n"
+        "  replicas: 3\n"
+        "components:\n"
+        "  web:\n"
+        "    listen: 127.0.0.1:8001\n"
+        "    ports: 18001-18003\n"
+        "    command: run --port {port} --slot {replica}\n"
+    )
+    result = cli(config, "check")
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (
+        f"{config}:6: components.web.ports: 3 ports for replicas: 3; a rotation needs"
+        " replicas + 1 = 4 (one new instance starts before an old one stops)\n"
+    )
+    config.write_text(config.read_text().replace("18003", "18004"))
+    fits = cli(config, "check")
+    assert (fits.returncode, fits.stderr) == (0, ""), fits
+
+
 # -- log rotation -------------------------------------------------------------------------
 
 # An instance that writes numbered lines steadily (about 180 KB/s) besides serving.

@@ -534,6 +534,7 @@ def test_render_substitutes_placeholders(tmp_path: Path) -> None:
         "PORT": "18005",
         "KEEP": "{x}",
         "HOST": "127.0.0.1",
+        "ROTATOR_REPLICA": "0",
     }
     argv, env = spec.render(18006, host="::1")
     assert argv[2].startswith("serve ::1:18006")
@@ -1733,8 +1734,9 @@ def test_unix_component_gets_a_pool_of_socket_paths(tmp_path: Path) -> None:
         "ADDR": f"unix:{web.sockets[1]}",
         "P": "{port}",
         "ROTATOR_SOCKET": web.sockets[1],
+        "ROTATOR_REPLICA": "0",
     }
-    assert tcp.render(18001)[1] == {"PORT": "18001", "HOST": "127.0.0.1"}
+    assert tcp.render(18001)[1] == {"PORT": "18001", "HOST": "127.0.0.1", "ROTATOR_REPLICA": "0"}
 
 
 def test_unix_socket_paths_must_fit_a_sockaddr(tmp_path: Path) -> None:

@@ -1,17 +1,21 @@
 """Issue 20's config features as the file states them: env files (dotenv syntax, errors
 at the env file's line), health checks that are not HTTP GET, and `logs` rotation
-settings. Real files in tmp_path; no processes."""
+settings; and issue 16's `replicas`, `{replica}` and ROTATOR_REPLICA. Real files in
+tmp_path; no processes."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import re
 import textwrap
 from pathlib import Path
 
 import pytest
 
 from rotator import envfile
-from rotator.config import ConfigError, Problem
-from rotator.configfile import parse
+from rotator.config import ConfigError, Problem, apply_definition, definition_of, with_overrides
+from rotator.configfile import MAX_REPLICAS, parse
 
 # Line 2 is `hermes:`; cases append keys to it (line 6 on).
 HERMES = """\
@@ -291,3 +295,192 @@ def test_logs_problems(logs: str, path: str, message: str, tmp_path: Path) -> No
         f".{path}" if path else ""
     )
     assert message in problem.message
+
+
+# -- replicas (issue 16) ------------------------------------------------------------------
+
+
+def test_replicas_forms(tmp_path: Path) -> None:
+    path = tmp_path / "rotator.yaml"
+    spec = parse(HERMES, path).components[0]
+    assert (spec.replicas, spec.replicas_auto) == (1, False)
+    for written, count in (("3", 3), ('"3"', 3), ("1", 1), ("999", 999)):
+        spec = parse(HERMES.replace("18010", "19010") + f"    replicas: {written}\n", path)
+        assert (spec.components[0].replicas, spec.components[0].replicas_auto) == (count, False)
+    # From defaults, under each component's own.
+    text = "defaults:\n  replicas: 2\n" + HERMES + ZEUS + "    replicas: 4\n"
+    hermes, zeus = parse(text, path).components
+    assert (hermes.replicas, zeus.replicas) == (2, 4)
+
+
+def test_replicas_auto_is_the_cpu_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "rotator.yaml"
+    for written in ("auto", "AUTO", '"auto"'):
+        [spec] = parse(HERMES + f"    replicas: {written}\n", path).components
+        assert (spec.replicas, spec.replicas_auto) == (os.cpu_count() or 1, True)
+    # cpu_count() may not know (None): one replica; and a huge machine is capped.
+    for cores, count in ((None, 1), (6, 6), (4096, MAX_REPLICAS)):
+        monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
+        text = "defaults:\n  replicas: auto\n" + HERMES.replace("18010", "19010")
+        assert parse(text, path).components[0].replicas == count
+
+
+@pytest.mark.parametrize(
+    ("written", "message"),
+    [
+        ("0", "must be 1 or more (or auto), not 0"),
+        ("-1", "must be 1 or more (or auto), not -1"),
+        ("many", "'many' is not a whole number or auto"),
+        ("1.5", "1.5 is not a whole number or auto"),
+        ("true", "True is not a whole number or auto"),
+        ('"2.0"', "'2.0' is not a whole number or auto"),
+        ("1000", "must be 999 or less (or auto), not 1000"),
+        (
+            '"' + "9" * 5000 + '"',
+            "'99999999999999999999999999999999999...' is not a whole number or auto",
+        ),
+        ("[2]", "must be a single value, not a list"),
+        ("", "needs a value"),
+    ],
+)
+def test_bad_replicas(written: str, message: str, tmp_path: Path) -> None:
+    # A one-port pool is too small for the default's 3, but the component's own value is
+    # not known: that one problem alone.
+    one_port = "defaults:\n  replicas: 3\n" + HERMES.replace("18001-18010", "18001")
+    problem = one_problem(one_port + f"    replicas: {written}\n", tmp_path)
+    where = (problem.line, problem.path, problem.message)
+    assert where == (8, "components.hermes.replicas", message)
+    problem = one_problem(f"defaults:\n  replicas: {written}\n" + HERMES + ZEUS, tmp_path)
+    assert (problem.line, problem.path, problem.message) == (2, "defaults.replicas", message)
+
+
+def test_a_huge_quoted_max_clients_is_a_problem_not_a_traceback(tmp_path: Path) -> None:
+    problem = one_problem(f'max_clients: "{"9" * 5000}"\n' + HERMES, tmp_path)
+    assert (problem.line, problem.path) == (1, "max_clients")
+    assert problem.message.endswith("...' is not a whole number or auto")
+
+
+TOO_SMALL = "a rotation needs replicas + 1 = {} (one new instance starts before an old one stops)"
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "path", "message"),
+    [
+        (  # the issue's own example
+            HERMES.replace("18010", "18003") + "    replicas: 3\n",
+            4,
+            "components.hermes.ports",
+            "3 ports for replicas: 3; " + TOO_SMALL.format(4),
+        ),
+        (
+            HERMES.replace("18001-18010", "[18001]") + "    replicas: 2\n",
+            4,
+            "components.hermes.ports",
+            "1 port for replicas: 2; " + TOO_SMALL.format(3),
+        ),
+        (  # replicas from defaults: still at the component's ports
+            "defaults:\n  replicas: 12\n" + HERMES,
+            6,
+            "components.hermes.ports",
+            "10 ports for replicas: 12; " + TOO_SMALL.format(13),
+        ),
+        (
+            HERMES.replace("{port}", "{socket}").replace("ports: 18001-18010", "transport: unix")
+            + "    sockets: 3\n    replicas: 3\n",
+            6,
+            "components.hermes.sockets",
+            "3 sockets for replicas: 3; " + TOO_SMALL.format(4),
+        ),
+        (  # both from defaults: at the component, naming where the pool's size came from
+            "defaults:\n  transport: unix\n  sockets: 2\n  replicas: 2\n"
+            + HERMES.replace("{port}", "{socket}").replace("    ports: 18001-18010\n", ""),
+            6,
+            "components.hermes.sockets (from defaults)",
+            "2 sockets for replicas: 2; " + TOO_SMALL.format(3),
+        ),
+    ],
+)
+def test_a_pool_too_small_for_the_replicas(
+    text: str, line: int, path: str, message: str, tmp_path: Path
+) -> None:
+    problem = one_problem(text, tmp_path)
+    assert (problem.line, problem.path, problem.message) == (line, path, message)
+    assert str(problem) == f"{tmp_path / 'rotator.yaml'}:{line}: {path}: {message}"
+
+
+def test_a_pool_too_small_for_auto_says_what_auto_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    problem = one_problem(HERMES.replace("18010", "18004") + "    replicas: auto\n", tmp_path)
+    assert (problem.line, problem.path) == (4, "components.hermes.ports")
+    assert problem.message == "4 ports for replicas: auto (8 on this machine); " + TOO_SMALL.format(
+        9
+    )
+
+
+def test_pools_that_fit_the_replicas(tmp_path: Path) -> None:
+    path = tmp_path / "rotator.yaml"
+    # replicas + 1 is enough; one replica on one port stays allowed (as before replicas).
+    parse(HERMES.replace("18010", "18004") + "    replicas: 3\n", path)
+    parse(HERMES.replace("18001-18010", "18001"), path)
+    parse(HERMES.replace("18001-18010", "18001") + "    replicas: 1\n", path)
+    unix = "state_dir: s\n" + HERMES.replace("{port}", "{socket}").replace(
+        "ports: 18001-18010", "transport: unix"
+    )
+    # Without `sockets`, the pool grows with the replicas, keeping one replica's 3 spare.
+    for replicas, sockets in ((1, 4), (2, 5), (6, 9), (999, 1000)):
+        [spec] = parse(unix + f"    replicas: {replicas}\n", path).components
+        assert len(spec.sockets) == sockets
+        assert spec.sockets[-1].endswith(f"hermes.{sockets - 1}.sock")
+    [spec] = parse(unix + "    sockets: 4\n    replicas: 3\n", path).components
+    assert len(spec.sockets) == 4
+
+
+def test_replica_placeholder_and_env(tmp_path: Path) -> None:
+    text = (
+        HERMES.replace("run --port {port}", "run --port {port} --slot {replica} {replicas}")
+        + "    env: {SLOT: 'w{replica}', LOG: '/var/log/{name}.{replica}.log'}\n"
+        + "    health: {exec: 'probe {port} {replica}'}\n"
+    )
+    [spec] = parse(text, tmp_path / "rotator.yaml").components
+    argv, env = spec.render(18003, replica=2)
+    assert argv == ["run", "--port", "18003", "--slot", "2", "{replicas}"]  # only exact words
+    assert env == {
+        "SLOT": "w2",
+        "LOG": "/var/log/hermes.2.log",
+        "PORT": "18003",
+        "HOST": "127.0.0.1",
+        "ROTATOR_REPLICA": "2",
+    }
+    # Existing callers (no replica): slot 0. An exec check renders as health.py does.
+    assert spec.render(18003)[0][4] == "0" and spec.render(18003)[1]["ROTATOR_REPLICA"] == "0"
+    check = dataclasses.replace(spec, command=spec.health.exec)
+    assert check.render(18004, replica=1)[0] == ["probe", "18004", "1"]
+    # A unix component's instance learns its slot the same way; an env value wins nowhere.
+    unix = HERMES.replace("{port}", "{socket} {replica}").replace(
+        "ports: 18001-18010", "transport: unix"
+    )
+    [spec] = parse(unix + "    env: {ROTATOR_REPLICA: mine}\n", tmp_path / "u.yaml").components
+    argv, env = spec.render(0, socket="/s/hermes.1.sock", replica=4)
+    assert argv == ["run", "--port", "/s/hermes.1.sock", "4"]
+    assert env == {"ROTATOR_SOCKET": "/s/hermes.1.sock", "ROTATOR_REPLICA": "4"}
+
+
+def test_deploy_takes_the_replica_placeholder_but_not_a_count(tmp_path: Path) -> None:
+    [spec] = parse(HERMES + "    replicas: 3\n", tmp_path / "rotator.yaml").components
+    deployed = with_overrides(
+        spec, command="run --port {port} --slot {replica}", env={"S": "{replica}"}
+    )
+    assert deployed.render(18002, replica=1)[0][-1] == "1"
+    assert deployed.render(18002, replica=1)[1]["S"] == "1"
+    assert deployed.replicas == 3
+    # A deployed definition is what runs, not how many: stored and restored without replicas.
+    assert "replicas" not in definition_of(deployed)
+    one = dataclasses.replace(spec, replicas=1)
+    assert apply_definition(one, definition_of(deployed)).replicas == 1
+    assert apply_definition(one, definition_of(deployed)).command == deployed.command
+    with pytest.raises(ValueError, match="unknown key 'replicas'"):
+        apply_definition(spec, {**definition_of(deployed), "replicas": 5})
+    with pytest.raises(ValueError, match=re.escape("{socket} has no value with transport: tcp")):
+        with_overrides(spec, command="run {socket} {replica}")

@@ -6,6 +6,7 @@ whole fleets is in tests/integration/test_export_cli.py.
 
 from __future__ import annotations
 
+import os
 import re
 import textwrap
 from pathlib import Path
@@ -122,6 +123,61 @@ hermes:
         {"name": "SELF", "value": "python at 0.0.0.0:8080"},
         {"name": "PORT", "value": "8080"},
         {"name": "HOST", "value": "0.0.0.0"},
+    ]
+
+
+def test_replicas_become_the_deployments(tmp_path: Path) -> None:
+    config = fleet(tmp_path, HERMES + "  replicas: 3\n")
+    result = export.kubernetes(config, IMAGE)
+    deployment, _ = documents(result, "hermes")
+    assert deployment["spec"]["replicas"] == 3
+    # Rolled one at a time, as rotator rolls replicas.
+    assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    assert "ROTATOR_REPLICA" not in {item["name"] for item in container(deployment)["env"]}
+    assert result.notes == [
+        "hermes: ROTATOR_REPLICA is not set: a Deployment's pods are alike, with no slot number"
+    ]
+
+
+def test_replicas_auto_says_what_it_chose(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    zeus = "zeus:\n  listen: 127.0.0.1:8002\n  ports: 18011-18020\n  command: run\n"
+    config = fleet(tmp_path, HERMES + zeus, "defaults:\n  replicas: auto\n")
+    result = export.kubernetes(config, IMAGE)
+    assert [documents(result, name)[0]["spec"]["replicas"] for name in ("hermes", "zeus")] == [8, 8]
+    assert result.notes == [
+        "every component: replicas: auto is 8 on this machine; set a number for the cluster",
+        "every component: ROTATOR_REPLICA is not set: a Deployment's pods are alike, with no"
+        " slot number",
+    ]
+    # auto on a one-core machine is one replica, and still a choice to make for a cluster.
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    result = export.kubernetes(fleet(tmp_path, HERMES + "  replicas: auto\n"), IMAGE)
+    assert documents(result, "hermes")[0]["spec"]["replicas"] == 1
+    assert result.notes == [
+        "hermes: replicas: auto is 1 on this machine; set a number for the cluster"
+    ]
+
+
+def test_the_replica_placeholder_is_0_in_every_pod(tmp_path: Path) -> None:
+    config = fleet(
+        tmp_path,
+        HERMES.replace("run --port {port}", "run --port {port} --slot {replica}")
+        + "  env: {LOG: 'app.{replica}.log'}\n"
+        + "  health: {exec: 'probe {port} {replica}'}\n",
+    )
+    result = export.kubernetes(config, IMAGE)
+    main = container(documents(result, "hermes")[0])
+    assert main["command"] == ["run", "--port", "8080", "--slot", "0"]
+    assert main["env"] == [
+        {"name": "LOG", "value": "app.0.log"},
+        {"name": "PORT", "value": "8080"},
+        {"name": "HOST", "value": "0.0.0.0"},
+    ]
+    assert main["readinessProbe"]["exec"]["command"] == ["probe", "8080", "0"]
+    assert result.notes == [
+        "hermes: {replica} became 0 in every pod, and ROTATOR_REPLICA is not set: a"
+        " Deployment's pods are alike, with no slot number"
     ]
 
 

@@ -4,7 +4,9 @@ event history file (a real file in tmp_path)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,14 @@ import yaml
 
 from rotator.configfile import parse
 from rotator.events import Event
-from rotator.fleet import in_dependency_order, keep_daemon_settings, plan_reload, rolling_order
+from rotator.fleet import (
+    in_dependency_order,
+    keep_daemon_settings,
+    plan_reload,
+    reload_summary,
+    replicas_changed,
+    rolling_order,
+)
 from rotator.history import EventLog
 
 BASE: dict[str, Any] = {
@@ -71,6 +80,71 @@ def test_each_kind_of_change(tmp_path: Path, edit: dict[str, Any], group: str) -
     plan = plan_reload(config(tmp_path, BASE), config(tmp_path, changed(a=edit)))
     assert getattr(plan, group) == ("a",)
     assert plan.unchanged == ("b", "c")
+
+
+# Pools wide enough for 3 replicas (a count of 2 or 3 needs 3 or 4 ports).
+WIDE = {"a": "18001-18004", "b": "18010-18013", "c": "18005-18008"}
+
+
+def wide(**edits: dict[str, Any]) -> dict[str, Any]:
+    return changed(**{name: {"ports": WIDE[name], **edits.get(name, {})} for name in WIDE})
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "group"),
+    [
+        ({}, {"replicas": 2}, "updated"),  # a count alone starts or stops replicas
+        ({"replicas": 2}, {"replicas": 1}, "updated"),
+        ({"replicas": 2}, {"replicas": "auto"}, "updated"),
+        ({}, {"replicas": 3, "command": "run a --v2"}, "rotated"),
+        ({}, {"replicas": 3, "read_timeout": "5s"}, "updated"),
+    ],
+)
+def test_a_replicas_change_is_a_scale(
+    tmp_path: Path, old: dict[str, Any], new: dict[str, Any], group: str
+) -> None:
+    before, after = config(tmp_path, wide(a=old)), config(tmp_path, wide(a=new))
+    plan = plan_reload(before, after)
+    assert getattr(plan, group) == ("a",) and plan.scaled == ("a",)
+    assert plan.unchanged == ("b", "c")
+    assert replicas_changed(before.component("a"), after.component("a"))
+
+
+def test_what_is_not_a_scale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    auto = config(tmp_path, wide(a={"replicas": "auto"}))
+    two = config(tmp_path, wide(a={"replicas": 2}))
+    a = auto.component("a")
+    # Written out, the count auto came to is another setting: the reload applies it (over
+    # one `rotator scale` set meanwhile), though it starts nothing here.
+    assert a.replicas == two.component("a").replicas == 2
+    assert replicas_changed(a, two.component("a"))
+    assert not replicas_changed(a, a)
+    assert not replicas_changed(a, dataclasses.replace(a, command=("other",)))
+    plan = plan_reload(auto, config(tmp_path, wide(a={"replicas": "auto", "command": "v2"})))
+    assert plan.rotated == ("a",) and plan.scaled == ()
+    # Added or moved components start afresh with their count: nothing to scale.
+    moved = wide(a={"replicas": 3, "listen": "127.0.0.1:8009"})
+    moved["components"]["d"] = {
+        "listen": "127.0.0.1:8004",
+        "ports": "18020-18029",
+        "command": "d",
+        "replicas": 4,
+    }
+    plan = plan_reload(config(tmp_path, wide()), config(tmp_path, moved))
+    assert (plan.rebound, plan.added, plan.scaled) == (("a",), ("d",), ())
+
+
+def test_scaled_ones_follow_the_dependency_order(tmp_path: Path) -> None:
+    # b, first in the file, depends on a: a is scaled first.
+    data = wide()
+    data["components"] = {n: data["components"][n] for n in ("b", "c", "a")}
+    new = json.loads(json.dumps(data))
+    for name, fields in {"a": {"replicas": 2}, "b": {"replicas": 3, "command": "b2"}}.items():
+        new["components"][name].update(fields)
+    plan = plan_reload(config(tmp_path, data), config(tmp_path, new))
+    assert plan.scaled == ("a", "b") and plan.rotated == ("b",) and plan.updated == ("a",)
+    assert reload_summary({"rotated": ["b"], "scaled": ["a", "b"]}) == "rotated b; scaled a, b"
 
 
 def test_added_and_removed_in_dependency_order(tmp_path: Path) -> None:
