@@ -188,6 +188,7 @@ class Route:
         """`target` joins the set (it is healthy); requests held for one go now."""
         if target not in self.targets:
             self._set((*self.targets, target))
+        self._wake()
 
     def remove(self, target: Target) -> bool:
         """`target` leaves the set at once: no new request picks it, those in flight on it
@@ -201,6 +202,7 @@ class Route:
         """`new` takes `old`'s place in one step (added, if `old` is not in the set)."""
         if old in self.targets:
             self._set(tuple(new if t is old else t for t in self.targets))
+            self._wake()
         else:
             self.add(new)
 
@@ -209,16 +211,20 @@ class Route:
         replaced. The one-instance rotation."""
         old = self.target
         self._set((new,) if new is not None else ())
+        if new is not None:
+            self._wake()
         return old
 
     def _set(self, targets: tuple[Target, ...]) -> None:
         self.targets = targets
         self.only = targets[0] if len(targets) == 1 else None
-        if targets:
-            waiters, self._waiters = self._waiters, []
-            for fut in waiters:
-                if not fut.done():
-                    fut.set_result(None)
+
+    def _wake(self) -> None:
+        """A target joined: the requests held for one pick theirs now."""
+        waiters, self._waiters = self._waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
 
     def pick(self, exclude: Target | None = None) -> Target | None:
         """The target for a request: the one with the fewest requests in flight, ties
@@ -257,13 +263,18 @@ class Route:
         target = self.pick(exclude)
         if target is not None or not self.holding:
             return target
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
-        try:
-            await asyncio.wait_for(fut, self.hold_timeout)
-        except TimeoutError:
-            return None
-        finally:
-            if fut in self._waiters:
-                self._waiters.remove(fut)
-        return self.pick(exclude) or self.pick()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.hold_timeout
+        # Woken when one joins; it may have left again before this runs: wait on.
+        while target is None and (left := deadline - loop.time()) > 0:
+            fut: asyncio.Future[None] = loop.create_future()
+            self._waiters.append(fut)
+            try:
+                await asyncio.wait_for(fut, left)
+            except TimeoutError:
+                return None
+            finally:
+                if fut in self._waiters:
+                    self._waiters.remove(fut)
+            target = self.pick(exclude) or self.pick()
+        return target

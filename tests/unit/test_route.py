@@ -119,6 +119,22 @@ def test_wait_for_another_than_the_failed_one() -> None:
     asyncio.run(scenario())
 
 
+def test_held_request_waits_on_when_the_target_that_woke_it_left_again() -> None:
+    async def scenario() -> None:
+        a, b = targets(2)
+        route = route_over([], hold_timeout=5.0)
+        held = asyncio.ensure_future(route.wait_target())
+        await asyncio.sleep(0)
+        route.add(a)
+        route.remove(a)  # before the held request ran: it must not get a, nor give up
+        await asyncio.sleep(0.01)
+        assert not held.done()
+        route.add(b)
+        assert await asyncio.wait_for(held, 1) is b
+
+    asyncio.run(scenario())
+
+
 def test_wait_gives_up_after_hold_timeout_and_at_once_when_not_holding() -> None:
     async def scenario() -> None:
         route = route_over([], hold_timeout=0.05)
