@@ -1,10 +1,11 @@
 """The client side of the proxy: one Protocol per client connection, one Exchange per request.
 
 ClientConnection parses requests with httptools, queues them (pipelined requests
-are answered in order, one at a time) and binds each to the Route's current
-Target when its head arrives. Exchange forwards that request to an instance,
-streams both bodies without holding them whole, and maps failures to status
-codes in `Answer`, the one place that does so.
+are answered in order, one at a time) and binds each to the Target its Route
+picks when the request's turn comes: each request, not each client connection,
+so a keep-alive client's requests spread over the replicas. Exchange forwards
+that request to an instance, streams both bodies without holding them whole,
+and maps failures to status codes in `Answer`, the one place that does so.
 
 Flow control: while the instance's socket is full, the client is not read;
 while the client's socket is full, the instance is not read. A websocket
@@ -216,7 +217,8 @@ def response_headers(found: list[tuple[bytes, bytes]], block: bytes) -> Headers:
 
 
 class Exchange:
-    """One request/response through the proxy, bound to one Target for its whole life."""
+    """One request/response through the proxy, bound to one Target for its whole life
+    (or, when one failed before answering, to the one its retry picked)."""
 
     __slots__ = (
         "body_done",
@@ -491,19 +493,20 @@ class Exchange:
         # reached the instance (the connect failed: it just died, or was replaced)
         # or the request is idempotent and no byte of an answer came (RFC 9110
         # 9.2.2: never re-send a POST on a guess). A pooled connection may just
-        # have been closed by a healthy instance while idle: that retry goes to
-        # the current target at once. Otherwise the instance is likely dying
-        # (refused, or reset from a backlog nobody will read): wait, within
-        # hold_timeout, for a target other than the one that failed.
+        # have been closed by a healthy instance while idle: that retry goes at
+        # once to the target picked, the same one included. Otherwise the instance
+        # is likely dying (refused, or reset from a backlog nobody will read):
+        # another replica takes it at once; with none, wait, within hold_timeout,
+        # for a target other than the one that failed.
         if self.streamed or self.retries >= MAX_TRIES or not (connect_failed or self.idempotent):
             self.fail(failure(exc))
             return
         self.retries += 1
         failed, self.target = self.target, None
         if failed is not None:
-            failed.release()
-        target = self.client.route.target
-        if stale and target is not None:
+            failed.release(answered=False)
+        target = self.client.route.pick(None if stale else failed)
+        if target is not None:
             self.dispatch(target, fresh=True)
         else:
             self.client.hold(self, exclude=failed)
@@ -540,7 +543,7 @@ class Exchange:
         self.response_done = True
         self.upstream = None
         if self.target is not None:
-            self.target.release()
+            self.target.release(self.response_started)
             self.target = None
         if self.slotted:
             self._free_slot()
@@ -559,7 +562,7 @@ class Exchange:
             self.upstream.close()
             self.upstream = None
         if self.target is not None:
-            self.target.release()
+            self.target.release(answered=self.response_started)
             self.target = None
         self._free_slot()
         self.response_done = True
@@ -857,7 +860,7 @@ class ClientConnection(asyncio.Protocol):
                 self._wait_for_slot(ex)
                 return
             ex.slotted = True
-        target = self.route.target
+        target = self.route.only or self.route.pick()
         if target is not None:
             ex.dispatch(target)
         else:

@@ -1,9 +1,12 @@
-"""Where a component's traffic goes: its Route and the Targets it switches between.
+"""Where a component's traffic goes: its Route and the Targets it balances over.
 
 A Target is one instance as the proxy sees it: an address, the requests in
 flight on it and its keep-alive connections. A Route holds the component's
-current Target; `swap()` replaces it in one step, so a request is bound to
-whichever Target was current when its head arrived and stays there.
+balancing set of Targets (its replicas); `pick()` chooses one per request, the
+one with the fewest requests in flight, ties taken in turn. A request is bound
+to the Target picked when its head arrived and stays there (unless that Target
+failed before answering: see protocol.Exchange). `add()`, `remove()`, `replace()`
+and `swap()` change the set in one step on the event loop.
 
 The Route also counts the requests answered through it (by status class, and
 a duration histogram), and its listener's client connections (open, closed to
@@ -62,8 +65,8 @@ class Target:
         self.endpoint = endpoint
         self.host, self.port, self.path = endpoint.host, endpoint.port, endpoint.path
         self.label = label or self.path or f"{self.host}:{self.port}"
-        self.in_flight = 0
-        self.served = 0
+        self.in_flight = 0  # requests bound here now (an open websocket is one)
+        self.served = 0  # requests this instance answered
         self.retired = False
         self.idle: list[UpstreamConnection] = []
         self.connections: set[UpstreamConnection] = set()
@@ -75,9 +78,12 @@ class Target:
     def acquire(self) -> None:
         self.in_flight += 1
 
-    def release(self) -> None:
+    def release(self, answered: bool = True) -> None:
+        """A request bound here is done; `answered`: the instance answered it, in part at
+        least (a websocket: when it closes), so it counts in `served`."""
         self.in_flight -= 1
-        self.served += 1
+        if answered:
+            self.served += 1
         if self.in_flight == 0 and self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 
@@ -125,10 +131,11 @@ class Target:
 
 
 class Route:
-    """A component's current Target; never None during a rotation, only before the first
-    instance is healthy or after the component was stopped."""
+    """A component's balancing set of Targets; never empty during a rotation, only before
+    the first instance is healthy or after the component was stopped."""
 
     __slots__ = (
+        "_next",
         "_waiters",
         "clients",
         "clients_evicted",
@@ -139,8 +146,9 @@ class Route:
         "holding",
         "limits",
         "name",
+        "only",
         "requests",
-        "target",
+        "targets",
     )
 
     def __init__(self, name: str, limits: Limits | None = None) -> None:
@@ -149,7 +157,13 @@ class Route:
         # False while the component is stopped on purpose: no instance is coming,
         # so requests are answered 503 at once instead of being held.
         self.holding = True
-        self.target: Target | None = None
+        # Replaced whole on each change, never changed in place: read-only to callers,
+        # and safe to iterate while a change happens.
+        self.targets: tuple[Target, ...] = ()
+        # The target when the set has exactly one, else None: a request's shortcut
+        # past pick() (most components have one instance, and this is per request).
+        self.only: Target | None = None
+        self._next = 0  # where the next pick starts looking (see pick)
         # Counters of answered requests, read by metrics.py at scrape time: the
         # hot path only adds to plain numbers.
         self.requests = 0
@@ -159,21 +173,82 @@ class Route:
         self.clients = 0  # client connections open on the component's address
         self.clients_evicted = 0  # idle ones closed to make room at a cap
         self.clients_refused = 0  # new ones answered 503 at a cap, none being idle
-        self._waiters: list[asyncio.Future[Target]] = []
+        self._waiters: list[asyncio.Future[None]] = []
 
     @property
     def hold_timeout(self) -> float:
         return self.limits.hold_timeout
 
+    @property
+    def target(self) -> Target | None:
+        """The first target of the set (status's `active`), or None."""
+        return self.targets[0] if self.targets else None
+
+    # -- the balancing set ---------------------------------------------------------
+    def add(self, target: Target) -> None:
+        """`target` joins the set (it is healthy); requests held for one go now."""
+        if target not in self.targets:
+            self._set((*self.targets, target))
+        self._wake()
+
+    def remove(self, target: Target) -> bool:
+        """`target` leaves the set at once: no new request picks it, those in flight on it
+        finish (draining it is the caller's). False if it was not in the set."""
+        if target not in self.targets:
+            return False
+        self._set(tuple(t for t in self.targets if t is not target))
+        return True
+
+    def replace(self, old: Target, new: Target) -> None:
+        """`new` takes `old`'s place in one step (added, if `old` is not in the set)."""
+        if old in self.targets:
+            self._set(tuple(new if t is old else t for t in self.targets))
+            self._wake()
+        else:
+            self.add(new)
+
     def swap(self, new: Target | None) -> Target | None:
-        """Make `new` the current target in one step and return the one it replaced."""
-        old, self.target = self.target, new
+        """The set becomes `new` alone (or empty), in one step; the first target it
+        replaced. The one-instance rotation."""
+        old = self.target
+        self._set((new,) if new is not None else ())
         if new is not None:
-            waiters, self._waiters = self._waiters, []
-            for fut in waiters:
-                if not fut.done():
-                    fut.set_result(new)
+            self._wake()
         return old
+
+    def _set(self, targets: tuple[Target, ...]) -> None:
+        self.targets = targets
+        self.only = targets[0] if len(targets) == 1 else None
+
+    def _wake(self) -> None:
+        """A target joined: the requests held for one pick theirs now."""
+        waiters, self._waiters = self._waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    def pick(self, exclude: Target | None = None) -> Target | None:
+        """The target for a request: the one with the fewest requests in flight, ties
+        broken round-robin, never `exclude`; None if there is no other.
+
+        Least outstanding requests (HAProxy's leastconn, nginx's least_conn, counted
+        per request here): a slow replica holds its requests longer, so it gets fewer."""
+        targets = self.targets
+        n = len(targets)
+        if n == 1:  # the common case, on every request: as cheap as it can be
+            first = targets[0]
+            return first if first is not exclude else None
+        if n == 0:
+            return None
+        # Look from the one after the last pick: of the tied, each gets its turn.
+        best: Target | None = None
+        at = 0
+        for i in range(self._next, self._next + n):
+            t = targets[i % n]
+            if t is not exclude and (best is None or t.in_flight < best.in_flight):
+                best, at = t, i
+        self._next = (at + 1) % n
+        return best
 
     def answered(self, status: int, seconds: float) -> None:
         """A client got its whole answer (`status`), `seconds` after its request head arrived."""
@@ -183,18 +258,24 @@ class Route:
         self.duration_sum += seconds
 
     async def wait_target(self, exclude: Target | None = None) -> Target | None:
-        """The current target (other than `exclude`, one that just failed), waiting up
-        to hold_timeout for one; None if none came."""
-        if self.target is not None and self.target is not exclude:
-            return self.target
-        if not self.holding:
-            return None
-        fut: asyncio.Future[Target] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
-        try:
-            return await asyncio.wait_for(fut, self.hold_timeout)
-        except TimeoutError:
-            return None
-        finally:
-            if fut in self._waiters:
-                self._waiters.remove(fut)
+        """A target for a request (other than `exclude`, one that just failed), waiting up
+        to hold_timeout for one to join; None if none came. Once one joined, `exclude`
+        is taken too if it is all there is: it was added back on purpose."""
+        target = self.pick(exclude)
+        if target is not None or not self.holding:
+            return target
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.hold_timeout
+        # Woken when one joins; it may have left again before this runs: wait on.
+        while target is None and (left := deadline - loop.time()) > 0:
+            fut: asyncio.Future[None] = loop.create_future()
+            self._waiters.append(fut)
+            try:
+                await asyncio.wait_for(fut, left)
+            except TimeoutError:
+                return None
+            finally:
+                if fut in self._waiters:
+                    self._waiters.remove(fut)
+            target = self.pick(exclude) or self.pick()
+        return target
