@@ -4,8 +4,8 @@ A Target is one instance as the proxy sees it: an address, the requests in
 flight on it and its keep-alive connections. A Route holds the component's
 balancing set of Targets (its replicas); `pick()` chooses one per request, the
 one with the fewest requests in flight, ties taken in turn. A request is bound
-to the Target picked when its head arrived and stays there (unless that Target
-failed before answering: see protocol.Exchange). `add()`, `remove()`, `replace()`
+to the Target picked when it starts and stays there (unless that Target failed
+before answering: see protocol.Exchange). `add()`, `remove()`, `replace()`
 and `swap()` change the set in one step on the event loop.
 
 The Route also counts the requests answered through it (by status class, and
@@ -202,7 +202,7 @@ class Route:
     def replace(self, old: Target, new: Target) -> None:
         """`new` takes `old`'s place in one step (added, if `old` is not in the set)."""
         if old in self.targets:
-            self._set(tuple(new if t is old else t for t in self.targets))
+            self._set(tuple(new if t is old else t for t in self.targets if t is not new))
             self._wake()
         else:
             self.add(new)

@@ -76,7 +76,9 @@ def test_add_remove_replace_swap_change_the_set_in_one_step() -> None:
     assert route.targets == (c, b)
     route.replace(a, a)  # a was not in the set: it joins
     assert route.targets == (c, b, a)
-    assert route.swap(b) is c and route.targets == (b,)
+    route.replace(c, a)  # a moves to c's place, never in the set twice
+    assert route.targets == (a, b)
+    assert route.swap(b) is a and route.targets == (b,)
     assert route.swap(None) is b and route.targets == ()
     assert route.swap(a) is None and route.targets == (a,)
 
