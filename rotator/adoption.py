@@ -80,6 +80,9 @@ class EarlierRun:
     async def _adopt_one(self, comp: Component, r: InstanceRecord) -> bool:
         name = comp.name
         endpoint = Endpoint(comp.host, r.port or 0, r.socket)
+        if (problem := comp.adoptable(r.replica)) is not None:
+            self.out(f"{name}: not adopting pid {r.pid}: {problem}")
+            return False
         try:
             if not r.marker.startswith(f"{self.scope}:{name}:"):
                 raise NotOurs("its marker is not one of this state_dir's (a copied state_dir?)")

@@ -1,19 +1,27 @@
-"""The life of one component: start, rotate, deploy, roll back, supervise, stop, adopt.
+"""The life of one component: start, rotate, deploy, roll back, scale, supervise, stop, adopt.
 
-A rotation is: choose a port, spawn, wait until healthy, check that the socket
-listening on the port is the new instance's own (anyone may bind a port before a
-slow app does and answer its health check), switch the route, optionally verify
-the new instance for a while (rolling back to the old one, which is still
-running, when it fails), then, outside the lock, drain the replaced instance and
-stop its tree. A failed start leaves the route and the old instance untouched.
-One lock covers spawn to switch (and verify), so rotations of a component never
-interleave; draining happens after the lock is released, so a slow drain does
-not hold the next rotation back.
+A component runs `replicas` instances, each filling a slot (0 .. replicas-1), all in
+its Route's balancing set. Replacing the instance of a slot is: choose a port, spawn,
+wait until healthy, check that the socket listening on the port is the new
+instance's own (anyone may bind a port before a slow app does and answer its health
+check), put it in the balancing set and take the old one out in the same step,
+optionally verify the new instance for a while (putting the old one, still running,
+back when it fails), then drain the old one and stop its tree. A rotation does that
+slot by slot, so the set never holds fewer instances than before; it waits for each
+old instance to stop before the next slot (its port is then free for the next new
+one: a pool of replicas + 1 ports suffices), except the last, drained after the lock
+is released so that a slow drain does not hold the next rotation back. Empty slots (a
+first start, `scale` up) are filled in parallel. A failed start leaves the set and
+the old instance untouched; a failed deploy puts the slots it already replaced back
+on the old definition, one at a time, so a deploy is all or nothing.
+One lock covers every change of the set, so rotations of a component never interleave.
 
-While an instance is active, a guard task watches it: an exit or
-`unhealthy_threshold` failed health checks start a replacement, with
-exponential backoff (tenacity) and at most `max_restarts` per
-`restart_window`, after which the component is `failed` until a manual
+While an instance serves, a guard task watches it (health.watch): an exit, or
+`unhealthy_threshold` failed health checks, takes it out of the balancing set at once
+(unless it is the only one left: an unhealthy instance still answers better than
+none) and starts a replacement for its slot, with exponential backoff (tenacity) and
+at most `max_restarts` per `restart_window` for the component, after which the slot
+stays empty (`degraded` if other replicas serve, else `failed`) until a manual
 restart or start.
 
 Where an instance listens is its Endpoint. A `transport: unix` component's instances
@@ -76,7 +84,7 @@ Warmer = Callable[[Target, int, float], Awaitable[int]]
 
 class HealthGate(Protocol):
     """`definition` is what the instance was started from (an exec check runs with its
-    cwd and env, a deployed one's included)."""
+    cwd and env, a deployed one's included), `replica` the slot it fills."""
 
     async def wait_until_healthy(
         self,
@@ -85,10 +93,11 @@ class HealthGate(Protocol):
         *,
         definition: ComponentSpec | None = None,
         timeout: float | None = None,
+        replica: int = 0,
     ) -> float: ...
 
     async def probe(
-        self, endpoint: Endpoint, *, definition: ComponentSpec | None = None
+        self, endpoint: Endpoint, *, definition: ComponentSpec | None = None, replica: int = 0
     ) -> str | None: ...
 
     def forget(self, endpoint: Endpoint) -> None:
@@ -99,8 +108,9 @@ class ComponentState(enum.StrEnum):
     """Where a component is; its value is what status, events and metrics say."""
 
     STARTING = "starting"  # no instance yet (first start, or a crash's replacement)
-    RUNNING = "running"  # an instance serves
-    ROTATING = "rotating"  # an instance serves while its replacement starts
+    RUNNING = "running"  # every replica serves, healthy
+    DEGRADED = "degraded"  # fewer healthy replicas serve than configured, but at least one
+    ROTATING = "rotating"  # instances serve while replacements start
     STOPPED = "stopped"  # on purpose: its address answers 503
     FAILED = "failed"  # it could not be started, or crashed more than max_restarts allow
 
@@ -113,6 +123,19 @@ class RotationFailed(Exception):
         self.reason = reason
         self.log_tail = log_tail or []
         self.rolled_back = rolled_back  # verify failed and traffic went back to the old instance
+
+
+@dataclass(eq=False)
+class Serving:
+    """An instance in the balancing set, filling its slot."""
+
+    instance: Instance
+    target: Target
+    failures: int = 0  # health checks failed in a row
+
+    @property
+    def slot(self) -> int:
+        return self.instance.replica
 
 
 @dataclass(eq=False)
@@ -148,6 +171,7 @@ class Component:
         self.definition_source = "config"
         self.deployed_at: float | None = None
         self.previous: ComponentSpec | None = None
+        self.scaled: int | None = None  # set by `rotator scale`; None = the config's count
         self.route = route
         self.bus = bus
         self.health = health
@@ -160,14 +184,15 @@ class Component:
         self.clock = clock or SystemClock()
         self.host = instance_host(spec.listen.host)
         self.state = ComponentState.STOPPED
-        self.active: Instance | None = None
+        self.serving: dict[int, Serving] = {}  # by slot
         self.draining: list[Draining] = []
         self.restarts = 0
         self.last_port: int | None = None
         self.last_socket: str | None = None
-        # Every instance started or adopted and not yet stopped (a crashed one included):
-        # its port or socket path is not to be chosen again.
+        # Every instance started or adopted and not yet stopped (a crashed one included),
+        # and the endpoints chosen for starts under way: not to be chosen again.
         self._live: set[Instance] = set()
+        self._claimed: set[Endpoint] = set()
         self.last_error: str | None = None
         self.last_exit: int | None = None
         self.last_log_tail: list[str] = []
@@ -177,7 +202,7 @@ class Component:
         self.suspended = False  # see suspend()
         self._crashes: collections.deque[float] = collections.deque()
         self._lock = asyncio.Lock()
-        self._recovery: asyncio.Task[None] | None = None
+        self._recoveries: dict[int, asyncio.Task[None]] = {}  # by slot
         self._guards: dict[Instance, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._unrotatable: set[Path] = set()  # log files whose rotation failed
@@ -186,27 +211,49 @@ class Component:
     def name(self) -> str:
         return self.spec.name
 
+    @property
+    def replicas(self) -> int:
+        """How many instances should serve: a `scale`'s count, else the config's."""
+        return self.scaled if self.scaled is not None else self.config_spec.replicas
+
+    @property
+    def active(self) -> Instance | None:
+        """The instance of the lowest slot that serves (the one instance, with one replica)."""
+        return self.serving[min(self.serving)].instance if self.serving else None
+
+    @property
+    def healthy(self) -> int:
+        """Replicas in the balancing set that are alive and not past the failure threshold."""
+        threshold = self.spec.health.unhealthy_threshold
+        return sum(
+            1
+            for s in self.serving.values()
+            if s.failures < threshold and s.instance.returncode is None
+        )
+
     def emit(self, kind: Kind, message: str, **data: Any) -> None:
         self.bus.publish(Event(self.name, kind, message, data))
 
     # -- operations (each is one admin API call) --------------------------------
     async def rotate(self) -> None:
-        """Replace the active instance (or start one) with zero downtime. Raises RotationFailed."""
+        """Replace every replica (or start them) with zero downtime. Raises RotationFailed."""
         self._reset_supervision()
         await self._rotate(self.spec)
 
     async def start(self) -> None:
-        if self.active is not None:
-            self.emit(Kind.START, f"already running (pid {self.active.pid})")
+        """Start the replicas that are missing; those that serve are left alone."""
+        if len(self.serving) >= self.replicas:
+            self.emit(Kind.START, f"already running ({self._pids()})")
             return
         self._reset_supervision()
-        await self._rotate(self.spec)
+        await self._rotate(self.spec, slots=self._missing())
 
     async def deploy(self, spec: ComponentSpec) -> None:
-        """Rotate to a new definition; it becomes the component's own only if the
-        new instance is healthy (and passes `verify`). Raises RotationFailed."""
+        """Rotate to a new definition; it becomes the component's own only if every new
+        instance is healthy (and passes `verify`). Raises RotationFailed, with every
+        replica back on the old definition."""
         self._reset_supervision()
-        await self._rotate(spec, verify=spec.verify)
+        await self._rotate(spec, verify=spec.verify, undo=self.spec)
         self.previous, self.spec = self.spec, spec
         self.definition_source = "deployed"
         self.deployed_at = time.time()
@@ -217,7 +264,7 @@ class Component:
             raise RotationFailed("nothing to roll back to: no earlier definition was deployed")
         self._reset_supervision()
         target = self.previous
-        await self._rotate(target)
+        await self._rotate(target, undo=self.spec)
         self.previous, self.spec = self.spec, target
         self.definition_source = "config" if target is self.config_spec else "deployed"
         self.deployed_at = None if target is self.config_spec else time.time()
@@ -226,6 +273,55 @@ class Component:
             f"back to the {self.definition_source} definition: {' '.join(target.command)}",
         )
 
+    async def scale(self, replicas: int, *, from_config: bool = False) -> None:
+        """Run `replicas` instances: start the missing ones (health-gated, in parallel), or
+        take the highest slots out of the balancing set, drain and stop them; the others
+        are not touched. The count holds (state file, adoption) until a reload changes
+        the config's (`from_config`: this is that reload). Raises RotationFailed."""
+        self._refuse_if_suspended()
+        if problem := self._pool_problem(replicas):
+            raise RotationFailed(problem)
+        retiring: list[Draining] = []
+        async with self._lock:
+            self._refuse_if_suspended()
+            was = self.replicas
+            self.scaled = None if from_config else replicas
+            for slot in [s for s in self._recoveries if s >= replicas]:
+                self._recoveries.pop(slot).cancel()
+            for slot in sorted(s for s in self.serving if s >= replicas):
+                retiring.append(self._take_out(self.serving[slot]))
+            if was != replicas:
+                self.emit(Kind.SCALED, f"scaling {was} -> {replicas}", was=was, now=replicas)
+            if self.stopped_on_purpose:
+                pass  # it stays stopped; a start brings up the new count
+            elif missing := self._missing():
+                self._set_state(
+                    ComponentState.ROTATING if self.serving else ComponentState.STARTING
+                )
+                try:
+                    await self._fill(self.spec, missing)
+                except RotationFailed as exc:
+                    self.last_error = exc.reason
+                    self.emit(Kind.FAILED, exc.reason, log_tail=exc.log_tail)
+                    raise
+                finally:
+                    self._settle(idle=ComponentState.FAILED)
+            else:
+                self._settle()
+        await asyncio.gather(*(self._retire_soon(d) for d in retiring))
+
+    def _pool_problem(self, replicas: int) -> str | None:
+        pool = len(self.spec.sockets) if self.spec.unix else len(self.spec.ports)
+        what = "sockets" if self.spec.unix else "ports"
+        if replicas < 1:
+            return f"replicas must be at least 1, not {replicas}"
+        if replicas > 1 and pool < replicas + 1:
+            return (
+                f"{pool} {what} in the pool of {self.name} for {replicas} replicas; a rotation"
+                f" needs replicas + 1 = {replicas + 1} (change `{what}` in the config)"
+            )
+        return None
+
     async def reconfigure(
         self, spec: ComponentSpec, *, rotate: bool, health: HealthGate | None = None
     ) -> None:
@@ -233,12 +329,13 @@ class Component:
         a component that is not stopped on purpose rotates to it, gated by `health` (the new
         definition's check, if given), and the config's definition replaces a deployed
         one; if that rotation fails, nothing changes (RotationFailed), the check included.
-        Otherwise the new settings apply in place, over a deployed definition if there is one."""
+        Otherwise the new settings apply in place, over a deployed definition if there is one.
+        A change of `replicas` is the caller's to apply, with scale(from_config=True)."""
         if rotate and not self.stopped_on_purpose:
             self._reset_supervision()
             kept, self.health = self.health, health or self.health
             try:
-                await self._rotate(spec)
+                await self._rotate(spec, undo=self.spec)
             except BaseException:
                 self.health = kept
                 raise
@@ -268,7 +365,8 @@ class Component:
         self.stopped_on_purpose = on_purpose or self.stopped_on_purpose
         self.route.holding = False
         async with self._lock:
-            self._drop_active(self.route.swap(None))
+            for serving in list(self.serving.values()):
+                self._take_out(serving)
             self._set_state(ComponentState.STOPPED)
         while self.draining:
             await asyncio.gather(*(self._retire_soon(d, force=force) for d in list(self.draining)))
@@ -287,11 +385,11 @@ class Component:
     @property
     def busy(self) -> bool:
         """A rotation, start or crash recovery is under way."""
-        return self._lock.locked() or (self._recovery is not None and not self._recovery.done())
+        return self._lock.locked() or any(not t.done() for t in self._recoveries.values())
 
     def suspend(self) -> None:
-        """Another daemon is taking over: stop watching the active instance (the new
-        daemon adopts and watches it) and refuse every operation that would change what
+        """Another daemon is taking over: stop watching the serving instances (the new
+        daemon adopts and watches them) and refuse every operation that would change what
         runs. Draining instances are still drained and stopped."""
         self.suspended = True
         self._cancel_recovery()
@@ -299,10 +397,10 @@ class Component:
             task.cancel()
 
     def resume(self) -> None:
-        """The takeover did not happen: watch the active instance again."""
+        """The takeover did not happen: watch the serving instances again."""
         self.suspended = False
-        if self.active is not None:
-            self._ensure_guard(self.active)
+        for serving in self.serving.values():
+            self._ensure_guard(serving.instance)
 
     async def finish_draining(self) -> None:
         """Wait for the drain-and-stop of every replaced instance already begun."""
@@ -316,10 +414,12 @@ class Component:
         self.emit(Kind.FAILED, reason)
 
     def restore(self, record: ComponentRecord) -> str | None:
-        """Take what an earlier daemon recorded: stopped on purpose or not, and a deployed
-        definition (over the config's). What was wrong with the record, if anything."""
+        """Take what an earlier daemon recorded: stopped on purpose or not, a scaled count,
+        and a deployed definition (over the config's). What was wrong with it, if anything."""
         self.stopped_on_purpose = record.stopped
         self.route.holding = not record.stopped
+        if record.replicas is not None and self._pool_problem(record.replicas) is None:
+            self.scaled = record.replicas
         if record.definition is None:
             return None
         try:
@@ -338,77 +438,179 @@ class Component:
         self.deployed_at = record.deployed_at
         return None
 
+    def adoptable(self, replica: int) -> str | None:
+        """Why an earlier daemon's instance of slot `replica` cannot be adopted, or None."""
+        if replica >= self.replicas:
+            return f"replica {replica} is beyond the {self.replicas} configured"
+        if replica in self.serving:
+            return f"replica {replica} is already filled (pid {self.serving[replica].instance.pid})"
+        return None
+
     def adopt(self, inst: Instance) -> None:
-        """Make an instance an earlier daemon started the active one, as it is."""
+        """Put an instance an earlier daemon started in the balancing set, as it is (its
+        slot must be adoptable)."""
         if inst.endpoint.path is None:
             self.last_port = inst.port
         else:
             self.last_socket = inst.endpoint.path
         self._live.add(inst)
-        self._make_active(inst)
+        serving = Serving(inst, self._target(inst))
+        self.serving[inst.replica] = serving
+        self.route.add(serving.target)
         self._ensure_guard(inst)
-        self._set_state(ComponentState.RUNNING)
+        self._settle()
         self.emit(
             Kind.ADOPTED,
-            f"adopted pid {inst.pid} on {inst.endpoint}",
+            f"adopted pid {inst.pid} on {inst.endpoint}{self._of_slot(inst)}",
             pid=inst.pid,
+            replica=inst.replica,
             **inst.endpoint.at,
         )
 
     # -- the rotation ------------------------------------------------------------
     async def _rotate(
-        self, spec: ComponentSpec, *, verify: float = 0.0, recovering: bool = False
+        self,
+        spec: ComponentSpec,
+        *,
+        verify: float = 0.0,
+        recovering: bool = False,
+        slots: list[int] | None = None,
+        undo: ComponentSpec | None = None,
     ) -> None:
+        """Fill or replace the instances of `slots` (default: every slot) from `spec`.
+        Given `undo` (a deploy's old definition), a failure puts the slots already
+        replaced back on it first."""
         if self._lock.locked():
             self.emit(Kind.WAITING, "waiting for the rotation in progress")
         began = self.clock.now()
+        retiring: list[Draining] = []
         async with self._lock:
             self._refuse_if_suspended()
             self.stopped_on_purpose = False
             self.route.holding = True
-            replacing = self.active is not None
-            self._set_state(ComponentState.ROTATING if replacing else ComponentState.STARTING)
+            slots = list(range(self.replicas)) if slots is None else slots
+            replacing = any(slot in self.serving for slot in slots)
+            self._set_state(ComponentState.ROTATING if self.serving else ComponentState.STARTING)
             try:
-                new = await self._launch(spec)
-                old = self._switch(new, await self._warmed_target(new))
-                if verify > 0:
-                    await self._verify(new, old, spec, verify)
-                self._ensure_guard(new)
+                await self._roll(spec, slots, verify, undo, retiring)
             except Exception as error:
                 # Whatever went wrong (ENOSPC, a bug), the start failed: reported, retried
                 # with backoff when recovering, never a component left `starting` for ever.
                 exc = error if isinstance(error, RotationFailed) else _failed_start(error)
                 self.last_error = exc.reason
-                idle = ComponentState.STARTING if recovering else ComponentState.FAILED
-                self._set_state(ComponentState.RUNNING if self.active is not None else idle)
+                self._settle(idle=ComponentState.STARTING if recovering else ComponentState.FAILED)
                 self.emit(Kind.FAILED, exc.reason, log_tail=exc.log_tail)
                 self._rotated(began, "rolled_back" if exc.rolled_back else "failed")
+                # What was taken out before the failure is still drained and stopped.
+                for old in retiring:
+                    self._retire_soon(old)
                 if exc is error:
                     raise
                 raise exc from error
             self.last_error = None
             if replacing or recovering:
                 self.restarts += 1
-            self._set_state(ComponentState.RUNNING)
-        if old is not None:
-            await self._retire_soon(old)
+            self._settle()
+        await asyncio.gather(*(self._retire_soon(old) for old in retiring))
         self._rotated(began, "ok")
+
+    async def _roll(
+        self,
+        spec: ComponentSpec,
+        slots: list[int],
+        verify: float,
+        undo: ComponentSpec | None,
+        retiring: list[Draining],
+    ) -> None:
+        """Under the lock: fill the empty slots of `slots` in parallel, then replace the
+        others one at a time. Old instances taken out go to `retiring`; all but the last
+        are stopped before the next slot, so that their ports are free again."""
+        filled = [slot for slot in slots if slot in self.serving]
+        if empty := [slot for slot in slots if slot not in self.serving]:
+            await self._fill(spec, empty, verify)
+        replaced: list[int] = []
+        for slot in filled:
+            if retiring:
+                await self._retire_soon(retiring.pop())
+            try:
+                new = await self._launch(spec, slot)
+                old = self._switch(new, await self._warmed_target(new, self.serving[slot]))
+                if verify > 0:
+                    await self._verify(new, old, spec, verify)
+                self._ensure_guard(new)  # after verify, which watches it meanwhile
+            except RotationFailed as exc:
+                if undo is not None and replaced:
+                    await self._undo(undo, replaced, retiring, exc)
+                raise
+            assert old is not None  # the slot was filled
+            retiring.append(old)
+            replaced.append(slot)
+
+    async def _undo(
+        self,
+        undo: ComponentSpec,
+        replaced: list[int],
+        retiring: list[Draining],
+        failure: RotationFailed,
+    ) -> None:
+        """A deploy failed after `replaced` slots were done: those go back to `undo`, one at
+        a time, with the usual gate. A failure of that too is added to the reason."""
+        self.emit(
+            Kind.ROLLBACK,
+            f"putting replica(s) {', '.join(map(str, replaced))} back on the previous definition",
+        )
+        try:
+            await self._roll(undo, replaced, 0.0, None, retiring)
+        except RotationFailed as again:
+            failure.reason += f"; putting the replaced replicas back failed too: {again.reason}"
+            failure.args = (failure.reason,)
+            return
+        failure.reason += (
+            f"; replica(s) {', '.join(map(str, replaced))} went back to the previous definition"
+        )
+        failure.args = (failure.reason,)
+
+    async def _fill(self, spec: ComponentSpec, slots: list[int], verify: float = 0.0) -> None:
+        """Start an instance for each empty slot, in parallel, each gated (and verified) on
+        its own; those that pass join the balancing set. RotationFailed (the first
+        failure) if any did not."""
+        results = await asyncio.gather(
+            *(self._launch_verified(spec, slot, verify) for slot in slots), return_exceptions=True
+        )
+        failures: list[BaseException] = []
+        for result in results:
+            if isinstance(result, BaseException):
+                failures.append(result)
+            else:
+                self._ensure_guard(result)
+        for failure in failures:
+            if not isinstance(failure, Exception):
+                raise failure  # cancelled: the daemon is going down
+        if failures:
+            raise failures[0]
+
+    async def _launch_verified(self, spec: ComponentSpec, slot: int, verify: float) -> Instance:
+        new = await self._launch(spec, slot)
+        self._switch(new, self._serving_target(new))
+        if verify > 0:
+            await self._verify(new, None, spec, verify)
+        return new
 
     def _prune_logs(self, new: Instance) -> None:
         """Log retention, as each instance starts; the files of live instances stay."""
-        running = {new.pid, *(d.instance.pid for d in self.draining)}
-        if self.active is not None:
-            running.add(self.active.pid)
-        logs.prune(self.log_dir, running)
+        logs.prune(self.log_dir, {new.pid, *(inst.pid for inst in self._live)})
 
     async def rotate_logs(self) -> None:
-        """Rotate the log file of each running instance (the active and the draining ones)
-        that reached `logs.max_size`: one stat each; the copying runs in a thread."""
+        """Rotate the log file of each running instance (serving or draining) that reached
+        `logs.max_size`: one stat each; the copying runs in a thread."""
         spec = self.spec
         if not spec.log_max_size:
             return
-        for inst in [self.active, *(d.instance for d in self.draining)]:
-            if inst is None or inst.log_path is None:
+        for inst in [
+            *(s.instance for s in self.serving.values()),
+            *(d.instance for d in self.draining),
+        ]:
+            if inst.log_path is None:
                 continue
             try:
                 size = os.stat(inst.log_path).st_size
@@ -448,30 +650,46 @@ class Component:
             seconds=seconds,
         )
 
-    async def _launch(self, spec: ComponentSpec) -> Instance:
+    async def _launch(self, spec: ComponentSpec, slot: int) -> Instance:
         if spec.unix:
             endpoint = Endpoint(self.host, path=self._choose_socket(spec))
         else:
             endpoint = Endpoint(self.host, self._choose_port(spec))
-        argv, env = spec.render(endpoint.port, self.host, endpoint.path)
+        self._claimed.add(endpoint)
+        try:
+            return await self._start(spec, slot, endpoint)
+        finally:
+            self._claimed.discard(endpoint)
+
+    async def _start(self, spec: ComponentSpec, slot: int, endpoint: Endpoint) -> Instance:
+        argv, env = spec.render(endpoint.port, self.host, endpoint.path, replica=slot)
         marker = new_marker(self._marker_scope, self.name)
         try:
-            inst = await self._spawn(self.name, endpoint, argv, env, spec.cwd, self.log_dir, marker)
+            inst = await self._spawn(
+                self.name, endpoint, argv, env, spec.cwd, self.log_dir, marker, replica=slot
+            )
         except SpawnError as exc:
             raise RotationFailed(str(exc)) from None
         except OSError as exc:
             raise RotationFailed(f"cannot start {argv[0]!r}: {os_error(exc)}") from None
         self._live.add(inst)
         self._prune_logs(inst)
+        of = self._of_slot(inst)
         self.emit(
-            Kind.SPAWNED, f"started pid {inst.pid} on {endpoint}", pid=inst.pid, **endpoint.at
+            Kind.SPAWNED,
+            f"started pid {inst.pid} on {endpoint}{of}",
+            pid=inst.pid,
+            replica=slot,
+            **endpoint.at,
         )
         try:
-            seconds = await self.health.wait_until_healthy(endpoint, inst.wait(), definition=spec)
+            seconds = await self.health.wait_until_healthy(
+                endpoint, inst.wait(), definition=spec, replica=slot
+            )
         except NotHealthy as exc:
             await self._stop(inst, spec.stop_signal, spec.stop_timeout)
             raise RotationFailed(
-                f"new instance pid {inst.pid} on {endpoint} {exc}", inst.tail(LOG_TAIL)
+                f"new instance pid {inst.pid} on {endpoint}{of} {exc}", inst.tail(LOG_TAIL)
             ) from None
         except asyncio.CancelledError:
             # Shutdown during a start: nobody else knows this instance yet.
@@ -487,6 +705,10 @@ class Component:
         )
         return inst
 
+    def _of_slot(self, inst: Instance) -> str:
+        """' (replica 1 of 3)' when there are several; '' for the one instance."""
+        return f" (replica {inst.replica} of {self.replicas})" if self.replicas > 1 else ""
+
     async def _own_port(self, inst: Instance, spec: ComponentSpec) -> None:
         """Whoever answered the health check, the switch needs the listener on the port to
         be the new instance's own, and no other one besides: else the instance is stopped
@@ -501,7 +723,7 @@ class Component:
             raise RotationFailed(f"{problem}: not switching to it", inst.tail(LOG_TAIL))
 
     def _choose_port(self, spec: ComponentSpec) -> int:
-        in_use = {inst.port for inst in self._live}
+        in_use = {inst.port for inst in self._live} | {e.port for e in self._claimed}
         try:
             choice = choose_port(
                 spec.ports, self.last_port, in_use, lambda p: self._probe(self.host, p)
@@ -510,8 +732,8 @@ class Component:
             own = {
                 d.instance.port: f"draining instance (pid {d.instance.pid})" for d in self.draining
             }
-            if self.active is not None:
-                own[self.active.port] = f"active instance (pid {self.active.pid})"
+            for serving in self.serving.values():
+                own[serving.instance.port] = f"active instance (pid {serving.instance.pid})"
             holders = port_holders(spec.ports)
             raise RotationFailed(describe_exhausted(spec.ports, holders, own)) from None
         port = choice.port
@@ -527,9 +749,11 @@ class Component:
         """The next socket path of the pool, ready to bind: its directory made, a stale
         socket file at it removed. The paths of our instances that have not stopped
         yet (a crashed one included) are never chosen."""
+        in_use = {inst.endpoint.path for inst in self._live} | {e.path for e in self._claimed}
         try:
-            in_use = {inst.endpoint.path for inst in self._live if inst.endpoint.path}
-            path, state = choose_socket(spec.sockets, self.last_socket, in_use, self._socket_probe)
+            path, state = choose_socket(
+                spec.sockets, self.last_socket, {p for p in in_use if p}, self._socket_probe
+            )
         except NoFreeSocket as exc:
             raise RotationFailed(str(exc)) from None
         self.last_socket = path
@@ -546,9 +770,12 @@ class Component:
     def _target(self, inst: Instance, label: str = "") -> Target:
         return Target(inst.endpoint, label=label)
 
+    def _serving_target(self, inst: Instance) -> Target:
+        return self._target(inst, label=f"{self.name}[{inst.pid} {inst.endpoint.short}]")
+
     def _check(self, inst: Instance, spec: ComponentSpec) -> Awaitable[str | None]:
         """One health probe of `inst` (started from `spec`)."""
-        return self.health.probe(inst.endpoint, definition=spec)
+        return self.health.probe(inst.endpoint, definition=spec, replica=inst.replica)
 
     async def _stop(
         self, inst: Instance, sig: signal.Signals, timeout: float, *, force: bool = False
@@ -570,13 +797,12 @@ class Component:
         self.emit(Kind.STOPPED, message, pid=inst.pid, outcome=result.outcome)
         return result
 
-    async def _warmed_target(self, inst: Instance) -> Target:
-        """The new instance's Target, with as many connections already open as the old
-        one had (at most MAX_WARM): the first requests after the switch then skip the
-        connect, which a freshly started instance is slow to accept."""
-        target = self._active_target(inst)
-        current = self.route.target
-        count = min(MAX_WARM, len(current.connections)) if current is not None else 0
+    async def _warmed_target(self, inst: Instance, old: Serving) -> Target:
+        """The new instance's Target, with as many connections already open as the one it
+        replaces had (at most MAX_WARM): the first requests after the switch then skip
+        the connect, which a freshly started instance is slow to accept."""
+        target = self._serving_target(inst)
+        count = min(MAX_WARM, len(old.target.connections))
         if self._warm is not None and count:
             opened = await self._warm(target, count, WARM_TIMEOUT)
             self.emit(
@@ -587,39 +813,49 @@ class Component:
             )
         return target
 
-    def _switch(self, new: Instance, target: Target | None = None) -> Draining | None:
-        old = self._drop_active(self.route.target)
-        self._make_active(new, target)
+    def _switch(self, new: Instance, target: Target) -> Draining | None:
+        """`new` takes its slot in the balancing set; the instance it replaces, if any,
+        leaves the set in the same step and is returned, draining. Guarding `new` is
+        the caller's (after a verify window, which watches it meanwhile)."""
+        old = self.serving.get(new.replica)
+        self.serving[new.replica] = Serving(new, target)
+        if old is None:
+            self.route.add(target)
+        else:
+            self.route.replace(old.target, target)
+        draining = self._take_out(old, leave_route=False) if old is not None else None
         was = f"{old.instance.endpoint.short} -> " if old is not None else ""
         self.emit(
             Kind.SWITCHED,
-            f"switched {was}{new.endpoint.short} (pid {new.pid})",
+            f"switched {was}{new.endpoint.short} (pid {new.pid}){self._of_slot(new)}",
             pid=new.pid,
+            replica=new.replica,
             **new.endpoint.at,
             in_flight=old.target.in_flight if old is not None else 0,
         )
-        return old
+        return draining
 
     async def _verify(
         self, new: Instance, old: Draining | None, spec: ComponentSpec, window: float
     ) -> None:
-        """Watch the new instance for `window` seconds after the switch; on failure send
-        traffic back to the old instance (still running) and stop the new one."""
+        """Watch the new instance for `window` seconds after the switch; on failure put the
+        one it replaced (still running) back in its slot and stop the new one."""
         reason = await self._watch(new, spec, until=self.clock.now() + window)
         if reason is None:
             self.emit(
                 Kind.VERIFIED, f"pid {new.pid} stayed healthy for {duration(window)}", pid=new.pid
             )
             return
+        serving = self.serving.pop(new.replica)
+        self._unguard(new)
         if old is not None:
             self.draining.remove(old)
             old.instance.stopping = False
-            self.route.swap(old.target)
-            self.active = old.instance
+            self.serving[new.replica] = Serving(old.instance, old.target)
+            self.route.replace(serving.target, old.target)
             self._ensure_guard(old.instance)
         else:
-            self.route.swap(None)
-            self.active = None
+            self.route.remove(serving.target)
         self.emit(
             Kind.ROLLBACK,
             f"pid {new.pid} failed verification ({reason}): traffic back to "
@@ -627,7 +863,7 @@ class Component:
             pid=new.pid,
         )
         new.stopping = True
-        draining = Draining(new, self._target(new))
+        draining = Draining(new, serving.target)
         self.draining.append(draining)
         self._retire_soon(draining)
         raise RotationFailed(
@@ -635,13 +871,6 @@ class Component:
             new.tail(LOG_TAIL),
             rolled_back=True,
         )
-
-    def _make_active(self, inst: Instance, target: Target | None = None) -> None:
-        self.active = inst
-        self.route.swap(target or self._active_target(inst))
-
-    def _active_target(self, inst: Instance) -> Target:
-        return self._target(inst, label=f"{self.name}[{inst.pid} {inst.endpoint.short}]")
 
     def _ensure_guard(self, inst: Instance) -> None:
         guard = self._guards.get(inst)
@@ -657,13 +886,17 @@ class Component:
         if guard is not None and guard is not asyncio.current_task():
             guard.cancel()
 
-    def _drop_active(self, target: Target | None) -> Draining | None:
-        inst, self.active = self.active, None
-        if inst is None:
-            return None
+    def _take_out(self, serving: Serving, *, leave_route: bool = True) -> Draining:
+        """`serving` leaves its slot (and, unless the caller swapped it already, the
+        balancing set) and is draining: no new request goes to it."""
+        inst = serving.instance
+        if self.serving.get(inst.replica) is serving:
+            del self.serving[inst.replica]
+        if leave_route:
+            self.route.remove(serving.target)
         self._unguard(inst)
         inst.stopping = True
-        draining = Draining(inst, target or self._target(inst))
+        draining = Draining(inst, serving.target)
         self.draining.append(draining)
         return draining
 
@@ -705,12 +938,16 @@ class Component:
 
     # -- supervision ------------------------------------------------------------------
     async def _guard(self, inst: Instance, check_health: bool = True) -> None:
-        """Watch the active instance: its exit, and (unless told not to) its health every interval."""
+        """Watch a serving instance: its exit, and (unless told not to) its health."""
         spec = self.spec
         threshold = spec.health.unhealthy_threshold
 
         def heard(problem: str | None, failures: int) -> None:
-            if problem is not None and inst is self.active:
+            serving = self._serving_of(inst)
+            if serving is None:
+                return
+            serving.failures = failures
+            if problem is not None:
                 self.emit(
                     Kind.CHECK_FAILED,
                     f"pid {inst.pid} failed check {failures}/{threshold}: {problem}",
@@ -722,9 +959,13 @@ class Component:
             reason = await self._watch(inst, spec, on_check=heard)
         else:
             reason = await self._exit_reason(inst)
-        if inst is not self.active or inst.stopping or reason is None:
+        if self._serving_of(inst) is None or inst.stopping or reason is None:
             return
         self._crashed(inst, f"pid {inst.pid} {reason}", inst.returncode)
+
+    def _serving_of(self, inst: Instance) -> Serving | None:
+        serving = self.serving.get(inst.replica)
+        return serving if serving is not None and serving.instance is inst else None
 
     async def _watch(
         self,
@@ -764,32 +1005,45 @@ class Component:
         return f"exited with code {await inst.wait()}"
 
     def _crashed(self, inst: Instance, reason: str, code: int | None) -> None:
+        """A serving instance exited (`code`) or turned unhealthy (None): it leaves the
+        balancing set at once, unless it is unhealthy and the only one left, and its slot
+        gets a replacement."""
+        serving = self._serving_of(inst)
+        assert serving is not None
         self.last_error = reason
         self.last_exit = code
         self.last_log_tail = inst.tail(LOG_TAIL)
+        others = len(self.serving) > 1
         if code is not None:
-            # Gone: requests are held (hold_timeout) until the replacement is ready.
-            self.active = None
-            self.route.swap(None)
-            self._set_state(ComponentState.STARTING)  # no instance until the replacement is ready
-            # What it started may have outlived it (a master's workers): stop the rest of its tree.
+            # Gone: its requests go to the other replicas, or are held (hold_timeout)
+            # until the replacement is ready. What it started may have outlived it (a
+            # master's workers): the rest of its tree is stopped.
+            del self.serving[inst.replica]
+            self.route.remove(serving.target)
             inst.stopping = True
             self._spawn_task(self._stop_crashed(inst))
+        elif others:
+            self._retire_soon(self._take_out(serving))
+        if not self._lock.locked():
+            self._settle()
         self.emit(
             Kind.EXITED if code is not None else Kind.UNHEALTHY,
             reason,
             pid=inst.pid,
             code=code,
+            replica=inst.replica,
             log_tail=self.last_log_tail,
         )
-        if self._recovery is None or self._recovery.done():
-            self._recovery = self._spawn_task(self._recover())
+        slot = inst.replica
+        recovery = self._recoveries.get(slot)
+        if recovery is None or recovery.done():
+            self._recoveries[slot] = self._spawn_task(self._recover(slot))
 
     async def _stop_crashed(self, inst: Instance) -> None:
         result = await self._stop(inst, self.spec.stop_signal, self.spec.stop_timeout)
         self.last_stop = result.outcome  # "gone", unless something of its tree was left
 
-    async def _recover(self) -> None:
+    async def _recover(self, slot: int) -> None:
         spec = self.spec
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(RotationFailed),
@@ -820,12 +1074,14 @@ class Component:
                     self._crashes.append(self.clock.now())
                     self.emit(
                         Kind.RESTARTING,
-                        f"starting a replacement (restart {self._recent_crashes()} of at most "
+                        f"starting a replacement{' for replica ' + str(slot) if self.replicas > 1 else ''}"
+                        f" (restart {self._recent_crashes()} of at most "
                         f"{spec.restart.max_restarts} in {duration(spec.restart.restart_window)})",
                     )
-                    await self._rotate(self.spec, recovering=True)
+                    if slot < self.replicas:
+                        await self._rotate(self.spec, recovering=True, slots=[slot])
         except RotationFailed:
-            self._give_up()
+            self._give_up(slot)
 
     def _announce_backoff(self, retry_state: RetryCallState) -> None:
         delay = retry_state.next_action.sleep if retry_state.next_action else 0.0
@@ -840,22 +1096,25 @@ class Component:
     def _budget_spent(self) -> bool:
         return self._recent_crashes() >= self.spec.restart.max_restarts
 
-    def _give_up(self) -> None:
-        if self.active is not None:
+    def _give_up(self, slot: int) -> None:
+        window = duration(self.spec.restart.restart_window)
+        serving = self.serving.get(slot)
+        if serving is not None:
             # Unhealthy but alive: it keeps serving what it can, watched for its exit only.
             self.last_error = f"no healthy replacement could be started; last: {self.last_error}"
             self.emit(Kind.FAILED, self.last_error)
-            self._guards[self.active] = self._spawn_task(
-                self._guard(self.active, check_health=False)
-            )
+            inst = serving.instance
+            self._unguard(inst)
+            self._guards[inst] = self._spawn_task(self._guard(inst, check_health=False))
             return
-        self.route.holding = False
-        self.route.swap(None)
         self.last_error = (
-            f"gave up after {self._recent_crashes()} restarts in {duration(self.spec.restart.restart_window)}; "
-            f"last: {self.last_error}"
+            f"gave up after {self._recent_crashes()} restarts in {window}; last: {self.last_error}"
         )
-        self._set_state(ComponentState.FAILED)
+        if not self.serving:
+            self.route.holding = False
+            self._set_state(ComponentState.FAILED)
+        else:
+            self._settle()
         self.emit(Kind.FAILED, self.last_error, log_tail=self.last_log_tail)
 
     def _reset_supervision(self) -> None:
@@ -863,15 +1122,30 @@ class Component:
         self._cancel_recovery()
 
     def _cancel_recovery(self) -> None:
-        if self._recovery is not None and self._recovery is not asyncio.current_task():
-            self._recovery.cancel()
-        self._recovery = None
+        current = asyncio.current_task()
+        for task in self._recoveries.values():
+            if task is not current:
+                task.cancel()
+        self._recoveries.clear()
 
     def _spawn_task(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+    def _missing(self) -> list[int]:
+        return [slot for slot in range(self.replicas) if slot not in self.serving]
+
+    def _settle(self, idle: ComponentState = ComponentState.STARTING) -> None:
+        """The state that what serves now gives; `idle` when nothing does."""
+        if not self.serving:
+            state = ComponentState.STOPPED if self.stopped_on_purpose else idle
+        elif self.healthy < self.replicas:
+            state = ComponentState.DEGRADED
+        else:
+            state = ComponentState.RUNNING
+        self._set_state(state)
 
     def _set_state(self, state: ComponentState) -> None:
         if state != self.state:
@@ -883,7 +1157,7 @@ class Component:
         """What the state file keeps of this component."""
         return ComponentRecord(
             name=self.name,
-            instances=() if self.active is None else (_record(self.active),),
+            instances=tuple(_record(self.serving[slot].instance) for slot in sorted(self.serving)),
             draining=tuple(_record(d.instance) for d in self.draining),
             definition=definition_of(self.spec) if self.definition_source == "deployed" else None,
             definition_source=self.definition_source,
@@ -892,23 +1166,37 @@ class Component:
             if self.previous is not None and self.previous is not self.config_spec
             else None,
             stopped=self.stopped_on_purpose,
+            replicas=self.scaled,
         )
 
     def status(self) -> dict[str, Any]:
-        active = self.active
+        threshold = self.spec.health.unhealthy_threshold
+        instances = [
+            {
+                "pid": s.instance.pid,
+                **s.instance.endpoint.address,
+                "replica": slot,
+                "healthy": s.instance.returncode is None and s.failures < threshold,
+                "in_flight": s.target.in_flight,
+                "requests": s.target.served,
+                "since": s.instance.started,
+                "adopted": s.instance.adopted,
+            }
+            for slot, s in sorted(self.serving.items())
+        ]
         return {
             "name": self.name,
             "listen": str(self.spec.listen),
             "state": self.state,
-            "active": None
-            if active is None
-            else {
-                "pid": active.pid,
-                **active.endpoint.address,
-                "healthy": active.returncode is None,
-                "since": active.started,
-                "adopted": active.adopted,
-            },
+            "replicas": self.replicas,
+            "instances": instances,
+            "active": {
+                k: v
+                for k, v in instances[0].items()
+                if k not in ("in_flight", "requests", "replica")
+            }
+            if instances
+            else None,
             "draining": [
                 {
                     "pid": d.instance.pid,
@@ -935,9 +1223,14 @@ class Component:
 
     @property
     def in_flight(self) -> int:
-        """Requests at the component's instances now: the active one and those draining."""
-        current = self.route.target.in_flight if self.route.target is not None else 0
-        return current + sum(d.target.in_flight for d in self.draining)
+        """Requests at the component's instances now: those serving and those draining."""
+        return sum(s.target.in_flight for s in self.serving.values()) + sum(
+            d.target.in_flight for d in self.draining
+        )
+
+    def _pids(self) -> str:
+        pids = [str(self.serving[slot].instance.pid) for slot in sorted(self.serving)]
+        return f"pid{'s' if len(pids) > 1 else ''} {', '.join(pids)}"
 
 
 def _failed_start(exc: Exception) -> RotationFailed:
@@ -952,4 +1245,5 @@ def _record(inst: Instance) -> InstanceRecord:
         socket=inst.endpoint.path,
         marker=inst.marker,
         started=inst.started,
+        replica=inst.replica,
     )

@@ -257,7 +257,7 @@ class Daemon:
         skip = {
             name
             for name, c in self.components.items()
-            if c.active is not None or c.stopped_on_purpose
+            if len(c.serving) >= c.replicas or c.stopped_on_purpose
         }
         await self._in_dependency_order(self._start_one, skip)
         self.ready = True
@@ -351,9 +351,9 @@ class Daemon:
             comp.mark_failed("not started: a component it depends on is not running")
             return False
         try:
-            await comp.rotate()
+            await comp.start()  # the replicas not adopted
         except RotationFailed:
-            return False
+            return bool(comp.serving)  # some replicas serve: its dependents can start
         return True
 
     async def _in_dependency_order(

@@ -62,6 +62,7 @@ class Kind(enum.StrEnum):
     ROLLBACK = "rollback"
     ROLLED_BACK = "rolledback"
     REMOVED = "removed"  # taken out of the config by a reload
+    SCALED = "scaled"  # the replica count changed (`rotator scale`, a reload)
     STATE = "state", True, True  # a component's state changed (said by the event before)
     DAEMON = "daemon", False, True  # the daemon's own record (it printed the line itself)
 

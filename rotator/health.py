@@ -155,12 +155,12 @@ class HealthCheck:
         self._kept.clear()
 
     async def probe(
-        self, endpoint: Endpoint, *, definition: ComponentSpec | None = None
+        self, endpoint: Endpoint, *, definition: ComponentSpec | None = None, replica: int = 0
     ) -> str | None:
         """None when healthy, otherwise what was wrong (for messages). An exec check runs
-        in `definition`'s cwd and env (default: the component's)."""
+        in `definition`'s cwd and env (default: the component's), as replica `replica`."""
         if self.spec.exec:
-            return await self._exec(endpoint, definition or self.component)
+            return await self._exec(endpoint, definition or self.component, replica)
         if self.spec.tcp:
             return await self._connect(endpoint)
         path = self.spec.path
@@ -194,10 +194,12 @@ class HealthCheck:
         writer.close()
         return None
 
-    async def _exec(self, endpoint: Endpoint, component: ComponentSpec | None) -> str | None:
+    async def _exec(
+        self, endpoint: Endpoint, component: ComponentSpec | None, replica: int
+    ) -> str | None:
         assert component is not None
         argv, env = dataclasses.replace(component, command=self.spec.exec).render(
-            endpoint.port, endpoint.host, endpoint.path
+            endpoint.port, endpoint.host, endpoint.path, replica=replica
         )
         # The spawner appends output to an existing file: one per probe, read once it exits.
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -245,12 +247,13 @@ class HealthCheck:
         *,
         definition: ComponentSpec | None = None,
         timeout: float | None = None,
+        replica: int = 0,
     ) -> float:
         """Seconds until the first healthy probe. Raises NotHealthy when the process
         exits first or `timeout` (default: start_timeout) passes."""
         began = time.monotonic()
         timeout = self.spec.start_timeout if timeout is None else timeout
-        polling = asyncio.ensure_future(self._poll(endpoint, definition, timeout))
+        polling = asyncio.ensure_future(self._poll(endpoint, definition, timeout, replica))
         exit_wait = asyncio.ensure_future(exited)
         try:
             done, _ = await asyncio.wait({polling, exit_wait}, return_when=asyncio.FIRST_COMPLETED)
@@ -264,12 +267,12 @@ class HealthCheck:
         raise NotHealthy(f"exited with code {code} before becoming healthy")
 
     async def _poll(
-        self, endpoint: Endpoint, definition: ComponentSpec | None, timeout: float
+        self, endpoint: Endpoint, definition: ComponentSpec | None, timeout: float, replica: int
     ) -> None:
         last: list[str | None] = [None]
 
         async def attempt() -> str | None:
-            last[0] = await self.probe(endpoint, definition=definition)
+            last[0] = await self.probe(endpoint, definition=definition, replica=replica)
             return last[0]
 
         retrying = AsyncRetrying(

@@ -14,6 +14,7 @@ import struct
 import time
 from collections.abc import AsyncIterator
 
+from rotator.config import Endpoint
 from rotator.proxy.route import Target
 from tests.integration.proxykit import (
     HOST,
@@ -42,12 +43,12 @@ class Replica:
         self.seen: list[tuple[str, str]] = []  # (method, path) of each request read
         self.server: asyncio.Server | None = None
         self.port = 0
-        self.target = Target(HOST, 0, label=name)
+        self.target = Target(Endpoint(HOST, 0), label=name)
 
     async def start(self) -> Replica:
         self.server = await asyncio.start_server(self._serve, HOST, 0)
         self.port = self.server.sockets[0].getsockname()[1]
-        self.target = Target(HOST, self.port, label=self.name)
+        self.target = Target(Endpoint(HOST, self.port), label=self.name)
         return self
 
     async def close(self) -> None:
@@ -192,7 +193,7 @@ async def test_removed_replica_gets_no_new_request_and_finishes_its_own() -> Non
 async def test_refused_replica_is_skipped_at_once() -> None:
     # A refused connect reached no instance: any method goes to the other replica,
     # without waiting (hold_timeout is 5 s).
-    gone = Target(HOST, free_port(), label="gone")
+    gone = Target(Endpoint(HOST, free_port()), label="gone")
     good = Replica("good")
     async with balanced(good, hold_timeout=5.0) as p:
         p.route.replace(good.target, gone)

@@ -38,8 +38,9 @@ SPEC = ComponentSpec(
 
 
 class FakeInstance:
-    def __init__(self, pid: int, endpoint: Endpoint) -> None:
+    def __init__(self, pid: int, endpoint: Endpoint, replica: int = 0) -> None:
         self.pid, self.endpoint, self.port = pid, endpoint, endpoint.port
+        self.replica = replica
         self.started = 0.0
         self.adopted = False
         self.marker = f"m{pid}"
@@ -76,11 +77,11 @@ class ScriptedHealth:
         self.world = world
 
     async def wait_until_healthy(
-        self, endpoint: Endpoint, exited: Awaitable[int], *, definition: object = None
+        self, endpoint: Endpoint, exited: Awaitable[int], **_: object
     ) -> float:
         return await self.world.wait_until_healthy(endpoint, exited)
 
-    async def probe(self, endpoint: Endpoint, *, definition: object = None) -> str | None:
+    async def probe(self, endpoint: Endpoint, **_: object) -> str | None:
         return self.world.probe_script.pop(0) if self.world.probe_script else None
 
     def forget(self, endpoint: Endpoint) -> None:
@@ -150,10 +151,11 @@ class World:
         cwd: Path,
         log: Path,
         marker: str,
+        replica: int = 0,
     ) -> Any:
         port = endpoint.port
         assert argv == ["app", "--port", str(port)] and env["PORT"] == str(port)
-        inst = FakeInstance(1000 + len(self.instances), endpoint)
+        inst = FakeInstance(1000 + len(self.instances), endpoint, replica)
         inst.squatted = self.squatted.get(port)
         self.instances.append(inst)
         return inst
@@ -611,12 +613,13 @@ class UnixWorld(World):
         cwd: Path,
         log: Path,
         marker: str,
+        replica: int = 0,
     ) -> Any:
         socket_path = env["ROTATOR_SOCKET"]
         assert endpoint.path == socket_path and endpoint.port == 0
         assert argv == ["app", "--unix", socket_path] and "PORT" not in env
         Path(socket_path).write_text("")  # where the instance would bind
-        inst = FakeInstance(1000 + len(self.instances), endpoint)
+        inst = FakeInstance(1000 + len(self.instances), endpoint, replica)
         self.instances.append(inst)
         return inst
 
@@ -644,12 +647,12 @@ class UnixHealth(ScriptedHealth):
     world: UnixWorld
 
     async def wait_until_healthy(
-        self, endpoint: Endpoint, exited: Awaitable[int], *, definition: object = None
+        self, endpoint: Endpoint, exited: Awaitable[int], **_: object
     ) -> float:
         self.world.health_calls.append((endpoint.port, endpoint.path))
         return await self.world.wait_until_healthy(endpoint, exited)
 
-    async def probe(self, endpoint: Endpoint, *, definition: object = None) -> str | None:
+    async def probe(self, endpoint: Endpoint, **_: object) -> str | None:
         self.world.health_calls.append((endpoint.port, endpoint.path))
         return await super().probe(endpoint)
 

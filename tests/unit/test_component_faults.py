@@ -23,11 +23,11 @@ class FailingWorld(World):
         super().__init__()
         self.errors: list[BaseException | None] = []
 
-    async def spawn(self, *args: Any) -> Any:
+    async def spawn(self, *args: Any, **kwargs: Any) -> Any:
         error = self.errors.pop(0) if self.errors else None
         if error is not None:
             raise error
-        return await super().spawn(*args)
+        return await super().spawn(*args, **kwargs)
 
 
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/state/logs/web/.x.starting")

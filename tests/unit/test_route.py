@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 
+from rotator.config import Endpoint
 from rotator.proxy.route import Limits, Route, Target
 
 
 def targets(n: int) -> list[Target]:
-    return [Target("127.0.0.1", 9001 + i, label=f"t{i}") for i in range(n)]
+    return [Target(Endpoint("127.0.0.1", 9001 + i), label=f"t{i}") for i in range(n)]
 
 
 def route_over(ts: list[Target], hold_timeout: float = 1.0) -> Route:
