@@ -31,6 +31,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from rotator import logs
 from rotator.component import Component, RotationFailed
 from rotator.config import Address, ComponentSpec, Config, with_overrides
+from rotator.configfile import MAX_REPLICAS
 from rotator.dashboard import RedirectPages, Sessions, add_routes
 from rotator.events import Event, EventBus
 from rotator.fleet import ReloadRejected
@@ -56,6 +57,7 @@ class Control(Protocol):
     async def stop(self, name: str, force: bool) -> None: ...
     async def deploy(self, name: str, spec: ComponentSpec) -> None: ...
     async def rollback(self, name: str) -> None: ...
+    async def scale(self, name: str, replicas: int) -> None: ...
     async def prepare_reload(self) -> Reload: ...
     async def apply_reload(self, reload: Reload) -> dict[str, Any]: ...
     async def settled(self) -> str | None: ...  # once the state file has every change
@@ -201,6 +203,15 @@ def make_app(daemon: Control, token: str) -> web.Application:
         if comp.previous is None:
             raise BadRequest(f"{comp.name}: nothing to roll back to (no definition was deployed)")
         return await run(request, daemon, comp.name, partial(daemon.rollback, comp.name))
+
+    @routes.post("/v1/components/{name}/scale")
+    async def scale(request: web.Request) -> web.StreamResponse:
+        comp = component(request)
+        args = await body(request, {"replicas": int})
+        replicas = args.get("replicas")
+        if replicas is None or isinstance(replicas, bool) or not 1 <= replicas <= MAX_REPLICAS:
+            raise BadRequest(f"field 'replicas' must be a whole number from 1 to {MAX_REPLICAS}")
+        return await run(request, daemon, comp.name, partial(daemon.scale, comp.name, replicas))
 
     @routes.get("/v1/events", name="events")
     async def events(request: web.Request) -> web.StreamResponse:

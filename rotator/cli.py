@@ -151,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
         "rollback", parents=[common, wait], help="return to the previous definition"
     )
     rollback.add_argument("name", metavar="NAME")
+    scale = sub.add_parser(
+        "scale",
+        parents=[common, wait],
+        help="run N replicas of a component (start or retire some; the others are untouched)",
+    )
+    scale.add_argument("name", metavar="NAME")
+    scale.add_argument("replicas", metavar="N", type=_positive)
     start = sub.add_parser(
         "start", parents=[common, wait], help="start a stopped or failed component"
     )
@@ -409,6 +416,11 @@ def cmd_rollback(config: Config, args: argparse.Namespace) -> int:
     return operate(Admin(config), known(config, args.name), "rollback", {}, wait=args.wait)
 
 
+def cmd_scale(config: Config, args: argparse.Namespace) -> int:
+    body = {"replicas": args.replicas}
+    return operate(Admin(config), known(config, args.name), "scale", body, wait=args.wait)
+
+
 def cmd_start(config: Config, args: argparse.Namespace) -> int:
     return operate(Admin(config), known(config, args.name), "start", {}, wait=args.wait)
 
@@ -441,6 +453,7 @@ PAST = {
     "restart": "restarted",
     "deploy": "deployed",
     "rollback": "rolled back",
+    "scale": "scaled",
     "start": "started",
     "stop": "stopped",
 }
@@ -585,6 +598,7 @@ COMMANDS = {
     "service": cmd_service,
     "deploy": cmd_deploy,
     "rollback": cmd_rollback,
+    "scale": cmd_scale,
     "start": cmd_start,
     "stop": cmd_stop,
     "up": cmd_up,

@@ -514,6 +514,9 @@ class Daemon:
     async def rollback(self, name: str) -> None:
         await self.components[name].rollback()
 
+    async def scale(self, name: str, replicas: int) -> None:
+        await self.components[name].scale(replicas)
+
     async def prepare_reload(self) -> Reload:
         return await self.ops.prepare_reload()
 

@@ -198,7 +198,19 @@ class Collector:
             "Active instances replaced by a new one (restart, deploy, crash or health recovery)",
             labels=["component"],
         )
+        replicas = GaugeMetricFamily(
+            "rotator_replicas",
+            "Replicas configured (or set by rotator scale)",
+            labels=["component"],
+        )
+        healthy = GaugeMetricFamily(
+            "rotator_replicas_healthy",
+            "Replicas in the balancing set that are alive and not past unhealthy_threshold",
+            labels=["component"],
+        )
         for comp in components:
+            replicas.add_metric([comp.name], comp.replicas)
+            healthy.add_metric([comp.name], comp.healthy)
             names = STATES if comp.state in STATES else (*STATES, comp.state)
             for name in names:
                 state.add_metric([comp.name, name], 1 if name == comp.state else 0)
@@ -208,7 +220,7 @@ class Collector:
                 if active.port:  # 0: on a Unix socket
                     port.add_metric([comp.name], active.port)
             restarts.add_metric([comp.name], comp.restarts)
-        yield from (state, port, pid, restarts)
+        yield from (state, port, pid, restarts, replicas, healthy)
 
     def _lifecycle(self, components: list[Component]) -> Iterator[Metric]:
         rotations = CounterMetricFamily(

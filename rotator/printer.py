@@ -70,15 +70,20 @@ def status_table(status: dict[str, Any], now: float | None = None) -> str:
         "LAST ROTATION",
         "LAST STOP",
     )
-    rows = [header]
+    rows: list[tuple[str, ...]] = [header]
     notes = []
     for c in status["components"]:
-        active = c.get("active")
+        instances = c.get("instances") or []
+        several = c.get("replicas", 1) > 1 or len(instances) > 1
+        active = None if several else c.get("active")
         last = c.get("last_rotation")
+        healthy = sum(1 for i in instances if i["healthy"])
         rows.append(
             (
                 c["name"],
-                c["state"] + ("" if active is None or active["healthy"] else " (unhealthy)"),
+                c["state"]
+                + (f" ({healthy}/{c['replicas']} healthy)" if several else "")
+                + ("" if active is None or active["healthy"] else " (unhealthy)"),
                 c["listen"],
                 str(active["pid"]) if active else "-",
                 _where(active) if active else "-",
@@ -92,9 +97,11 @@ def status_table(status: dict[str, Any], now: float | None = None) -> str:
                 c.get("last_stop") or "-",
             )
         )
+        if several:
+            rows.extend(_replica_row(i, now) for i in instances)
         for d in c["draining"]:
             notes.append(
-                f"  {c['name']}: draining pid {d['pid']} on port {d['port']} ({d['in_flight']} in flight)"
+                f"  {c['name']}: draining pid {d['pid']} on {_where(d)} ({d['in_flight']} in flight)"
             )
         definition = c.get("definition") or {}
         if definition.get("source") == "deployed":
@@ -127,6 +134,23 @@ def status_table(status: dict[str, Any], now: float | None = None) -> str:
         for row in rows
     ]
     return "\n".join(lines + notes)
+
+
+def _replica_row(instance: dict[str, Any], now: float) -> tuple[str, ...]:
+    """A replica's line, under its component's: its slot, health, pid, port, uptime, counts."""
+    return (
+        f"  [{instance['replica']}]",
+        "healthy" if instance["healthy"] else "unhealthy",
+        "",
+        str(instance["pid"]),
+        _where(instance),
+        duration(now - instance["since"]),
+        str(instance["requests"]),
+        str(instance["in_flight"]),
+        "",
+        "",
+        "",
+    )
 
 
 def _where(instance: dict[str, Any]) -> str:

@@ -153,8 +153,9 @@ class FleetOps:
     async def apply_reload(self, reload: Reload) -> dict[str, Any]:
         """Carry out a prepared reload: in-place updates, new components started, changed
         ones rotated one at a time in dependency order (stopping at the first failure:
-        the rest keep their running definition and a later reload tries again), removed
-        ones drained and stopped and their addresses released."""
+        the rest keep their running definition and a later reload tries again), those
+        whose `replicas` changed scaled to the file's count (over a `rotator scale`),
+        removed ones drained and stopped and their addresses released."""
         try:
             return await self._apply(reload)
         finally:
@@ -187,6 +188,15 @@ class FleetOps:
                 rotated.append(name)
             except RotationFailed as exc:
                 failed[name] = exc.reason
+        scaled: list[str] = []
+        for name in plan.scaled:
+            if name in failed:
+                continue
+            try:
+                await fleet.components[name].scale(new.component(name).replicas, from_config=True)
+                scaled.append(name)
+            except RotationFailed as exc:
+                failed[name] = exc.reason
         gone = [self._detach(name) for name in plan.removed] + moved
         await asyncio.gather(*(_retire(comp, listener) for comp, listener in gone))
         # In the file's order; what failed to rotate keeps the definition it runs.
@@ -205,6 +215,7 @@ class FleetOps:
             "rotated": rotated,
             "not_rotated": [n for n in plan.rotated if n not in rotated and n not in failed],
             "updated": list(plan.updated),
+            "scaled": scaled,
             "unchanged": list(plan.unchanged),
             "failed": failed,
             "ignored": list(plan.ignored),
