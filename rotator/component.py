@@ -490,7 +490,12 @@ class Component:
             self.route.holding = True
             slots = list(range(self.replicas)) if slots is None else slots
             replacing = any(slot in self.serving for slot in slots)
-            self._set_state(ComponentState.ROTATING if self.serving else ComponentState.STARTING)
+            if not self.serving:
+                self._set_state(ComponentState.STARTING)
+            elif recovering:  # a replica is missing or sick: fewer serve than configured
+                self._set_state(ComponentState.DEGRADED)
+            else:
+                self._set_state(ComponentState.ROTATING)
             try:
                 await self._roll(spec, slots, verify, undo, retiring)
             except Exception as error:

@@ -48,6 +48,7 @@ class FakeInstance:
         self.stopping = False
         self.stopped_with: signal.Signals | None = None
         self.squatted: str | None = None  # what port_problem() answers
+        self.argv: list[str] = []
         self.exit: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
     @property
@@ -154,8 +155,10 @@ class World:
         replica: int = 0,
     ) -> Any:
         port = endpoint.port
-        assert argv == ["app", "--port", str(port)] and env["PORT"] == str(port)
+        assert argv[1:] == ["--port", str(port)] and env["PORT"] == str(port)
+        assert env["ROTATOR_REPLICA"] == str(replica)
         inst = FakeInstance(1000 + len(self.instances), endpoint, replica)
+        inst.argv = argv
         inst.squatted = self.squatted.get(port)
         self.instances.append(inst)
         return inst
