@@ -22,6 +22,7 @@ import contextlib
 import hmac
 import json
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
 
@@ -58,6 +59,8 @@ class Control(Protocol):
     async def deploy(self, name: str, spec: ComponentSpec) -> None: ...
     async def rollback(self, name: str) -> None: ...
     async def scale(self, name: str, replicas: int) -> None: ...
+    async def canary(self, name: str, spec: ComponentSpec, trial: Trial) -> None: ...
+    async def promote(self, name: str) -> None: ...
     async def prepare_reload(self) -> Reload: ...
     async def apply_reload(self, reload: Reload) -> dict[str, Any]: ...
     async def settled(self) -> str | None: ...  # once the state file has every change
@@ -183,7 +186,9 @@ def make_app(daemon: Control, token: str) -> web.Application:
     @routes.post("/v1/components/{name}/deploy")
     async def deploy(request: web.Request) -> web.StreamResponse:
         comp = component(request)
-        args = await body(request, {"command": (str, list), "cwd": str, "env": dict})
+        args = await body(
+            request, {"command": (str, list), "cwd": str, "env": dict, "canary": dict}
+        )
         try:
             spec = with_overrides(
                 comp.spec,
@@ -194,13 +199,25 @@ def make_app(daemon: Control, token: str) -> web.Application:
             )
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
+        if "canary" in args:
+            trial = _trial(args["canary"])
+            operation = partial(daemon.canary, comp.name, spec, trial)
+            return await run(request, daemon, comp.name, operation)
         return await run(request, daemon, comp.name, partial(daemon.deploy, comp.name, spec))
+
+    @routes.post("/v1/components/{name}/promote")
+    async def promote(request: web.Request) -> web.StreamResponse:
+        comp = component(request)
+        await body(request, {})
+        if comp.canary is None:
+            raise BadRequest(f"{comp.name}: no canary is running")
+        return await run(request, daemon, comp.name, partial(daemon.promote, comp.name))
 
     @routes.post("/v1/components/{name}/rollback")
     async def rollback(request: web.Request) -> web.StreamResponse:
         comp = component(request)
         await body(request, {})
-        if comp.previous is None:
+        if comp.previous is None and comp.canary is None:
             raise BadRequest(f"{comp.name}: nothing to roll back to (no definition was deployed)")
         return await run(request, daemon, comp.name, partial(daemon.rollback, comp.name))
 
@@ -305,6 +322,35 @@ async def body(request: web.Request, fields: dict[str, type | tuple[type, ...]])
         if not isinstance(value, fields[key]):
             raise BadRequest(f"field {key!r} has the wrong type")
     return data
+
+
+@dataclass(frozen=True)
+class Trial:
+    """A deploy's `canary` field: the share of requests, and overrides of the config's rule."""
+
+    weight: int
+    duration: float | None = None
+    min_requests: int | None = None
+
+
+def _trial(raw: dict[str, Any]) -> Trial:
+    allowed = {"weight", "duration", "min_requests"}
+    if unknown := sorted(set(raw) - allowed):
+        raise BadRequest(
+            f"unknown field 'canary.{unknown[0]}' (allowed: {', '.join(sorted(allowed))})"
+        )
+    weight, seconds, least = raw.get("weight"), raw.get("duration"), raw.get("min_requests")
+    if not isinstance(weight, int) or isinstance(weight, bool) or not 1 <= weight <= 99:
+        raise BadRequest("field 'canary.weight' must be a whole number of percent from 1 to 99")
+    if seconds is not None and (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, int | float)
+        or not 0 < seconds <= 86400
+    ):
+        raise BadRequest("field 'canary.duration' must be a number of seconds, more than 0")
+    if least is not None and (not isinstance(least, int) or isinstance(least, bool) or least < 0):
+        raise BadRequest("field 'canary.min_requests' must be a whole number of at least 0")
+    return Trial(weight, None if seconds is None else float(seconds), least)
 
 
 async def run(

@@ -70,6 +70,12 @@ class EarlierRun:
         kept: set[str] = set()
         for name, record in state.components.items():
             comp = self.components.get(name)
+            if record.canary:  # never adopted: its leftovers are stopped by their marker
+                pids = ", ".join(str(r.pid) for r in record.canary)
+                self.out(
+                    f"{name}: a canary (pid {pids}) was on trial when the earlier daemon died;"
+                    " it is rolled back and stopped, the stable definition serves"
+                )
             if comp is None or record.stopped:
                 continue
             for r in record.instances:

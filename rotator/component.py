@@ -38,19 +38,21 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import enum
 import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
 from rotator import logs
-from rotator.config import ComponentSpec, Endpoint, apply_definition, definition_of
+from rotator.canary import Figures, Verdict, canary_count, describe, judge
+from rotator.config import CanarySpec, ComponentSpec, Endpoint, apply_definition, definition_of
 from rotator.events import Event, EventBus, Kind
 from rotator.health import Clock, NotHealthy, SystemClock, watch
 from rotator.instance import Instance, SpawnError, StopResult, new_marker
@@ -145,6 +147,25 @@ class Draining:
     task: asyncio.Task[None] | None = None  # the drain-and-stop, once begun
 
 
+# How often a running canary is judged, and how often its figures are reported.
+CANARY_TICK = 1.0
+CANARY_REPORT = 5.0
+
+
+@dataclass(eq=False)
+class Canary:
+    """A new definition on trial: its instances in the Route's canary set, taking
+    `weight` % of the requests until `ends_at` (the component's clock) or a verdict."""
+
+    spec: ComponentSpec
+    weight: int
+    rule: CanarySpec
+    ends_at: float
+    decided: asyncio.Future[Verdict]
+    finished: asyncio.Future[None]  # the verdict carried out (promoted or rolled back)
+    serving: dict[int, Serving] = field(default_factory=dict)
+
+
 def instance_host(listen_host: str) -> str:
     """Where instances listen: the public host, or loopback when that is a wildcard."""
     return {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(listen_host, listen_host)
@@ -185,6 +206,7 @@ class Component:
         self.host = instance_host(spec.listen.host)
         self.state = ComponentState.STOPPED
         self.serving: dict[int, Serving] = {}  # by slot
+        self.canary: Canary | None = None
         self.draining: list[Draining] = []
         self.restarts = 0
         self.last_port: int | None = None
@@ -237,6 +259,7 @@ class Component:
     # -- operations (each is one admin API call) --------------------------------
     async def rotate(self) -> None:
         """Replace every replica (or start them) with zero downtime. Raises RotationFailed."""
+        self._refuse_if_canary()
         self._reset_supervision()
         await self._rotate(self.spec)
 
@@ -245,6 +268,7 @@ class Component:
         if len(self.serving) >= self.replicas:
             self.emit(Kind.START, f"already running ({self._pids()})")
             return
+        self._refuse_if_canary()
         self._reset_supervision()
         await self._rotate(self.spec, slots=self._missing())
 
@@ -252,6 +276,7 @@ class Component:
         """Rotate to a new definition; it becomes the component's own only if every new
         instance is healthy (and passes `verify`). Raises RotationFailed, with every
         replica back on the old definition."""
+        self._refuse_if_canary()
         self._reset_supervision()
         await self._rotate(spec, verify=spec.verify, undo=self.spec)
         self.previous, self.spec = self.spec, spec
@@ -260,6 +285,12 @@ class Component:
         self.emit(Kind.DEPLOYED, f"now running the deployed definition: {' '.join(spec.command)}")
 
     async def rollback(self) -> None:
+        """Return to the previous definition; during a canary, roll the canary back."""
+        if (canary := self.canary) is not None:
+            if not canary.decided.done():
+                canary.decided.set_result(Verdict(False, f"rotator rollback {self.name}"))
+            await asyncio.shield(canary.finished)
+            return
         if self.previous is None:
             raise RotationFailed("nothing to roll back to: no earlier definition was deployed")
         self._reset_supervision()
@@ -273,12 +304,243 @@ class Component:
             f"back to the {self.definition_source} definition: {' '.join(target.command)}",
         )
 
+    # -- a canary ------------------------------------------------------------------------
+    async def deploy_canary(
+        self,
+        spec: ComponentSpec,
+        weight: int,
+        *,
+        duration_s: float | None = None,
+        min_requests: int | None = None,
+    ) -> None:
+        """Put `spec` on trial: start ceil(replicas x weight / 100) instances of it, gated,
+        send them `weight` % of the requests, and judge them against the stable ones
+        (canary.judge) until the window ends or a verdict comes earlier (the rule, an exit,
+        `promote`, `rollback`). Promoted: the stable replicas are replaced by it, one at a
+        time, and it becomes the component's definition, as after a deploy. Rolled back:
+        the canary leaves at once and RotationFailed says why; the stable replicas were
+        never touched."""
+        self._refuse_if_suspended()
+        self._refuse_if_canary()
+        rule = dataclasses.replace(
+            spec.canary,
+            duration=spec.canary.duration if duration_s is None else duration_s,
+            min_requests=spec.canary.min_requests if min_requests is None else min_requests,
+        )
+        count = canary_count(self.replicas, weight)
+        async with self._lock:
+            self._refuse_if_suspended()
+            self._refuse_if_canary()
+            if not self.serving:
+                raise RotationFailed("nothing serves to compare a canary with: start it first")
+            canary = await self._start_canary(spec, weight, rule, count)
+        try:
+            verdict = await self._judge(canary)
+            self.emit(
+                Kind.VERDICT,
+                f"canary {'promoted' if verdict.promote else 'rolled back'}: {verdict.reason}",
+                outcome="promote" if verdict.promote else "rollback",
+                reason=verdict.reason,
+            )
+            if verdict.promote:
+                await self._promote(canary)
+            else:
+                tail = [line for s in canary.serving.values() for line in s.instance.tail(LOG_TAIL)]
+                self._drop_canary(canary)
+                raise RotationFailed(
+                    f"canary rolled back: {verdict.reason}", tail[-LOG_TAIL:], rolled_back=True
+                )
+        finally:
+            self._drop_canary(canary)  # whatever happened, no canary is left behind
+            if not canary.finished.done():
+                canary.finished.set_result(None)
+
+    async def promote(self) -> None:
+        """End the running canary with a promotion; returns once it is carried out."""
+        canary = self.canary
+        if canary is None:
+            raise RotationFailed(f"no canary is running for {self.name}")
+        if not canary.decided.done():
+            canary.decided.set_result(Verdict(True, f"rotator promote {self.name}"))
+        await asyncio.shield(canary.finished)
+        if self.spec is not canary.spec:
+            raise RotationFailed(f"the promotion failed: {self.last_error}")
+
+    async def _start_canary(
+        self, spec: ComponentSpec, weight: int, rule: CanarySpec, count: int
+    ) -> Canary:
+        """Under the lock: the canary's instances, started in parallel and gated; all of
+        them or none (RotationFailed)."""
+        results = await asyncio.gather(
+            *(self._launch(spec, slot) for slot in range(count)), return_exceptions=True
+        )
+        started = [r for r in results if not isinstance(r, BaseException)]
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            for inst in started:
+                await self._stop(inst, spec.stop_signal, spec.stop_timeout)
+            first = failures[0]
+            if not isinstance(first, Exception):
+                raise first
+            exc = first if isinstance(first, RotationFailed) else _failed_start(first)
+            raise RotationFailed(f"the canary did not start: {exc.reason}", exc.log_tail)
+        loop = asyncio.get_running_loop()
+        canary = Canary(
+            spec,
+            weight,
+            rule,
+            self.clock.now() + rule.duration,
+            loop.create_future(),
+            loop.create_future(),
+        )
+        self.canary = canary
+        self.route.reset_figures()
+        self.route.canary_weight = weight
+        for inst in started:
+            target = self._target(
+                inst, label=f"{self.name}[{inst.pid} {inst.endpoint.short} canary]"
+            )
+            canary.serving[inst.replica] = Serving(inst, target)
+            self.route.add(target, canary=True)
+            self._ensure_guard(inst)
+        pids = ", ".join(str(inst.pid) for inst in started)
+        self.emit(
+            Kind.CANARY,
+            f"canary {weight}% to pid {pids} for {duration(rule.duration)}: {' '.join(spec.command)}",
+            weight=weight,
+            pids=[inst.pid for inst in started],
+            seconds=rule.duration,
+        )
+        return canary
+
+    def _figures(self) -> tuple[Figures, Figures]:
+        """(canary, stable) since the canary started."""
+        return _figures_of(self.route.canary_figures), _figures_of(self.route.stable_figures)
+
+    async def _judge(self, canary: Canary) -> Verdict:
+        reported = self.clock.now()
+        while True:
+            tick = asyncio.ensure_future(self.clock.sleep(CANARY_TICK))
+            try:
+                await asyncio.wait({canary.decided, tick}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                tick.cancel()
+            if canary.decided.done():
+                return canary.decided.result()
+            now = self.clock.now()
+            final = now >= canary.ends_at
+            ahead, stable = self._figures()
+            if final or now - reported >= CANARY_REPORT:
+                reported = now
+                self.emit(
+                    Kind.CANARY_FIGURES,
+                    describe(self.name, canary.weight, ahead, stable),
+                    canary=_figures_json(ahead),
+                    stable=_figures_json(stable),
+                )
+            if (verdict := judge(ahead, stable, canary.rule, final=final)) is not None:
+                return verdict
+
+    async def _promote(self, canary: Canary) -> None:
+        """The canary's instances take the first stable slots, in place of the stable ones
+        (drained and stopped); the other slots are replaced from the canary's definition,
+        one at a time. A failure puts every slot back on the old definition."""
+        retiring: list[Draining] = []
+        old_spec = self.spec
+        async with self._lock:
+            self.route.canary_weight = 0
+            moved: list[int] = []
+            for slot, serving in sorted(canary.serving.items()):
+                self.route.remove(serving.target)
+                old = self.serving.get(slot)
+                self.serving[slot] = serving
+                if old is None:
+                    self.route.add(serving.target)
+                else:
+                    self.route.replace(old.target, serving.target)
+                    retiring.append(self._take_out(old, leave_route=False))
+                moved.append(slot)
+                self.emit(
+                    Kind.SWITCHED,
+                    f"canary pid {serving.instance.pid} now serves as replica {slot}",
+                    pid=serving.instance.pid,
+                    replica=slot,
+                    **serving.instance.endpoint.at,
+                )
+            canary.serving.clear()
+            self.canary = None
+            self._set_state(ComponentState.ROTATING)
+            try:
+                for gone in retiring:  # their ports are needed for the slots left
+                    await self._retire_soon(gone)
+                retiring.clear()
+                rest = [slot for slot in range(self.replicas) if slot not in moved]
+                try:
+                    await self._roll(canary.spec, rest, 0.0, old_spec, retiring)
+                except RotationFailed as exc:
+                    await self._undo(old_spec, moved, retiring, exc)
+                    raise
+            except RotationFailed as exc:
+                self.last_error = exc.reason
+                self.emit(Kind.FAILED, exc.reason, log_tail=exc.log_tail)
+                raise
+            finally:
+                self._settle()
+        await asyncio.gather(*(self._retire_soon(old) for old in retiring))
+        self.previous, self.spec = old_spec, canary.spec
+        self.definition_source = "deployed"
+        self.deployed_at = time.time()
+        self.emit(
+            Kind.DEPLOYED, f"now running the deployed definition: {' '.join(canary.spec.command)}"
+        )
+
+    def _drop_canary(self, canary: Canary) -> None:
+        """The canary's instances leave the balancing set at once, drained and stopped."""
+        if self.canary is canary:
+            self.canary = None
+            self.route.canary_weight = 0
+        for serving in list(canary.serving.values()):
+            self.route.remove(serving.target)
+            self._unguard(serving.instance)
+            serving.instance.stopping = True
+            draining = Draining(serving.instance, serving.target)
+            self.draining.append(draining)
+            self._retire_soon(draining)
+        canary.serving.clear()
+
+    def _end_canary_now(self, reason: str) -> None:
+        """Stopping or handing over: the running canary is rolled back, its instances go."""
+        canary = self.canary
+        if canary is None:
+            return
+        if not canary.decided.done():
+            canary.decided.set_result(Verdict(False, reason))
+        self._drop_canary(canary)
+
+    def _canary_status(self) -> dict[str, Any] | None:
+        canary = self.canary
+        if canary is None:
+            return None
+        ahead, stable = self._figures()
+        return {
+            "weight": canary.weight,
+            "instances": [
+                {"pid": s.instance.pid, **s.instance.endpoint.address, "replica": slot}
+                for slot, s in sorted(canary.serving.items())
+            ],
+            "ends_in_s": round(max(0.0, canary.ends_at - self.clock.now()), 1),
+            "command": list(canary.spec.command),
+            "canary": _figures_json(ahead),
+            "stable": _figures_json(stable),
+        }
+
     async def scale(self, replicas: int, *, from_config: bool = False) -> None:
         """Run `replicas` instances: start the missing ones (health-gated, in parallel), or
         take the highest slots out of the balancing set, drain and stop them; the others
         are not touched. The count holds (state file, adoption) until a reload changes
         the config's (`from_config`: this is that reload). Raises RotationFailed."""
         self._refuse_if_suspended()
+        self._refuse_if_canary()
         if problem := self._pool_problem(replicas):
             raise RotationFailed(problem)
         retiring: list[Draining] = []
@@ -330,7 +592,10 @@ class Component:
         definition's check, if given), and the config's definition replaces a deployed
         one; if that rotation fails, nothing changes (RotationFailed), the check included.
         Otherwise the new settings apply in place, over a deployed definition if there is one.
-        A change of `replicas` is the caller's to apply, with scale(from_config=True)."""
+        A change of `replicas` is the caller's to apply, with scale(from_config=True).
+        During a canary, a change that rotates is refused (RotationFailed)."""
+        if rotate:
+            self._refuse_if_canary()
         if rotate and not self.stopped_on_purpose:
             self._reset_supervision()
             kept, self.health = self.health, health or self.health
@@ -364,6 +629,7 @@ class Component:
         self._cancel_recovery()
         self.stopped_on_purpose = on_purpose or self.stopped_on_purpose
         self.route.holding = False
+        self._end_canary_now("the component was stopped")
         async with self._lock:
             for serving in list(self.serving.values()):
                 self._take_out(serving)
@@ -382,6 +648,14 @@ class Component:
         if self.suspended:
             raise RotationFailed("a new rotator daemon is taking over; try again in a moment")
 
+    def _refuse_if_canary(self) -> None:
+        if (canary := self.canary) is not None:
+            left = max(0.0, canary.ends_at - self.clock.now())
+            raise RotationFailed(
+                f"a canary is running ({canary.weight}%, {duration(left)} left): end it first"
+                f" with `rotator promote {self.name}` or `rotator rollback {self.name}`"
+            )
+
     @property
     def busy(self) -> bool:
         """A rotation, start or crash recovery is under way."""
@@ -393,6 +667,7 @@ class Component:
         runs. Draining instances are still drained and stopped."""
         self.suspended = True
         self._cancel_recovery()
+        self._end_canary_now("a new rotator daemon is taking over")
         for task in list(self._guards.values()):
             task.cancel()
 
@@ -944,7 +1219,7 @@ class Component:
     # -- supervision ------------------------------------------------------------------
     async def _guard(self, inst: Instance, check_health: bool = True) -> None:
         """Watch a serving instance: its exit, and (unless told not to) its health."""
-        spec = self.spec
+        spec = self.canary.spec if self.canary and self._is_canary(inst) else self.spec
         threshold = spec.health.unhealthy_threshold
 
         def heard(problem: str | None, failures: int) -> None:
@@ -969,8 +1244,16 @@ class Component:
         self._crashed(inst, f"pid {inst.pid} {reason}", inst.returncode)
 
     def _serving_of(self, inst: Instance) -> Serving | None:
-        serving = self.serving.get(inst.replica)
-        return serving if serving is not None and serving.instance is inst else None
+        """The Serving of `inst`, a stable or a canary one; None if it no longer serves."""
+        for serving in (self.serving, self.canary.serving if self.canary else {}):
+            found = serving.get(inst.replica)
+            if found is not None and found.instance is inst:
+                return found
+        return None
+
+    def _is_canary(self, inst: Instance) -> bool:
+        canary = self.canary
+        return canary is not None and any(s.instance is inst for s in canary.serving.values())
 
     async def _watch(
         self,
@@ -1015,6 +1298,10 @@ class Component:
         gets a replacement."""
         serving = self._serving_of(inst)
         assert serving is not None
+        if self.canary is not None and self._is_canary(inst):
+            if not self.canary.decided.done():  # a broken canary ends it: no replacement
+                self.canary.decided.set_result(Verdict(False, f"canary {reason}"))
+            return
         self.last_error = reason
         self.last_exit = code
         self.last_log_tail = inst.tail(LOG_TAIL)
@@ -1172,6 +1459,9 @@ class Component:
             else None,
             stopped=self.stopped_on_purpose,
             replicas=self.scaled,
+            canary=tuple(_record(s.instance) for s in self.canary.serving.values())
+            if self.canary
+            else (),
         )
 
     def status(self) -> dict[str, Any]:
@@ -1219,6 +1509,7 @@ class Component:
                 "command": list(self.spec.command),
                 "can_roll_back": self.previous is not None,
             },
+            "canary": self._canary_status(),
             "last_rotation": self.last_rotation,
             "last_stop": self.last_stop,
             "last_error": self.last_error,
@@ -1236,6 +1527,19 @@ class Component:
     def _pids(self) -> str:
         pids = [str(self.serving[slot].instance.pid) for slot in sorted(self.serving)]
         return f"pid{'s' if len(pids) > 1 else ''} {', '.join(pids)}"
+
+
+def _figures_of(side: Any) -> Figures:
+    return Figures(side.requests, side.errors, side.p95())
+
+
+def _figures_json(figures: Figures) -> dict[str, Any]:
+    p95 = figures.p95
+    return {
+        "requests": figures.requests,
+        "errors": figures.errors,
+        "p95_ms": None if p95 is None else round(p95 * 1000, 1),
+    }
 
 
 def _failed_start(exc: Exception) -> RotationFailed:

@@ -35,7 +35,7 @@ from aiohttp import web
 
 from rotator import __version__, activation, cgroups, printer, private
 from rotator import takeover as takeover_
-from rotator.admin import make_app
+from rotator.admin import Trial, make_app
 from rotator.adoption import EarlierRun
 from rotator.component import Component, ComponentState, RotationFailed, probe_socket
 from rotator.config import ComponentSpec, Config
@@ -268,8 +268,14 @@ class Daemon:
         self._takeover_listener.start()
         running = sum(c.state is ComponentState.RUNNING for c in self.components.values())
         failed = [c.name for c in self.components.values() if c.state is ComponentState.FAILED]
+        degraded = [
+            f"{c.name} ({c.healthy} of {c.replicas} replicas)"
+            for c in self.components.values()
+            if c.state is ComponentState.DEGRADED
+        ]
         self.out(
             f"rotator: {running} of {len(self.components)} component(s) running"
+            + (f"; degraded: {', '.join(degraded)}" if degraded else "")
             + (f"; failed: {', '.join(failed)}" if failed else "")
         )
 
@@ -516,6 +522,14 @@ class Daemon:
 
     async def scale(self, name: str, replicas: int) -> None:
         await self.components[name].scale(replicas)
+
+    async def canary(self, name: str, spec: ComponentSpec, trial: Trial) -> None:
+        await self.components[name].deploy_canary(
+            spec, trial.weight, duration_s=trial.duration, min_requests=trial.min_requests
+        )
+
+    async def promote(self, name: str) -> None:
+        await self.components[name].promote()
 
     async def prepare_reload(self) -> Reload:
         return await self.ops.prepare_reload()

@@ -63,6 +63,9 @@ class Kind(enum.StrEnum):
     ROLLED_BACK = "rolledback"
     REMOVED = "removed"  # taken out of the config by a reload
     SCALED = "scaled"  # the replica count changed (`rotator scale`, a reload)
+    CANARY = "canary"  # a canary started
+    CANARY_FIGURES = "canary_figures", False, True  # its running comparison
+    VERDICT = "verdict"  # a canary promoted or rolled back, and why
     STATE = "state", True, True  # a component's state changed (said by the event before)
     DAEMON = "daemon", False, True  # the daemon's own record (it printed the line itself)
 

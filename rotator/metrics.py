@@ -36,6 +36,7 @@ ROTATION_BOUNDS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0
 ROTATION_OUTCOMES = ("ok", "failed", "rolled_back")
 STOP_OUTCOMES = ("graceful", "forced", "gone")
 STATES = tuple(ComponentState)
+VERDICTS = ("promote", "rollback")
 
 
 class Source(Protocol):
@@ -58,6 +59,7 @@ class Lifecycle:
     rotation_seconds: float = 0.0
     health_check_failures: int = 0
     stops: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STOP_OUTCOMES, 0))
+    verdicts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(VERDICTS, 0))
 
 
 class LifecycleCounters:
@@ -77,6 +79,8 @@ class LifecycleCounters:
             self._rotated(self._of(event.component), data.get("outcome"), data.get("seconds"))
         elif kind == Kind.CHECK_FAILED:
             self._of(event.component).health_check_failures += 1
+        elif kind == Kind.VERDICT and data.get("outcome") in VERDICTS:
+            self._of(event.component).verdicts[data["outcome"]] += 1
         elif kind == Kind.STOPPED and isinstance(outcome := data.get("outcome"), str):
             stops = self._of(event.component).stops
             stops[outcome] = stops.get(outcome, 0) + 1
@@ -176,6 +180,36 @@ class Collector:
             )
             in_flight.add_metric([comp.name], comp.in_flight)
         yield from (requests, durations, in_flight, clients, evicted, refused)
+        yield from self._canaries(components)
+
+    def _canaries(self, components: list[Component]) -> Iterator[Metric]:
+        """The running canaries' figures, by side: gauges over the canary's window (they
+        start at 0 with each canary, so they are not counters)."""
+        weight = GaugeMetricFamily(
+            "rotator_canary_weight",
+            "The percent of requests a running canary takes (absent: no canary)",
+            labels=["component"],
+        )
+        requests = GaugeMetricFamily(
+            "rotator_canary_requests",
+            "Requests answered since the running canary started, by version",
+            labels=["component", "version"],
+        )
+        errors = GaugeMetricFamily(
+            "rotator_canary_errors",
+            "5xx answers (connection errors and timeouts included) since the running canary"
+            " started, by version",
+            labels=["component", "version"],
+        )
+        for comp in components:
+            if comp.canary is None:
+                continue
+            weight.add_metric([comp.name], comp.canary.weight)
+            sides = (("stable", comp.route.stable_figures), ("canary", comp.route.canary_figures))
+            for version, side in sides:
+                requests.add_metric([comp.name, version], side.requests)
+                errors.add_metric([comp.name, version], side.errors)
+        yield from (weight, requests, errors)
 
     def _instances(self, components: list[Component]) -> Iterator[Metric]:
         state = GaugeMetricFamily(
@@ -255,7 +289,16 @@ class Collector:
             health.add_metric([comp.name], counts.health_check_failures)
             for outcome, n in counts.stops.items():
                 stops.add_metric([comp.name, outcome], n)
-        yield from (rotations, rotation_seconds, health, stops)
+        verdicts = CounterMetricFamily(
+            "rotator_canary_verdicts",
+            "Canaries ended, by outcome: promote or rollback",
+            labels=["component", "outcome"],
+        )
+        for comp in components:
+            counts = self.lifecycle.components.get(comp.name) or Lifecycle()
+            for outcome, n in counts.verdicts.items():
+                verdicts.add_metric([comp.name, outcome], n)
+        yield from (rotations, rotation_seconds, health, stops, verdicts)
 
 
 class Metrics:

@@ -103,6 +103,8 @@ def status_table(status: dict[str, Any], now: float | None = None) -> str:
             notes.append(
                 f"  {c['name']}: draining pid {d['pid']} on {_where(d)} ({d['in_flight']} in flight)"
             )
+        if canary := c.get("canary"):
+            notes.append(_canary_note(c["name"], canary))
         definition = c.get("definition") or {}
         if definition.get("source") == "deployed":
             since = (
@@ -134,6 +136,23 @@ def status_table(status: dict[str, Any], now: float | None = None) -> str:
         for row in rows
     ]
     return "\n".join(lines + notes)
+
+
+def _canary_note(name: str, canary: dict[str, Any]) -> str:
+    """A running canary in one line: its share, pids, time left and both sides' figures."""
+
+    def side(figures: dict[str, Any]) -> str:
+        p95 = figures.get("p95_ms")
+        return (
+            f"{figures['requests']:,} requests, {figures['errors']:,} errors, "
+            f"p95 {'-' if p95 is None else f'{p95:g} ms'}"
+        )
+
+    pids = ", ".join(str(i["pid"]) for i in canary["instances"])
+    return (
+        f"  {name}: canary {canary['weight']}% (pid {pids}, {duration(canary['ends_in_s'])} left):"
+        f" {side(canary['canary'])} | stable {side(canary['stable'])}"
+    )
 
 
 def _replica_row(instance: dict[str, Any], now: float) -> tuple[str, ...]:

@@ -71,6 +71,7 @@ def good_doc() -> dict[str, Any]:
                 "previous_definition": None,
                 "stopped": False,
                 "replicas": None,
+                "canary": [],
             }
         },
     }
@@ -285,6 +286,7 @@ def test_format_1_is_still_read(path: Path) -> None:
         k: v for k, v in web(doc).pop("instances")[0].items() if k not in ("socket", "replica")
     }
     web(doc).pop("replicas")
+    web(doc).pop("canary")
     write(path, json.dumps(doc))
     record = StateFile(path).load().components["web"]
     assert record.instances == (InstanceRecord(10, 1.0, 20001, "m", 2.0),)
