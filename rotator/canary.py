@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TypeGuard
@@ -129,7 +130,8 @@ def from_request(data: object, rule: CanarySpec) -> tuple[int, CanarySpec]:
             f" {MAX_WEIGHT}, not {weight!r}"
         )
     seconds = data.get("duration", rule.duration)
-    if not (_number(seconds) and 0 < seconds < math.inf):
+    # Compared before float(): JSON's 1 followed by 400 zeros is an int float() cannot take.
+    if not (_number(seconds) and 0 < seconds <= sys.float_info.max):
         raise ValueError(f"canary.duration must be a number of seconds above 0, not {seconds!r}")
     count = data.get("min_requests", rule.min_requests)
     if not (_whole(count) and count >= 0):

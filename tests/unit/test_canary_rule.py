@@ -312,6 +312,7 @@ def test_from_request_takes_the_rule_and_overrides_it() -> None:
         ({"weight": 10, "duration": "30s"}, "canary.duration must be a number of seconds above 0, not '30s'"),
         ({"weight": 10, "duration": float("inf")}, "canary.duration must be a number of seconds above 0, not inf"),
         ({"weight": 10, "duration": float("nan")}, "canary.duration must be a number of seconds above 0, not nan"),
+        ({"weight": 10, "duration": 10**400}, f"canary.duration must be a number of seconds above 0, not {10**400!r}"),
         ({"weight": 10, "min_requests": -1}, "canary.min_requests must be a whole number, 0 or more, not -1"),
         ({"weight": 10, "min_requests": 2.5}, "canary.min_requests must be a whole number, 0 or more, not 2.5"),
         ({"weight": 10, "min_requests": False}, "canary.min_requests must be a whole number, 0 or more, not False"),
