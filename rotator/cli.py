@@ -22,9 +22,9 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from rotator import __version__, envfile, fleet, printer, private
+from rotator import __version__, canary, envfile, fleet, printer, private
 from rotator.config import Config, ConfigError
-from rotator.configfile import default_path, load, parse_env_assignments
+from rotator.configfile import default_path, load, parse_duration, parse_env_assignments
 
 if TYPE_CHECKING:
     from rotator.export import Export
@@ -147,10 +147,37 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="set the variables of a dotenv file (repeatable; later files, then --env, win)",
     )
+    deploy.add_argument(
+        "--canary",
+        type=_weight,
+        metavar="PERCENT",
+        help="first send PERCENT %% of the requests (1-99) to the new definition, and promote"
+        " or roll back by its figures at the end of the window (exit 0 promoted, 1 rolled back)",
+    )
+    deploy.add_argument(
+        "--for",
+        dest="window",
+        type=_window,
+        metavar="DURATION",
+        help="with --canary: how long it takes traffic before the verdict (canary.duration)",
+    )
+    deploy.add_argument(
+        "--min-requests",
+        type=_whole,
+        metavar="N",
+        help="with --canary: fewer answered in the window roll back; 0: no minimum"
+        " (canary.min_requests)",
+    )
     rollback = sub.add_parser(
-        "rollback", parents=[common, wait], help="return to the previous definition"
+        "rollback",
+        parents=[common, wait],
+        help="return to the previous definition (during a canary: end it, rolled back)",
     )
     rollback.add_argument("name", metavar="NAME")
+    promote = sub.add_parser(
+        "promote", parents=[common, wait], help="end a running canary now, promoted"
+    )
+    promote.add_argument("name", metavar="NAME")
     scale = sub.add_parser(
         "scale",
         parents=[common, wait],
@@ -394,6 +421,14 @@ def cmd_logs(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(config: Config, args: argparse.Namespace) -> int:
+    body = deploy_body(args)
+    return operate(Admin(config), known(config, args.name), "deploy", body, wait=args.wait)
+
+
+def deploy_body(args: argparse.Namespace) -> dict[str, Any]:
+    """The deploy request's body from the parsed arguments: only what was given. Reads
+    the --env-file files; a CommandError (usage) for a bad one, or for --for and
+    --min-requests without --canary."""
     body: dict[str, Any] = {}
     if args.new_command is not None:
         body["command"] = args.new_command
@@ -409,11 +444,23 @@ def cmd_deploy(config: Config, args: argparse.Namespace) -> int:
             raise CommandError(f"--env-file {exc.filename}: no such file", USAGE) from None
         except ValueError as exc:
             raise CommandError(str(exc), USAGE) from None
-    return operate(Admin(config), known(config, args.name), "deploy", body, wait=args.wait)
+    given = {"duration": args.window, "min_requests": args.min_requests}
+    if args.canary is not None:
+        body["canary"] = {"weight": args.canary} | {
+            key: value for key, value in given.items() if value is not None
+        }
+    elif (args.window, args.min_requests) != (None, None):
+        option = "--for" if args.window is not None else "--min-requests"
+        raise CommandError(f"{option} goes with --canary PERCENT", USAGE)
+    return body
 
 
 def cmd_rollback(config: Config, args: argparse.Namespace) -> int:
     return operate(Admin(config), known(config, args.name), "rollback", {}, wait=args.wait)
+
+
+def cmd_promote(config: Config, args: argparse.Namespace) -> int:
+    return operate(Admin(config), known(config, args.name), "promote", {}, wait=args.wait)
 
 
 def cmd_scale(config: Config, args: argparse.Namespace) -> int:
@@ -443,6 +490,29 @@ def _positive(text: str) -> int:
     return value
 
 
+def _weight(text: str) -> int:
+    """A canary's share: a whole number of percent, 1-99, with or without the % sign."""
+    number = text.strip().removesuffix("%").rstrip()
+    if not (number.isascii() and number.isdigit()):
+        raise argparse.ArgumentTypeError(f"not a whole number of percent: {text!r} (e.g. 10%)")
+    if not canary.MIN_WEIGHT <= int(number) <= canary.MAX_WEIGHT:
+        raise argparse.ArgumentTypeError(
+            f"must be from {canary.MIN_WEIGHT} to {canary.MAX_WEIGHT} percent: {text!r}"
+        )
+    return int(number)
+
+
+def _window(text: str) -> float:
+    """A canary's window: a duration above 0, as the config writes it (30s, 2m, 1m30s)."""
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if seconds == 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0: {text!r}")
+    return seconds
+
+
 def known(config: Config, name: str) -> str:
     if name not in config.names:
         raise CommandError(f"unknown component {name!r} (have: {', '.join(config.names)})", USAGE)
@@ -453,6 +523,7 @@ PAST = {
     "restart": "restarted",
     "deploy": "deployed",
     "rollback": "rolled back",
+    "promote": "promoted",
     "scale": "scaled",
     "start": "started",
     "stop": "stopped",
@@ -598,6 +669,7 @@ COMMANDS = {
     "service": cmd_service,
     "deploy": cmd_deploy,
     "rollback": cmd_rollback,
+    "promote": cmd_promote,
     "scale": cmd_scale,
     "start": cmd_start,
     "stop": cmd_stop,

@@ -1,10 +1,11 @@
 """The configuration model: frozen specs that every other module reads, and pure helpers on them.
 
-Pure: no file reading, no sockets, no processes. Holds Address, Endpoint, HealthSpec, ComponentSpec
-(with `render`, the placeholder substitution), AdminSpec, KubernetesExport, Config (with
-`start_order`, `token_path`, `log_dir`), Problem and ConfigError. Besides, it derives specs
-for `rotator deploy` (`with_overrides`) and turns a spec's definition (command, cwd, env)
-into JSON for the state file and back (`definition_of`, `apply_definition`).
+Pure: no file reading, no sockets, no processes. Holds Address, Endpoint, HealthSpec,
+CanarySpec, ComponentSpec (with `render`, the placeholder substitution), AdminSpec,
+KubernetesExport, Config (with `start_order`, `token_path`, `log_dir`), Problem and
+ConfigError. Besides, it derives specs for `rotator deploy` (`with_overrides`) and turns a
+spec's definition (command, cwd, env) into JSON for the state file and back
+(`definition_of`, `apply_definition`).
 
 Reading rotator.yaml into this model (file:line errors, did-you-mean, durations and sizes,
 dependency cycles) is rotator.configfile's job; this module does not import it.
@@ -134,6 +135,17 @@ class RestartPolicy:
 
 
 @dataclass(frozen=True)
+class CanarySpec:
+    """How `rotator deploy --canary` judges a canary (rotator.canary holds the rule). Not
+    an instance field: a reload that changes it updates the component in place."""
+
+    duration: float = 60.0  # the window, in seconds; `deploy --for` overrides it
+    min_requests: int = 20  # fewer answered by the end: rolled back; `--min-requests`
+    max_error_rate: float = 0.01  # a fraction of the canary's requests: 0.01 is 1%
+    max_latency_ratio: float = 1.5  # the canary's p95 over the stable instances'
+
+
+@dataclass(frozen=True)
 class ComponentSpec:
     name: str
     listen: Address
@@ -166,6 +178,7 @@ class ComponentSpec:
     # the file was read (export says so; another machine resolves it differently).
     replicas: int = 1
     replicas_auto: bool = False
+    canary: CanarySpec = CanarySpec()  # the YAML key is nested: `canary: {duration: 2m}`
 
     @property
     def unix(self) -> bool:

@@ -24,6 +24,7 @@ import os
 import re
 import signal
 from collections.abc import Callable, Collection, Mapping
+from fractions import Fraction
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal, TypeVar
@@ -37,6 +38,7 @@ from rotator import envfile
 from rotator.config import (
     Address,
     AdminSpec,
+    CanarySpec,
     ComponentSpec,
     Config,
     ConfigError,
@@ -60,6 +62,7 @@ HEALTH_KEYS = ("path", "interval", "timeout", "start_timeout", "unhealthy_thresh
 # The keys that choose the kind of check: one per block; a component's replaces the default's.
 HEALTH_KINDS = ("path", "tcp", "exec")
 LOGS_KEYS = ("max_size", "keep")
+CANARY_KEYS = ("duration", "min_requests", "max_error_rate", "max_latency_ratio")
 ENV_FILE_KEYS = ("path", "required")  # an env_file item as a mapping, as in docker compose
 DEFAULT_KEYS = (
     "health",
@@ -89,6 +92,7 @@ DEFAULT_KEYS = (
     "env_file",
     "logs",
     "replicas",
+    "canary",
 )
 PER_COMPONENT_KEYS = ("listen", "ports", "command", "depends_on")
 COMPONENT_KEYS = PER_COMPONENT_KEYS + DEFAULT_KEYS
@@ -99,12 +103,15 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _ADDRESS = re.compile(r"(?:\[([^\]\s]+)\]|([^\s:\[\]]+)):(\d+)")
 _PORTS = re.compile(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?")
 _INTEGER = re.compile(r"\s*[-+]?\d+\s*")
+_NUMBER = re.compile(r"\s*[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?\s*")
 _DURATION = re.compile(r"([-+]?(?:\d+(?:\.\d*)?|\.\d+))\s*(ms|s|m|h)?")
 # 1m30s, 2h 05m: units from the largest down, as rotator prints durations (and nginx reads them).
 _DURATION_PART = r"(?:\d+(?:\.\d*)?|\.\d+)\s*(?:ms|s|m|h)"
 _COMPOUND = re.compile(rf"{_DURATION_PART}(?:\s*{_DURATION_PART})+")
 _PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)")
 _UNITS: dict[str | None, float] = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+# A rate: a percentage (1%, 0.5%) or a bare fraction (0.005). Signed, to say "negative".
+_RATE = re.compile(r"([-+]?(?:\d+(?:\.\d*)?|\.\d+))\s*(%)?")
 _SIZE = re.compile(r"([-+]?\d+)\s*(B|KiB|MiB)?")
 _SIZE_UNITS: dict[str | None, int] = {"B": 1, "KiB": 1024, "MiB": 1024 * 1024, None: 1}
 _BOOLEANS = {"true": True, "false": False}
@@ -150,6 +157,34 @@ def parse_duration(value: object) -> float:
     if seconds < 0:
         raise ValueError(f"{value!r} is negative (a duration must be 0 or more)")
     return seconds
+
+
+def parse_rate(value: object) -> float:
+    """A fraction from 0 to 1 from a percentage (1%, 0.5%, "100%") or a bare fraction below 1
+    (0.005). A bare 1 or more is refused rather than guessed: `1` could mean 1% or 100%."""
+    rate: Fraction | None = None
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        rate = Fraction(value)
+        written, percentage = str(value), False
+    elif isinstance(value, str) and (m := _RATE.fullmatch(value.strip())):
+        # Exact decimals: 0.3% then equals 3 errors in 1,000 requests, not a hair less.
+        rate = Fraction(m[1]) / 100 if m[2] else Fraction(m[1])
+        written, percentage = m[1], bool(m[2])
+    if rate is None:
+        raise ValueError(
+            f"{value!r} is not a rate (use a percentage such as 1% or 0.5%, or a fraction"
+            " below 1 such as 0.005)"
+        )
+    if rate < 0:
+        raise ValueError(f"{value!r} is negative (a rate must be 0% or more)")
+    if percentage and rate > 1:
+        raise ValueError(f"{value!r} is more than 100%")
+    if not percentage and rate >= 1:
+        raise ValueError(
+            f"{value!r} is not a fraction below 1: write {written}% for a percentage"
+            " (a bare number is a fraction: 0.01 is 1%)"
+        )
+    return float(rate)
 
 
 def parse_size(value: object) -> int:
@@ -386,7 +421,8 @@ class _Parser:
         env = {var: value for _, variables in files for var, value in variables.items()}
         env |= {**defaults.get("env", {}), **own.pop("env", {})}
         logs = {**defaults.get("logs", {}), **own.pop("logs", {})}
-        merged = ("health", "env", "env_file", "logs")
+        canary = CanarySpec(**{**defaults.get("canary", {}), **own.pop("canary", {})})
+        merged = ("health", "env", "env_file", "logs", "canary")
         rest = {k: v for k, v in defaults.items() if k not in merged} | own
         rest.setdefault("cwd", self.base.resolve())
         wanted = rest.pop("replicas", 1)
@@ -426,6 +462,7 @@ class _Parser:
             log_keep=logs.get("keep", _SPEC_DEFAULTS["log_keep"]),
             replicas=replicas,
             replicas_auto=wanted == "auto",
+            canary=canary,
             proxy=proxy,
             restart=restart,
             **rest,
@@ -510,6 +547,7 @@ class _Parser:
             "sockets": lambda node, at: self.integer(node, at, minimum=2, maximum=MAX_SOCKETS),
             "env_file": self.env_files,
             "logs": self.logs,
+            "canary": self.canary,
             "replicas": lambda node, at: self.count_or_auto(node, at, maximum=MAX_REPLICAS),
         }
         values = {
@@ -937,6 +975,37 @@ class _Parser:
         if "keep" in found and (keep := self.integer(found["keep"][1], f"{path}.keep", 1)):
             values["keep"] = keep
         return values
+
+    def canary(self, node: Node, path: str) -> dict[str, Any]:
+        """The `canary:` block's valid values (merged field by field over the defaults')."""
+        found = self.mapping(node, path, CANARY_KEYS) or {}
+        readers: dict[str, Callable[[Node, str], Any]] = {
+            "duration": self.duration,
+            "min_requests": lambda node, at: self.integer(node, at, minimum=0),
+            "max_error_rate": lambda node, at: self.parsed(node, at, parse_rate),
+            "max_latency_ratio": self.ratio,
+        }
+        values = {
+            key: read(found[key][1], f"{path}.{key}")
+            for key, read in readers.items()
+            if key in found
+        }
+        return {key: value for key, value in values.items() if value is not None}
+
+    def ratio(self, node: Node, path: str) -> float | None:
+        """A number above 0 (1.5, 2, "1.5"): how many times another value something may be."""
+        if (value := self.scalar(node, path)) is None:
+            return None
+        if isinstance(value, str) and _NUMBER.fullmatch(value):
+            value = float(value)
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or not math.isfinite(value):
+            self.fail(node, path, f"{_short(value)} is not a number (e.g. 1.5)")
+            return None
+        if value <= 0:
+            self.fail(node, path, f"must be above 0, not {_short(value)}")
+            return None
+        return float(value)
 
     def integer(
         self, node: Node, path: str, minimum: int, maximum: int | None = None

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from rotator.canary import limit_percent
 from rotator.config import ComponentSpec, Config
 from rotator.printer import duration
 
@@ -356,6 +357,16 @@ def _notes(spec: ComponentSpec, name: str, config: Config) -> list[str]:
             f"{_settings(spec.restart, restart)} no Kubernetes equivalent (the kubelet restarts"
             " a crashed container forever, its backoff doubling from 10s to 5m)"
         )
+    canary = [f.name for f in dataclasses.fields(spec.canary) if _changed(spec.canary, f)]
+    if canary:
+        settings = ", ".join(
+            f"canary.{key} {_value(key, getattr(spec.canary, key))}" for key in canary
+        )
+        notes.append(
+            f"{settings} {'has' if len(canary) == 1 else 'have'} no Kubernetes equivalent (a"
+            " Deployment's rollout does not judge traffic): Argo Rollouts or Flagger judge a"
+            " canary by its metrics"
+        )
     for f in dataclasses.fields(spec.proxy):
         if _changed(spec.proxy, f):
             notes.append(
@@ -379,6 +390,10 @@ def _value(key: str, value: object) -> str:
     """A setting as it would be written in the config."""
     if isinstance(value, bool):
         return str(value).lower()
+    if key == "max_error_rate" and isinstance(value, float):
+        return limit_percent(value)
+    if key == "max_latency_ratio":
+        return f"{value:g}"
     if key in ("max_header_size", "log_max_size") and isinstance(value, int):
         for unit, factor in (("MiB", 1024 * 1024), ("KiB", 1024)):
             if value % factor == 0:

@@ -1,7 +1,7 @@
 """Issue 20's config features as the file states them: env files (dotenv syntax, errors
 at the env file's line), health checks that are not HTTP GET, and `logs` rotation
-settings; and issue 16's `replicas`, `{replica}` and ROTATOR_REPLICA. Real files in
-tmp_path; no processes."""
+settings; issue 16's `replicas`, `{replica}` and ROTATOR_REPLICA; and issue 17's `canary:`
+block. Real files in tmp_path; no processes."""
 
 from __future__ import annotations
 
@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 
 from rotator import envfile
-from rotator.config import ConfigError, Problem, apply_definition, definition_of, with_overrides
+from rotator.config import (
+    CanarySpec,
+    ConfigError,
+    Problem,
+    apply_definition,
+    definition_of,
+    with_overrides,
+)
 from rotator.configfile import MAX_REPLICAS, parse
 
 # Line 2 is `hermes:`; cases append keys to it (line 6 on).
@@ -484,3 +491,140 @@ def test_deploy_takes_the_replica_placeholder_but_not_a_count(tmp_path: Path) ->
         apply_definition(spec, {**definition_of(deployed), "replicas": 5})
     with pytest.raises(ValueError, match=re.escape("{socket} has no value with transport: tcp")):
         with_overrides(spec, command="run {socket} {replica}")
+
+
+# -- canary (issue 17) ----------------------------------------------------------------------
+
+# `canary:` is line 6, its first key line 7.
+CANARY = HERMES + "    canary:\n"
+
+
+def canary_of(text: str, path: Path, name: str = "hermes") -> CanarySpec:
+    return parse(text, path / "rotator.yaml").component(name).canary
+
+
+def test_canary_defaults(tmp_path: Path) -> None:
+    assert canary_of(HERMES, tmp_path) == CanarySpec(60.0, 20, 0.01, 1.5)
+    assert canary_of(CANARY, tmp_path) == CanarySpec()  # an empty block
+
+
+@pytest.mark.parametrize(
+    ("written", "field", "value"),
+    [
+        ("duration: 2m", "duration", 120.0),
+        ("duration: 90", "duration", 90.0),
+        ("duration: 1m30s", "duration", 90.0),
+        ("duration: 500ms", "duration", 0.5),
+        ("min_requests: 0", "min_requests", 0),
+        ("min_requests: '50'", "min_requests", 50),
+        ("max_error_rate: 1%", "max_error_rate", 0.01),
+        ("max_error_rate: 0.5%", "max_error_rate", 0.005),
+        ("max_error_rate: .5 %", "max_error_rate", 0.005),
+        ("max_error_rate: 0.3%", "max_error_rate", 0.003),  # exactly 3 in 1,000
+        ("max_error_rate: 0%", "max_error_rate", 0.0),
+        ("max_error_rate: 100%", "max_error_rate", 1.0),
+        ("max_error_rate: 0.005", "max_error_rate", 0.005),  # a bare number is a fraction
+        ("max_error_rate: '0.02'", "max_error_rate", 0.02),
+        ("max_error_rate: 0", "max_error_rate", 0.0),
+        ("max_latency_ratio: 2", "max_latency_ratio", 2.0),
+        ("max_latency_ratio: 1.25", "max_latency_ratio", 1.25),
+        ("max_latency_ratio: '3'", "max_latency_ratio", 3.0),
+        ("max_latency_ratio: 0.8", "max_latency_ratio", 0.8),  # must be faster
+    ],
+)
+def test_canary_accepted_forms(written: str, field: str, value: float, tmp_path: Path) -> None:
+    canary = canary_of(CANARY + f"      {written}\n", tmp_path)
+    assert getattr(canary, field) == value and type(getattr(canary, field)) is type(value)
+    # Only that field moved from its default.
+    assert dataclasses.replace(canary, **{field: getattr(CanarySpec(), field)}) == CanarySpec()
+
+
+RATE_HINT = "(use a percentage such as 1% or 0.5%, or a fraction below 1 such as 0.005)"
+FRACTION = "for a percentage (a bare number is a fraction: 0.01 is 1%)"
+
+
+@pytest.mark.parametrize(
+    ("written", "path", "message"),
+    [
+        ("duraton: 2m", "duraton", "unknown key (did you mean 'duration'?)"),
+        ("max_errors: 1%", "max_errors", "unknown key (did you mean 'max_error_rate'?)"),
+        ("duration: 0", "duration", "must be greater than 0"),
+        ("duration: soon", "duration", "'soon' is not a duration (use 250ms, 2s, 1m or a number of seconds)"),
+        ("duration: -5s", "duration", "'-5s' is negative (a duration must be 0 or more)"),
+        ("min_requests: -1", "min_requests", "must be 0 or more, not -1"),
+        ("min_requests: 2.5", "min_requests", "2.5 is not a whole number"),
+        ("min_requests: many", "min_requests", "'many' is not a whole number"),
+        ("max_error_rate: 1", "max_error_rate", f"1 is not a fraction below 1: write 1% {FRACTION}"),
+        ("max_error_rate: 5", "max_error_rate", f"5 is not a fraction below 1: write 5% {FRACTION}"),
+        ("max_error_rate: 1.5", "max_error_rate", f"1.5 is not a fraction below 1: write 1.5% {FRACTION}"),
+        ("max_error_rate: '2'", "max_error_rate", f"'2' is not a fraction below 1: write 2% {FRACTION}"),
+        ("max_error_rate: 150%", "max_error_rate", "'150%' is more than 100%"),
+        ("max_error_rate: -1%", "max_error_rate", "'-1%' is negative (a rate must be 0% or more)"),
+        ("max_error_rate: -0.01", "max_error_rate", "-0.01 is negative (a rate must be 0% or more)"),
+        ("max_error_rate: lots", "max_error_rate", f"'lots' is not a rate {RATE_HINT}"),
+        ("max_error_rate: 1 %%", "max_error_rate", f"'1 %%' is not a rate {RATE_HINT}"),
+        ("max_error_rate: true", "max_error_rate", f"True is not a rate {RATE_HINT}"),
+        ("max_error_rate: .nan", "max_error_rate", f"nan is not a rate {RATE_HINT}"),
+        ("max_error_rate: [1%]", "max_error_rate", "must be a single value, not a list"),
+        ("max_error_rate:", "max_error_rate", "needs a value"),
+        ("max_latency_ratio: 0", "max_latency_ratio", "must be above 0, not 0"),
+        ("max_latency_ratio: -1.5", "max_latency_ratio", "must be above 0, not -1.5"),
+        ("max_latency_ratio: fast", "max_latency_ratio", "'fast' is not a number (e.g. 1.5)"),
+        ("max_latency_ratio: 1.5x", "max_latency_ratio", "'1.5x' is not a number (e.g. 1.5)"),
+        ("max_latency_ratio: .inf", "max_latency_ratio", "inf is not a number (e.g. 1.5)"),
+        ("max_latency_ratio: 'nan'", "max_latency_ratio", "'nan' is not a number (e.g. 1.5)"),
+        ("max_latency_ratio: false", "max_latency_ratio", "False is not a number (e.g. 1.5)"),
+    ],
+)  # fmt: skip
+def test_canary_problems(written: str, path: str, message: str, tmp_path: Path) -> None:
+    problem = one_problem(CANARY + f"      {written}\n", tmp_path)
+    assert (
+        str(problem) == f"{tmp_path / 'rotator.yaml'}:7: components.hermes.canary.{path}: {message}"
+    )
+    # The same in defaults: reported once, at its defaults path and line, for both components.
+    problem = one_problem(f"defaults:\n  canary:\n    {written}\n" + HERMES + ZEUS, tmp_path)
+    assert (problem.line, problem.path, problem.message) == (3, f"defaults.canary.{path}", message)
+
+
+def test_canary_must_be_a_mapping(tmp_path: Path) -> None:
+    problem = one_problem(HERMES + "    canary: 10%\n", tmp_path)
+    assert (problem.line, problem.path, problem.message) == (
+        6,
+        "components.hermes.canary",
+        "must be a mapping, not a single value",
+    )
+
+
+def test_every_canary_problem_is_reported_in_one_pass(tmp_path: Path) -> None:
+    text = CANARY + "      duration: 0\n      min_requests: -1\n      max_error_rate: 2\n"
+    assert [(p.line, p.path.rsplit(".", 1)[1]) for p in problems_of(text, tmp_path)] == [
+        (7, "duration"),
+        (8, "min_requests"),
+        (9, "max_error_rate"),
+    ]
+
+
+def test_canary_merges_over_defaults_field_by_field(tmp_path: Path) -> None:
+    text = (
+        "defaults:\n  canary:\n    duration: 2m\n    max_error_rate: 0.5%\n"
+        + CANARY
+        + "      min_requests: 0\n      duration: 30s\n"
+        + ZEUS
+    )
+    config = parse(text, tmp_path / "rotator.yaml")
+    assert config.component("hermes").canary == CanarySpec(30.0, 0, 0.005, 1.5)
+    assert config.component("zeus").canary == CanarySpec(120.0, 20, 0.005, 1.5)
+
+
+def test_a_deploy_keeps_the_canary_rule(tmp_path: Path) -> None:
+    # The rule is the component's, not the definition's: a deploy neither carries nor drops it.
+    spec = parse(CANARY + "      min_requests: 5\n", tmp_path / "rotator.yaml").components[0]
+    deployed = with_overrides(spec, command="run v2 --port {port}")
+    assert deployed.canary == spec.canary == CanarySpec(min_requests=5)
+    assert "canary" not in definition_of(deployed)
+    assert (
+        apply_definition(
+            dataclasses.replace(spec, canary=CanarySpec()), definition_of(deployed)
+        ).canary
+        == CanarySpec()
+    )

@@ -383,6 +383,15 @@ NOTES = [
     ),
     ("health: {timeout: 1.5s}", "health.timeout 1.5s rounded up to timeoutSeconds 2"),
     ("command: '{python} app.py --port {port}'", "{python} became `python`: the image must"),
+    (
+        "canary: {duration: 2m}",
+        "canary.duration 2m has no Kubernetes equivalent (a Deployment's rollout does not"
+        " judge traffic): Argo Rollouts or Flagger judge a canary by its metrics",
+    ),
+    (
+        "canary: {min_requests: 50, max_error_rate: 0.25%, max_latency_ratio: 2}",
+        "canary.min_requests 50, canary.max_error_rate 0.25%, canary.max_latency_ratio 2 have",
+    ),
 ]
 
 

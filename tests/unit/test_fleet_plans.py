@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
+from rotator.config import apply_definition, definition_of
 from rotator.configfile import parse
 from rotator.events import Event
 from rotator.fleet import (
@@ -73,6 +74,7 @@ def test_nothing_changed(tmp_path: Path) -> None:
         ({"drain_timeout": "5s"}, "updated"),
         ({"read_timeout": "5s", "max_connections": 10}, "updated"),
         ({"stop_signal": "INT"}, "updated"),
+        ({"canary": {"duration": "2m", "max_error_rate": "0.5%"}}, "updated"),
         ({"listen": "127.0.0.1:8009"}, "rebound"),
     ],
 )
@@ -80,6 +82,17 @@ def test_each_kind_of_change(tmp_path: Path, edit: dict[str, Any], group: str) -
     plan = plan_reload(config(tmp_path, BASE), config(tmp_path, changed(a=edit)))
     assert getattr(plan, group) == ("a",)
     assert plan.unchanged == ("b", "c")
+
+
+def test_a_canary_rule_change_is_applied_in_place(tmp_path: Path) -> None:
+    # Not an instance field: no rotation. The component takes the new spec, and a deployed
+    # definition is put on top of it (component._rebase) without losing the new rule.
+    before = config(tmp_path, BASE)
+    after = config(tmp_path, changed(a={"canary": {"min_requests": 0}}))
+    assert plan_reload(before, after).updated == ("a",)
+    deployed = dataclasses.replace(before.component("a"), command=("run", "a", "--v2"))
+    rebased = apply_definition(after.component("a"), definition_of(deployed))
+    assert rebased.canary.min_requests == 0 and rebased.command == ("run", "a", "--v2")
 
 
 # Pools wide enough for 3 replicas (a count of 2 or 3 needs 3 or 4 ports).
