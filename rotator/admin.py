@@ -22,7 +22,6 @@ import contextlib
 import hmac
 import json
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
 
@@ -30,8 +29,9 @@ from aiohttp import web
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from rotator import logs
+from rotator.canary import from_request
 from rotator.component import Component, RotationFailed
-from rotator.config import Address, ComponentSpec, Config, with_overrides
+from rotator.config import Address, CanarySpec, ComponentSpec, Config, with_overrides
 from rotator.configfile import MAX_REPLICAS
 from rotator.dashboard import RedirectPages, Sessions, add_routes
 from rotator.events import Event, EventBus
@@ -59,7 +59,9 @@ class Control(Protocol):
     async def deploy(self, name: str, spec: ComponentSpec) -> None: ...
     async def rollback(self, name: str) -> None: ...
     async def scale(self, name: str, replicas: int) -> None: ...
-    async def canary(self, name: str, spec: ComponentSpec, trial: Trial) -> None: ...
+    async def canary(
+        self, name: str, spec: ComponentSpec, weight: int, rule: CanarySpec
+    ) -> None: ...
     async def promote(self, name: str) -> None: ...
     async def prepare_reload(self) -> Reload: ...
     async def apply_reload(self, reload: Reload) -> dict[str, Any]: ...
@@ -200,8 +202,11 @@ def make_app(daemon: Control, token: str) -> web.Application:
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
         if "canary" in args:
-            trial = _trial(args["canary"])
-            operation = partial(daemon.canary, comp.name, spec, trial)
+            try:
+                weight, rule = from_request(args["canary"], spec.canary)
+            except ValueError as exc:
+                raise BadRequest(str(exc)) from None
+            operation = partial(daemon.canary, comp.name, spec, weight, rule)
             return await run(request, daemon, comp.name, operation)
         return await run(request, daemon, comp.name, partial(daemon.deploy, comp.name, spec))
 
@@ -322,35 +327,6 @@ async def body(request: web.Request, fields: dict[str, type | tuple[type, ...]])
         if not isinstance(value, fields[key]):
             raise BadRequest(f"field {key!r} has the wrong type")
     return data
-
-
-@dataclass(frozen=True)
-class Trial:
-    """A deploy's `canary` field: the share of requests, and overrides of the config's rule."""
-
-    weight: int
-    duration: float | None = None
-    min_requests: int | None = None
-
-
-def _trial(raw: dict[str, Any]) -> Trial:
-    allowed = {"weight", "duration", "min_requests"}
-    if unknown := sorted(set(raw) - allowed):
-        raise BadRequest(
-            f"unknown field 'canary.{unknown[0]}' (allowed: {', '.join(sorted(allowed))})"
-        )
-    weight, seconds, least = raw.get("weight"), raw.get("duration"), raw.get("min_requests")
-    if not isinstance(weight, int) or isinstance(weight, bool) or not 1 <= weight <= 99:
-        raise BadRequest("field 'canary.weight' must be a whole number of percent from 1 to 99")
-    if seconds is not None and (
-        isinstance(seconds, bool)
-        or not isinstance(seconds, int | float)
-        or not 0 < seconds <= 86400
-    ):
-        raise BadRequest("field 'canary.duration' must be a number of seconds, more than 0")
-    if least is not None and (not isinstance(least, int) or isinstance(least, bool) or least < 0):
-        raise BadRequest("field 'canary.min_requests' must be a whole number of at least 0")
-    return Trial(weight, None if seconds is None else float(seconds), least)
 
 
 async def run(

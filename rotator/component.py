@@ -38,7 +38,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import dataclasses
 import enum
 import os
 import signal
@@ -305,16 +304,9 @@ class Component:
         )
 
     # -- a canary ------------------------------------------------------------------------
-    async def deploy_canary(
-        self,
-        spec: ComponentSpec,
-        weight: int,
-        *,
-        duration_s: float | None = None,
-        min_requests: int | None = None,
-    ) -> None:
+    async def deploy_canary(self, spec: ComponentSpec, weight: int, rule: CanarySpec) -> None:
         """Put `spec` on trial: start ceil(replicas x weight / 100) instances of it, gated,
-        send them `weight` % of the requests, and judge them against the stable ones
+        send them `weight` % of the requests, and judge them by `rule` against the stable ones
         (canary.judge) until the window ends or a verdict comes earlier (the rule, an exit,
         `promote`, `rollback`). Promoted: the stable replicas are replaced by it, one at a
         time, and it becomes the component's definition, as after a deploy. Rolled back:
@@ -322,11 +314,6 @@ class Component:
         never touched."""
         self._refuse_if_suspended()
         self._refuse_if_canary()
-        rule = dataclasses.replace(
-            spec.canary,
-            duration=spec.canary.duration if duration_s is None else duration_s,
-            min_requests=spec.canary.min_requests if min_requests is None else min_requests,
-        )
         count = canary_count(self.replicas, weight)
         async with self._lock:
             self._refuse_if_suspended()
@@ -421,8 +408,9 @@ class Component:
         reported = self.clock.now()
         while True:
             tick = asyncio.ensure_future(self.clock.sleep(CANARY_TICK))
+            waits: set[asyncio.Future[Any]] = {canary.decided, tick}
             try:
-                await asyncio.wait({canary.decided, tick}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 tick.cancel()
             if canary.decided.done():

@@ -35,10 +35,10 @@ from aiohttp import web
 
 from rotator import __version__, activation, cgroups, printer, private
 from rotator import takeover as takeover_
-from rotator.admin import Trial, make_app
+from rotator.admin import make_app
 from rotator.adoption import EarlierRun
 from rotator.component import Component, ComponentState, RotationFailed, probe_socket
-from rotator.config import ComponentSpec, Config
+from rotator.config import CanarySpec, ComponentSpec, Config
 from rotator.events import Event, EventBus, Kind
 from rotator.fleet import ReloadRejected, in_dependency_order
 from rotator.health import HealthCheck
@@ -523,10 +523,8 @@ class Daemon:
     async def scale(self, name: str, replicas: int) -> None:
         await self.components[name].scale(replicas)
 
-    async def canary(self, name: str, spec: ComponentSpec, trial: Trial) -> None:
-        await self.components[name].deploy_canary(
-            spec, trial.weight, duration_s=trial.duration, min_requests=trial.min_requests
-        )
+    async def canary(self, name: str, spec: ComponentSpec, weight: int, rule: CanarySpec) -> None:
+        await self.components[name].deploy_canary(spec, weight, rule)
 
     async def promote(self, name: str) -> None:
         await self.components[name].promote()
