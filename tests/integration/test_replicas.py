@@ -21,6 +21,7 @@ from typing import Any
 import psutil
 
 from tests.conftest import (
+    DEMO,
     PY,
     Load,
     RunningDaemon,
@@ -379,6 +380,48 @@ def test_scale_up_and_down_under_load_and_the_count_survives_kill_and_takeover(
         third.stop()
         third.kill_everything()
         print(f"---- {third.log.name}:\n{third.output()}")
+
+
+# Passes when the instance on PORT says it is replica SLOT: an exec check that a slot's
+# instance passes and no other slot's does.
+CHECK = r"""
+import json, sys, urllib.request
+port, slot = sys.argv[1], sys.argv[2]
+with urllib.request.urlopen("http://127.0.0.1:%s/" % port, timeout=2) as resp:
+    name = json.load(resp)["name"]
+sys.exit(0 if name == "web-" + slot else "replica %s answered as %s" % (slot, name))
+"""
+
+
+def test_a_killed_daemon_s_successor_adopts_every_replica_as_its_own_slot(
+    tmp_path: Path, daemon_factory: Any
+) -> None:
+    # Each replica is checked as what it is: an exec check given `{replica}` passes only
+    # for the instance of that slot, at its start and when a new daemon adopts it.
+    check = tmp_path / "check.py"
+    check.write_text(CHECK)
+    health = {"exec": f"{PY} {check} {{port}} {{replica}}", "timeout": "2s"}
+    spec = component(pool=4, replicas=3, command=DEMO + "-{replica}", health=health)
+    config = write_config(tmp_path, {"web": spec})
+    first = daemon_factory(config)
+    assert wait_until(lambda: running(first)), first.output()
+    before = slots(first)
+    identity = {slot: (pid, psutil.Process(pid).create_time()) for slot, pid in before.items()}
+    assert wait_until(lambda: recorded(config) == identity), recorded(config)
+    first.proc.kill()
+    first.proc.wait(10)
+    first.log = first.log.rename(first.log.with_name("daemon-killed.out"))
+
+    second = daemon_factory(config)
+    assert wait_until(lambda: running(second)), second.output()
+    status = second.component("web")
+    assert "not adopting" not in second.output(), second.output()
+    assert slots(second) == before and status["restarts"] == 0
+    assert all(i["adopted"] for i in status["instances"])
+    assert all(psutil.Process(pid).create_time() == identity[s][1] for s, pid in before.items())
+    with Load(second.url("web"), clients=4) as load:
+        assert wait_until(lambda: all(load.report.pids[p] > 0 for p in before.values()))
+    assert load.report.failed == 0, outcome(load)
 
 
 # -- bad input, and the table ------------------------------------------------------------
