@@ -428,7 +428,15 @@ def test_a_killed_daemon_s_successor_adopts_every_replica_as_its_own_slot(
 
 
 def test_scale_errors_and_the_status_table(tmp_path: Path, daemon_factory: Any) -> None:
-    config = write_config(tmp_path, {"web": component(pool=3, replicas=2)})
+    # Slot 2's instance never starts: a scale to 3 fails.
+    command = shlex.join(
+        [
+            "sh",
+            "-c",
+            "if [ {replica} = 2 ]; then echo 'boom: no slot 2' >&2; exit 4; fi; exec " + DEMO,
+        ]
+    )
+    config = write_config(tmp_path, {"web": component(pool=4, replicas=2, command=command)})
     daemon = daemon_factory(config)
     assert wait_until(lambda: running(daemon, replicas=2))
     before = slots(daemon)
@@ -436,7 +444,7 @@ def test_scale_errors_and_the_status_table(tmp_path: Path, daemon_factory: Any) 
     too_many = cli(config, "scale", "web", "5")
     assert too_many.returncode == 1, too_many
     assert too_many.stderr == (
-        "rotator: web: scale failed: 3 ports in the pool of web for 5 replicas; a rotation"
+        "rotator: web: scale failed: 4 ports in the pool of web for 5 replicas; a rotation"
         " needs replicas + 1 = 6 (change `ports` in the config)\n"
     )
     for bad in ("0", "abc", "-1"):
@@ -453,15 +461,34 @@ def test_scale_errors_and_the_status_table(tmp_path: Path, daemon_factory: Any) 
     code, answer = post(daemon, "/v1/components/web/scale", b'{"replicas": 5}', token)
     result = json.loads(answer.splitlines()[-1])
     assert code == 200 and result["result"] == "failed", answer
-    assert "3 ports in the pool of web for 5 replicas" in result["error"]
+    assert "4 ports in the pool of web for 5 replicas" in result["error"]
     assert slots(daemon) == before  # nothing changed
+
+    with Load(daemon.url("web"), clients=8) as load:
+        failed = cli(config, "scale", "web", "3")
+    assert failed.returncode == 1, failed
+    assert "exited with code 4 before becoming healthy" in failed.stderr
+    assert "boom: no slot 2" in failed.stderr
+    assert load.report.failed == 0, outcome(load)
+    # The others serve on, untouched; the count asked for stands, its slot 2 empty (as
+    # a slot whose crash restarts were given up) until a start or another scale.
+    assert slots(daemon) == before
+    status = daemon.component("web")
+    assert status["state"] == "degraded" and status["replicas"] == 3, status
 
     table = cli(config, "status")
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
     at = next(n for n, line in enumerate(lines) if line.startswith("web "))
-    assert "running (2/2 healthy)" in lines[at]
+    assert "degraded (2/3 healthy)" in lines[at]
     for slot, line in enumerate(lines[at + 1 : at + 3]):
-        words = line.split()
-        assert words[:3] == [f"[{slot}]", "healthy", str(before[slot])], line
-    assert len(lines) == at + 3  # one line per replica, nothing more
+        replica = status["instances"][slot]
+        words = [f"[{slot}]", "healthy", str(replica["pid"]), str(replica["port"])]
+        assert line.split()[:4] == words, line
+    assert "exited with code 4" in lines[at + 3]  # the last error, below the replicas
+
+    back = cli(config, "scale", "web", "2")
+    assert back.returncode == 0, back.stdout + back.stderr
+    status = daemon.component("web")
+    assert status["state"] == "running" and status["replicas"] == 2
+    assert "running (2/2 healthy)" in cli(config, "status").stdout
