@@ -28,6 +28,8 @@ from tests.conftest import (
     alive,
     cli,
     component,
+    parse_samples,
+    sample,
     wait_until,
     write_config,
 )
@@ -476,6 +478,11 @@ def test_scale_errors_and_the_status_table(tmp_path: Path, daemon_factory: Any) 
     assert slots(daemon) == before
     status = daemon.component("web")
     assert status["state"] == "degraded" and status["replicas"] == 3, status
+    with urllib.request.urlopen(daemon.admin + "/metrics", timeout=5) as resp:
+        samples = parse_samples(resp.read().decode())
+    assert sample(samples, "rotator_replicas", component="web") == 3
+    assert sample(samples, "rotator_replicas_healthy", component="web") == 2
+    assert sample(samples, "rotator_component_state", component="web", state="degraded") == 1
 
     table = cli(config, "status")
     assert table.returncode == 0, table.stderr
