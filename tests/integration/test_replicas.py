@@ -215,6 +215,8 @@ class HealthyPoll:
 def test_five_restarts_of_three_replicas_keep_three_healthy_and_lose_nothing(
     tmp_path: Path, daemon_factory: Any
 ) -> None:
+    # A pool of replicas + 1 ports: each old replica stops before the next slot starts,
+    # so the one free port carries every step.
     spec = component(pool=4, replicas=3, drain_timeout="2s")
     config = write_config(tmp_path, {"web": spec})
     daemon = daemon_factory(config)
@@ -267,9 +269,9 @@ def test_a_killed_replica_is_replaced_in_its_slot_without_a_failed_request(
 def test_a_failed_deploy_leaves_every_replica_on_the_old_definition(
     tmp_path: Path, daemon_factory: Any
 ) -> None:
-    health = {"start_timeout": "1s"}
+    health = {"start_timeout": "2s"}  # a never-healthy instance's cost; three demo starts' bound
     config = write_config(
-        tmp_path, {"web": component(pool=4, replicas=3, health=health, drain_timeout="2s")}
+        tmp_path, {"web": component(pool=5, replicas=3, health=health, drain_timeout="2s")}
     )
     daemon = daemon_factory(config)
     assert wait_until(lambda: running(daemon))
@@ -281,7 +283,7 @@ def test_a_failed_deploy_leaves_every_replica_on_the_old_definition(
         result = cli(config, "deploy", "web", "--command", never)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "rotator: web: deploy failed:" in result.stderr
-    assert "not healthy within start_timeout 1s" in result.stderr
+    assert "not healthy within start_timeout 2s" in result.stderr
     assert load.report.failed == 0, outcome(load)
     assert slots(daemon) == before
     assert daemon.component("web")["definition"]["source"] == "config"
@@ -402,7 +404,7 @@ def test_a_killed_daemon_s_successor_adopts_every_replica_as_its_own_slot(
     # for the instance of that slot, at its start and when a new daemon adopts it.
     check = tmp_path / "check.py"
     check.write_text(CHECK)
-    health = {"exec": f"{PY} {check} {{port}} {{replica}}", "timeout": "2s"}
+    health = {"exec": f"{PY} {check} {{port}} {{replica}}", "interval": "1s", "timeout": "3s"}
     spec = component(pool=4, replicas=3, command=DEMO + "-{replica}", health=health)
     config = write_config(tmp_path, {"web": spec})
     first = daemon_factory(config)
