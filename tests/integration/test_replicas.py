@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import yaml
 
 from tests.conftest import (
     DEMO,
@@ -384,6 +385,35 @@ def test_scale_up_and_down_under_load_and_the_count_survives_kill_and_takeover(
         third.stop()
         third.kill_everything()
         print(f"---- {third.log.name}:\n{third.output()}")
+
+
+def test_a_scaled_count_holds_until_a_reload_changes_replicas(
+    tmp_path: Path, daemon_factory: Any
+) -> None:
+    config = write_config(tmp_path, {"web": component(pool=5, replicas=2, drain_timeout="2s")})
+    daemon = daemon_factory(config)
+    assert cli(config, "scale", "web", "3").returncode == 0
+    three = slots(daemon)
+
+    def reload_with(**changes: Any) -> str:
+        data = yaml.safe_load(config.read_text())
+        data["components"]["web"].update(changes)
+        config.write_text(yaml.safe_dump(data, sort_keys=False))
+        result = cli(config, "reload")
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout
+
+    # A reload that leaves `replicas` as it was keeps the scaled count.
+    assert "updated in place web" in reload_with(drain_timeout="3s")
+    assert slots(daemon) == three and daemon.component("web")["replicas"] == 3
+    # One that changes it applies the file's count over the scaled one, as a scale.
+    with Load(daemon.url("web"), clients=8) as load:
+        out = reload_with(replicas=1)
+    assert "scaled web" in out and "scaling 3 -> 1" in out, out
+    assert load.report.failed == 0, outcome(load)
+    assert slots(daemon) == {0: three[0]}
+    state = json.loads((tmp_path / "state" / "state.json").read_text())
+    assert state["components"]["web"]["replicas"] is None  # the config's count again
 
 
 # Passes when the instance on PORT says it is replica SLOT: an exec check that a slot's
