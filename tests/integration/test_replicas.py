@@ -11,6 +11,7 @@ import json
 import os
 import shlex
 import signal
+import subprocess
 import threading
 import time
 import urllib.error
@@ -265,6 +266,50 @@ def test_a_killed_replica_is_replaced_in_its_slot_without_a_failed_request(
     assert status["restarts"] == 1 and status["last_exit"] == -9
     assert f"pid {before[1]} exited with code -9" in daemon.output()
     assert "starting a replacement for replica 1" in daemon.output()
+
+
+def instances_running(daemon: RunningDaemon, name: str = "web") -> set[int]:
+    """The pids of every process running an instance command on one of the pool's ports."""
+    ports = {str(p) for p in daemon.data["components"][name]["ports"]}
+    found = set()
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if "rotator.demo" in cmd and ports & set(cmd):
+            found.add(proc.pid)
+    return found
+
+
+def test_a_replica_killed_during_a_restart_gets_the_restart_s_new_instance(
+    tmp_path: Path, daemon_factory: Any
+) -> None:
+    # Replica 2 dies while the roll is at replica 0: when the roll reaches its empty
+    # slot, the new instance started for it fills it; none is left running unrouted.
+    spec = component(pool=5, replicas=3, drain_timeout="2s", restart_backoff="100ms")
+    config = write_config(tmp_path, {"web": spec})
+    daemon = daemon_factory(config)
+    assert wait_until(lambda: running(daemon))
+    before = slots(daemon)
+    with Load(daemon.url("web"), clients=8) as load:
+        restart = subprocess.Popen(
+            [PY, "-m", "rotator", "-c", str(config), "restart", "web"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert restart.stdout is not None
+        first = restart.stdout.readline()  # replica 0's new instance is starting
+        assert "(replica 0 of 3)" in first, first
+        os.kill(before[2], signal.SIGKILL)
+        out, err = restart.communicate(timeout=60)
+    assert restart.returncode == 0, first + out + err
+    assert load.report.failed == 0, outcome(load)
+    assert wait_until(lambda: running(daemon))
+    after = slots(daemon)
+    assert not set(after.values()) & set(before.values())
+    assert wait_until(lambda: instances_running(daemon) == set(after.values())), (
+        instances_running(daemon),
+        after,
+    )
 
 
 def test_a_failed_deploy_leaves_every_replica_on_the_old_definition(
