@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -447,6 +448,21 @@ def test_a_scaled_count_holds_until_a_reload_changes_replicas(
         result = cli(config, "reload")
         assert result.returncode == 0, result.stdout + result.stderr
         return result.stdout
+
+    # A file whose pool is too small for its `replicas` is refused, nothing changed.
+    data = yaml.safe_load(config.read_text())
+    data["components"]["web"]["replicas"] = 5
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
+    refused = cli(config, "reload")
+    assert refused.returncode == 2, refused
+    assert re.search(
+        r"rotator.yaml:\d+: components.web.ports: 5 ports for replicas: 5; a rotation needs"
+        r" replicas \+ 1 = 6",
+        refused.stderr,
+    ), refused.stderr
+    assert slots(daemon) == three and daemon.component("web")["replicas"] == 3
+    data["components"]["web"]["replicas"] = 2
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
 
     # A reload that leaves `replicas` as it was keeps the scaled count.
     assert "updated in place web" in reload_with(drain_timeout="3s")
