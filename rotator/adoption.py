@@ -153,7 +153,11 @@ async def _adoptable(comp: Component, inst: Instance) -> str | None:
     within ADOPT_CHECK_TIMEOUT) and, on a port, listens there alone; else why not."""
     try:
         await comp.health.wait_until_healthy(
-            inst.endpoint, inst.wait(), definition=comp.spec, timeout=ADOPT_CHECK_TIMEOUT
+            inst.endpoint,
+            inst.wait(),
+            definition=comp.spec,
+            timeout=ADOPT_CHECK_TIMEOUT,
+            replica=inst.replica,
         )
     except NotHealthy as exc:
         return str(exc)

@@ -802,7 +802,9 @@ class Component:
                 await self._retire_soon(retiring.pop())
             try:
                 new = await self._launch(spec, slot)
-                old = self._switch(new, await self._warmed_target(new, self.serving[slot]))
+                # The slot's instance may have exited meanwhile (its slot is then empty).
+                current = self.serving.get(slot)
+                old = self._switch(new, await self._warmed_target(new, current))
                 if verify > 0:
                     await self._verify(new, old, spec, verify)
                 self._ensure_guard(new)  # after verify, which watches it meanwhile
@@ -810,8 +812,14 @@ class Component:
                 if undo is not None and replaced:
                     await self._undo(undo, replaced, retiring, exc)
                 raise
-            assert old is not None  # the slot was filled
-            retiring.append(old)
+            if old is not None:
+                retiring.append(old)
+            else:
+                # It exited during the roll: the new instance filled the empty slot, so
+                # the replacement its exit asked for (waiting for this lock) is not needed.
+                recovery = self._recoveries.get(slot)
+                if recovery is not None and recovery is not asyncio.current_task():
+                    recovery.cancel()
             replaced.append(slot)
 
     async def _undo(
@@ -1065,12 +1073,12 @@ class Component:
         self.emit(Kind.STOPPED, message, pid=inst.pid, outcome=result.outcome)
         return result
 
-    async def _warmed_target(self, inst: Instance, old: Serving) -> Target:
+    async def _warmed_target(self, inst: Instance, old: Serving | None) -> Target:
         """The new instance's Target, with as many connections already open as the one it
         replaces had (at most MAX_WARM): the first requests after the switch then skip
         the connect, which a freshly started instance is slow to accept."""
         target = self._serving_target(inst)
-        count = min(MAX_WARM, len(old.target.connections))
+        count = min(MAX_WARM, len(old.target.connections)) if old is not None else 0
         if self._warm is not None and count:
             opened = await self._warm(target, count, WARM_TIMEOUT)
             self.emit(

@@ -408,6 +408,36 @@ def test_active_instance_exiting_is_replaced() -> None:
     run(scenario())
 
 
+def test_a_replica_that_exits_during_a_roll_gets_the_roll_s_new_instance() -> None:
+    # Replica 2 exits while the roll is still at replica 0: its slot is empty when the
+    # roll reaches it. The new instance started for it fills it (no instance is left
+    # running outside the set), and the crash's replacement, now needless, is called off.
+    async def scenario() -> None:
+        w = World()
+        c = w.component(dataclasses.replace(SPEC, replicas=3, ports=(9001, 9002, 9003, 9004)))
+        await c.rotate()
+        assert sorted(c.serving) == [0, 1, 2] and len(w.instances) == 3
+        w.gate = asyncio.Event()
+        roll = asyncio.ensure_future(c.rotate())
+        await settle()
+        assert len(w.instances) == 4  # replica 0's new instance, at its health gate
+        w.instances[2].exit.set_result(-9)
+        await settle()
+        assert 2 not in c.serving and len(w.route.targets) == 2
+        w.gate.set()
+        await roll
+        await w.clock.advance(10)
+        serving = {slot: s.instance for slot, s in c.serving.items()}
+        assert sorted(serving) == [0, 1, 2] and c.state == "running"
+        assert [inst.pid for inst in serving.values()] == [1003, 1004, 1005]
+        assert len(w.instances) == 6  # no replacement besides the roll's
+        assert all(inst.stopped_with is not None for inst in w.instances[:3])
+        assert len(w.route.targets) == 3
+        assert c.last_error is None and c.restarts == 1
+
+    run(scenario())
+
+
 def test_crash_loop_ends_in_failed_and_a_restart_revives() -> None:
     async def scenario() -> None:
         w = World()
