@@ -677,11 +677,16 @@ class Component:
         self.emit(Kind.FAILED, reason)
 
     def restore(self, record: ComponentRecord) -> str | None:
-        """Take what an earlier daemon recorded: stopped on purpose or not, a scaled count,
-        and a deployed definition (over the config's). What was wrong with it, if anything."""
+        """Take what an earlier daemon recorded: stopped on purpose or not, a scaled count
+        (unless the config's `replicas` changed since), and a deployed definition (over the
+        config's). What was wrong with it, if anything."""
         self.stopped_on_purpose = record.stopped
         self.route.holding = not record.stopped
-        if record.replicas is not None and self._pool_problem(record.replicas) is None:
+        if (
+            record.replicas is not None
+            and record.replicas_config in (None, self.config_spec.replicas)
+            and self._pool_problem(record.replicas) is None
+        ):
             self.scaled = record.replicas
         if record.definition is None:
             return None
@@ -1455,6 +1460,7 @@ class Component:
             else None,
             stopped=self.stopped_on_purpose,
             replicas=self.scaled,
+            replicas_config=None if self.scaled is None else self.config_spec.replicas,
             canary=tuple(_record(s.instance) for s in self.canary.serving.values())
             if self.canary
             else (),

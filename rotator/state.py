@@ -63,6 +63,9 @@ class ComponentRecord:
     previous_definition: Mapping[str, Any] | None = None  # for rollback; None = the config's
     stopped: bool = False  # stopped on purpose with `rotator stop`
     replicas: int | None = None  # set by `rotator scale`; None = the config's count
+    # The config's count when `replicas` was set: a file changed since then wins, as a
+    # reload that changes `replicas` does.
+    replicas_config: int | None = None
     canary: tuple[InstanceRecord, ...] = ()  # a canary's instances, on trial when written
 
     @property
@@ -103,7 +106,8 @@ _INSTANCE = {"pid": "pid", "create_time": "number", "port": "port?", "socket": "
 _COMPONENT = {"instances": "instances", "draining": "instances", "definition": "definition?",
               "definition_source": "source", "deployed_at": "number?",
               "previous_definition": "definition?", "stopped": "bool",
-              "replicas": "count?", "canary": "instances"}  # fmt: skip
+              "replicas": "count?", "replicas_config": "count?",
+              "canary": "instances"}  # fmt: skip
 # Format 1: one `active` instance (always on a port), no replicas.
 _INSTANCE_1 = {"pid": "pid", "create_time": "number", "port": "port", "marker": "str",
                "started": "number"}  # fmt: skip

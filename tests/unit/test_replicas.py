@@ -197,6 +197,13 @@ def test_a_scaled_count_is_restored_from_the_state_file() -> None:
         too_many = w.component(dataclasses.replace(THREE, replicas=1))
         too_many.restore(ComponentRecord("web", replicas=9))  # a pool of 4 cannot hold it
         assert too_many.replicas == 1
+        # Scaled when the file said 2: the file now says 1, and wins, as a reload would.
+        changed = w.component(dataclasses.replace(THREE, replicas=1))
+        changed.restore(ComponentRecord("web", replicas=3, replicas_config=2))
+        assert changed.replicas == 1
+        same = w.component(dataclasses.replace(THREE, replicas=1))
+        same.restore(ComponentRecord("web", replicas=3, replicas_config=1))
+        assert same.replicas == 3 and same.record().replicas_config == 1
 
     run(scenario())
 

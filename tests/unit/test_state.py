@@ -71,6 +71,7 @@ def good_doc() -> dict[str, Any]:
                 "previous_definition": None,
                 "stopped": False,
                 "replicas": None,
+                "replicas_config": None,
                 "canary": [],
             }
         },
@@ -287,6 +288,7 @@ def test_format_1_is_still_read(path: Path) -> None:
     }
     web(doc).pop("replicas")
     web(doc).pop("canary")
+    web(doc).pop("replicas_config")
     write(path, json.dumps(doc))
     record = StateFile(path).load().components["web"]
     assert record.instances == (InstanceRecord(10, 1.0, 20001, "m", 2.0),)
