@@ -52,7 +52,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 from rotator import logs
 from rotator.canary import Figures, Verdict, canary_count, describe, judge
 from rotator.config import CanarySpec, ComponentSpec, Endpoint, apply_definition, definition_of
-from rotator.events import Event, EventBus, Kind
+from rotator.events import Event, EventBus, Kind, Reason
 from rotator.health import Clock, NotHealthy, SystemClock, watch
 from rotator.instance import Instance, SpawnError, StopResult, new_marker
 from rotator.ports import (
@@ -256,11 +256,19 @@ class Component:
         self.bus.publish(Event(self.name, kind, message, data))
 
     # -- operations (each is one admin API call) --------------------------------
-    async def rotate(self) -> None:
+    async def rotate(self, reason: Reason = Reason.MANUAL) -> None:
         """Replace every replica (or start them) with zero downtime. Raises RotationFailed."""
         self._refuse_if_canary()
         self._reset_supervision()
-        await self._rotate(self.spec)
+        await self._rotate(self.spec, reason=reason)
+
+    async def replace_replica(self, slot: int, reason: Reason) -> None:
+        """Replace the instance of one slot with zero downtime (a limit it passed, say); the
+        other replicas are not touched. Raises RotationFailed."""
+        self._refuse_if_canary()
+        if slot >= self.replicas:
+            raise RotationFailed(f"{self.name} has no replica {slot}")
+        await self._rotate(self.spec, slots=[slot], reason=reason)
 
     async def start(self) -> None:
         """Start the replicas that are missing; those that serve are left alone."""
@@ -269,7 +277,7 @@ class Component:
             return
         self._refuse_if_canary()
         self._reset_supervision()
-        await self._rotate(self.spec, slots=self._missing())
+        await self._rotate(self.spec, slots=self._missing(), reason=Reason.START)
 
     async def deploy(self, spec: ComponentSpec) -> None:
         """Rotate to a new definition; it becomes the component's own only if every new
@@ -277,7 +285,7 @@ class Component:
         replica back on the old definition."""
         self._refuse_if_canary()
         self._reset_supervision()
-        await self._rotate(spec, verify=spec.verify, undo=self.spec)
+        await self._rotate(spec, verify=spec.verify, undo=self.spec, reason=Reason.DEPLOY)
         self.previous, self.spec = self.spec, spec
         self.definition_source = "deployed"
         self.deployed_at = time.time()
@@ -294,7 +302,7 @@ class Component:
             raise RotationFailed("nothing to roll back to: no earlier definition was deployed")
         self._reset_supervision()
         target = self.previous
-        await self._rotate(target, undo=self.spec)
+        await self._rotate(target, undo=self.spec, reason=Reason.ROLLBACK)
         self.previous, self.spec = self.spec, target
         self.definition_source = "config" if target is self.config_spec else "deployed"
         self.deployed_at = None if target is self.config_spec else time.time()
@@ -588,7 +596,7 @@ class Component:
             self._reset_supervision()
             kept, self.health = self.health, health or self.health
             try:
-                await self._rotate(spec, undo=self.spec)
+                await self._rotate(spec, undo=self.spec, reason=Reason.RELOAD)
             except BaseException:
                 self.health = kept
                 raise
@@ -744,6 +752,7 @@ class Component:
         recovering: bool = False,
         slots: list[int] | None = None,
         undo: ComponentSpec | None = None,
+        reason: Reason = Reason.MANUAL,
     ) -> None:
         """Fill or replace the instances of `slots` (default: every slot) from `spec`.
         Given `undo` (a deploy's old definition), a failure puts the slots already
@@ -773,7 +782,7 @@ class Component:
                 self.last_error = exc.reason
                 self._settle(idle=ComponentState.STARTING if recovering else ComponentState.FAILED)
                 self.emit(Kind.FAILED, exc.reason, log_tail=exc.log_tail)
-                self._rotated(began, "rolled_back" if exc.rolled_back else "failed")
+                self._rotated(began, "rolled_back" if exc.rolled_back else "failed", reason)
                 # What was taken out before the failure is still drained and stopped.
                 for old in retiring:
                     self._retire_soon(old)
@@ -785,7 +794,7 @@ class Component:
                 self.restarts += 1
             self._settle()
         await asyncio.gather(*(self._retire_soon(old) for old in retiring))
-        self._rotated(began, "ok")
+        self._rotated(began, "ok", reason)
 
     async def _roll(
         self,
@@ -919,7 +928,7 @@ class Component:
                 bytes=size,
             )
 
-    def _rotated(self, began: float, outcome: str) -> None:
+    def _rotated(self, began: float, outcome: str, reason: Reason) -> None:
         """A rotation ended: `ok`, `failed` (nothing changed) or `rolled_back` (verify failed)."""
         seconds = round(self.clock.now() - began, 3)
         if outcome == "ok":
@@ -929,6 +938,7 @@ class Component:
             f"rotation {outcome.replace('_', ' ')} after {duration(seconds)}",
             outcome=outcome,
             seconds=seconds,
+            reason=reason,
         )
 
     async def _launch(self, spec: ComponentSpec, slot: int) -> Instance:
@@ -1330,13 +1340,14 @@ class Component:
         slot = inst.replica
         recovery = self._recoveries.get(slot)
         if recovery is None or recovery.done():
-            self._recoveries[slot] = self._spawn_task(self._recover(slot))
+            why = Reason.CRASH if code is not None else Reason.UNHEALTHY
+            self._recoveries[slot] = self._spawn_task(self._recover(slot, why))
 
     async def _stop_crashed(self, inst: Instance) -> None:
         result = await self._stop(inst, self.spec.stop_signal, self.spec.stop_timeout)
         self.last_stop = result.outcome  # "gone", unless something of its tree was left
 
-    async def _recover(self, slot: int) -> None:
+    async def _recover(self, slot: int, reason: Reason) -> None:
         spec = self.spec
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(RotationFailed),
@@ -1372,7 +1383,7 @@ class Component:
                         f"{spec.restart.max_restarts} in {duration(spec.restart.restart_window)})",
                     )
                     if slot < self.replicas:
-                        await self._rotate(self.spec, recovering=True, slots=[slot])
+                        await self._rotate(self.spec, recovering=True, slots=[slot], reason=reason)
         except RotationFailed:
             self._give_up(slot)
 

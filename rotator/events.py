@@ -70,6 +70,21 @@ class Kind(enum.StrEnum):
     DAEMON = "daemon", False, True  # the daemon's own record (it printed the line itself)
 
 
+class Reason(enum.StrEnum):
+    """Why a rotation ran: in its `rotated` event and rotator_rotations_total's label."""
+
+    START = "start"  # a first start, `rotator start`, `rotator scale` up
+    MANUAL = "manual"  # `rotator restart`
+    DEPLOY = "deploy"
+    ROLLBACK = "rollback"
+    RELOAD = "reload"  # a reload that changed the component's definition
+    CRASH = "crash"  # an instance exited on its own
+    UNHEALTHY = "unhealthy"  # an instance failed unhealthy_threshold checks
+    WATCH = "watch"  # a watched file changed
+    MEMORY = "memory"  # an instance passed max_memory
+    AGE = "age"  # an instance passed restart_every
+
+
 @dataclass(frozen=True)
 class Event:
     component: str

@@ -27,7 +27,7 @@ from prometheus_client.metrics_core import (
 
 from rotator import __version__
 from rotator.component import Component, ComponentState
-from rotator.events import Event, EventBus, Kind
+from rotator.events import Event, EventBus, Kind, Reason
 from rotator.proxy.route import DURATION_BOUNDS
 
 # Rotations take from a fraction of a second (a quick app) to minutes (a slow
@@ -60,6 +60,7 @@ class Lifecycle:
     health_check_failures: int = 0
     stops: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STOP_OUTCOMES, 0))
     verdicts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(VERDICTS, 0))
+    reasons: dict[str, int] = field(default_factory=dict)  # rotations by why they ran
 
 
 class LifecycleCounters:
@@ -76,7 +77,10 @@ class LifecycleCounters:
     def __call__(self, event: Event) -> None:
         kind, data = event.kind, event.data
         if kind == Kind.ROTATED:
-            self._rotated(self._of(event.component), data.get("outcome"), data.get("seconds"))
+            counts = self._of(event.component)
+            self._rotated(counts, data.get("outcome"), data.get("seconds"))
+            if isinstance(reason := data.get("reason"), str):
+                counts.reasons[reason] = counts.reasons.get(reason, 0) + 1
         elif kind == Kind.CHECK_FAILED:
             self._of(event.component).health_check_failures += 1
         elif kind == Kind.VERDICT and data.get("outcome") in VERDICTS:
@@ -289,6 +293,11 @@ class Collector:
             health.add_metric([comp.name], counts.health_check_failures)
             for outcome, n in counts.stops.items():
                 stops.add_metric([comp.name, outcome], n)
+        reasons = CounterMetricFamily(
+            "rotator_rotation_reasons",
+            "Rotations (whatever their outcome) by why they ran",
+            labels=["component", "reason"],
+        )
         verdicts = CounterMetricFamily(
             "rotator_canary_verdicts",
             "Canaries ended, by outcome: promote or rollback",
@@ -298,7 +307,9 @@ class Collector:
             counts = self.lifecycle.components.get(comp.name) or Lifecycle()
             for outcome, n in counts.verdicts.items():
                 verdicts.add_metric([comp.name, outcome], n)
-        yield from (rotations, rotation_seconds, health, stops, verdicts)
+            for reason in Reason:
+                reasons.add_metric([comp.name, reason], counts.reasons.get(reason, 0))
+        yield from (rotations, rotation_seconds, health, stops, verdicts, reasons)
 
 
 class Metrics:

@@ -162,3 +162,26 @@ def test_a_removed_component_has_no_series() -> None:
         assert not any(n.startswith("rotator_") and n != "rotator_info" for n in names)
 
     run(scenario())
+
+
+def test_rotations_count_by_why_they_ran() -> None:
+    async def scenario() -> None:
+        w = World()
+        c, metrics = setup(w)
+        await c.start()  # a first start
+        await c.rotate()  # rotator restart
+        w.instances[-1].exit.set_result(1)  # a crash: its replacement
+        await w.clock.advance(0.5)
+        new = dataclasses.replace(SPEC, command=("other", "--port", "{port}"))
+        await c.deploy(new)
+        s = scrape(metrics)
+        reasons = {
+            r: value(s, "rotator_rotation_reasons_total", component="web", reason=r)
+            for r in ("start", "manual", "crash", "deploy", "unhealthy")
+        }
+        assert reasons == {"start": 1, "manual": 1, "crash": 1, "deploy": 1, "unhealthy": 0}
+        assert [e.data["reason"] for e in w.events if e.kind == "rotated"] == [
+            "start", "manual", "crash", "deploy",
+        ]  # fmt: skip
+
+    run(scenario())
