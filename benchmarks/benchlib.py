@@ -2,7 +2,8 @@
 rotator.
 
 Everything runs on 127.0.0.1 with ports in 20000-32000 (below Linux's ephemeral
-range, so no client socket can hold them). Every process is started in its own
+range, so no client socket can hold them; ROTATOR_BENCH_PORTS=LO-HI moves the range,
+to share a machine). Every process is started in its own
 session and tagged through an environment variable; `Processes` stops them all
 on the way out, also on Ctrl-C, SIGTERM or an error, and sweeps by tag for
 anything that escaped (rotator's instances are rotator's children, nginx's
@@ -43,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 PY = sys.executable
 HOST = "127.0.0.1"
-PORT_RANGE = (20000, 32000)
+PORTS_ENV = "ROTATOR_BENCH_PORTS"
 TAG_ENV = "ROTATOR_BENCH_TAG"  # set on every process a benchmark starts
 RUN_ENV = "ROTATOR_BENCH_RUN"  # set by benchmarks/run on each benchmark it starts
 
@@ -51,6 +52,16 @@ _handed_out: set[int] = set()
 
 
 # -- ports --------------------------------------------------------------------------
+def port_range(raw: str) -> tuple[int, int]:
+    lo, sep, hi = raw.partition("-")
+    if not (sep and lo.isdigit() and hi.isdigit() and 1024 <= int(lo) < int(hi) <= 65535):
+        raise SystemExit(f"{PORTS_ENV}={raw!r}: expected LO-HI, e.g. 20000-32000")
+    return int(lo), int(hi)
+
+
+PORT_RANGE = port_range(os.environ.get(PORTS_ENV, "20000-32000"))
+
+
 def free_ports(n: int) -> list[int]:
     """n distinct ports in PORT_RANGE that nothing holds right now."""
     ports: list[int] = []
@@ -234,12 +245,17 @@ def parse_wrk(out: str) -> WrkResult:
     )
 
 
-def wrk(url: str, *, connections: int, duration: float, threads: int = 1) -> WrkResult:
+def wrk(
+    url: str, *, connections: int, duration: float, threads: int = 1, timeout: float = 2.0
+) -> WrkResult:
+    """`timeout`: wrk's own (`--timeout`, 2 s by default); a slower answer counts as a
+    timeout error and is left out of the latency figures."""
     if WRK is None:
         raise RuntimeError("wrk is not installed")
-    argv = [WRK, f"-t{threads}", f"-c{connections}", f"-d{duration:g}s", "--latency", url]
+    argv = [WRK, f"-t{threads}", f"-c{connections}", f"-d{duration:g}s", "--latency",
+            f"--timeout={timeout:g}s", url]  # fmt: skip
     before = _children_cpu()
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + timeout + 30)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} exited {done.returncode}:\n{done.stderr}")
     result = parse_wrk(done.stdout)
@@ -295,7 +311,8 @@ http {{
 }}
 """
 
-UPSTREAM_CONF = "upstream backend {{ server {host}:{port}; keepalive 32; }}\n"
+# The balancing method (`least_conn;`, or nothing: round-robin) comes before `keepalive`.
+UPSTREAM_CONF = "upstream backend {{ {method}{servers} keepalive 32; }}\n"
 
 
 class Nginx:
@@ -335,7 +352,15 @@ class Nginx:
         wait_http(f"http://{HOST}:{self.port}/health", proc=self.proc)
 
     def set_upstream(self, port: int, reload: bool = True) -> None:
-        (self.dir / "upstream.conf").write_text(UPSTREAM_CONF.format(host=HOST, port=port))
+        self.set_upstreams([port], reload=reload)
+
+    def set_upstreams(self, ports: Sequence[int], method: str = "", reload: bool = True) -> None:
+        """Balance over `ports`: `method` is nginx's directive (`least_conn`), or "" for
+        its default, round-robin."""
+        servers = " ".join(f"server {HOST}:{port};" for port in ports)
+        (self.dir / "upstream.conf").write_text(
+            UPSTREAM_CONF.format(method=f"{method}; " if method else "", servers=servers)
+        )
         if reload:
             subprocess.run(
                 self._argv("-s", "reload"),

@@ -30,6 +30,7 @@ BENCHMARKS = {
     "switch_latency": (240.0, 120.0),
     "memory": (300.0, 120.0),
     "scale": (600.0, 300.0),
+    "replicas": (420.0, 120.0),
 }
 
 
@@ -151,6 +152,31 @@ def summary(started: float) -> None:
         startup = ", ".join(f"{k} {v} s" for k, v in scale["startup_median_seconds"].items())
         print(f"\nscale: start-up to all running (median): {startup}")
         for line in scale.get("targets", []):
+            print(f"  {line}")
+    replicas = load("replicas", started)
+    if replicas and "summary" in replicas:
+        print(
+            "\nreplicas of a one-at-a-time 20 ms backend (wrk, 4 connections per replica, medians):"
+        )
+        print(
+            table(
+                ["fleet", "variant", "req/s", "x N x one replica", "p50 ms", "p99 ms",
+                 "shares %"],
+                [
+                    [
+                        r["fleet"],
+                        r["variant"],
+                        f"{r['rps']:.1f}",
+                        f"{r['efficiency']:.2f}" if r["efficiency"] else "",
+                        f"{r['p50_ms']:.1f}",
+                        f"{r['p99_ms']:.1f}",
+                        "/".join(f"{v:.0f}" for v in r["shares_pct"]),
+                    ]
+                    for r in replicas["summary"]
+                ],
+            )
+        )  # fmt: skip
+        for line in replicas.get("targets", []):
             print(f"  {line}")
 
 
