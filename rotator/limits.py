@@ -225,11 +225,12 @@ class Limits:
 
     async def _measured(self, slot: int, inst: Instance, limits: LimitsSpec) -> Measured:
         """Measure `inst` for `limits`, and keep what was found on it (status reads it)."""
-        inst.rss_bytes = None
+        rss = None
         if limits.max_memory:
             loop = asyncio.get_running_loop()
             with contextlib.suppress(psutil.Error, OSError):
-                inst.rss_bytes = await loop.run_in_executor(None, self._measure, inst)
+                rss = await loop.run_in_executor(None, self._measure, inst)
+        inst.rss_bytes = rss
         inst.restart_at = (
             deadline(inst.started, inst.marker, limits.restart_every)
             if limits.restart_every
