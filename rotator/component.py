@@ -1489,6 +1489,8 @@ class Component:
                 "requests": s.target.served,
                 "since": s.instance.started,
                 "adopted": s.instance.adopted,
+                "rss_bytes": s.instance.rss_bytes,  # these two: see rotator.limits
+                "restart_at": s.instance.restart_at,
             }
             for slot, s in sorted(self.serving.items())
         ]
@@ -1501,7 +1503,7 @@ class Component:
             "active": {
                 k: v
                 for k, v in instances[0].items()
-                if k not in ("in_flight", "requests", "replica")
+                if k not in ("in_flight", "requests", "replica", "rss_bytes", "restart_at")
             }
             if instances
             else None,
@@ -1523,6 +1525,12 @@ class Component:
                 "can_roll_back": self.previous is not None,
             },
             "canary": self._canary_status(),
+            "limits": {
+                "max_memory": self.spec.limits.max_memory or None,
+                "restart_every": self.spec.limits.restart_every or None,
+            }
+            if self.spec.limits.active
+            else None,
             "last_rotation": self.last_rotation,
             "last_stop": self.last_stop,
             "last_error": self.last_error,

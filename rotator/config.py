@@ -1,7 +1,7 @@
 """The configuration model: frozen specs that every other module reads, and pure helpers on them.
 
 Pure: no file reading, no sockets, no processes. Holds Address, Endpoint, HealthSpec,
-CanarySpec, ComponentSpec (with `render`, the placeholder substitution), AdminSpec,
+CanarySpec, LimitsSpec, ComponentSpec (with `render`, the placeholder substitution), AdminSpec,
 KubernetesExport, Config (with `start_order`, `token_path`, `log_dir`), Problem and
 ConfigError. Besides, it derives specs for `rotator deploy` (`with_overrides`) and turns a
 spec's definition (command, cwd, env) into JSON for the state file and back
@@ -146,6 +146,21 @@ class CanarySpec:
 
 
 @dataclass(frozen=True)
+class LimitsSpec:
+    """What makes rotator replace an instance that still serves (rotator.limits checks it):
+    bytes and seconds, 0 = no such limit. Not an instance field: a reload that changes it
+    applies at the next check."""
+
+    max_memory: int = 0  # the RSS of the instance's whole process tree
+    restart_every: float = 0.0  # its age, plus a jitter of up to 10% fixed per instance
+    interval: float = 5.0  # `limits_interval`: how often both are checked
+
+    @property
+    def active(self) -> bool:
+        return bool(self.max_memory or self.restart_every)
+
+
+@dataclass(frozen=True)
 class ComponentSpec:
     name: str
     listen: Address
@@ -179,6 +194,8 @@ class ComponentSpec:
     replicas: int = 1
     replicas_auto: bool = False
     canary: CanarySpec = CanarySpec()  # the YAML key is nested: `canary: {duration: 2m}`
+    # The YAML keys stay flat: `max_memory`, `restart_every`, `limits_interval`.
+    limits: LimitsSpec = LimitsSpec()
 
     @property
     def unix(self) -> bool:

@@ -44,6 +44,7 @@ from rotator.config import (
     ConfigError,
     HealthSpec,
     KubernetesExport,
+    LimitsSpec,
     Problem,
     ProxySpec,
     RestartPolicy,
@@ -93,6 +94,9 @@ DEFAULT_KEYS = (
     "logs",
     "replicas",
     "canary",
+    "max_memory",
+    "restart_every",
+    "limits_interval",
 )
 PER_COMPONENT_KEYS = ("listen", "ports", "command", "depends_on")
 COMPONENT_KEYS = PER_COMPONENT_KEYS + DEFAULT_KEYS
@@ -136,6 +140,12 @@ MAX_SOCKET_PATH = 103
 # The socket pool's size when `sockets` is not set, for one replica: more replicas get as
 # many spare paths beside them as one has (a rotation's new instance, and old ones draining).
 DEFAULT_SOCKETS = 4
+# The smallest limits: below these about any process passes max_memory at once, an
+# instance would hardly serve before restart_every replaces it, and checking the
+# limits (a process scan) would cost more than it tells.
+MIN_MAX_MEMORY = 1024 * 1024
+MIN_RESTART_EVERY = 1.0
+MIN_LIMITS_INTERVAL = 0.1
 
 
 def parse_duration(value: object) -> float:
@@ -448,6 +458,9 @@ class _Parser:
             return None
         proxy = ProxySpec(**{k: rest.pop(k) for k in _PROXY_KEYS & rest.keys()})
         restart = RestartPolicy(**{k: rest.pop(k) for k in _RESTART_KEYS & rest.keys()})
+        limits = LimitsSpec(
+            **{field: rest.pop(key) for key, field in _LIMITS_KEYS.items() if key in rest}
+        )
         return ComponentSpec(
             name,
             listen,
@@ -465,6 +478,7 @@ class _Parser:
             canary=canary,
             proxy=proxy,
             restart=restart,
+            limits=limits,
             **rest,
         )
 
@@ -549,6 +563,9 @@ class _Parser:
             "logs": self.logs,
             "canary": self.canary,
             "replicas": lambda node, at: self.count_or_auto(node, at, maximum=MAX_REPLICAS),
+            "max_memory": self.memory_limit,
+            "restart_every": self.age_limit,
+            "limits_interval": self.limits_interval,
         }
         values = {
             key: read(found[key][1], f"{path}.{key}")
@@ -857,6 +874,29 @@ class _Parser:
             return None
         if seconds == 0 and not allow_zero:
             self.fail(node, path, "must be greater than 0")
+            return None
+        return seconds
+
+    def memory_limit(self, node: Node, path: str) -> int | None:
+        """0 turns it off (a default's, say); below MIN_MAX_MEMORY, about any process passes it."""
+        size = self.parsed(node, path, parse_size)
+        if size is not None and 0 < size < MIN_MAX_MEMORY:
+            self.fail(node, path, f"must be 0 (off) or {_bytes(MIN_MAX_MEMORY)} or more")
+            return None
+        return size
+
+    def age_limit(self, node: Node, path: str) -> float | None:
+        """0 turns it off; below MIN_RESTART_EVERY, an instance would hardly serve at all."""
+        seconds = self.parsed(node, path, parse_duration)
+        if seconds is not None and 0 < seconds < MIN_RESTART_EVERY:
+            self.fail(node, path, f"must be 0 (off) or {duration(MIN_RESTART_EVERY)} or more")
+            return None
+        return seconds
+
+    def limits_interval(self, node: Node, path: str) -> float | None:
+        seconds = self.parsed(node, path, parse_duration)
+        if seconds is not None and seconds < MIN_LIMITS_INTERVAL:
+            self.fail(node, path, f"must be {duration(MIN_LIMITS_INTERVAL)} or more")
             return None
         return seconds
 
@@ -1252,6 +1292,11 @@ _SPEC_DEFAULTS = {
 # The flat YAML keys that fill a component's nested specs.
 _PROXY_KEYS = frozenset(f.name for f in dataclasses.fields(ProxySpec))
 _RESTART_KEYS = frozenset(f.name for f in dataclasses.fields(RestartPolicy))
+_LIMITS_KEYS = {
+    "max_memory": "max_memory",
+    "restart_every": "restart_every",
+    "limits_interval": "interval",
+}
 NUL = "contains a NUL character (no path, command or variable can hold one)"
 
 

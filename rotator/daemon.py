@@ -44,6 +44,7 @@ from rotator.fleet import ReloadRejected, in_dependency_order
 from rotator.health import HealthCheck
 from rotator.history import EventLog
 from rotator.instance import Instance
+from rotator.limits import Limits
 from rotator.metrics import Metrics
 from rotator.ports import describe_holders, port_holders, probe_port
 from rotator.proxy.clients import UNLIMITED, Clients, accept_backlog, effective_total
@@ -142,6 +143,9 @@ class Daemon:
         self.bus.subscribe(self._print_event)
         # Subscribed from the start, so the lifecycle counts miss no event.
         self.metrics = Metrics(self, self.bus)
+        # max_memory and restart_every, once startup is done (a takeover's included): it
+        # reads the components afresh at every check.
+        self.limits = Limits(lambda: self.components.values() if self.ready else ())
 
     # -- lifecycle ------------------------------------------------------------
     async def serve(self, shutdown_trigger: asyncio.Event | None = None) -> None:
@@ -155,6 +159,7 @@ class Daemon:
         startup = asyncio.ensure_future(self._startup())
         stopping = asyncio.ensure_future(self._shutdown.wait())
         rotating = asyncio.ensure_future(self._rotate_logs())
+        limiting = asyncio.ensure_future(self.limits.run())
         try:
             await asyncio.wait({startup, stopping}, return_when=asyncio.FIRST_COMPLETED)
             if not startup.done():  # told to stop while still starting
@@ -165,6 +170,7 @@ class Daemon:
         finally:
             stopping.cancel()
             rotating.cancel()
+            limiting.cancel()
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             await self._stop_everything()

@@ -63,6 +63,7 @@ class Kind(enum.StrEnum):
     ROLLED_BACK = "rolledback"
     REMOVED = "removed"  # taken out of the config by a reload
     SCALED = "scaled"  # the replica count changed (`rotator scale`, a reload)
+    LIMIT = "limit", False  # an instance passed max_memory or restart_every: being replaced
     CANARY = "canary"  # a canary started
     CANARY_FIGURES = "canary_figures", False, True  # its running comparison
     VERDICT = "verdict"  # a canary promoted or rolled back, and why

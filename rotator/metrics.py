@@ -259,6 +259,22 @@ class Collector:
                     port.add_metric([comp.name], active.port)
             restarts.add_metric([comp.name], comp.restarts)
         yield from (state, port, pid, restarts, replicas, healthy)
+        yield self._memory(components)
+
+    def _memory(self, components: list[Component]) -> Metric:
+        """What rotator.limits last measured (components with max_memory only): by slot,
+        not pid, so that a series outlives the rotations its figure causes."""
+        rss = GaugeMetricFamily(
+            "rotator_instance_rss_bytes",
+            "Resident memory of a serving replica's whole process tree at the last max_memory"
+            " check (absent: no max_memory)",
+            labels=["component", "replica"],
+        )
+        for comp in components:
+            for slot, serving in sorted(comp.serving.items()):
+                if serving.instance.rss_bytes is not None:
+                    rss.add_metric([comp.name, str(slot)], serving.instance.rss_bytes)
+        return rss
 
     def _lifecycle(self, components: list[Component]) -> Iterator[Metric]:
         rotations = CounterMetricFamily(

@@ -105,6 +105,8 @@ def status_table(status: dict[str, Any], now: float | None = None) -> str:
             )
         if canary := c.get("canary"):
             notes.append(_canary_note(c["name"], canary))
+        if limits := c.get("limits"):
+            notes.append(_limits_note(c["name"], limits, instances, now))
         definition = c.get("definition") or {}
         if definition.get("source") == "deployed":
             since = (
@@ -153,6 +155,37 @@ def _canary_note(name: str, canary: dict[str, Any]) -> str:
         f"  {name}: canary {canary['weight']}% (pid {pids}, {duration(canary['ends_in_s'])} left):"
         f" {side(canary['canary'])} | stable {side(canary['stable'])}"
     )
+
+
+def _limits_note(
+    name: str, limits: dict[str, Any], instances: list[dict[str, Any]], now: float
+) -> str:
+    """max_memory and restart_every, and how close the instances are to them:
+    `hermes: max_memory 512MiB (pid 4242: 300MiB); restart_every 24h (next: pid 4242 in 3h10m)`."""
+    parts = []
+    if most := limits.get("max_memory"):
+        used = ", ".join(
+            f"pid {i['pid']}: {_mib(i['rss_bytes'])}"
+            for i in instances
+            if i.get("rss_bytes") is not None
+        )
+        parts.append(f"max_memory {_mib(most)}" + (f" ({used})" if used else ""))
+    if every := limits.get("restart_every"):
+        due = [i for i in instances if i.get("restart_at") is not None]
+        first = min(due, key=lambda i: float(i["restart_at"]), default=None)
+        parts.append(
+            f"restart_every {duration(every)}"
+            + (
+                f" (next: pid {first['pid']} in {duration(first['restart_at'] - now)})"
+                if first
+                else ""
+            )
+        )
+    return f"  {name}: {'; '.join(parts)}"
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1024 * 1024):.0f}MiB"
 
 
 def _replica_row(instance: dict[str, Any], now: float) -> tuple[str, ...]:

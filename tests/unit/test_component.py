@@ -46,6 +46,8 @@ class FakeInstance:
         self.marker = f"m{pid}"
         self.create_time = 1.0
         self.stopping = False
+        self.rss_bytes: int | None = None  # set by rotator.limits
+        self.restart_at: float | None = None
         self.stopped_with: signal.Signals | None = None
         self.squatted: str | None = None  # what port_problem() answers
         self.argv: list[str] = []

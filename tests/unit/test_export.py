@@ -384,6 +384,12 @@ NOTES = [
     ("health: {timeout: 1.5s}", "health.timeout 1.5s rounded up to timeoutSeconds 2"),
     ("command: '{python} app.py --port {port}'", "{python} became `python`: the image must"),
     (
+        "max_memory: 512MiB\nrestart_every: 24h",
+        "max_memory 512MiB, restart_every 24h have no Kubernetes equivalent that replaces a pod"
+        " without downtime: a memory limit (resources.limits.memory) OOM-kills the container",
+    ),
+    ("restart_every: 90m", "restart_every 1h30m has no Kubernetes equivalent"),
+    (
         "canary: {duration: 2m}",
         "canary.duration 2m has no Kubernetes equivalent (a Deployment's rollout does not"
         " judge traffic): Argo Rollouts or Flagger judge a canary by its metrics",
