@@ -896,10 +896,8 @@ class Component:
         spec = self.spec
         if not spec.log_max_size:
             return
-        for inst in [
-            *(s.instance for s in self.serving.values()),
-            *(d.instance for d in self.draining),
-        ]:
+        serving = [*self.serving.values(), *(self.canary.serving.values() if self.canary else ())]
+        for inst in [*(s.instance for s in serving), *(d.instance for d in self.draining)]:
             if inst.log_path is None:
                 continue
             try:
