@@ -146,7 +146,7 @@ class Daemon:
         # Subscribed from the start, so the lifecycle counts miss no event.
         self.metrics = Metrics(self, self.bus)
         # sd_notify both ways (notify.py): what instances say to us; what we say to systemd.
-        self.instance_notify: notify_.NotifySocket | None = None
+        self.instance_notify = notify_.NotifySocket(config.state_dir / "notify.sock", MARKER)
         self.service = notify_.ServiceManager(notify_socket, self.out)
         self.bus.subscribe(self._tell_service)
 
@@ -224,7 +224,8 @@ class Daemon:
             )
         )
         self._claim_inherited()
-        self._open_notify_socket()
+        if self._handover is None:  # taking over: once the old daemon let go (it uses the path)
+            self._open_notify_socket()
         for spec in config.components:
             await self._add_component(spec)
         # A successor keeps the token: CLI calls in flight still reach one of the two.
@@ -296,7 +297,7 @@ class Daemon:
     def _open_notify_socket(self) -> None:
         """The instances' NOTIFY_SOCKET; without it (a path too long, say) `ready: notify`
         waits for the first healthy probe instead, and the daemon says so."""
-        sock = notify_.NotifySocket(self.config.state_dir / "notify.sock", MARKER)
+        sock = self.instance_notify
         try:
             sock.open()
         except OSError as exc:
@@ -304,8 +305,6 @@ class Daemon:
                 f"rotator: warning: no NOTIFY_SOCKET for instances ({sock.path}: "
                 f"{exc.strerror or exc}); health.ready: notify polls instead"
             )
-            return
-        self.instance_notify = sock
 
     def _tell_service(self, event: Event) -> None:
         """After start-up, STATUS= follows every change of a component's state."""
@@ -455,8 +454,7 @@ class Daemon:
         for listener in self.listeners.values():
             listener.stop_accepting()
         self._takeover_listener.close()
-        if self.instance_notify is not None:
-            self.instance_notify.close()
+        self.instance_notify.close()
         if self._runner is not None:
             await self._runner.cleanup()
             if not keep_token:
@@ -477,6 +475,7 @@ class Daemon:
         except (OSError, takeover_.TakeoverError) as exc:
             raise DaemonError(f"takeover failed: the old daemon did not let go: {exc}") from None
         self._owns_instances = True
+        self._open_notify_socket()  # the instances' messages come to us from now on
         # Before the old daemon exits (it finishes its requests first): systemd follows
         # the new main process instead of taking the old one's exit for the service's.
         self.service.send(MAINPID=os.getpid(), STATUS=f"took over from pid {handover.old_pid}")

@@ -105,6 +105,7 @@ class NotifySocket:
         self._clock = clock
         self._sock: socket.socket | None = None
         self._inode = 0
+        self.unusable = False  # open() failed: every instance counts as READY=1 at once
         self._channels: dict[int, Channel] = {}  # by instance pid
         self._early: collections.deque[Message] = collections.deque(maxlen=EARLY)
 
@@ -121,6 +122,7 @@ class NotifySocket:
             sock.setblocking(False)
         except OSError:
             sock.close()
+            self.unusable = True
             raise
         self._sock = sock
         self._inode = os.stat(self.path).st_ino
@@ -144,6 +146,8 @@ class NotifySocket:
         channel = self._channels.get(pid)
         if channel is None or channel.marker != marker:
             channel = self._channels[pid] = Channel(pid, marker)
+        if self.unusable and not channel.ready.done():  # as `ready: poll`: the probe decides
+            channel.ready.set_result(None)
         horizon = self._clock() - EARLY_AGE
         for message in [m for m in self._early if m.at >= horizon]:
             if self._owner(message) is channel:

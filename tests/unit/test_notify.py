@@ -135,3 +135,14 @@ def test_health_ready_and_watchdog_errors(
     [problem] = info.value.problems
     assert (problem.line, problem.path) == (7, f"components.hermes.health.{key}")
     assert message in problem.message
+
+
+def test_a_socket_that_cannot_be_bound_leaves_readiness_to_the_probe(tmp_path: Path) -> None:
+    # `ready: notify` then behaves as `poll`: READY=1 counts as said, the probe decides.
+    async def scenario() -> None:
+        sock = NotifySocket(tmp_path / "missing" / "notify.sock", "MARKER")
+        with pytest.raises(OSError):
+            sock.open()
+        assert sock.watch(os.getpid(), "m").ready.done()
+
+    asyncio.run(scenario())
