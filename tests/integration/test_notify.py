@@ -52,6 +52,7 @@ def test_ready_notify_switches_at_ready_not_before(tmp_path: Path, daemon_factor
     assert restart.returncode == 0, restart.stderr
     second = d.component("app")["active"]["pid"]
     assert second != first
+    assert wait_until(lambda: {first, second} <= ready_times(config, "app").keys(), 5)
     ready = ready_times(config, "app")
     switched = {e["pid"]: e["time"] for e in events(config, "switched")}
     for pid in (first, second):
@@ -76,6 +77,7 @@ def test_ready_from_outside_the_instance_tree_is_ignored(
     assert not events(config, "switched"), d.output()
     d.wait_running()
     pid = d.component("app")["active"]["pid"]
+    assert wait_until(lambda: pid in ready_times(config, "app"), 5)
     assert events(config, "switched")[0]["time"] > ready_times(config, "app")[pid]
     assert d.component("app")["instances"][0]["status"] is None  # the forged STATUS too
 
