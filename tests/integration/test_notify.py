@@ -83,10 +83,10 @@ def test_ready_from_outside_the_instance_tree_is_ignored(
 
 
 def test_watchdog_silence_replaces_the_instance(tmp_path: Path, daemon_factory: Any) -> None:
-    # WATCHDOG=1 every 100 ms for 1.5 s, then silence: replaced 500 ms later, not before.
-    command = DEMO + " --watchdog-for 1.5"
+    # WATCHDOG=1 every 100 ms for 1 s, then silence: replaced 400 ms later, not before.
+    command = DEMO + " --watchdog-for 1"
     config = write_config(
-        tmp_path, {"app": component(command=command, health={"watchdog": "500ms"})}
+        tmp_path, {"app": component(command=command, health={"watchdog": "400ms"})}
     )
     d = daemon_factory(config)
     first = d.component("app")["active"]["pid"]
@@ -94,12 +94,22 @@ def test_watchdog_silence_replaces_the_instance(tmp_path: Path, daemon_factory: 
     assert wait_until(lambda: d.component("app")["active"]["pid"] != first, 10), d.output()
     unhealthy = events(config, "unhealthy")[0]
     assert unhealthy["pid"] == first and "WATCHDOG=1" in unhealthy["message"]
-    assert unhealthy["time"] - spawned > 1.5
+    assert unhealthy["time"] - spawned > 1.0
 
     def rotated() -> list[dict[str, Any]]:
         return [e for e in events(config, "rotated") if e["reason"] == "unhealthy"]
 
     assert wait_until(rotated, 5) and rotated()[0]["outcome"] == "ok"
+
+
+def test_no_ready_within_start_timeout_fails_the_start(tmp_path: Path, daemon_factory: Any) -> None:
+    # It answers /health at once but never says READY=1.
+    health = {"ready": "notify", "start_timeout": "1s"}
+    config = write_config(tmp_path, {"app": component(health=health)})
+    d = daemon_factory(config)
+    app = d.component("app")
+    assert app["state"] == "failed" and app["active"] is None
+    assert "sent no READY=1 within start_timeout 1s (health.ready: notify)" in app["last_error"]
 
 
 @pytest.fixture
@@ -171,3 +181,15 @@ def test_reload_rejected_still_says_ready(
     d.proc.send_signal(signal.SIGHUP)  # `rotator reload` would refuse it before the daemon
     assert "RELOADING" in heard(service_manager, until="RELOADING")[-1]
     assert heard(service_manager, until="READY")[-1]["READY"] == "1"
+
+
+def test_a_service_manager_that_is_gone_is_reported_once(
+    tmp_path: Path, daemon_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "nobody-listens.sock"))
+    config = write_config(tmp_path, {"app": component()})
+    d = daemon_factory(config)
+    assert cli(config, "reload").returncode == 0  # RELOADING=1, READY=1: not said again
+    assert d.component("app")["state"] == "running"
+    d.stop()
+    assert d.output().count("cannot notify the service manager") == 1, d.output()
