@@ -59,8 +59,15 @@ Entry = tuple[Node, Node]  # (key node, value node): keys carry the line for "un
 TOP_KEYS = ("admin", "state_dir", "max_clients", "defaults", "components", "export")
 KUBERNETES_KEYS = ("image", "images", "namespace")  # export.kubernetes
 HEALTH_KEYS = (
-    *("path", "interval", "timeout", "start_timeout", "unhealthy_threshold", "tcp", "exec"),
-    *("ready", "watchdog"),
+    "path",
+    "interval",
+    "timeout",
+    "start_timeout",
+    "unhealthy_threshold",
+    "tcp",
+    "exec",
+    "ready",  # sd_notify (notify.py)
+    "watchdog",
 )
 READY_MODES = ("poll", "notify")
 # The keys that choose the kind of check: one per block; a component's replaces the default's.
