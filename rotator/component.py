@@ -1326,7 +1326,7 @@ class Component:
             )
         )
         exited = asyncio.ensure_future(self._exit_reason(inst))
-        waits: set[asyncio.Future[str | None]] = {watching, exited}
+        waits: set[asyncio.Future[Any]] = {watching, exited}
         channel = self._channels.get(inst)
         silent = None
         if health.watchdog and channel is not None:
@@ -1337,15 +1337,16 @@ class Component:
         finally:
             for waiting in waits:
                 waiting.cancel()
-        for reason in (exited, silent):
-            if reason is not None and reason.done() and not reason.cancelled():
-                return reason.result()
+        for ended in (exited, silent):
+            if ended is not None and ended.done() and not ended.cancelled():
+                reason: str = ended.result()
+                return reason
         problem = watching.result()
         if problem is None:
             return None
         return f"failed {health.unhealthy_threshold} health checks in a row ({problem})"
 
-    async def _silence(self, channel: Channel, interval: float) -> str | None:
+    async def _silence(self, channel: Channel, interval: float) -> str:
         """Returns once the instance has sent no WATCHDOG=1 for `interval` (counted from
         the start of the watch, as systemd counts from the service's start)."""
         while True:
@@ -1360,7 +1361,7 @@ class Component:
             if not channel.alive.is_set():
                 return f"sent no WATCHDOG=1 for {duration(interval)} (health.watchdog)"
 
-    async def _exit_reason(self, inst: Instance) -> str | None:
+    async def _exit_reason(self, inst: Instance) -> str:
         return f"exited with code {await inst.wait()}"
 
     def _crashed(self, inst: Instance, reason: str, code: int | None) -> None:
