@@ -11,7 +11,8 @@ side: `started` (before aiohttp is imported; the interpreter's own ~20 ms
 start-up is not in it: psutil's process create time is not on time.time()'s
 clock on Linux, where it derives from a boot time in whole seconds),
 `listening`, `first_health_ok` and `first_request` (the first request that is
-not a health check).
+not a health check). With `--notify` it sends sd_notify's READY=1 to $NOTIFY_SOCKET
+once listening (`health: {ready: notify}`) and records `notified`.
 
 Plain asyncio, like rotator's demo app: the benchmarks compare ways of
 restarting a typical Python app, not a tuned one.
@@ -25,6 +26,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -88,6 +90,10 @@ async def serve(args: argparse.Namespace) -> int:
     try:
         await web.TCPSite(runner, args.host, args.port).start()
         record.first("listening")
+        if args.notify and (address := os.environ.get("NOTIFY_SOCKET")):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                sock.sendto(b"READY=1", address)
+            record.first("notified")
         print(f"backend pid {os.getpid()} listening on {args.host}:{args.port}", flush=True)
         await stop.wait()
     finally:
@@ -102,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--startup-delay", type=float, default=1.0, metavar="SECONDS")
     p.add_argument("--record", metavar="DIR", help="write DIR/<pid>.json with first-event times")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS")
+    p.add_argument("--notify", action="store_true", help="READY=1 to $NOTIFY_SOCKET once listening")
     return asyncio.run(serve(p.parse_args(argv)))
 
 

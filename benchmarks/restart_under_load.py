@@ -115,9 +115,11 @@ LOADS: dict[str, tuple[Group, ...]] = {
 }
 
 
-def backend_argv(port: int | str, record: Path, startup_delay: float) -> list[str]:
+def backend_argv(
+    port: int | str, record: Path, startup_delay: float, notify: bool = False
+) -> list[str]:
     return [PY, str(BACKEND), "--port", str(port), "--record", str(record),
-            "--startup-delay", f"{startup_delay:g}"]  # fmt: skip
+            "--startup-delay", f"{startup_delay:g}", *(["--notify"] if notify else [])]  # fmt: skip
 
 
 def disable_retry(session: aiohttp.ClientSession) -> None:
@@ -356,15 +358,16 @@ class NginxByHand(Scenario):
 class RotatorCli(Scenario):
     name = "rotator"
     event_loop = ""
+    ready = "poll"  # health.ready
 
     def setup(self) -> None:
         listen, *pool = free_ports(5)
-        command = " ".join(backend_argv("{port}", self.records, self.startup_delay))
-        self.rotator = Rotator(
-            self.procs,
-            self.dir,
-            {"web": {"listen": f"{HOST}:{listen}", "ports": pool, "command": command}},
-        )
+        notify = self.ready == "notify"
+        command = " ".join(backend_argv("{port}", self.records, self.startup_delay, notify))
+        web: dict[str, Any] = {"listen": f"{HOST}:{listen}", "ports": pool, "command": command}
+        if notify:
+            web["health"] = {"ready": "notify"}  # merged over the defaults' other fields
+        self.rotator = Rotator(self.procs, self.dir, {"web": web})
         self.rotator.start()
         self.url = self.rotator.url("web")
         self.event_loop = self.rotator.event_loop()
@@ -380,7 +383,16 @@ class RotatorCli(Scenario):
         self.rotator.stop()
 
 
+class RotatorNotify(RotatorCli):
+    """rotator with `health: {ready: notify}`: the backend says READY=1 once listening."""
+
+    name = "rotator-notify"
+    ready = "notify"
+
+
 SCENARIOS: list[type[Scenario]] = [Naive, NginxByHand, RotatorCli]
+# Those switch_latency runs as well.
+EVERY_SCENARIO: list[type[Scenario]] = [*SCENARIOS, RotatorNotify]
 
 
 class Operator:
@@ -436,7 +448,7 @@ class Operator:
 
 def _operate(conn: Any, name: str, directory: Path, startup_delay: float, tag: str) -> None:
     """The operator process: runs setup, restarts and teardown as they are asked for."""
-    cls = next(c for c in SCENARIOS if c.name == name)
+    cls = next(c for c in EVERY_SCENARIO if c.name == name)
     with Processes(directory, tag) as procs:
         scenario = cls(procs, directory, startup_delay)
         while True:
@@ -551,6 +563,8 @@ def switch_figures(
             row["wall_minus_startup_ms"] = ms(ended - began - startup)
         if "first_health_ok" in b and "listening" in b:
             row["healthy_after_listening_ms"] = ms(b["first_health_ok"] - b["listening"])
+        if "notified" in b and "first_request" in b:
+            row["ready_to_request_ms"] = ms(b["first_request"] - b["notified"])
         if "first_health_ok" in b and "first_request" in b:
             row["switch_ms"] = ms(b["first_request"] - b["first_health_ok"])
             row["after_switch_ms"] = ms(ended - b["first_request"])

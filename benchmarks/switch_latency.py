@@ -14,7 +14,12 @@ runs 10 times; for each restart:
 - after switch:    first request -> `rotator restart` returns (drain, stop, exit)
 - wall - start-up: the whole `rotator restart` less the backend's own start-up
 
-    python benchmarks/switch_latency.py [--quick] [--restarts N]
+With `--ready notify` the component has `health: {ready: notify}` and the backend sends
+READY=1 once listening; then also
+
+- READY=1 -> request: the backend's READY=1 -> its first request (target: median < 30 ms)
+
+    python benchmarks/switch_latency.py [--quick] [--restarts N] [--ready poll|notify]
 """
 
 from __future__ import annotations
@@ -25,11 +30,13 @@ import sys
 from typing import Any
 
 from benchlib import Processes, handle_sigterm, machine, median, table, workdir, write_result
-from restart_under_load import TARGET_SWITCH_MS, RotatorCli, run_scenario
+from restart_under_load import TARGET_SWITCH_MS, RotatorCli, RotatorNotify, run_scenario
 
 from rotator.configfile import parse_duration
 
 NAME = "switch_latency"
+# With `ready: notify`: what a restart adds to the app's own start-up before the switch.
+TARGET_READY_MS = 30.0
 # The daemon's own account of a rotation, from the CLI's event lines.
 ROTATION_LINE = re.compile(r"rotation ok after (\S+)")  # a duration as rotator writes it
 COLUMNS = {  # key in the per-restart rows: column heading
@@ -41,6 +48,7 @@ COLUMNS = {  # key in the per-restart rows: column heading
     "wall_ms": "wall",
     "wall_minus_startup_ms": "wall - start-up",
     "daemon_ms": "daemon's rotation",
+    "ready_to_request_ms": "READY=1 -> request",
 }
 
 
@@ -50,15 +58,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--quick", action="store_true", help="3 restarts")
     p.add_argument("--restarts", type=int, default=10)
+    p.add_argument("--ready", choices=("poll", "notify"), default="poll", help="health.ready")
     args = p.parse_args(argv)
+    scenario = RotatorNotify if args.ready == "notify" else RotatorCli
     restarts = 3 if args.quick else args.restarts
     handle_sigterm()
     info = machine()
-    print(f"{NAME}: {restarts} restarts under keep-alive load (16 clients)", flush=True)
+    print(
+        f"{NAME}: {restarts} restarts under keep-alive load (16 clients), ready: {args.ready}",
+        flush=True,
+    )
     try:
         with workdir("rotator-bench-") as tmp, Processes(tmp) as procs:
             # About 2 s per restart: 1.5 s of it, and some load at rest in between.
-            run = run_scenario(RotatorCli, procs, tmp, "keep-alive", 2.0 * restarts, restarts)
+            run = run_scenario(scenario, procs, tmp, "keep-alive", 2.0 * restarts, restarts)
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see handle_sigterm)
         print(f"{NAME}: interrupted; every process it started is stopped", file=sys.stderr)
         return 130
@@ -83,7 +96,17 @@ def main(argv: list[str] | None = None) -> int:
         f"switch median {switch} ms over {len(rows)}/{restarts} restarts "
         f"(target < {TARGET_SWITCH_MS:g} ms): {'ok' if ok else 'MISSED'}"
     )
-    print(f"\n  {target}")
+    targets = [target]
+    if args.ready == "notify":
+        ready = medians["ready_to_request_ms"]
+        met = ready is not None and ready < TARGET_READY_MS
+        ok = ok and met
+        targets.append(
+            f"READY=1 -> first request median {ready} ms (target < {TARGET_READY_MS:g} ms): "
+            f"{'ok' if met else 'MISSED'}"
+        )
+    for line in targets:
+        print(f"\n  {line}")
     print(
         f"  requests {result['requests']}, failed {result['failed']}, "
         f"longest gap {result['longest_gap_ms']} ms"
@@ -92,11 +115,16 @@ def main(argv: list[str] | None = None) -> int:
         NAME,
         {
             "machine": {**info, "rotator_event_loop": result.get("event_loop")},
-            "settings": {"restarts": restarts, "load": "keep-alive", "clients": 16},
+            "settings": {
+                "restarts": restarts,
+                "load": "keep-alive",
+                "clients": 16,
+                "ready": args.ready,
+            },
             "medians": medians,
             "restarts": rows,
             "load": {k: result[k] for k in ("requests", "failed", "failures", "longest_gap_ms")},
-            "targets": [target],
+            "targets": targets,
         },
     )
     print(f"\n{NAME}: results in {path}")

@@ -55,6 +55,7 @@ from rotator.config import CanarySpec, ComponentSpec, Endpoint, apply_definition
 from rotator.events import Event, EventBus, Kind, Reason
 from rotator.health import Clock, NotHealthy, SystemClock, watch
 from rotator.instance import Instance, SpawnError, StopResult, new_marker
+from rotator.notify import Channel
 from rotator.ports import (
     NoFreePort,
     NoFreeSocket,
@@ -95,7 +96,10 @@ class HealthGate(Protocol):
         definition: ComponentSpec | None = None,
         timeout: float | None = None,
         replica: int = 0,
-    ) -> float: ...
+        ready: Awaitable[None] | None = None,
+    ) -> float:
+        """Seconds until healthy; with `ready` (READY=1 arrived), probed only once it has."""
+        ...
 
     async def probe(
         self, endpoint: Endpoint, *, definition: ComponentSpec | None = None, replica: int = 0
@@ -103,6 +107,16 @@ class HealthGate(Protocol):
 
     def forget(self, endpoint: Endpoint) -> None:
         """The instance is about to be stopped: close what the gate keeps open to it."""
+
+
+class Notifications(Protocol):
+    """What instances say over sd_notify (notify.NotifySocket): a Channel per instance."""
+
+    path: Path  # their NOTIFY_SOCKET
+
+    def watch(self, pid: int, marker: str) -> Channel: ...
+
+    def forget(self, pid: int) -> None: ...
 
 
 class ComponentState(enum.StrEnum):
@@ -185,6 +199,7 @@ class Component:
         marker_scope: str = "-",
         warm: Warmer | None = None,
         clock: Clock | None = None,
+        notify: Notifications | None = None,
     ) -> None:
         self.config_spec = spec
         self.spec = spec  # the definition instances start from: the config's, or a deployed one
@@ -201,6 +216,8 @@ class Component:
         self._socket_probe = socket_probe
         self._marker_scope = marker_scope
         self._warm = warm
+        self._notify = notify
+        self._channels: dict[Instance, Channel] = {}  # what each live instance said (sd_notify)
         self.clock = clock or SystemClock()
         self.host = instance_host(spec.listen.host)
         self.state = ComponentState.STOPPED
@@ -730,6 +747,7 @@ class Component:
         else:
             self.last_socket = inst.endpoint.path
         self._live.add(inst)
+        self._listen(inst)
         serving = Serving(inst, self._target(inst))
         self.serving[inst.replica] = serving
         self.route.add(serving.target)
@@ -952,6 +970,10 @@ class Component:
 
     async def _start(self, spec: ComponentSpec, slot: int, endpoint: Endpoint) -> Instance:
         argv, env = spec.render(endpoint.port, self.host, endpoint.path, replica=slot)
+        if self._notify is not None:  # over the service manager's, which the daemon keeps
+            env["NOTIFY_SOCKET"] = str(self._notify.path)
+            if spec.health.watchdog:  # as systemd does: sd_watchdog_enabled() reads it
+                env["WATCHDOG_USEC"] = str(round(spec.health.watchdog * 1_000_000))
         marker = new_marker(self._marker_scope, self.name)
         try:
             inst = await self._spawn(
@@ -962,6 +984,7 @@ class Component:
         except OSError as exc:
             raise RotationFailed(f"cannot start {argv[0]!r}: {os_error(exc)}") from None
         self._live.add(inst)
+        channel = self._listen(inst)
         self._prune_logs(inst)
         of = self._of_slot(inst)
         self.emit(
@@ -973,7 +996,11 @@ class Component:
         )
         try:
             seconds = await self.health.wait_until_healthy(
-                endpoint, inst.wait(), definition=spec, replica=slot
+                endpoint,
+                inst.wait(),
+                definition=spec,
+                replica=slot,
+                ready=channel.ready if channel and spec.health.ready == "notify" else None,
             )
         except NotHealthy as exc:
             await self._stop(inst, spec.stop_signal, spec.stop_timeout)
@@ -1056,6 +1083,13 @@ class Component:
             raise RotationFailed(f"cannot use socket {path}: {exc.strerror or exc}") from None
         return path
 
+    def _listen(self, inst: Instance) -> Channel | None:
+        """Hear what `inst` says over sd_notify (READY=1, STATUS=, WATCHDOG=1)."""
+        if self._notify is None:
+            return None
+        channel = self._channels[inst] = self._notify.watch(inst.pid, inst.marker)
+        return channel
+
     def _target(self, inst: Instance, label: str = "") -> Target:
         return Target(inst.endpoint, label=label)
 
@@ -1075,6 +1109,8 @@ class Component:
         self.health.forget(inst.endpoint)
         result = await inst.stop(sig, timeout, force=force)
         self._live.discard(inst)
+        if self._notify is not None and self._channels.pop(inst, None) is not None:
+            self._notify.forget(inst.pid)
         path = inst.endpoint.path
         if path is not None and all(other.endpoint.path != path for other in self._live):
             with contextlib.suppress(OSError):
@@ -1248,8 +1284,10 @@ class Component:
             reason = await self._watch(inst, spec, on_check=heard)
         else:
             reason = await self._exit_reason(inst)
-        if self._serving_of(inst) is None or inst.stopping or reason is None:
+        if (serving := self._serving_of(inst)) is None or inst.stopping or reason is None:
             return
+        if inst.returncode is None:  # unhealthy (failed checks, a silent watchdog): say so
+            serving.failures = max(serving.failures, threshold)
         self._crashed(inst, f"pid {inst.pid} {reason}", inst.returncode)
 
     def _serving_of(self, inst: Instance) -> Serving | None:
@@ -1286,17 +1324,40 @@ class Component:
             )
         )
         exited = asyncio.ensure_future(self._exit_reason(inst))
+        waits: set[asyncio.Future[Any]] = {watching, exited}
+        channel = self._channels.get(inst)
+        silent = None
+        if health.watchdog and channel is not None:
+            silent = asyncio.ensure_future(self._silence(channel, health.watchdog))
+            waits.add(silent)
         try:
-            await asyncio.wait({watching, exited}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            watching.cancel()
-            exited.cancel()
-        if exited.done() and not exited.cancelled():
-            return exited.result()
+            for waiting in waits:
+                waiting.cancel()
+        for ended in (exited, silent):
+            if ended is not None and ended.done() and not ended.cancelled():
+                reason: str = ended.result()
+                return reason
         problem = watching.result()
         if problem is None:
             return None
         return f"failed {health.unhealthy_threshold} health checks in a row ({problem})"
+
+    async def _silence(self, channel: Channel, interval: float) -> str:
+        """Returns once the instance has sent no WATCHDOG=1 for `interval` (counted from
+        the start of the watch, as systemd counts from the service's start)."""
+        while True:
+            channel.alive.clear()
+            kicked = asyncio.ensure_future(channel.alive.wait())
+            timer = asyncio.ensure_future(self.clock.sleep(interval))
+            try:
+                await asyncio.wait({kicked, timer}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                kicked.cancel()
+                timer.cancel()
+            if not channel.alive.is_set():
+                return f"sent no WATCHDOG=1 for {duration(interval)} (health.watchdog)"
 
     async def _exit_reason(self, inst: Instance) -> str:
         return f"exited with code {await inst.wait()}"
@@ -1489,6 +1550,8 @@ class Component:
                 "adopted": s.instance.adopted,
                 "rss_bytes": s.instance.rss_bytes,  # these two: see rotator.limits
                 "restart_at": s.instance.restart_at,
+                # Its last STATUS= over sd_notify, if it sent one.
+                "status": channel.status if (channel := self._channels.get(s.instance)) else None,
             }
             for slot, s in sorted(self.serving.items())
         ]
@@ -1501,7 +1564,8 @@ class Component:
             "active": {
                 k: v
                 for k, v in instances[0].items()
-                if k not in ("in_flight", "requests", "replica", "rss_bytes", "restart_at")
+                if k
+                not in ("in_flight", "requests", "replica", "rss_bytes", "restart_at", "status")
             }
             if instances
             else None,

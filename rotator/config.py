@@ -92,6 +92,12 @@ class HealthSpec:
     # (`tcp`); or a command that exits 0 (`exec`: words with `command`'s placeholders).
     tcp: bool = False
     exec: tuple[str, ...] = ()
+    # Readiness (sd_notify, notify.py): `poll` waits for the first healthy probe; `notify`
+    # for READY=1 from the instance's tree, then confirms with one probe at once.
+    ready: str = "poll"
+    # With WATCHDOG=1 expected at least this often (seconds; 0 = no watchdog): an instance
+    # silent for longer counts as unhealthy.
+    watchdog: float = 0.0
 
     @property
     def kind(self) -> str:

@@ -59,7 +59,18 @@ Entry = tuple[Node, Node]  # (key node, value node): keys carry the line for "un
 
 TOP_KEYS = ("admin", "state_dir", "max_clients", "defaults", "components", "export")
 KUBERNETES_KEYS = ("image", "images", "namespace")  # export.kubernetes
-HEALTH_KEYS = ("path", "interval", "timeout", "start_timeout", "unhealthy_threshold", "tcp", "exec")
+HEALTH_KEYS = (
+    "path",
+    "interval",
+    "timeout",
+    "start_timeout",
+    "unhealthy_threshold",
+    "tcp",
+    "exec",
+    "ready",  # sd_notify (notify.py)
+    "watchdog",
+)
+READY_MODES = ("poll", "notify")
 # The keys that choose the kind of check: one per block; a component's replaces the default's.
 HEALTH_KINDS = ("path", "tcp", "exec")
 LOGS_KEYS = ("max_size", "keep")
@@ -916,6 +927,14 @@ class _Parser:
             return None
         return value
 
+    def ready(self, node: Node, path: str) -> str | None:
+        if (text := self.scalar(node, path, raw=True)) is None:
+            return None
+        if (value := text.strip().lower()) not in READY_MODES:
+            self.fail(node, path, f"{text!r} is not a readiness mode (use poll or notify)")
+            return None
+        return value
+
     def boolean(self, node: Node, path: str) -> bool | None:
         """true or false as written (any case, quoted or not); YAML 1.1's yes/no/on/off and
         numbers are refused, so a typo cannot silently read as a boolean."""
@@ -945,6 +964,13 @@ class _Parser:
             values["tcp"] = tcp
         if "exec" in found and (words := self.command(found["exec"][1], f"{path}.exec")):
             values["exec"] = words
+        # sd_notify (notify.py): who says the instance is ready, and how often it must say alive.
+        if "ready" in found and (ready := self.ready(found["ready"][1], f"{path}.ready")):
+            values["ready"] = ready
+        if "watchdog" in found:
+            here = f"{path}.watchdog"
+            if (seconds := self.duration(found["watchdog"][1], here, allow_zero=True)) is not None:
+                values["watchdog"] = seconds
         kinds = [k for k in HEALTH_KINDS if k in found and not (k == "tcp" and not values.get(k))]
         if len(kinds) > 1:
             self.fail(

@@ -34,6 +34,7 @@ from typing import Any
 from aiohttp import web
 
 from rotator import __version__, activation, cgroups, printer, private
+from rotator import notify as notify_
 from rotator import takeover as takeover_
 from rotator.admin import make_app
 from rotator.adoption import EarlierRun
@@ -43,7 +44,7 @@ from rotator.events import Event, EventBus, Kind
 from rotator.fleet import ReloadRejected, in_dependency_order
 from rotator.health import HealthCheck
 from rotator.history import EventLog
-from rotator.instance import Instance
+from rotator.instance import MARKER, Instance
 from rotator.limits import Limits
 from rotator.metrics import Metrics
 from rotator.ports import describe_holders, port_holders, probe_port
@@ -94,7 +95,9 @@ class Daemon:
         inherited: dict[str, socket.socket] | None = None,
         takeover: takeover_.Handover | None = None,
         child_fd_limit: int | None = None,
+        notify_socket: str | None = None,
     ) -> None:
+        """`notify_socket`: the service manager's NOTIFY_SOCKET (systemd's), if any."""
         self.config = config
         # Set when taking over from a running daemon: its sockets, token and connection.
         self._handover = takeover
@@ -146,6 +149,10 @@ class Daemon:
         # max_memory and restart_every, once startup is done (a takeover's included): it
         # reads the components afresh at every check.
         self.limits = Limits(lambda: self.components.values() if self.ready else ())
+        # sd_notify both ways (notify.py): what instances say to us; what we say to systemd.
+        self.instance_notify = notify_.NotifySocket(config.state_dir / "notify.sock", MARKER)
+        self.service = notify_.ServiceManager(notify_socket, self.out)
+        self.bus.subscribe(self._tell_service)
 
     # -- lifecycle ------------------------------------------------------------
     async def serve(self, shutdown_trigger: asyncio.Event | None = None) -> None:
@@ -223,6 +230,8 @@ class Daemon:
             )
         )
         self._claim_inherited()
+        if self._handover is None:  # taking over: once the old daemon let go (it uses the path)
+            self._open_notify_socket()
         for spec in config.components:
             await self._add_component(spec)
         # A successor keeps the token: CLI calls in flight still reach one of the two.
@@ -272,6 +281,12 @@ class Daemon:
         # paused the event loop, and with it every request, for ~15 ms each time.
         gc.freeze()
         self._takeover_listener.start()
+        summary = self.summary()
+        self.out(f"rotator: {summary}")
+        self.service.send(READY=1, STATUS=summary)
+
+    def summary(self) -> str:
+        """One line: how many components run, which are degraded or failed."""
         running = sum(c.state is ComponentState.RUNNING for c in self.components.values())
         failed = [c.name for c in self.components.values() if c.state is ComponentState.FAILED]
         degraded = [
@@ -279,11 +294,35 @@ class Daemon:
             for c in self.components.values()
             if c.state is ComponentState.DEGRADED
         ]
-        self.out(
-            f"rotator: {running} of {len(self.components)} component(s) running"
+        return (
+            f"{running} of {len(self.components)} component(s) running"
             + (f"; degraded: {', '.join(degraded)}" if degraded else "")
             + (f"; failed: {', '.join(failed)}" if failed else "")
         )
+
+    def _open_notify_socket(self) -> None:
+        """The instances' NOTIFY_SOCKET; without it (a path too long, say) `ready: notify`
+        waits for the first healthy probe instead, and the daemon says so."""
+        sock = self.instance_notify
+        try:
+            sock.open()
+        except OSError as exc:
+            self.out(
+                f"rotator: warning: no NOTIFY_SOCKET for instances ({sock.path}: "
+                f"{exc.strerror or exc}); health.ready: notify polls instead"
+            )
+
+    def _tell_service(self, event: Event) -> None:
+        """After start-up, STATUS= follows every change of a component's state."""
+        if self.ready and event.kind == Kind.STATE and not self.ops.reloading:
+            self.service.send(STATUS=self.summary())
+
+    def reloading_changed(self, reloading: bool) -> None:
+        """reload.Fleet: systemd's RELOADING=1 ... READY=1 around a reload."""
+        if reloading:
+            self.service.reloading()
+        else:
+            self.service.send(READY=1, STATUS=self.summary())
 
     async def _add_component(self, spec: ComponentSpec) -> None:
         self.add_component(spec, await self._bind(spec))
@@ -323,6 +362,7 @@ class Daemon:
             socket_probe=probe_socket,
             marker_scope=self.scope,
             warm=preconnect,
+            notify=self.instance_notify,
             spawn=functools.partial(
                 Instance.spawn, spawner=self.spawner, cgroup_parent=self.cgroup_parent
             ),
@@ -393,8 +433,9 @@ class Daemon:
             task.cancel()
         self._takeover_listener.cancel()
         if self._takeover_listener.successor is not None or not self._owns_instances:
-            await self._let_go()
+            await self._let_go()  # no STOPPING=1: the service goes on, under the new daemon
             return
+        self.service.send(STOPPING=1, STATUS="stopping")
         if self.components:
             self.out("rotator: shutting down: no new connections, finishing requests in flight")
         deadline = max((spec.drain_timeout for spec in self.config.components), default=0.0)
@@ -419,6 +460,7 @@ class Daemon:
         for listener in self.listeners.values():
             listener.stop_accepting()
         self._takeover_listener.close()
+        self.instance_notify.close()
         if self._runner is not None:
             await self._runner.cleanup()
             if not keep_token:
@@ -439,6 +481,10 @@ class Daemon:
         except (OSError, takeover_.TakeoverError) as exc:
             raise DaemonError(f"takeover failed: the old daemon did not let go: {exc}") from None
         self._owns_instances = True
+        self._open_notify_socket()  # the instances' messages come to us from now on
+        # Before the old daemon exits (it finishes its requests first): systemd follows
+        # the new main process instead of taking the old one's exit for the service's.
+        self.service.send(MAINPID=os.getpid(), STATUS=f"took over from pid {handover.old_pid}")
         self.out(f"rotator: took over from pid {handover.old_pid}")
         task = asyncio.ensure_future(self._acquire_lock_eventually())
         self._background.add(task)
@@ -466,6 +512,9 @@ class Daemon:
 
     def admin_token(self) -> str:
         return self.config.token_path.read_text().strip()
+
+    def service_notify_socket(self) -> str | None:
+        return self.service.address
 
     async def quiesce(self) -> None:
         """Let rotations in progress end (bounded), then stop supervising."""
@@ -711,17 +760,22 @@ def run(config: Config, log_format: str = "human", takeover: bool = False) -> in
     try:
         # Read (and unset) before anything starts an instance: they must not inherit it.
         inherited = activation.listen_fds(os.environ, os.getpid())
+        # The service manager's, ours alone: instances get the daemon's own (notify.py).
+        notify_socket = os.environ.pop("NOTIFY_SOCKET", None)
         if takeover and config.state_dir.is_dir():  # only ours may hand us sockets
             private.check_dir(config.state_dir, "state_dir")
         handover = takeover_.request(config.state_dir) if takeover else None
         if handover is not None:
             inherited = activation.matching(handover.sockets, config.components)
+            # Started by hand: the old daemon's service manager becomes ours (MAINPID=).
+            notify_socket = notify_socket or handover.notify_socket
         daemon = Daemon(
             config,
             inherited=inherited,
             log_format=log_format,
             takeover=handover,
             child_fd_limit=started_with,
+            notify_socket=notify_socket,
         )
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             runner.run(daemon.serve())

@@ -3,7 +3,8 @@
 Run as `python -m rotator.demo --port P`, or `--unix PATH` to listen on a Unix
 socket instead. Flags make it misbehave on purpose (slow start, crash, never
 healthy, ignore SIGTERM, leave a child process, close every connection, share its
-port with SO_REUSEPORT); routes echo what they received so tests can check what
+port with SO_REUSEPORT) or speak sd_notify to $NOTIFY_SOCKET (READY=1 some time after
+listening, WATCHDOG=1 for a while, STATUS=); routes echo what they received so tests can check what
 the proxy forwarded. Every response carries X-Instance-Pid/-Port (and
 X-Instance-Socket on a Unix socket).
 """
@@ -16,8 +17,10 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -202,12 +205,51 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reuse-port", action="store_true", help="bind with SO_REUSEPORT")
     p.add_argument("--access-log", action="store_true")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS")
+    p.add_argument(
+        "--notify-after", type=float, metavar="SECONDS", help="READY=1 this long after listening"
+    )
+    p.add_argument(
+        "--watchdog-for", type=float, metavar="SECONDS", help="WATCHDOG=1 every 0.1 s, then stop"
+    )
+    p.add_argument("--status", help="STATUS= to send once listening")
     args = p.parse_args(argv)
     if args.unix is not None:
         args.port = 0
     elif args.port is None:
         p.error("--port or $PORT is required (or --unix PATH)")
     return args
+
+
+def sd_notify(message: str) -> bool:
+    """One datagram to $NOTIFY_SOCKET, as sd_notify(3) sends it; False without one."""
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.sendto(message.encode(), address)
+    return True
+
+
+async def speak_sd_notify(args: argparse.Namespace, tag: str) -> None:
+    """What --status, --notify-after and --watchdog-for ask for, once listening."""
+    if args.status:
+        sd_notify(f"STATUS={args.status}")
+    if args.watchdog_for is not None:
+        asyncio.get_running_loop().create_task(_watchdog(args.watchdog_for, tag))
+    if args.notify_after is not None:
+        await asyncio.sleep(args.notify_after)
+        if sd_notify("READY=1"):
+            say(f"{tag} sent READY=1 at {time.time():.6f}")
+
+
+async def _watchdog(seconds: float, tag: str) -> None:
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        sd_notify("WATCHDOG=1")
+        await asyncio.sleep(0.1)
+    say(f"{tag} stopped sending WATCHDOG=1")
 
 
 def spawn_child() -> int:
@@ -267,7 +309,9 @@ async def serve(args: argparse.Namespace) -> int:
             cfg.port = int(runner.addresses[0][1])
             where = f"{cfg.host}:{cfg.port}"
         say(f"{tag} listening on {where}")
+        notifying = asyncio.ensure_future(speak_sd_notify(args, tag))
         await stop.wait()
+        notifying.cancel()
         say(f"{tag} stopping")
     finally:
         await runner.cleanup()

@@ -248,12 +248,19 @@ class HealthCheck:
         definition: ComponentSpec | None = None,
         timeout: float | None = None,
         replica: int = 0,
+        ready: Awaitable[None] | None = None,
     ) -> float:
         """Seconds until the first healthy probe. Raises NotHealthy when the process
-        exits first or `timeout` (default: start_timeout) passes."""
+        exits first or `timeout` (default: start_timeout) passes. Given `ready` (`ready:
+        notify`: the instance's READY=1), the first probe waits for it, then follows at
+        once, polling as usual if that one fails."""
         began = time.monotonic()
         timeout = self.spec.start_timeout if timeout is None else timeout
-        polling = asyncio.ensure_future(self._poll(endpoint, definition, timeout, replica))
+        polling = asyncio.ensure_future(
+            self._poll(endpoint, definition, timeout, replica)
+            if ready is None
+            else self._notified(ready, endpoint, definition, timeout, replica)
+        )
         exit_wait = asyncio.ensure_future(exited)
         try:
             done, _ = await asyncio.wait({polling, exit_wait}, return_when=asyncio.FIRST_COMPLETED)
@@ -265,6 +272,26 @@ class HealthCheck:
             return time.monotonic() - began
         code = exit_wait.result()
         raise NotHealthy(f"exited with code {code} before becoming healthy")
+
+    async def _notified(
+        self,
+        ready: Awaitable[None],
+        endpoint: Endpoint,
+        definition: ComponentSpec | None,
+        timeout: float,
+        replica: int,
+    ) -> None:
+        began = time.monotonic()
+        try:
+            await asyncio.wait_for(asyncio.shield(ready), timeout)
+        except TimeoutError:
+            raise NotHealthy(
+                f"sent no READY=1 within {'start_timeout ' if timeout == self.spec.start_timeout else ''}"
+                f"{duration(timeout)} (health.ready: notify)"
+            ) from None
+        await self._poll(
+            endpoint, definition, max(0.0, timeout - (time.monotonic() - began)), replica
+        )
 
     async def _poll(
         self, endpoint: Endpoint, definition: ComponentSpec | None, timeout: float, replica: int

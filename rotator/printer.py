@@ -99,6 +99,9 @@ def status_table(status: dict[str, Any], now: float | None = None) -> str:
         )
         if several:
             rows.extend(_replica_row(i, now) for i in instances)
+        for i in instances:  # STATUS= sent over sd_notify
+            if i.get("status"):
+                notes.append(f"  {c['name']}: pid {i['pid']} says: {i['status']}")
         for d in c["draining"]:
             notes.append(
                 f"  {c['name']}: draining pid {d['pid']} on {_where(d)} ({d['in_flight']} in flight)"

@@ -51,6 +51,9 @@ class Fleet(Protocol):
         """Start these (new) components, each after the ones it depends on."""
         ...
 
+    def reloading_changed(self, reloading: bool) -> None:
+        """A reload began (True) or ended, whatever its outcome (False)."""
+
     def reconfigured(self, config: Config) -> None:
         """The fleet now runs `config`: apply its daemon-wide settings, save the state."""
         ...
@@ -125,10 +128,12 @@ class FleetOps:
         if any(c.suspended for c in self.fleet.components.values()):
             raise ReloadRejected(["a new rotator daemon is taking over; reload it instead"])
         self.reloading = True
+        self.fleet.reloading_changed(True)
         try:
             return await self._prepare()
         except BaseException:
             self.reloading = False
+            self.fleet.reloading_changed(False)
             raise
 
     async def _prepare(self) -> Reload:
@@ -160,6 +165,7 @@ class FleetOps:
             return await self._apply(reload)
         finally:
             self.reloading = False
+            self.fleet.reloading_changed(False)
 
     async def _apply(self, reload: Reload) -> dict[str, Any]:
         fleet, new, plan = self.fleet, reload.config, reload.plan

@@ -32,6 +32,10 @@ from rotator.config import Config
 MANAGERS = ("systemd", "launchd")
 # Between a crash and the restart; the restarted daemon adopts the running instances.
 RESTART_DELAY = 2
+# The start budget (TimeoutStartSec=, Type=notify waits for READY=1): each adopted instance
+# is health-checked once (adoption.ADOPT_CHECK_TIMEOUT), and a margin for everything else.
+ADOPT_CHECK = 3.0
+START_MARGIN = 10.0
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
@@ -132,8 +136,14 @@ def _service_unit(config: Config, options: Options, sockets: list[str]) -> str:
     if sockets:
         unit += [f"Requires={' '.join(sockets)}", f"After={' '.join(sockets)}"]
     service = [
-        # exec: started once rotator runs (it does not speak sd_notify).
-        "Type=exec",
+        # notify: started once every component is up (READY=1); it also says RELOADING=1
+        # around a reload, STOPPING=1, a STATUS= line, and MAINPID= after a takeover.
+        "Type=notify",
+        # all, not main: MAINPID= comes from the new daemon of a takeover, which is not the
+        # main process yet. Instances cannot reach this socket by accident: rotator hands
+        # them its own NOTIFY_SOCKET instead.
+        "NotifyAccess=all",
+        f"TimeoutStartSec={math.ceil(start_budget(config))}s",
         f"ExecStart={_command([*rotator, 'up', '-c', cfg])}",
         # Graceful: drain, stop every instance. `-`: after a crash there is no daemon to ask.
         f"ExecStop=-{_command([*rotator, 'down', '-c', cfg])}",
@@ -160,6 +170,23 @@ def _service_unit(config: Config, options: Options, sockets: list[str]) -> str:
         service.append(f"User={options.user}")
     install = [f"WantedBy={'multi-user.target' if options.system else 'default.target'}"]
     return _unit_file(config, {"Unit": unit, "Service": service, "Install": install})
+
+
+def start_budget(config: Config) -> float:
+    """The longest `rotator up` may take before READY=1: the adopted instances' checks,
+    then each component's start after its dependencies', where a start may wait
+    start_timeout for its health gate and again for its own port (component._own_port)."""
+    specs = {spec.name: spec for spec in config.components}
+    chain: dict[str, float] = {}
+
+    def until_started(name: str) -> float:
+        if name not in chain:
+            own = 2 * specs[name].health.start_timeout
+            chain[name] = own + max(map(until_started, specs[name].depends_on), default=0.0)
+        return chain[name]
+
+    adopt = ADOPT_CHECK * sum(spec.replicas for spec in specs.values())
+    return adopt + max(map(until_started, specs), default=0.0) + START_MARGIN
 
 
 def _socket_unit(config: Config, name: str, address: str, service: str) -> str:

@@ -71,6 +71,10 @@ class Incumbent(Protocol):
 
     def admin_token(self) -> str: ...
 
+    def service_notify_socket(self) -> str | None:
+        """The service manager's NOTIFY_SOCKET, if the daemon has one: the successor
+        tells it the new main pid."""
+
     async def quiesce(self) -> None:
         """Let rotations in progress end (bounded by QUIESCE_TIMEOUT), then stop supervising."""
 
@@ -166,7 +170,8 @@ class SuccessorListener:
         names: list[str | None] = [*listening, None]  # None: the admin API's socket
         fds = [*listening.values(), daemon.admin_fd()]
         token = daemon.admin_token()
-        send(conn, {"pid": os.getpid(), "token": token, "sockets": names}, fds)
+        notify = daemon.service_notify_socket()
+        send(conn, {"pid": os.getpid(), "token": token, "sockets": names, "notify": notify}, fds)
         answer = await asyncio.wait_for(receive_async(loop, conn), READY_TIMEOUT)
         if not answer.get("ready"):
             raise TakeoverError(f"unexpected answer {answer}")
@@ -189,6 +194,7 @@ class Handover:
     token: str
     sockets: dict[str, socket.socket] = field(default_factory=dict)
     admin: socket.socket | None = None
+    notify_socket: str | None = None  # the old daemon's service manager (sd_notify)
 
     def ready(self, timeout: float = 10.0) -> None:
         """Tell the old daemon to stop accepting; returns once it said bye."""
@@ -235,6 +241,8 @@ def _handover(conn: socket.socket, answer: dict[str, Any], fds: list[int]) -> Ha
         raise TakeoverError(str(answer.get("error", f"unexpected answer: {answer}")))
     socks = [_listening(fd) for fd in fds]
     handover = Handover(conn, int(answer.get("pid", 0)), str(answer.get("token", "")))
+    if isinstance(notify := answer.get("notify"), str) and notify:
+        handover.notify_socket = notify
     for name, sock in zip(names, socks, strict=True):
         if name is None:
             handover.admin = sock

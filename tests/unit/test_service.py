@@ -80,7 +80,8 @@ def test_systemd_service_runs_up_and_stops_with_down(tmp_path: Path) -> None:
     rendered = service.render("systemd", config, options())
     unit = sections(rendered.files["rotator-shop.service"])
     svc = unit["Service"]
-    assert svc["Type"] == ["exec"]
+    assert svc["Type"] == ["notify"]  # it says READY=1 once every component is up
+    assert svc["NotifyAccess"] == ["all"]  # a takeover's MAINPID= comes from the new daemon
     assert words(svc["ExecStart"][0]) == [*ROTATOR, "up", "-c", str(config.path)]
     assert svc["ExecStop"][0].startswith("-")  # after a crash there is nobody to ask
     assert words(svc["ExecStop"][0][1:]) == [*ROTATOR, "down", "-c", str(config.path)]
@@ -138,6 +139,15 @@ def test_system_unit_runs_as_the_user_at_boot(tmp_path: Path) -> None:
     assert "network.target" in unit["Unit"]["After"]
     assert rendered.directory == Path("/etc/systemd/system")
     assert rendered.enable[0] == "systemctl daemon-reload"
+
+
+def test_start_timeout_covers_adoption_and_the_dependency_chain(tmp_path: Path) -> None:
+    # Type=notify: systemd waits for READY=1. Three instances to adopt (3 s each); api
+    # starts after db, each gated by start_timeout (30 s) twice (health, then own port).
+    config = config_at(tmp_path / "shop.yaml")
+    assert service.start_budget(config) == 3 * 3 + 2 * 30 + 2 * 30 + service.START_MARGIN
+    unit = sections(service.render("systemd", config, options()).files["rotator-shop.service"])
+    assert unit["Service"]["TimeoutStartSec"] == ["139s"]
 
 
 def test_stop_timeout_covers_drain_and_the_dependency_chain(tmp_path: Path) -> None:
