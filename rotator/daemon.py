@@ -61,6 +61,7 @@ from rotator.state import (
     StateWriter,
     write_private,
 )
+from rotator.watcher import Watcher
 
 # After handing over: how long an idle keep-alive client connection may stay before it is
 # closed (it answers its next request with Connection: close before then).
@@ -93,6 +94,7 @@ class Daemon:
         inherited: dict[str, socket.socket] | None = None,
         takeover: takeover_.Handover | None = None,
         child_fd_limit: int | None = None,
+        watch: bool = True,
     ) -> None:
         self.config = config
         # Set when taking over from a running daemon: its sockets, token and connection.
@@ -142,6 +144,8 @@ class Daemon:
         self.bus.subscribe(self._print_event)
         # Subscribed from the start, so the lifecycle counts miss no event.
         self.metrics = Metrics(self, self.bus)
+        # Restart on save; None with `up --no-watch`.
+        self.watcher = Watcher(self.out) if watch else None
 
     # -- lifecycle ------------------------------------------------------------
     async def serve(self, shutdown_trigger: asyncio.Event | None = None) -> None:
@@ -261,6 +265,7 @@ class Daemon:
         }
         await self._in_dependency_order(self._start_one, skip)
         self.ready = True
+        self._watch_files()
         # What exists now (modules, the config, components) lives as long as the daemon:
         # out of the collector's sight, a full collection no longer walks it, which had
         # paused the event loop, and with it every request, for ~15 ms each time.
@@ -385,6 +390,8 @@ class Daemon:
     async def _stop_everything(self) -> None:
         for task in self._background:
             task.cancel()
+        if self.watcher is not None:
+            await self.watcher.close()
         self._takeover_listener.cancel()
         if self._takeover_listener.successor is not None or not self._owns_instances:
             await self._let_go()
@@ -559,7 +566,15 @@ class Daemon:
             self.out(f"rotator: reload: max_clients {self.clients.cap} -> {cap}")
             self.clients.cap = cap
         self.config = config
+        self._watch_files()
         self.state.soon()
+
+    def _watch_files(self) -> None:
+        """Restart on save follows the components' `watch` (started once all are up)."""
+        if self.watcher is not None:
+            self.watcher.configure(self.components)
+        elif watching := [c.name for c in self.components.values() if c.config_spec.watch.paths]:
+            self.out(f"rotator: --no-watch: not watching the files of {', '.join(watching)}")
 
     def _reload_on_signal(self) -> None:
         if not self.ready:
@@ -690,9 +705,12 @@ def reserve_fd_table(size: int = FD_TABLE_RESERVE) -> None:
             os.close(fd)
 
 
-def run(config: Config, log_format: str = "human", takeover: bool = False) -> int:
+def run(
+    config: Config, log_format: str = "human", takeover: bool = False, watch: bool = True
+) -> int:
     """Run the daemon in the foreground until it is told to stop; the exit code. With
-    `takeover`, first take the sockets of the daemon running for this state_dir."""
+    `takeover`, first take the sockets of the daemon running for this state_dir; without
+    `watch` (`up --no-watch`), no component restarts on save."""
     loop_factory = None
     try:
         import uvloop
@@ -716,6 +734,7 @@ def run(config: Config, log_format: str = "human", takeover: bool = False) -> in
             log_format=log_format,
             takeover=handover,
             child_fd_limit=started_with,
+            watch=watch,
         )
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             runner.run(daemon.serve())
