@@ -176,3 +176,21 @@ def test_no_watch_turns_it_off_and_a_stopped_component_says_why_once(
     held = watch_lines(daemon, "not rotating: stopped on purpose")
     assert len(held) == 1, daemon.output()
     assert daemon.component("app")["state"] == "stopped"
+
+
+def test_a_reload_starts_and_stops_watching(tmp_path: Path, daemon_factory: Any) -> None:
+    config = make_app(tmp_path, watch=[])
+    daemon = daemon_factory(config)
+    first = active_pid(daemon)
+    watching = config.read_text()
+    config.write_text(watching.replace("watch: []", "watch:\n    - app.py"))
+    assert cli(config, "reload").returncode == 0
+    save(tmp_path / "app", 2)
+    assert wait_until(lambda: rotated_to_new_pid(daemon, first), timeout=15), daemon.output()
+    second = active_pid(daemon)
+    config.write_text(watching)  # watch: [] again
+    assert cli(config, "reload").returncode == 0
+    save(tmp_path / "app", 3)
+    time.sleep(QUIET)
+    assert active_pid(daemon) == second
+    assert len(watch_lines(daemon, "changed, rotating")) == 1, daemon.output()
