@@ -12,7 +12,8 @@ import pytest
 from rotator.config import WATCH_IGNORE, ConfigError, Problem, WatchSpec, watch_base
 from rotator.configfile import parse
 from rotator.fleet import plan_reload
-from rotator.watcher import Coalescer, Matcher, files_phrase, glob_pattern, watch_roots
+from rotator.watcher import Coalescer, files_phrase
+from rotator.watcher_process import Matcher, glob_pattern, watch_roots
 
 # Line 2 is `hermes:`; cases append keys to it (line 6 on).
 HERMES = """\
@@ -191,6 +192,7 @@ def test_files_phrase_names_three() -> None:
     assert files_phrase(["app.py"]) == "app.py"
     assert files_phrase(["a", "b", "c"]) == "a, b, c"
     assert files_phrase(list("abcdefg")) == "a, b, c and 4 more"
+    assert files_phrase(list("abc"), more=500) == "a, b, c and 500 more"
 
 
 # -- when to rotate --------------------------------------------------------------------------
@@ -204,21 +206,21 @@ def test_a_change_rotates_once_the_debounce_passed_without_another() -> None:
     c.change(["app.py", "b.py"], 10.2)  # a burst: the quiet time starts again
     assert c.due_in(10.4) == pytest.approx(0.1)
     assert c.due_in(10.5) == 0.0
-    assert c.begin() == ["app.py", "b.py"]
+    assert c.begin() == "app.py, b.py"
     assert c.due_in(11.0) is None
 
 
 def test_changes_during_a_rotation_give_exactly_one_more_after_it() -> None:
     c = Coalescer(0.3)
     c.change(["app.py"], 0.0)
-    assert c.begin() == ["app.py"]
+    assert c.begin() == "app.py"
     for i in range(10):  # saves while the rotation runs: none starts another
-        c.change([f"f{i}.py"], 1.0 + i / 10)
+        c.change([f"f{i}.py"], 1.0 + i / 10, more=100 if i == 9 else 0)
         assert c.due_in(1.0 + i / 10) is None
     c.end()
     assert c.due_in(2.0) == pytest.approx(0.2)
     assert c.due_in(2.2) == 0.0
-    assert c.begin() == [f"f{i}.py" for i in range(10)]  # one rotation for all ten
+    assert c.begin() == "f0.py, f1.py, f2.py and 107 more"  # one rotation for them all
     c.end()
     assert c.due_in(5.0) is None  # and no more
 
@@ -226,14 +228,14 @@ def test_changes_during_a_rotation_give_exactly_one_more_after_it() -> None:
 def test_a_held_component_drops_its_changes_and_says_why_once() -> None:
     c = Coalescer(0.0)
     c.change(["a.py"], 0.0)
-    assert c.hold("stopped on purpose") == (["a.py"], True)
+    assert c.hold("stopped on purpose") == ("a.py", True)
     assert c.due_in(1.0) is None
     c.change(["b.py"], 1.0)
-    assert c.hold("stopped on purpose") == (["b.py"], False)  # said already
+    assert c.hold("stopped on purpose") == ("b.py", False)  # said already
     c.change(["c.py"], 2.0)
-    assert c.hold("a canary is running") == (["c.py"], True)  # news
+    assert c.hold("a canary is running") == ("c.py", True)  # news
     c.change(["d.py"], 3.0)
     c.begin()
     c.end()
     c.change(["e.py"], 4.0)
-    assert c.hold("a canary is running") == (["e.py"], True)  # a rotation ran since
+    assert c.hold("a canary is running") == ("e.py", True)  # a rotation ran since
