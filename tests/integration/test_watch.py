@@ -6,16 +6,21 @@ Real daemons, a real Python app whose source the tests edit, real load."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from tests.conftest import (
     PY,
     Load,
     RunningDaemon,
+    alive,
     cli,
     component,
     parse_samples,
@@ -203,3 +208,38 @@ def test_a_reload_starts_and_stops_watching(tmp_path: Path, daemon_factory: Any)
     time.sleep(QUIET)
     assert active_pid(daemon) == second
     assert len(watch_lines(daemon, "changed, rotating")) == 1, daemon.output()
+
+
+def watcher_pid(daemon: RunningDaemon) -> int:
+    [child] = [
+        p
+        for p in psutil.Process(daemon.proc.pid).children()
+        if "rotator.watcher_process" in " ".join(p.cmdline())
+    ]
+    return child.pid
+
+
+def test_a_watching_process_that_dies_is_reported_and_the_fleet_serves_on(
+    tmp_path: Path, daemon_factory: Any
+) -> None:
+    config = make_app(tmp_path)
+    daemon = watching(daemon_factory(config))
+    os.kill(watcher_pid(daemon), signal.SIGKILL)
+    stopped = "rotator: warning: restart on save stopped: the watching process (pid"
+    assert wait_until(lambda: stopped in daemon.output()), daemon.output()
+    old = active_pid(daemon)
+    with urllib.request.urlopen(daemon.url("app"), timeout=5) as resp:
+        assert resp.status == 200
+    assert cli(config, "reload").returncode == 0  # a reload tries again
+    assert wait_until(lambda: daemon.output().count("watching the files of app") == 2)
+    save(tmp_path / "app", 2)
+    assert wait_until(lambda: rotated_to_new_pid(daemon, old), timeout=15), daemon.output()
+
+
+def test_the_watching_process_ends_with_a_daemon_that_was_killed(
+    tmp_path: Path, daemon_factory: Any
+) -> None:
+    daemon = watching(daemon_factory(make_app(tmp_path)))
+    pid = watcher_pid(daemon)
+    os.killpg(daemon.proc.pid, signal.SIGKILL)  # no shutdown: its end of the channel closes
+    assert wait_until(lambda: not alive(pid), timeout=5)
