@@ -243,3 +243,14 @@ def test_the_watching_process_ends_with_a_daemon_that_was_killed(
     pid = watcher_pid(daemon)
     os.killpg(daemon.proc.pid, signal.SIGKILL)  # no shutdown: its end of the channel closes
     assert wait_until(lambda: not alive(pid), timeout=5)
+
+
+def test_check_and_up_refuse_a_watch_path_that_does_not_exist(tmp_path: Path) -> None:
+    config = make_app(tmp_path, watch=["app.py", "ap.py"])
+    line = config.read_text().splitlines().index("    - ap.py") + 1
+    for command in ("check", "up"):
+        result = cli(config, command)
+        assert result.returncode == 2, result
+        assert result.stderr == (
+            f"{config}:{line}: components.app.watch[1]: {tmp_path}/app/ap.py does not exist\n"
+        )
