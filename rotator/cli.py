@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="take over from the daemon running for this state_dir without closing a "
         "public port or restarting an instance (an upgrade of rotator itself)",
     )
+    up.add_argument(
+        "--no-watch",
+        dest="watch",
+        action="store_false",
+        help="do not restart components when their `watch` files change (for this run)",
+    )
     status = sub.add_parser("status", parents=[common], help="show components and their instances")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     restart = sub.add_parser(
@@ -279,7 +285,7 @@ def config_path(given: Path | None, env: Mapping[str, str]) -> Path:
 def cmd_up(config: Config, args: argparse.Namespace) -> int:
     from rotator.daemon import run  # the daemon stack loads only here
 
-    return run(config, log_format=args.log_format, takeover=args.takeover)
+    return run(config, log_format=args.log_format, takeover=args.takeover, watch=args.watch)
 
 
 def cmd_check(config: Config, args: argparse.Namespace) -> int:

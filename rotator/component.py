@@ -799,7 +799,8 @@ class Component:
                 exc = error if isinstance(error, RotationFailed) else _failed_start(error)
                 self.last_error = exc.reason
                 self._settle(idle=ComponentState.STARTING if recovering else ComponentState.FAILED)
-                self.emit(Kind.FAILED, exc.reason, log_tail=exc.log_tail)
+                if reason is not Reason.WATCH:  # the watcher says it, in its one `watch` event
+                    self.emit(Kind.FAILED, exc.reason, log_tail=exc.log_tail)
                 self._rotated(began, "rolled_back" if exc.rolled_back else "failed", reason)
                 # What was taken out before the failure is still drained and stopped.
                 for old in retiring:

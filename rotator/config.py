@@ -1,7 +1,7 @@
 """The configuration model: frozen specs that every other module reads, and pure helpers on them.
 
 Pure: no file reading, no sockets, no processes. Holds Address, Endpoint, HealthSpec,
-CanarySpec, LimitsSpec, ComponentSpec (with `render`, the placeholder substitution), AdminSpec,
+CanarySpec, LimitsSpec, WatchSpec, ComponentSpec (with `render`, the placeholder substitution), AdminSpec,
 KubernetesExport, Config (with `start_order`, `token_path`, `log_dir`), Problem and
 ConfigError. Besides, it derives specs for `rotator deploy` (`with_overrides`) and turns a
 spec's definition (command, cwd, env) into JSON for the state file and back
@@ -14,6 +14,7 @@ dependency cycles) is rotator.configfile's job; this module does not import it.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import re
 import signal
@@ -40,6 +41,7 @@ _QUOTED_ESCAPE = re.compile(r'\\([\\"])')
 _QUOTING = re.compile(r"['\"\\]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _BLANKS = re.compile(r"[ \t\r\n]+")  # shlex's whitespace: not \v, \f or Unicode spaces
+_WILDCARD = re.compile(r"[*?\[]")  # what makes a `watch` entry a glob
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,45 @@ class CanarySpec:
     max_latency_ratio: float = 1.5  # the canary's p95 over the stable instances'
 
 
+# What `watch` never reacts to, besides the user's `watch_ignore`: version control, caches,
+# dependencies, rotator's own files, and the swap, backup and temporary files of editors
+# (vim, emacs, JetBrains IDEs, Kate; vim writes `4913` to test a directory), and macOS's
+# Finder records. A pattern without `/` matches any one name in a path.
+WATCH_IGNORE = (
+    ".git",
+    ".hg",
+    ".svn",
+    "__pycache__",
+    "*.pyc",
+    "node_modules",
+    ".rotator",
+    ".*.swp",
+    "*.swp",
+    "*.swo",
+    "*.swx",
+    "*~",
+    ".#*",
+    "#*#",
+    "4913",
+    "*___jb_tmp___",
+    "*___jb_old___",
+    "*.kate-swp",
+    ".DS_Store",
+)
+
+
+@dataclass(frozen=True)
+class WatchSpec:
+    """Restart on save (rotator.watcher): `paths` (paths or globs as written, relative
+    to the component's cwd; empty: off), the patterns ignored (WATCH_IGNORE and the
+    user's `watch_ignore`), and the quiet time after a change before rotating (seconds).
+    Not an instance field: a reload that changes it applies in place."""
+
+    paths: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = WATCH_IGNORE
+    debounce: float = 0.3
+
+
 @dataclass(frozen=True)
 class LimitsSpec:
     """What makes rotator replace an instance that still serves (rotator.limits checks it):
@@ -202,6 +243,7 @@ class ComponentSpec:
     canary: CanarySpec = CanarySpec()  # the YAML key is nested: `canary: {duration: 2m}`
     # The YAML keys stay flat: `max_memory`, `restart_every`, `limits_interval`.
     limits: LimitsSpec = LimitsSpec()
+    watch: WatchSpec = WatchSpec()  # the YAML keys stay flat: watch, watch_ignore, watch_debounce
 
     @property
     def unix(self) -> bool:
@@ -442,6 +484,16 @@ def split_words(text: str) -> list[str]:
     if word is not None:
         words.append("".join(word))
     return words
+
+
+def watch_base(entry: str) -> str:
+    """The directory part of a `watch` entry before its first wildcard ('src/**/*.py' ->
+    'src'; '*.py' -> ''); the entry itself when it has none."""
+    if not _WILDCARD.search(entry):
+        return entry
+    parts = entry.split("/")
+    fixed = list(itertools.takewhile(lambda part: not _WILDCARD.search(part), parts))
+    return "/".join(fixed)
 
 
 def socket_paths(state_dir: Path, name: str, count: int) -> tuple[str, ...]:

@@ -48,9 +48,11 @@ from rotator.config import (
     Problem,
     ProxySpec,
     RestartPolicy,
+    WatchSpec,
     foreign_placeholder,
     socket_paths,
     split_words,
+    watch_base,
 )
 from rotator.printer import duration
 
@@ -108,6 +110,10 @@ DEFAULT_KEYS = (
     "max_memory",
     "restart_every",
     "limits_interval",
+    # Restart on save (rotator.watcher).
+    "watch",
+    "watch_ignore",
+    "watch_debounce",
 )
 PER_COMPONENT_KEYS = ("listen", "ports", "command", "depends_on")
 COMPONENT_KEYS = PER_COMPONENT_KEYS + DEFAULT_KEYS
@@ -446,6 +452,7 @@ class _Parser:
         merged = ("health", "env", "env_file", "logs", "canary")
         rest = {k: v for k, v in defaults.items() if k not in merged} | own
         rest.setdefault("cwd", self.base.resolve())
+        watch = self.watch_spec(name, rest)
         wanted = rest.pop("replicas", 1)
         replicas = min(os.cpu_count() or 1, MAX_REPLICAS) if wanted == "auto" else wanted
         count = rest.pop("sockets", min(replicas + DEFAULT_SOCKETS - 1, MAX_SOCKETS))
@@ -487,6 +494,7 @@ class _Parser:
             replicas=replicas,
             replicas_auto=wanted == "auto",
             canary=canary,
+            watch=watch,
             proxy=proxy,
             restart=restart,
             limits=limits,
@@ -577,6 +585,9 @@ class _Parser:
             "max_memory": self.memory_limit,
             "restart_every": self.age_limit,
             "limits_interval": self.limits_interval,
+            "watch": self.patterns,
+            "watch_ignore": self.patterns,
+            "watch_debounce": lambda node, at: self.duration(node, at, allow_zero=True),
         }
         values = {
             key: read(found[key][1], f"{path}.{key}")
@@ -1128,6 +1139,45 @@ class _Parser:
         if any(name is None for name, _ in names):
             return None
         return names
+
+    def patterns(self, node: Node, path: str) -> list[tuple[str, Node, str]] | None:
+        """`watch` or `watch_ignore`: paths or globs, a list of them or a single one; each
+        with its node and key path, for a problem found later (a path that does not exist)."""
+        items = node.value if isinstance(node, SequenceNode) else [node]
+        found = []
+        for i, item in enumerate(items):
+            here = f"{path}[{i}]" if isinstance(node, SequenceNode) else path
+            if (text := self.scalar(item, here, raw=True)) is None:
+                continue
+            if not text.strip():
+                self.fail(item, here, "is empty")
+                continue
+            found.append((text, item, here))
+        return found if len(found) == len(items) else None
+
+    def watch_spec(self, name: str, rest: dict[str, Any]) -> WatchSpec:
+        """The component's watch settings, popped from its merged keys. A watched path (for
+        a glob: its directory before the first wildcard) must exist under the cwd."""
+        cwd: Path = rest["cwd"]
+        entries = rest.pop("watch", [])
+        for text, node, here in entries:
+            base = watch_base(text)
+            where = cwd.joinpath(Path(base).expanduser())
+            try:
+                if where.exists():
+                    continue
+                problem = "does not exist"
+            except OSError as exc:  # a name too long, EACCES on a parent
+                problem = f"cannot be looked at: {_reason(exc)}"
+            what = f"{where} (the directory of the glob)" if base != text else str(where)
+            whose = f" (in the cwd of {name})" if here.startswith("defaults") else ""
+            self.fail(node, here, f"{what} {problem}{whose}")
+        ignore = tuple(text for text, _, _ in rest.pop("watch_ignore", []))
+        return WatchSpec(
+            paths=tuple(text for text, _, _ in entries),
+            ignore=WatchSpec.ignore + tuple(p for p in ignore if p not in WatchSpec.ignore),
+            debounce=rest.pop("watch_debounce", WatchSpec.debounce),
+        )
 
     def stop_signal(self, node: Node, path: str) -> signal.Signals | None:
         if (value := self.scalar(node, path)) is None:

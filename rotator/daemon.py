@@ -63,6 +63,7 @@ from rotator.state import (
     StateWriter,
     write_private,
 )
+from rotator.watcher import Watcher
 
 # After handing over: how long an idle keep-alive client connection may stay before it is
 # closed (it answers its next request with Connection: close before then).
@@ -96,6 +97,7 @@ class Daemon:
         takeover: takeover_.Handover | None = None,
         child_fd_limit: int | None = None,
         notify_socket: str | None = None,
+        watch: bool = True,
     ) -> None:
         """`notify_socket`: the service manager's NOTIFY_SOCKET (systemd's), if any."""
         self.config = config
@@ -153,6 +155,8 @@ class Daemon:
         self.instance_notify = notify_.NotifySocket(config.state_dir / "notify.sock", MARKER)
         self.service = notify_.ServiceManager(notify_socket, self.out)
         self.bus.subscribe(self._tell_service)
+        # Restart on save; None with `up --no-watch`.
+        self.watcher = Watcher(self.out) if watch else None
 
     # -- lifecycle ------------------------------------------------------------
     async def serve(self, shutdown_trigger: asyncio.Event | None = None) -> None:
@@ -276,6 +280,7 @@ class Daemon:
         }
         await self._in_dependency_order(self._start_one, skip)
         self.ready = True
+        self._watch_files()
         # What exists now (modules, the config, components) lives as long as the daemon:
         # out of the collector's sight, a full collection no longer walks it, which had
         # paused the event loop, and with it every request, for ~15 ms each time.
@@ -431,6 +436,8 @@ class Daemon:
     async def _stop_everything(self) -> None:
         for task in self._background:
             task.cancel()
+        if self.watcher is not None:
+            await self.watcher.close()
         self._takeover_listener.cancel()
         if self._takeover_listener.successor is not None or not self._owns_instances:
             await self._let_go()  # no STOPPING=1: the service goes on, under the new daemon
@@ -614,7 +621,15 @@ class Daemon:
             self.out(f"rotator: reload: max_clients {self.clients.cap} -> {cap}")
             self.clients.cap = cap
         self.config = config
+        self._watch_files()
         self.state.soon()
+
+    def _watch_files(self) -> None:
+        """Restart on save follows the components' `watch` (started once all are up)."""
+        if self.watcher is not None:
+            self.watcher.configure(self.components)
+        elif watching := [c.name for c in self.components.values() if c.config_spec.watch.paths]:
+            self.out(f"rotator: --no-watch: not watching the files of {', '.join(watching)}")
 
     def _reload_on_signal(self) -> None:
         if not self.ready:
@@ -745,9 +760,12 @@ def reserve_fd_table(size: int = FD_TABLE_RESERVE) -> None:
             os.close(fd)
 
 
-def run(config: Config, log_format: str = "human", takeover: bool = False) -> int:
+def run(
+    config: Config, log_format: str = "human", takeover: bool = False, watch: bool = True
+) -> int:
     """Run the daemon in the foreground until it is told to stop; the exit code. With
-    `takeover`, first take the sockets of the daemon running for this state_dir."""
+    `takeover`, first take the sockets of the daemon running for this state_dir; without
+    `watch` (`up --no-watch`), no component restarts on save."""
     loop_factory = None
     try:
         import uvloop
@@ -776,6 +794,7 @@ def run(config: Config, log_format: str = "human", takeover: bool = False) -> in
             takeover=handover,
             child_fd_limit=started_with,
             notify_socket=notify_socket,
+            watch=watch,
         )
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             runner.run(daemon.serve())

@@ -67,6 +67,7 @@ class Kind(enum.StrEnum):
     CANARY = "canary"  # a canary started
     CANARY_FIGURES = "canary_figures", False, True  # its running comparison
     VERDICT = "verdict"  # a canary promoted or rolled back, and why
+    WATCH = "watch", False  # files changed: rotating, not rotating, or the rotation failed
     STATE = "state", True, True  # a component's state changed (said by the event before)
     DAEMON = "daemon", False, True  # the daemon's own record (it printed the line itself)
 
