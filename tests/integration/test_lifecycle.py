@@ -22,6 +22,7 @@ import psutil
 import pytest
 import yaml
 
+from rotator.state import STATE_VERSION
 from tests.conftest import DEMO, PY, Load, alive, cli, component, wait_until, write_config
 
 MARKER = "ROTATOR_INSTANCE"
@@ -788,7 +789,7 @@ def test_corrupt_state_file_is_moved_aside_and_orphans_are_swept(
         assert sorted(markers) == ["api", "web"]
         for name, found in markers.items():
             assert found == [environ(now[name])[MARKER]]
-        assert json.loads(path.read_text())["version"] == 1  # a fresh, valid state file
+        assert json.loads(path.read_text())["version"] == STATE_VERSION  # fresh and valid
     finally:
         stranger.kill()
         stranger.wait()
