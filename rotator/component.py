@@ -162,7 +162,7 @@ class Draining:
 
 # How often a running canary is judged, and how often its figures are reported.
 CANARY_TICK = 1.0
-CANARY_REPORT = 5.0
+CANARY_REPORT = 3.0
 
 
 @dataclass(eq=False)
@@ -358,7 +358,8 @@ class Component:
                 await self._promote(canary)
             else:
                 tail = [line for s in canary.serving.values() for line in s.instance.tail(LOG_TAIL)]
-                self._drop_canary(canary)
+                # The command ends once the canary is gone, not while it drains.
+                await asyncio.gather(*self._drop_canary(canary))
                 raise RotationFailed(
                     f"canary rolled back: {verdict.reason}", tail[-LOG_TAIL:], rolled_back=True
                 )
@@ -507,19 +508,22 @@ class Component:
             Kind.DEPLOYED, f"now running the deployed definition: {' '.join(canary.spec.command)}"
         )
 
-    def _drop_canary(self, canary: Canary) -> None:
-        """The canary's instances leave the balancing set at once, drained and stopped."""
+    def _drop_canary(self, canary: Canary) -> list[asyncio.Task[None]]:
+        """The canary's instances leave the balancing set at once, to be drained and
+        stopped: the tasks that do it."""
         if self.canary is canary:
             self.canary = None
             self.route.canary_weight = 0
+        tasks = []
         for serving in list(canary.serving.values()):
             self.route.remove(serving.target)
             self._unguard(serving.instance)
             serving.instance.stopping = True
             draining = Draining(serving.instance, serving.target)
             self.draining.append(draining)
-            self._retire_soon(draining)
+            tasks.append(self._retire_soon(draining))
         canary.serving.clear()
+        return tasks
 
     def _end_canary_now(self, reason: str) -> None:
         """Stopping or handing over: the running canary is rolled back, its instances go."""

@@ -38,6 +38,8 @@ class Config:
     close: bool
     never_healthy: bool
     unix: str | None = None  # the Unix socket path, with --unix
+    fail_every: int = 0  # --fail-every: every Nth request of the index answers 500
+    served: int = 0
 
 
 CONFIG = web.AppKey("config", Config)
@@ -62,6 +64,9 @@ async def health(request: web.Request) -> web.Response:
 
 async def index(request: web.Request) -> web.Response:
     cfg, url = request.app[CONFIG], request.rel_url
+    cfg.served += 1
+    if cfg.fail_every and cfg.served % cfg.fail_every == 0:
+        return web.json_response({"error": "--fail-every", "pid": os.getpid()}, status=500)
     info = {"name": cfg.name, "pid": os.getpid(), "port": cfg.port, "method": request.method}
     if cfg.unix is not None:
         info["socket"] = cfg.unix
@@ -212,6 +217,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--watchdog-for", type=float, metavar="SECONDS", help="WATCHDOG=1 every 0.1 s, then stop"
     )
     p.add_argument("--status", help="STATUS= to send once listening")
+    p.add_argument(
+        "--fail-every", type=int, default=0, metavar="N", help="every Nth request answers 500"
+    )
     args = p.parse_args(argv)
     if args.unix is not None:
         args.port = 0
@@ -265,7 +273,9 @@ def spawn_child() -> int:
 
 
 async def serve(args: argparse.Namespace) -> int:
-    cfg = Config(args.name, args.host, args.port, args.close, args.never_healthy, args.unix)
+    cfg = Config(
+        args.name, args.host, args.port, args.close, args.never_healthy, args.unix, args.fail_every
+    )
     tag = f"demo {cfg.name} pid {os.getpid()}"
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -155,9 +155,20 @@ def test_exactly_the_latency_limit_is_within_the_rule() -> None:
 def test_sub_millisecond_latencies_keep_two_digits() -> None:
     verdict = final(Figures(100, 0, 0.00042), Figures(100, 0, 0.00030))
     assert verdict is not None and "p95 0.42 ms <= 1.5 x stable's 0.30 ms" in verdict.reason
-    assert final(Figures(100, 0, 0.00046), Figures(100, 0, 0.00030)) == Verdict(
-        False, "p95 0.46 ms > 1.5 x stable's 0.30 ms"
+    slower = final(Figures(100, 0, 0.00046), Figures(100, 0, 0.00030))
+    assert slower is not None and slower.promote
+    assert "p95 0.46 ms within 5 ms of stable's 0.30 ms" in slower.reason
+
+
+def test_latency_differences_under_the_slack_never_roll_back() -> None:
+    """1.6 x a fast app's p95 is a fraction of a millisecond: noise, not a regression."""
+    assert final(Figures(100, 0, 0.0049), Figures(100, 0, 0.0001)).promote  # type: ignore[union-attr]
+    assert final(Figures(100, 0, 0.0052), Figures(100, 0, 0.0001)) == Verdict(
+        False, "p95 5.20 ms > stable's 0.10 ms + 5 ms"
     )
+    # Past the slack, the ratio decides: 20 ms against 12 ms is out, 17 ms in.
+    assert not final(Figures(100, 0, 0.020), Figures(100, 0, 0.012)).promote  # type: ignore[union-attr]
+    assert final(Figures(100, 0, 0.017), Figures(100, 0, 0.012)).promote  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize(
