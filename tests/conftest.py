@@ -198,6 +198,7 @@ class RunningDaemon:
             if c["active"]:
                 self.pids_seen.add(c["active"]["pid"])
             self.pids_seen.update(i["pid"] for i in c.get("instances", []))
+            self.pids_seen.update(i["pid"] for i in (c.get("canary") or {}).get("instances", []))
             self.pids_seen.update(d["pid"] for d in c["draining"])
         return status
 
