@@ -28,7 +28,7 @@ import httptools
 
 from rotator.printer import duration
 from rotator.proxy.clients import Clients
-from rotator.proxy.route import Route, Target
+from rotator.proxy.route import Route, Target, clock
 from rotator.proxy.upstream import UpstreamConnection, connect
 from rotator.proxy.websocket import GOING_AWAY
 
@@ -52,7 +52,12 @@ NEVER_HOP = frozenset({b"content-length", b"transfer-encoding", b"host"})
 # trust_forwarded (rotator behind another proxy), the client's own are dropped (every
 # X-Forwarded-* too, see end_to_end) and X-Forwarded-For/-Proto/-Host set by us.
 FORWARDED = frozenset({b"forwarded", b"x-real-ip", b"x-client-ip"})
-REQUEST_DROP = HOP_BY_HOP | FORWARDED
+# A client's choice of side while a canary runs (X-Rotator-Canary: always | never): meant
+# for rotator alone, so it never reaches an instance, trusted or not.
+CANARY = b"x-rotator-canary"
+CANARY_SIDES = {b"always": True, b"never": False}
+REQUEST_DROP = HOP_BY_HOP | FORWARDED | {CANARY}
+TRUSTED_DROP = HOP_BY_HOP | {b"x-forwarded-for", CANARY}
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
 # A request body buffered while no instance connection is ready yet; past this
@@ -138,6 +143,7 @@ class Headers(NamedTuple):
     codings: bytes  # the Transfer-Encoding values (dropped from `block`), joined; b"" if none
     hosts: int  # how many Host headers (an empty one is counted, but not kept in `block`)
     host: bytes  # the Host header's value, or b""
+    canary: bool | None = None  # the side X-Rotator-Canary names (the last one), if any
 
     @property
     def chunked(self) -> bool:
@@ -154,13 +160,16 @@ def end_to_end(
 ) -> Headers:
     """One pass over a message's headers (this is per request, so it counts):
     what to forward, and the framing facts the proxy needs. A `request`'s underscored
-    names are dropped, and an `untrusted` one's X-Forwarded-* too."""
+    names are dropped, and an `untrusted` one's X-Forwarded-* too. Of the X-Rotator-Canary
+    headers (when `drop` has it), the last decides, as HAProxy's `req.hdr()` reads a
+    header; any value but always or never is no choice."""
     lines: list[bytes] = []
     tokens: set[bytes] | None = None  # headers that Connection declares hop-by-hop
     length: bytes | None = None
     codings: list[bytes] | None = None
     hosts = 0
     host = b""
+    canary = None
     for name, value in headers:
         low = name.lower()
         if low in drop:
@@ -169,6 +178,8 @@ def end_to_end(
                 tokens.update(t.strip().lower() for t in value.split(b","))
             elif low == b"transfer-encoding":
                 codings = [*codings, value] if codings else [value]
+            elif low == CANARY:
+                canary = CANARY_SIDES.get(value.strip().lower())
             continue
         if request and b"_" in low:
             # As nginx (underscores_in_headers off): a WSGI or CGI server maps
@@ -185,10 +196,13 @@ def end_to_end(
             continue
         lines.append(name + b": " + value + b"\r\n")
     if tokens:
-        tokens -= NEVER_HOP | drop  # those are gone already; most often all of them are
+        # Those are gone already (most often all of them are). Not `-= NEVER_HOP | drop`:
+        # that union, built per request, is a set past pymalloc's sizes (a malloc).
+        tokens.difference_update(NEVER_HOP, drop)
         if tokens:
             lines = [line for line in lines if line[: line.index(b":")].lower() not in tokens]
-    return Headers(b"".join(lines), length, b", ".join(codings) if codings else b"", hosts, host)
+    joined = b", ".join(codings) if codings else b""
+    return Headers(b"".join(lines), length, joined, hosts, host, canary)
 
 
 # In a lowercased response head: the fields the proxy must act on (HOP_BY_HOP and
@@ -223,6 +237,7 @@ class Exchange:
     __slots__ = (
         "body_done",
         "buffer",
+        "canary",
         "chunked",
         "client",
         "close_delimited",
@@ -263,13 +278,14 @@ class Exchange:
         upgrade: bytes = b"",
     ) -> None:
         self.client = client
-        self.received = client.loop.time()  # the head is in: the request's duration starts
+        self.received = clock()  # the head is in: the request's duration starts
         self.status = 0  # of the answer the client gets, once it is decided
         self.head = head
         self.head_only = method == b"HEAD"
         self.idempotent = method in IDEMPOTENT
         self.http11 = http11
         self.upgrade = upgrade  # the Upgrade header of a websocket handshake, else b""
+        self.canary: bool | None = None  # the side the client named (X-Rotator-Canary)
         self.tunnel = False  # after a 101: bytes flow both ways untouched
         self.keep_alive = keep_alive
         self.chunked = chunked
@@ -287,7 +303,7 @@ class Exchange:
         self.response_started = False
         self.response_done = False
         self.retries = 0
-        self.started = 0.0  # loop time of the first dispatch (request_timeout)
+        self.started = 0.0  # clock() at the first dispatch (request_timeout)
         self.slotted = False  # holds one of the component's max_connections
 
     # -- request body, from the client ------------------------------------
@@ -311,7 +327,7 @@ class Exchange:
     # -- binding to an instance ---------------------------------------------
     def dispatch(self, target: Target, *, fresh: bool = False) -> None:
         if not self.started:
-            self.started = self.client.loop.time()
+            self.started = clock()
         self.target = target
         target.acquire()
         conn = None if fresh else target.pop_idle()
@@ -421,7 +437,10 @@ class Exchange:
         self.keep_alive = False
         client = self.client
         # Counted now, as answered: its duration is the handshake's, not the websocket's life.
-        client.route.answered(status, client.loop.time() - self.received)
+        seconds = clock() - self.received
+        client.route.answered(status, seconds)
+        if conn.target.figures is not None:
+            conn.target.figures.record(status, seconds)
         client.out(
             b"HTTP/1.1 %d %b\r\n%bConnection: Upgrade\r\nUpgrade: %b\r\n\r\n"
             % (status, reason, block, self.upgrade)
@@ -501,15 +520,23 @@ class Exchange:
         if self.streamed or self.retries >= MAX_TRIES or not (connect_failed or self.idempotent):
             self.fail(failure(exc))
             return
+        # The retry stays on the failed one's side while that side has another
+        # target: the draw is not made again, so a side's share stays what was drawn.
         self.retries += 1
         failed, self.target = self.target, None
+        canary = self.canary
         if failed is not None:
             failed.release(answered=False)
-        target = self.client.route.pick(None if stale else failed)
+            canary = failed.canary
+            if failed.figures is not None and not stale:
+                # A canary that fails connections must not look clean because the
+                # other side answered for it (a stale pooled connection is no failure).
+                failed.figures.failed()
+        target = self.client.route.pick(None if stale else failed, canary)
         if target is not None:
             self.dispatch(target, fresh=True)
         else:
-            self.client.hold(self, exclude=failed)
+            self.client.hold(self, exclude=failed, canary=canary)
 
     # -- endings ------------------------------------------------------------------
     def fail(self, answer: Answer, detail: str = "") -> None:
@@ -537,12 +564,18 @@ class Exchange:
     def _abort_client(self) -> None:
         # Part of the response is out: the only honest signal left is to cut the connection.
         self.keep_alive = False
-        self._finish()
+        self._finish(cut=True)
 
-    def _finish(self) -> None:
+    def _finish(self, cut: bool = False) -> None:
+        """The exchange is over: answered, failed (`fail`), or `cut` mid-answer."""
         self.response_done = True
         self.upstream = None
         if self.target is not None:
+            if self.target.figures is not None and not self.tunnel:  # a canary runs
+                # Its side counts it (a websocket was counted at its 101). An answer cut
+                # short (the instance failed mid-way, a timeout) is a failed request.
+                seconds = clock() - self.received
+                self.target.figures.record(502 if cut else self.status, seconds)
             self.target.release(self.response_started)
             self.target = None
         if self.slotted:
@@ -599,7 +632,7 @@ class ClientConnection(asyncio.Protocol):
         self._too_large = False
         self._hold: asyncio.Task[Any] | None = None
         self.tunnel: UpstreamConnection | None = None  # set once a websocket is established
-        self.head_began = 0.0  # loop time of a request head's first byte; 0: not in a head
+        self.head_began = 0.0  # clock() at a request head's first byte; 0: not in a head
         self._ready: Exchange | None = None  # first in the queue, to start after this read
         self._reframe = b""  # the framing header of an upgrade's body (see _after_upgrade)
         self._reframing = False  # the parser is reading our stand-in head
@@ -617,7 +650,7 @@ class ClientConnection(asyncio.Protocol):
         ip = peer[0].encode() if isinstance(peer, tuple) else b"unknown"
         self._ip = ip
         self._forwarded = b"X-Forwarded-For: " + ip + b"\r\nX-Forwarded-Proto: http\r\n"
-        self.idle_since = self.loop.time()
+        self.idle_since = clock()
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel is not None:
@@ -720,7 +753,7 @@ class ClientConnection(asyncio.Protocol):
         self._url = b""
         self._headers = []
         self._head_size = 0
-        self.head_began = self.loop.time()
+        self.head_began = clock()
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -794,17 +827,18 @@ class ClientConnection(asyncio.Protocol):
             # HTTP/1.1 to the instance, where it is required.
             head += self.listener.host_header
         head += b"\r\n"
-        self._enqueue(
-            Exchange(
-                self,
-                head,
-                keep_alive=keep_alive,
-                chunked=chunked,
-                method=method,
-                http11=http11,
-                upgrade=upgrade,
-            )
+        ex = Exchange(
+            self,
+            head,
+            keep_alive=keep_alive,
+            chunked=chunked,
+            method=method,
+            http11=http11,
+            upgrade=upgrade,
         )
+        if headers.canary is not None:  # set apart: a request without it is the one to keep cheap
+            ex.canary = headers.canary
+        self._enqueue(ex)
 
     @staticmethod
     def _acceptable(
@@ -860,11 +894,11 @@ class ClientConnection(asyncio.Protocol):
                 self._wait_for_slot(ex)
                 return
             ex.slotted = True
-        target = self.route.only or self.route.pick()
+        target = self.route.only or self.route.pick(None, ex.canary)
         if target is not None:
             ex.dispatch(target)
         else:
-            self.hold(ex)
+            self.hold(ex, canary=ex.canary)
 
     def _wait_for_slot(self, ex: Exchange) -> None:
         """max_connections are all busy: wait (hold_timeout) for one, else 503."""
@@ -886,9 +920,10 @@ class ClientConnection(asyncio.Protocol):
 
         wait.add_done_callback(slot)
 
-    def hold(self, ex: Exchange, exclude: Target | None = None) -> None:
-        """Dispatch `ex` once there is a target (not `exclude`), or answer 503 after hold_timeout."""
-        hold = self.loop.create_task(self.route.wait_target(exclude))
+    def hold(self, ex: Exchange, exclude: Target | None = None, canary: bool | None = None) -> None:
+        """Dispatch `ex` once there is a target (not `exclude`; on the side `canary`
+        names, as Route.pick), or answer 503 after hold_timeout."""
+        hold = self.loop.create_task(self.route.wait_target(exclude, canary))
         self._hold = hold
         hold.add_done_callback(lambda task: self._held(ex, task))
 
@@ -906,7 +941,7 @@ class ClientConnection(asyncio.Protocol):
         if not self.queue or self.queue[0] is not ex:
             return
         self.queue.popleft()
-        now = self.loop.time()
+        now = clock()
         if not ex.tunnel:  # a websocket was counted at its 101
             self.route.answered(ex.status, now - ex.received)
         # Back-pressure from the exchange's instance connection ends with the exchange.
@@ -961,7 +996,7 @@ class ClientConnection(asyncio.Protocol):
         """trust_forwarded: a proxy in front of rotator is believed. X-Forwarded-For
         gets the client's address appended; Proto and Host are kept when present."""
         chain = [v for n, v in self._headers if n.lower() == b"x-forwarded-for"]
-        headers = end_to_end(self._headers, HOP_BY_HOP | {b"x-forwarded-for"}, request=True)
+        headers = end_to_end(self._headers, TRUSTED_DROP, request=True)
         names = {n.lower() for n, _ in self._headers}
         forwarded = b"X-Forwarded-For: " + b", ".join([*chain, self._ip]) + b"\r\n"
         if b"x-forwarded-proto" not in names:
@@ -1122,7 +1157,6 @@ class Listener:
         """Enforce keepalive_timeout, header_timeout, read_timeout and request_timeout. One periodic
         pass instead of a timer per request keeps the hot path free of timers; the
         price is that a timeout fires up to one sweep interval late."""
-        loop = asyncio.get_running_loop()
         while True:
             # Read each pass: a reload may change the limits of a running component.
             limits = self.route.limits
@@ -1133,7 +1167,7 @@ class Listener:
                 limits.request_timeout or 1e9,
             ]
             await asyncio.sleep(min(SWEEP_INTERVAL, *(t / 4 for t in timeouts)))
-            now = loop.time()
+            now = clock()
             for conn in list(self.connections):
                 if not conn.queue:
                     if conn.head_began and now - conn.head_began > limits.header_timeout:

@@ -17,7 +17,7 @@ from typing import Protocol, cast
 
 import httptools
 
-from rotator.proxy.route import Target
+from rotator.proxy.route import Target, clock
 from rotator.proxy.websocket import FrameBoundary
 
 CONNECTION = re.compile(rb"^connection:(.*)\r$", re.M)  # in a lowercased head
@@ -48,7 +48,6 @@ class UpstreamConnection(asyncio.Protocol):
         "frames",
         "head",
         "last_read",
-        "loop",
         "parser",
         "paused",
         "target",
@@ -59,7 +58,6 @@ class UpstreamConnection(asyncio.Protocol):
 
     def __init__(self, target: Target) -> None:
         self.target = target
-        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.exchange: Receiver | None = None
@@ -71,7 +69,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._at = 0
         self.used = False  # served a response before: a failure may be a stale keep-alive
         self.paused = False  # reading, stopped while the client's socket is full
-        self.last_read = 0.0  # loop time of the last bytes from the instance (read_timeout)
+        self.last_read = 0.0  # clock() of the last bytes from the instance (read_timeout)
         self.tunnel = False  # a websocket: bytes go to the client untouched
         self.frames = FrameBoundary()  # where the websocket's frames end, once it is one
         self._reset_parser = False
@@ -92,7 +90,7 @@ class UpstreamConnection(asyncio.Protocol):
             # Bytes nobody asked for: the connection's framing can't be trusted.
             self.close()
             return
-        self.last_read = self.loop.time()
+        self.last_read = clock()
         if self.tunnel:
             self.frames.feed(data)
             ex.tunnel_bytes(data)
@@ -182,7 +180,7 @@ class UpstreamConnection(asyncio.Protocol):
     def send(self, exchange: Receiver, request: bytes) -> None:
         """Serve `exchange`: send its request; what comes back is its response."""
         self.exchange = exchange
-        self.last_read = self.loop.time()  # read_timeout counts from the send
+        self.last_read = clock()  # read_timeout counts from the send
         self._heading, self._raw, self._at = True, [], 0
         if self.transport is not None:
             self.transport.write(request)

@@ -437,6 +437,7 @@ def assert_clean(r: Seen, trusted: bool) -> None:
     names = r.names()
     assert not [n for n in names if b"_" in n], f"header names with '_': {names}"
     assert not NEVER_FORWARDED & set(names), f"hop-by-hop headers forwarded: {names}"
+    assert b"x-rotator-canary" not in names, f"rotator's own header forwarded: {names}"
     framing = {b"content-length", b"transfer-encoding"}
     assert not framing <= set(names), f"two framings at the instance: {r.headers}"
     if not trusted:
@@ -1029,6 +1030,30 @@ async def test_forwarding_headers_are_kept_when_trusted_but_not_underscores() ->
                 assert got[key] == b"6.6.6.6, 127.0.0.1"
             else:
                 assert got[key] == value.encode(), name
+
+
+CANARY_CHOICES = [
+    ("X-Rotator-Canary", "always"),
+    ("x-rotator-canary", "never"),
+    ("X-ROTATOR-CANARY", "junk"),
+    ("X-Kept", "yes"),
+    ("x-RoTaToR-cAnArY", ""),
+]
+
+
+@aio(10)
+async def test_canary_header_never_reaches_the_instance_trusted_or_not() -> None:
+    # It is rotator's own (a client's choice of side while a canary runs): dropped in any
+    # spelling and number, with no canary running too, and when a proxy in front is trusted.
+    for limits in (None, Limits(trust_forwarded=True)):
+        async with recording(limits=limits) as s:
+            mark = s.instance.mark()
+            out = await play(s, request_bytes("GET", "/a", CANARY_CHOICES, host="shop.example"))
+            v = await check(s, out, mark, trusted=limits is not None)
+            assert [r.target for r in v.new] == [b"/a"]
+            assert v.new[0].get_all(b"x-kept") == [b"yes"]
+            raw = b"".join(v.leaked.values()).lower()
+            assert b"x-kept: yes" in raw and b"canary" not in raw, raw
 
 
 # -- 6. A head must start right and end in time -------------------------------------------------
