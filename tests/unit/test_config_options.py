@@ -23,15 +23,9 @@ from rotator.config import (
     with_overrides,
 )
 from rotator.configfile import MAX_REPLICAS, parse
+from tests.unit.test_config import HERMES
 
 # Line 2 is `hermes:`; cases append keys to it (line 6 on).
-HERMES = """\
-components:
-  hermes:
-    listen: 127.0.0.1:8001
-    ports: 18001-18010
-    command: run --port {port}
-"""
 
 
 ZEUS = """\

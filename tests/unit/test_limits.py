@@ -28,22 +28,10 @@ from rotator.limits import (
     retry_delay,
 )
 from tests.unit.test_component import SPEC, FakeInstance, World, run
+from tests.unit.test_config import HERMES
+from tests.unit.test_config_options import ZEUS
 
 MIB = 1024 * 1024
-
-HERMES = """\
-components:
-  hermes:
-    listen: 127.0.0.1:8001
-    ports: 18001-18010
-    command: run --port {port}
-"""
-ZEUS = """\
-  zeus:
-    listen: 127.0.0.1:8002
-    ports: 18011-18020
-    command: run
-"""
 
 
 # -- config ------------------------------------------------------------------------------

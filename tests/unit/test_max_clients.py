@@ -11,14 +11,7 @@ from rotator.config import ConfigError
 from rotator.configfile import parse
 from rotator.proxy.clients import accept_backlog, effective_total, total_cap
 from rotator.proxy.protocol import Answer
-
-HERMES = """\
-components:
-  hermes:
-    listen: 127.0.0.1:8001
-    ports: 18001-18010
-    command: run --port {port}
-"""
+from tests.unit.test_config import HERMES
 
 
 @pytest.mark.parametrize(

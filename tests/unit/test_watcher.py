@@ -14,15 +14,9 @@ from rotator.configfile import parse
 from rotator.fleet import plan_reload
 from rotator.watcher import Coalescer, files_phrase
 from rotator.watcher_process import Matcher, glob_pattern, watch_roots
+from tests.unit.test_config import HERMES
 
 # Line 2 is `hermes:`; cases append keys to it (line 6 on).
-HERMES = """\
-components:
-  hermes:
-    listen: 127.0.0.1:8001
-    ports: 18001-18010
-    command: run --port {port}
-"""
 
 
 def parsed(text: str, tmp_path: Path) -> WatchSpec:
