@@ -297,18 +297,6 @@ class Collector:
             "Instances stopped by rotator, by how they went",
             labels=["component", "outcome"],
         )
-        for comp in components:
-            counts = self.lifecycle.components.get(comp.name) or Lifecycle()
-            for outcome, n in counts.rotations.items():
-                rotations.add_metric([comp.name, outcome], n)
-            rotation_seconds.add_metric(
-                [comp.name],
-                cumulative(ROTATION_BOUNDS, counts.rotation_buckets),
-                counts.rotation_seconds,
-            )
-            health.add_metric([comp.name], counts.health_check_failures)
-            for outcome, n in counts.stops.items():
-                stops.add_metric([comp.name, outcome], n)
         reasons = CounterMetricFamily(
             "rotator_rotation_reasons",
             "Rotations (whatever their outcome) by why they ran",
@@ -321,6 +309,16 @@ class Collector:
         )
         for comp in components:
             counts = self.lifecycle.components.get(comp.name) or Lifecycle()
+            for outcome, n in counts.rotations.items():
+                rotations.add_metric([comp.name, outcome], n)
+            rotation_seconds.add_metric(
+                [comp.name],
+                cumulative(ROTATION_BOUNDS, counts.rotation_buckets),
+                counts.rotation_seconds,
+            )
+            health.add_metric([comp.name], counts.health_check_failures)
+            for outcome, n in counts.stops.items():
+                stops.add_metric([comp.name, outcome], n)
             for outcome, n in counts.verdicts.items():
                 verdicts.add_metric([comp.name, outcome], n)
             for reason in Reason:

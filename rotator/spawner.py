@@ -90,7 +90,7 @@ class Spawner:
 
     async def start(self) -> None:
         if self._proc is not None:  # one that was lost: reaped before its successor starts
-            await _reap(self._proc)
+            await reap(self._proc, CLOSE_TIMEOUT)
         ours, theirs = socket.socketpair()
         limit = [] if self.fd_limit is None else [str(self.fd_limit)]
         try:
@@ -148,7 +148,7 @@ class Spawner:
             await asyncio.gather(self._reading, return_exceptions=True)
         proc, self._proc = self._proc, None
         if proc is not None:
-            await _reap(proc)
+            await reap(proc, CLOSE_TIMEOUT)
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         try:
@@ -199,11 +199,11 @@ class Spawner:
         self._exits.clear()
 
 
-async def _reap(proc: subprocess.Popen[bytes]) -> None:
-    """Wait for a spawner whose channel closed to exit (it does at once), killing it if it
-    does not; never blocking the loop."""
+async def reap(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """Wait for a helper process whose channel closed (the spawner, the watcher) to exit, as
+    it does at once, killing it if it does not within `timeout`; never blocking the loop."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + CLOSE_TIMEOUT
+    deadline = loop.time() + timeout
     while proc.poll() is None and loop.time() < deadline:
         await asyncio.sleep(0.01)
     if proc.returncode is None:

@@ -38,6 +38,7 @@ from typing import Any
 
 from rotator.component import Component, RotationFailed
 from rotator.events import Kind, Reason
+from rotator.spawner import reap
 
 # Files named in one event; more are counted.
 NAMED = 3
@@ -256,23 +257,13 @@ class Watcher:
             self._failed(f"the watching process (pid {proc.pid}) failed: {exc}")
         finally:
             writer.close()
-            reaping = asyncio.ensure_future(self._reap(proc))
+            reaping = asyncio.ensure_future(reap(proc, CLOSE_TIMEOUT))
             self._reaping.add(reaping)
             reaping.add_done_callback(self._reaping.discard)
 
     def _failed(self, error: str) -> None:
         self._out(f"rotator: warning: restart on save stopped: {error}")
         self._request = {}  # the next reload that changes the watch tries again
-
-    async def _reap(self, proc: subprocess.Popen[bytes]) -> None:
-        """Wait for a watcher whose channel closed to exit (it does at once), killing it
-        if it does not; never blocking the loop."""
-        deadline = time.monotonic() + CLOSE_TIMEOUT
-        while proc.poll() is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        if proc.returncode is None:
-            proc.kill()
-            proc.wait()
 
     async def close(self) -> None:
         tasks = [w.task for w in self.watches.values()]
