@@ -8,6 +8,9 @@ request is a client read (`GET /` as wrk sends it, or a browser's head with 12 h
 lines) and the instance's answer in one read (aiohttp's head, 7 lines, and a short body).
 So this counts the Python and httptools work per exchange, not the kernel's, not uvloop's
 reads and writes, and not the scheduling: proxy_overhead.py measures all of those.
+The `+ canary 10%` cases run the same requests while a canary takes 10% of them (a second
+target in the canary's set, each side counting its figures): the difference from the
+plain case is what a canary costs a request.
 Instructions are the difference between a run of N requests and a run of none, after the
 same warm-up, with a fixed hash seed: the same code gives the same count to within a
 fraction of a percent, on a busy machine too.
@@ -26,6 +29,7 @@ import cProfile
 import gc
 import os
 import pstats
+import random
 import re
 import shutil
 import subprocess
@@ -54,6 +58,13 @@ RESPONSE = (
     b"Date: Mon, 07 Dec 2026 16:00:00 GMT\r\nServer: Python/3.11 aiohttp/3.14.5\r\n\r\n" + b"x" * 95
 )
 WARM_UP = 200
+# Each case: the request, and the canary's weight (None: no canary, one target).
+CASES = {
+    "wrk": ("wrk", None),
+    "browser": ("browser", None),
+    "wrk + canary 10%": ("wrk", 10),
+    "browser + canary 10%": ("browser", 10),
+}
 
 
 class MemoryTransport:
@@ -77,7 +88,7 @@ class MemoryTransport:
         return ("127.0.0.1", 40000) if name == "peername" else default
 
 
-async def exchanges(kind: str, n: int, profile: cProfile.Profile | None = None) -> int:
+async def exchanges(case: str, n: int, profile: cProfile.Profile | None = None) -> int:
     """Run WARM_UP + n requests through one client and one pooled instance connection;
     the cyclic collector's passes during the n."""
     from rotator.config import Endpoint
@@ -85,9 +96,19 @@ async def exchanges(kind: str, n: int, profile: cProfile.Profile | None = None) 
     from rotator.proxy.route import Route, Target
     from rotator.proxy.upstream import UpstreamConnection
 
-    route = Route("web")
+    kind, weight = CASES[case]
+    # A fixed draw: the same requests go to the canary in every run.
+    route = Route("web", draw=random.Random(0).random)
     target = Target(Endpoint("127.0.0.1", 1))
     route.swap(target)
+    if weight is not None:
+        canary = Target(Endpoint("127.0.0.1", 2))
+        # Both targets share the one instance connection (their idle pools are one list), so
+        # the run is driven as the plain one is: only the proxy's own steps differ.
+        canary.idle = target.idle
+        route.add(canary, canary=True)
+        route.canary_weight = weight
+        route.reset_figures()
     client = ClientConnection(Listener(route, "127.0.0.1", 8080))
     to_client, to_instance = MemoryTransport(), MemoryTransport()
     client.connection_made(cast(Any, to_client))
@@ -113,19 +134,23 @@ async def exchanges(kind: str, n: int, profile: cProfile.Profile | None = None) 
         one()
     if profile is not None:
         profile.disable()
+    if weight is not None:
+        figures = route.canary_figures.requests + route.stable_figures.requests
+        if figures != WARM_UP + n or not route.canary_figures.requests:
+            raise RuntimeError(f"the sides did not count every request: {figures}")
     return int(gc.get_stats()[0]["collections"] - passes)
 
 
-def run_loop(kind: str, n: int, profile: cProfile.Profile | None = None) -> int:
+def run_loop(case: str, n: int, profile: cProfile.Profile | None = None) -> int:
     try:
         import uvloop
 
-        return uvloop.run(exchanges(kind, n, profile))
+        return uvloop.run(exchanges(case, n, profile))
     except ImportError:
-        return asyncio.run(exchanges(kind, n, profile))
+        return asyncio.run(exchanges(case, n, profile))
 
 
-def instructions(kind: str, n: int) -> int | None:
+def instructions(case: str, n: int) -> int | None:
     """Instructions per request: callgrind's count for n requests minus that for none."""
     if VALGRIND is None:
         return None
@@ -133,7 +158,7 @@ def instructions(kind: str, n: int) -> int | None:
     for requests in (0, n):
         done = subprocess.run(
             [VALGRIND, "--tool=callgrind", "--callgrind-out-file=/dev/null",
-             sys.executable, __file__, "--child", kind, str(requests)],
+             sys.executable, __file__, "--child", case, str(requests)],
             capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"},
             timeout=600,
         )  # fmt: skip
@@ -144,10 +169,10 @@ def instructions(kind: str, n: int) -> int | None:
     return round((counts[1] - counts[0]) / n)
 
 
-def calls(kind: str, n: int) -> tuple[float, int, list[dict[str, Any]]]:
+def calls(case: str, n: int) -> tuple[float, int, list[dict[str, Any]]]:
     """Python calls per request (cProfile), collector passes, the most frequent calls."""
     profile = cProfile.Profile()
-    passes = run_loop(kind, n, profile)
+    passes = run_loop(case, n, profile)
     stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]
     total = sum(v[1] for v in stats.values())
     top = sorted(stats.items(), key=lambda kv: -kv[1][1])[:12]
@@ -163,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--requests", type=int, default=1000, help="per count (default 1000)")
-    p.add_argument("--child", nargs=2, metavar=("KIND", "N"), help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs=2, metavar=("CASE", "N"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:  # under valgrind: just run the requests
         run_loop(args.child[0], int(args.child[1]))
@@ -171,12 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     if VALGRIND is None:
         print(f"{NAME}: valgrind is not installed: no instruction counts")
     rows = []
-    for kind in REQUESTS:
-        per_call, passes, top = calls(kind, 20 * args.requests)
+    for case in CASES:
+        per_call, passes, top = calls(case, 20 * args.requests)
         rows.append(
             {
-                "request": kind,
-                "instructions": instructions(kind, args.requests),
+                "request": case,
+                "instructions": instructions(case, args.requests),
                 "python_calls": round(per_call, 1),
                 "collector_passes_per_1000": round(1000 * passes / (20 * args.requests), 3),
                 "top_calls": top,
@@ -189,6 +214,11 @@ def main(argv: list[str] | None = None) -> int:
               r["collector_passes_per_1000"]] for r in rows],
         )
     )  # fmt: skip
+    counts = {r["request"]: r["instructions"] for r in rows}
+    for case, (kind, weight) in CASES.items():
+        if weight is not None and counts[case] and counts[kind]:
+            extra = counts[case] - counts[kind]
+            print(f"{case}: {extra:+} instructions a request ({100 * extra / counts[kind]:+.1f}%)")
     path = write_result(NAME, {"machine": machine(), "requests": args.requests, "rows": rows})
     print(f"\n{NAME}: results in {path}")
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import re
 import socket
 import struct
@@ -48,6 +49,7 @@ class Instance:
         self.heads: list[bytes] = []
         self.failed = 0  # 500s sent
         self.serving = 0  # connections whose handler has not returned yet
+        self.took: list[float] = []  # seconds from each request's head to its answer
         self.server: asyncio.Server | None = None
         self.target = Target(Endpoint(HOST, 0), label=name)
 
@@ -90,6 +92,7 @@ class Instance:
                     writer.transport.abort()
                     return
                 sleep = path.removeprefix("/sleep/")
+                began = time.perf_counter()
                 await asyncio.sleep(float(sleep) if sleep != path else self.delay)
                 status = b"200 OK"
                 if fails:
@@ -99,6 +102,7 @@ class Instance:
                 writer.write(
                     b"HTTP/1.1 %b\r\nContent-Length: %d\r\n\r\n%b" % (status, len(body), body)
                 )
+                self.took.append(time.perf_counter() - began)
         writer.close()
 
 
@@ -235,8 +239,11 @@ async def test_p95_of_a_50_ms_instance_is_50_ms_and_the_hop() -> None:
         await answers(p, 120)
         slow, fast = p.route.canary_figures.p95(), p.route.stable_figures.p95()
         assert slow is not None and fast is not None
-        # The hop's own time is what the fast side's p95 says.
-        assert 0.05 * 0.975 <= slow <= 1.1 * (0.05 + fast), (slow, fast)
+        # 50 ms as the instance measured its own p95 (a loaded machine wakes a sleeper
+        # late), and the hop's own time, which is what the fast side's p95 says.
+        took = sorted(c.took)[math.ceil(0.95 * len(c.took)) - 1]
+        assert took >= 0.05
+        assert 0.975 * took <= slow <= 1.1 * (took + fast), (slow, took, fast)
         assert fast < 0.025, fast
 
 
