@@ -150,7 +150,7 @@ class Daemon:
         self.metrics = Metrics(self, self.bus)
         # max_memory and restart_every, once startup is done (a takeover's included): it
         # reads the components afresh at every check.
-        self.limits = Limits(lambda: self.components.values() if self.ready else ())
+        self.limits = Limits(lambda: self.components.values() if self.ready else (), out=self.out)
         # sd_notify both ways (notify.py): what instances say to us; what we say to systemd.
         self.instance_notify = notify_.NotifySocket(config.state_dir / "notify.sock", MARKER)
         self.service = notify_.ServiceManager(notify_socket, self.out)

@@ -38,7 +38,7 @@ from rotator.config import LimitsSpec
 from rotator.events import Kind, Reason
 from rotator.health import Clock, SystemClock
 from rotator.instance import Instance
-from rotator.printer import duration
+from rotator.printer import duration, error_text
 
 # An instance's age deadline is extended by up to this fraction of restart_every.
 JITTER = 0.1
@@ -160,8 +160,11 @@ class Limits:
         clock: Clock | None = None,
         wall: Callable[[], float] = time.time,
         measure: Measure = Instance.rss,
+        out: Callable[[str], None] = lambda _: None,
     ) -> None:
         self._components = components
+        self._out = out
+        self._said: str | None = None  # the last unexpected error said, said once
         self.clock = clock or SystemClock()
         self._wall = wall
         self._measure = measure
@@ -176,7 +179,17 @@ class Limits:
         """Check for ever (the daemon cancels it at shutdown; a limit rotation under way
         then finishes, as one the admin API asked for does)."""
         while True:
-            await self.clock.sleep(await self.check())
+            try:
+                wait = await self.check()
+            except Exception as exc:  # a bug must not end the checks for the daemon's life
+                said = error_text(exc)
+                if said != self._said:
+                    self._said = said
+                    self._out(
+                        f"rotator: warning: checking the limits failed ({said}); trying again"
+                    )
+                wait = IDLE_CHECK
+            await self.clock.sleep(wait)
 
     async def check(self) -> float:
         """Check each component whose limits_interval has passed; the seconds until the

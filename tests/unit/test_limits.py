@@ -345,3 +345,34 @@ def test_the_status_table_shows_the_limits_and_how_close_each_instance_is() -> N
         "  hermes: max_memory 512MiB (pid 4242: 300MiB); restart_every 24h"
         " (next: pid 4242 in 3h10m)"
     )
+
+
+def test_an_unexpected_error_is_said_once_and_the_checks_go_on() -> None:
+    async def scenario() -> None:
+        f = Fleet()
+        said: list[str] = []
+        f.limits._out = said.append
+        await f.comp.start()
+        [old] = f.pids()
+        broken = True
+        f.rss[old] = 150 * MIB
+        original = f.limits._measured
+
+        async def measured(*args: object) -> object:
+            if broken:
+                raise RuntimeError("a bug")
+            return await original(*args)  # type: ignore[arg-type]
+
+        f.limits._measured = measured  # type: ignore[method-assign]
+        loop = asyncio.ensure_future(f.limits.run())
+        await f.ticks(12)
+        assert said == [
+            "rotator: warning: checking the limits failed (RuntimeError: a bug); trying again"
+        ]
+        broken = False
+        await f.ticks(8)
+        assert f.pids() != [old] and f.reasons() == ["start", "memory"]
+        assert not loop.done()
+        loop.cancel()
+
+    run(scenario())
