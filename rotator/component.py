@@ -563,7 +563,8 @@ class Component:
         retiring: list[Draining] = []
         async with self._lock:
             self._refuse_if_suspended()
-            was = self.replicas
+            # What serves now: a reload has already given the component the file's count.
+            was = len(self.serving)
             self.scaled = None if from_config else replicas
             for slot in [s for s in self._recoveries if s >= replicas]:
                 self._recoveries.pop(slot).cancel()
