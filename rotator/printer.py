@@ -148,8 +148,9 @@ def _canary_note(name: str, canary: dict[str, Any]) -> str:
 
     def side(figures: dict[str, Any]) -> str:
         p95 = figures.get("p95_ms")
+        n, errors = figures["requests"], figures["errors"]
         return (
-            f"{figures['requests']:,} requests, {figures['errors']:,} errors, "
+            f"{n:,} request{'' if n == 1 else 's'}, {errors:,} error{'' if errors == 1 else 's'}, "
             f"p95 {'-' if p95 is None else f'{p95:g} ms'}"
         )
 

@@ -9,6 +9,7 @@ import dataclasses
 
 import pytest
 
+from rotator import printer
 from rotator.component import Component, ComponentState, RotationFailed
 from rotator.config import CanarySpec, ComponentSpec
 from tests.unit.test_component import SPEC, World, run, settle
@@ -172,5 +173,22 @@ def test_stopping_the_component_ends_its_canary() -> None:
         with pytest.raises(RotationFailed, match="the component was stopped"):
             await trial
         assert all(i.stopped_with is not None for i in w.instances)
+
+    run(scenario())
+
+
+def test_the_status_table_shows_a_running_canary_in_one_line() -> None:
+    async def scenario() -> None:
+        w = World()
+        c = await started(w)
+        trial = asyncio.ensure_future(c.deploy_canary(NEW, 10, RULE))
+        await settle()
+        traffic(w, canary=1, stable=1905, errors=1, ms=14.0)
+        await w.clock.advance(2.0)
+        table = printer.status_table({"components": [c.status()]}, now=0.0)
+        assert "  web: canary 10% (pid 1001, 8s left): 1 request, 1 error, p95 14" in table
+        assert "| stable 1,905 requests, 0 errors, p95 10" in table
+        await c.promote()
+        await trial
 
     run(scenario())
