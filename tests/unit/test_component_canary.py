@@ -12,6 +12,7 @@ import pytest
 from rotator import printer
 from rotator.component import Component, ComponentState, RotationFailed
 from rotator.config import CanarySpec, ComponentSpec
+from rotator.health import NotHealthy
 from tests.unit.test_component import SPEC, World, run, settle
 
 NEW = dataclasses.replace(SPEC, command=("new-app", "--port", "{port}"))
@@ -190,5 +191,29 @@ def test_the_status_table_shows_a_running_canary_in_one_line() -> None:
         assert "| stable 1,905 requests, 0 errors, p95 10" in table
         await c.promote()
         await trial
+
+    run(scenario())
+
+
+def test_a_promotion_that_fails_puts_every_replica_back_on_the_old_definition() -> None:
+    async def scenario() -> None:
+        w = World()
+        two = dataclasses.replace(SPEC, replicas=2, ports=(9001, 9002, 9003, 9004))
+        c = await started(w, two)
+        new = dataclasses.replace(two, command=("new-app", "--port", "{port}"))
+        trial = asyncio.ensure_future(c.deploy_canary(new, 50, RULE))
+        await settle()
+        (canary_pid,) = [s.instance.pid for s in c.canary.serving.values()]  # type: ignore[union-attr]
+        # Slot 0 takes the canary; slot 1's new instance fails its gate.
+        w.health_script = [NotHealthy("exited with code 1 before becoming healthy")]
+        traffic(w, canary=50, stable=50)
+        await w.clock.advance(11)
+        with pytest.raises(RotationFailed, match="went back to the previous definition"):
+            await trial
+        await settle()
+        argvs = [c.serving[s].instance.argv[0] for s in range(2)]  # type: ignore[attr-defined]
+        assert argvs == ["app", "app"] and c.spec is two and c.previous is None
+        assert canary_pid not in [c.serving[s].instance.pid for s in range(2)]
+        assert len(w.route.targets) == 2 and c.canary is None
 
     run(scenario())
