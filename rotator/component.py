@@ -50,7 +50,7 @@ from typing import Any, Protocol
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
 from rotator import logs
-from rotator.canary import Figures, Verdict, canary_count, describe, judge
+from rotator.canary import Figures, Verdict, canary_count, compare, describe, judge
 from rotator.config import CanarySpec, ComponentSpec, Endpoint, apply_definition, definition_of
 from rotator.events import Event, EventBus, Kind, Reason
 from rotator.health import Clock, NotHealthy, SystemClock, watch
@@ -147,10 +147,6 @@ class Serving:
     instance: Instance
     target: Target
     failures: int = 0  # health checks failed in a row
-
-    @property
-    def slot(self) -> int:
-        return self.instance.replica
 
 
 @dataclass(eq=False)
@@ -549,6 +545,7 @@ class Component:
             "command": list(canary.spec.command),
             "canary": _figures_json(ahead),
             "stable": _figures_json(stable),
+            "figures": compare(ahead, stable),
         }
 
     async def scale(self, replicas: int, *, from_config: bool = False) -> None:

@@ -144,21 +144,11 @@ def status_table(status: dict[str, Any], now: float | None = None) -> str:
 
 
 def _canary_note(name: str, canary: dict[str, Any]) -> str:
-    """A running canary in one line: its share, pids, time left and both sides' figures."""
-
-    def side(figures: dict[str, Any]) -> str:
-        p95 = figures.get("p95_ms")
-        n, errors = figures["requests"], figures["errors"]
-        return (
-            f"{n:,} request{'' if n == 1 else 's'}, {errors:,} error{'' if errors == 1 else 's'}, "
-            f"p95 {'-' if p95 is None else f'{p95:g} ms'}"
-        )
-
+    """A running canary in one line: its share, pids, time left and both sides' figures
+    (as canary.compare words them, in the status document)."""
     pids = ", ".join(str(i["pid"]) for i in canary["instances"])
-    return (
-        f"  {name}: canary {canary['weight']}% (pid {pids}, {duration(canary['ends_in_s'])} left):"
-        f" {side(canary['canary'])} | stable {side(canary['stable'])}"
-    )
+    left = duration(canary["ends_in_s"])
+    return f"  {name}: canary {canary['weight']}% (pid {pids}, {left} left): {canary['figures']}"
 
 
 def _limits_note(

@@ -187,8 +187,10 @@ def test_the_status_table_shows_a_running_canary_in_one_line() -> None:
         traffic(w, canary=1, stable=1905, errors=1, ms=14.0)
         await w.clock.advance(2.0)
         table = printer.status_table({"components": [c.status()]}, now=0.0)
-        assert "  web: canary 10% (pid 1001, 8s left): 1 request, 1 error, p95 14" in table
-        assert "| stable 1,905 requests, 0 errors, p95 10" in table
+        assert (
+            "  web: canary 10% (pid 1001, 8s left): 1 request, 1 error (100.0%), p95 14 ms"
+            " | stable 1,905 requests, 0 errors (0.0%), p95 10 ms"
+        ) in table
         await c.promote()
         await trial
 
