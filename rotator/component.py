@@ -42,7 +42,7 @@ import enum
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -380,18 +380,13 @@ class Component:
     ) -> Canary:
         """Under the lock: the canary's instances, started in parallel and gated; all of
         them or none (RotationFailed)."""
-        results = await asyncio.gather(
-            *(self._launch(spec, slot) for slot in range(count)), return_exceptions=True
-        )
-        started = [r for r in results if not isinstance(r, BaseException)]
-        failures = [r for r in results if isinstance(r, BaseException)]
-        if failures:
+        started, failure = await _all_of(self._launch(spec, slot) for slot in range(count))
+        if failure is not None:
             for inst in started:
                 await self._stop(inst, spec.stop_signal, spec.stop_timeout)
-            first = failures[0]
-            if not isinstance(first, Exception):
-                raise first
-            exc = first if isinstance(first, RotationFailed) else _failed_start(first)
+            if not isinstance(failure, Exception):
+                raise failure
+            exc = failure if isinstance(failure, RotationFailed) else _failed_start(failure)
             raise RotationFailed(f"the canary did not start: {exc.reason}", exc.log_tail)
         loop = asyncio.get_running_loop()
         canary = Canary(
@@ -885,20 +880,13 @@ class Component:
         """Start an instance for each empty slot, in parallel, each gated (and verified) on
         its own; those that pass join the balancing set. RotationFailed (the first
         failure) if any did not."""
-        results = await asyncio.gather(
-            *(self._launch_verified(spec, slot, verify) for slot in slots), return_exceptions=True
+        started, failure = await _all_of(
+            self._launch_verified(spec, slot, verify) for slot in slots
         )
-        failures: list[BaseException] = []
-        for result in results:
-            if isinstance(result, BaseException):
-                failures.append(result)
-            else:
-                self._ensure_guard(result)
-        for failure in failures:
-            if not isinstance(failure, Exception):
-                raise failure  # cancelled: the daemon is going down
-        if failures:
-            raise failures[0]
+        for inst in started:
+            self._ensure_guard(inst)
+        if failure is not None:
+            raise failure
 
     async def _launch_verified(self, spec: ComponentSpec, slot: int, verify: float) -> Instance:
         new = await self._launch(spec, slot)
@@ -1613,6 +1601,17 @@ class Component:
     def _pids(self) -> str:
         pids = [str(self.serving[slot].instance.pid) for slot in sorted(self.serving)]
         return f"pid{'s' if len(pids) > 1 else ''} {', '.join(pids)}"
+
+
+async def _all_of(
+    launches: Iterable[Awaitable[Instance]],
+) -> tuple[list[Instance], BaseException | None]:
+    """Run the starts in parallel: the instances started, and what failed, if anything (a
+    cancellation before any error: the daemon is going down)."""
+    results = await asyncio.gather(*launches, return_exceptions=True)
+    failures = [r for r in results if isinstance(r, BaseException)]
+    failures.sort(key=lambda f: isinstance(f, Exception))
+    return [r for r in results if not isinstance(r, BaseException)], next(iter(failures), None)
 
 
 def _figures_of(side: Any) -> Figures:
