@@ -306,6 +306,10 @@ http {{
             proxy_pass http://backend;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
+            # What rotator tells an instance about its client: the same work behind each.
+            proxy_set_header X-Forwarded-For $remote_addr;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Forwarded-Host $http_host;
         }}
     }}
 }}
@@ -400,6 +404,8 @@ HAPROXY = shutil.which("haproxy") or next(
 
 # One thread (as nginx's one worker), keep-alive on both sides, and idle connections to the
 # backend shared between clients (`http-reuse always`, the fastest of its reuse policies).
+# It sets the X-Forwarded-* headers rotator sets (as nginx above), so that the backend
+# parses the same request behind each proxy.
 HAPROXY_CONF = """\
 global
     nbthread 1
@@ -413,6 +419,9 @@ defaults
     http-reuse always
 frontend bench
     bind {host}:{port}
+    http-request set-header X-Forwarded-For %[src]
+    http-request set-header X-Forwarded-Proto http
+    http-request set-header X-Forwarded-Host %[req.hdr(host)]
     default_backend app
 backend app
     server app {host}:{upstream}

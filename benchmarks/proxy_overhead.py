@@ -2,6 +2,12 @@
 through nginx and through HAProxy, the runs alternated so that all variants share the
 machine's noise.
 
+With the fast backend, two more variants show the floor under rotator's proxy
+(benchmarks/floor_proxy.py): `pump`, a byte pump on uvloop that parses nothing, and
+`minimal`, an HTTP proxy that parses both ways with httptools and does nothing else. nginx
+and HAProxy set the X-Forwarded-For, -Proto and -Host headers that rotator sets, so the
+backend parses the same request behind each.
+
 The backends are rotator's demo app (aiohttp), started by rotator (a component with
 a pool of one port each): `typical` on plain asyncio, as a Python app usually runs,
 and `fast`, the same app on uvloop (benchmarks/fast_backend.py), 1.2-1.5x as fast:
@@ -57,6 +63,7 @@ from benchlib import (
     machine,
     median,
     table,
+    wait_http,
     workdir,
     write_result,
     wrk,
@@ -71,6 +78,10 @@ BACKENDS = {
     "fast": f"{PY} {ROOT / 'benchmarks' / 'fast_backend.py'} --port {{port}} --name fast",
 }
 CONNECTIONS = (64, 16, 1)
+# With the fast backend, two proxies that are no more than a floor (floor_proxy.py): a byte
+# pump on uvloop, and a minimal HTTP proxy that parses with httptools as rotator does.
+FLOOR_PROXY = ROOT / "benchmarks" / "floor_proxy.py"
+FLOOR = ("pump", "minimal")
 # Targets, printed next to the figures. The typical backend (c16 = the throughput runs):
 TARGET_RATIO = 0.8  # rotator req/s >= 0.8x direct
 TARGET_VS_NGINX = 1.0  # rotator req/s >= nginx's (with the fast backend: and HAProxy's)
@@ -277,10 +288,26 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
                         TARGET_FAST_CPU_VS_NGINX,
                     )
                 )  # fmt: skip
+                lines.extend(_above_floor(rows, row))
         if fast and row["connections"] == 16:
             continue  # at c16 p50 is queueing (the backend is saturated), not the hop
         limit = TARGET_FAST_P50_OVERHEAD_MS if fast else TARGET_P50_OVERHEAD_MS
         lines.append(_check(where, "p50 +ms", row["p50_overhead_ms"], "<", limit, "+.3f"))
+    return lines
+
+
+def _above_floor(rows: list[dict[str, Any]], mine: dict[str, Any]) -> list[str]:
+    """Not a target: how far rotator's CPU per request is above the floor proxies'."""
+    key = (mine["backend"], mine["body"], mine["connections"])
+    lines = []
+    for row in rows:
+        if (row["backend"], row["body"], row["connections"]) == key and row["variant"] in FLOOR:
+            floor, own = row["proxy_cpu_us_per_req"], mine["proxy_cpu_us_per_req"]
+            if floor and own:
+                lines.append(
+                    f"{key[0]} {key[1]} c{key[2]}: rotator's CPU per request {own:.1f} us, "
+                    f"{own - floor:+.1f} us from the {row['variant']} proxy's {floor:.1f} (floor_proxy.py)"
+                )
     return lines
 
 
@@ -548,6 +575,14 @@ def run_all(
             # nginx: its master and worker; HAProxy: its one process
             workers = proxy.workers() if isinstance(proxy, Nginx) else set()
             cpu_of[b][variant] = [proxy.proc.pid, *workers] if proxy.proc else []
+        if b == "fast":  # the floor under rotator's proxy: benchmarks/floor_proxy.py
+            for mode in FLOOR:
+                port = free_ports(1)[0]
+                floor = procs.start([PY, str(FLOOR_PROXY), mode, str(port), str(instance)],
+                                    tmp / f"floor-{mode}.out")  # fmt: skip
+                wait_http(f"http://{HOST}:{port}/health", proc=floor)
+                urls[b][mode] = f"http://{HOST}:{port}"
+                cpu_of[b][mode] = [floor.pid]
     missing = [name for name, tool in (("nginx", NGINX), ("haproxy", HAPROXY)) if tool is None]
     if missing:
         print(f"{NAME}: not installed, left out: {', '.join(missing)}")
