@@ -58,6 +58,9 @@ CANARY = b"x-rotator-canary"
 CANARY_SIDES = {b"always": True, b"never": False}
 REQUEST_DROP = HOP_BY_HOP | FORWARDED | {CANARY}
 TRUSTED_DROP = HOP_BY_HOP | {b"x-forwarded-for", CANARY}
+# An int, not b"_": `int in bytes` is a byte search; `bytes in bytes` first takes the
+# needle's buffer, which made it 6x as slow, once per header line of every request.
+UNDERSCORE = ord("_")
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
 # A request body buffered while no instance connection is ready yet; past this
@@ -169,10 +172,12 @@ def end_to_end(
     request: bool = False,
     untrusted: bool = False,
 ) -> Headers:
-    """One pass over a message's headers (this is per request, so it counts):
-    what to forward, and the framing facts the proxy needs. A `request`'s underscored
-    names are dropped, and an `untrusted` one's X-Forwarded-* too."""
-    lines: list[bytes] = []
+    """One pass over a message's headers (this is per header line of every request, so
+    it counts): what to forward, and the framing facts the proxy needs. A `request`'s
+    underscored names are dropped, and an `untrusted` one's X-Forwarded-* too."""
+    # The kept lines as their parts, four per field (name, ": ", value, CRLF), joined
+    # once: adding a tuple's parts costs a third of concatenating each line.
+    parts: list[bytes] = []
     tokens: set[bytes] | None = None  # headers that Connection declares hop-by-hop
     length: bytes | None = None
     codings: list[bytes] | None = None
@@ -187,7 +192,7 @@ def end_to_end(
             elif low == b"transfer-encoding":
                 codings = [*codings, value] if codings else [value]
             continue
-        if request and b"_" in low:
+        if request and UNDERSCORE in low:
             # As nginx (underscores_in_headers off): a WSGI or CGI server maps
             # X_Forwarded_For and X-Forwarded-For to one variable.
             continue
@@ -200,14 +205,19 @@ def end_to_end(
                 continue  # replaced by ours (see on_headers_complete)
         elif untrusted and low.startswith(b"x-forwarded-"):
             continue
-        lines.append(name + b": " + value + b"\r\n")
+        parts += (name, b": ", value, b"\r\n")
     if tokens:
         # Those are gone already (most often all of them are). Not `-= NEVER_HOP | drop`:
         # that union, built per request, is a set past pymalloc's sizes (a malloc).
         tokens.difference_update(NEVER_HOP, drop)
         if tokens:
-            lines = [line for line in lines if line[: line.index(b":")].lower() not in tokens]
-    return Headers(b"".join(lines), length, b", ".join(codings) if codings else b"", hosts, host)
+            parts = [
+                part
+                for at in range(0, len(parts), 4)
+                if parts[at].lower() not in tokens
+                for part in parts[at : at + 4]
+            ]
+    return Headers(b"".join(parts), length, b", ".join(codings) if codings else b"", hosts, host)
 
 
 # In a lowercased response head: the fields the proxy must act on (HOP_BY_HOP and
