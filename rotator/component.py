@@ -575,6 +575,7 @@ class Component:
                 except RotationFailed as exc:
                     self.last_error = exc.reason
                     self.emit(Kind.FAILED, exc.reason, log_tail=exc.log_tail)
+                    self._retry_missing()
                     raise
                 finally:
                     self._settle(idle=ComponentState.FAILED)
@@ -798,6 +799,8 @@ class Component:
                 self._settle(idle=ComponentState.STARTING if recovering else ComponentState.FAILED)
                 if reason is not Reason.WATCH:  # the watcher says it, in its one `watch` event
                     self.emit(Kind.FAILED, exc.reason, log_tail=exc.log_tail)
+                if not recovering:  # a recovery retries by itself
+                    self._retry_missing()
                 self._rotated(began, "rolled_back" if exc.rolled_back else "failed", reason)
                 # What was taken out before the failure is still drained and stopped.
                 for old in retiring:
@@ -1436,6 +1439,19 @@ class Component:
                         await self._rotate(self.spec, recovering=True, slots=[slot], reason=reason)
         except RotationFailed:
             self._give_up(slot)
+
+    def _retry_missing(self) -> None:
+        """A start that left slots empty (a `scale` up, a `start`) while other replicas
+        serve: each empty slot is retried as a crashed replica's is (backoff, within the
+        restart budget), so that the count asked for is reached once the cause passes.
+        With nothing serving, the component is `failed` instead, as a lone instance that
+        cannot start is."""
+        if not self.serving or self.stopped_on_purpose:
+            return
+        for slot in self._missing():
+            recovery = self._recoveries.get(slot)
+            if recovery is None or recovery.done():
+                self._recoveries[slot] = self._spawn_task(self._recover(slot, Reason.START))
 
     def _announce_backoff(self, retry_state: RetryCallState) -> None:
         delay = retry_state.next_action.sleep if retry_state.next_action else 0.0

@@ -522,13 +522,18 @@ def test_a_killed_daemon_s_successor_adopts_every_replica_as_its_own_slot(
 # -- bad input, and the table ------------------------------------------------------------
 
 
-def test_scale_errors_and_the_status_table(tmp_path: Path, daemon_factory: Any) -> None:
-    # Slot 2's instance never starts: a scale to 3 fails.
+def test_scale_errors_the_status_table_and_a_failed_slot_retried(
+    tmp_path: Path, daemon_factory: Any
+) -> None:
+    # Slot 2's instance does not start while the flag file is there: a scale to 3 fails.
+    flag = tmp_path / "slot-2-broken"
+    flag.touch()
     command = shlex.join(
         [
             "sh",
             "-c",
-            "if [ {replica} = 2 ]; then echo 'boom: no slot 2' >&2; exit 4; fi; exec " + DEMO,
+            f"if [ {{replica}} = 2 ] && [ -e {flag} ]; then echo 'boom: no slot 2' >&2; exit 4;"
+            " fi; exec " + DEMO,
         ]
     )
     config = write_config(tmp_path, {"web": component(pool=4, replicas=2, command=command)})
@@ -566,8 +571,8 @@ def test_scale_errors_and_the_status_table(tmp_path: Path, daemon_factory: Any) 
     assert "exited with code 4 before becoming healthy" in failed.stderr
     assert "boom: no slot 2" in failed.stderr
     assert load.report.failed == 0, outcome(load)
-    # The others serve on, untouched; the count asked for stands, its slot 2 empty (as
-    # a slot whose crash restarts were given up) until a start or another scale.
+    # The others serve on, untouched; the count asked for stands, its slot 2 empty and
+    # retried with backoff (restart_backoff 0.5 s, doubling), as a crashed replica's.
     assert slots(daemon) == before
     status = daemon.component("web")
     assert status["state"] == "degraded" and status["replicas"] == 3, status
@@ -588,6 +593,9 @@ def test_scale_errors_and_the_status_table(tmp_path: Path, daemon_factory: Any) 
         assert line.split()[:4] == words, line
     assert "exited with code 4" in lines[at + 3]  # the last error, below the replicas
 
+    flag.unlink()  # the cause passes: a retry fills the slot, the others untouched
+    assert wait_until(lambda: running(daemon, replicas=3), timeout=15), daemon.component("web")
+    assert {slot: pid for slot, pid in slots(daemon).items() if slot < 2} == before
     back = cli(config, "scale", "web", "2")
     assert back.returncode == 0, back.stdout + back.stderr
     status = daemon.component("web")

@@ -186,6 +186,52 @@ def test_scale_up_starts_only_the_new_replicas_and_down_stops_the_highest() -> N
     run(scenario())
 
 
+def test_a_replica_that_fails_to_start_at_scale_up_is_retried_until_it_serves() -> None:
+    async def scenario() -> None:
+        w = World()
+        c = w.component(dataclasses.replace(THREE, replicas=1))
+        await c.rotate()
+        w.health_script = [NotHealthy("exited with code 3 before becoming healthy"), None]
+        with pytest.raises(RotationFailed, match="exited with code 3"):
+            await c.scale(3)
+        # The count asked for stands: the empty slot is retried, as a crashed replica's is.
+        assert len(c.serving) == 2 and c.state == ComponentState.DEGRADED
+        await w.clock.advance(0.1)
+        assert len(c.serving) == 3 and len(w.route.targets) == 3
+        assert c.state == ComponentState.RUNNING and "restarting" in w.kinds()
+
+    run(scenario())
+
+
+def test_a_replica_that_never_starts_is_given_up_and_the_others_serve_on() -> None:
+    async def scenario() -> None:
+        w = World()
+        c = w.component(dataclasses.replace(THREE, replicas=1))
+        await c.rotate()
+        w.health_script = [None] + [NotHealthy("exited with code 1 before becoming healthy")] * 20
+        with pytest.raises(RotationFailed):
+            await c.scale(3)
+        await w.clock.advance(600)
+        assert len(c.serving) == 2 and c.state == ComponentState.DEGRADED
+        assert "gave up after" in (c.last_error or "") and not c.busy
+        assert w.route.holding and len(w.route.targets) == 2
+
+    run(scenario())
+
+
+def test_a_first_start_where_no_replica_starts_fails_and_is_not_retried() -> None:
+    async def scenario() -> None:
+        w = World()
+        c = w.component(THREE)
+        w.health_script = [NotHealthy("exited with code 1 before becoming healthy")] * 3
+        with pytest.raises(RotationFailed):
+            await c.start()
+        await w.clock.advance(600)
+        assert c.state == ComponentState.FAILED and len(w.instances) == 3 and not c.busy
+
+    run(scenario())
+
+
 def test_a_scaled_count_is_restored_from_the_state_file() -> None:
     async def scenario() -> None:
         w = World()
