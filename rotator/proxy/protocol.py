@@ -71,6 +71,9 @@ SWEEP_INTERVAL = 1.0
 # Retries of one request at most (say, a stale keep-alive, then a refused connect).
 MAX_TRIES = 2
 LAST_CHUNK = b"0\r\n\r\n"
+# After the answer that ends a connection, how long a client may go on sending (the rest
+# of a body that answer refused) before the connection is closed under it (see Lingering).
+LINGER_TIME = 2.0
 
 
 class Answer(Enum):
@@ -654,6 +657,8 @@ class ClientConnection(asyncio.Protocol):
         # After a websocket handshake: the client's bytes, until the instance answers.
         self.held: list[bytes] | None = None
         self._held_size = 0
+        self.client_done = False  # the client half-closed (eof_received)
+        self.lingering = 0.0  # clock() at the last answer, while closing (see Lingering)
 
     # -- asyncio.Protocol --------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -734,6 +739,7 @@ class ClientConnection(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         """The client half-closed. Its complete requests are still answered (then we
         close, as `printf ... | nc` expects); one cut short is never completed upstream."""
+        self.client_done = True
         complete = all(ex.body_done or ex.response_done for ex in self.queue)
         if self.tunnel is None and self.queue and not self.head_began and complete:
             self.closing = True
@@ -747,6 +753,11 @@ class ClientConnection(asyncio.Protocol):
         # leave every closed connection (13 objects) to the cyclic collector, whose
         # passes pause the loop. Without it, reference counting frees the connection.
         del self.parser
+        self._drop_queue()
+
+    def _drop_queue(self) -> None:
+        """Nothing queued will be answered: what each request holds (a target's in-flight
+        count, an instance connection, a slot) is released."""
         if self._hold is not None:
             self._hold.cancel()
         for ex in self.queue:
@@ -962,7 +973,7 @@ class ClientConnection(asyncio.Protocol):
         # Back-pressure from the exchange's instance connection ends with the exchange.
         self._upstream_full = False
         if not (ex.keep_alive and ex.body_done) or self.transport is None:
-            self.close()
+            self._linger()
             return
         if self.queue:
             self._start(self.queue[0])
@@ -1076,11 +1087,48 @@ class ClientConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def _linger(self) -> None:
+        """Close after an answer that ends the connection, without losing the answer to a
+        reset (see Lingering); at once if the client has closed its side already."""
+        transport = self.transport
+        if transport is None or self.client_done or not transport.can_write_eof():
+            self.close()
+            return
+        self.flush()
+        self._drop_queue()  # pipelined requests after this answer: never answered
+        self.lingering = clock()
+        transport.set_protocol(Lingering(self))
+        transport.write_eof()
+        if self.reading_paused:
+            transport.resume_reading()
+
     def close_when_idle(self) -> None:
         """Shutdown: finish what is queued, accept nothing more on this connection."""
         self.closing = True
         if not self.queue:
             self.close()
+
+
+class Lingering(asyncio.Protocol):
+    """A client connection after its last answer: our side is shut (a FIN follows the
+    answer), and what the client still sends (the rest of a body the answer refused, the
+    bytes of a slow head after its 408) is read and dropped, until it closes its side or
+    LINGER_TIME passes (the Listener's sweep). Closed at once instead, a socket with
+    unread bytes sends a reset, which reaches a client that is still sending before it
+    has read the answer: it reports "connection reset" rather than the 408 or the 413.
+    nginx's lingering close does the same, for the same reason."""
+
+    def __init__(self, conn: ClientConnection) -> None:
+        self.conn = conn
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool | None:
+        return None  # the client is done: the transport closes
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.conn.connection_lost(exc)
 
 
 class Listener:
@@ -1184,6 +1232,10 @@ class Listener:
             await asyncio.sleep(min(SWEEP_INTERVAL, *(t / 4 for t in timeouts)))
             now = clock()
             for conn in list(self.connections):
+                if conn.lingering:
+                    if now - conn.lingering > LINGER_TIME and conn.transport is not None:
+                        conn.transport.close()
+                    continue
                 if not conn.queue:
                     if conn.head_began and now - conn.head_began > limits.header_timeout:
                         conn.head_timed_out()
@@ -1258,14 +1310,19 @@ class Listener:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         idle_deadline = loop.time() + idle_grace
-        while self.connections and loop.time() < deadline:
+        # A lingering connection has had its last answer: it is not waited for.
+        while any(not conn.lingering for conn in self.connections) and loop.time() < deadline:
             await asyncio.sleep(0.02)
             if idle_grace > 0 and loop.time() > idle_deadline:
                 idle_grace = 0.0
                 for conn in list(self.connections):
                     conn.close_when_idle()
         for conn in list(self.connections):
-            if conn.tunnel is not None:  # a websocket still open: ask its client to reconnect
+            if conn.lingering:
+                self.forget(conn)
+                if conn.transport is not None:
+                    conn.transport.close()
+            elif conn.tunnel is not None:  # a websocket still open: ask its client to reconnect
                 if conn.tunnel.frames.between_frames:
                     conn.out(GOING_AWAY)
                 conn.close()

@@ -26,6 +26,7 @@ import psutil
 import pytest
 
 from rotator.config import Endpoint
+from rotator.proxy import protocol
 from rotator.proxy.protocol import HOP_BY_HOP, RESPONSE_FRAMING
 from rotator.proxy.route import Limits, Target
 from tests.integration.proxykit import (
@@ -1614,3 +1615,78 @@ async def test_many_idle_connections_do_not_stop_others(backend: Backend) -> Non
         started = time.monotonic()
         assert (await c.request("GET", "/")).status == 200
         assert time.monotonic() - started < 1
+
+
+# == lingering close: the last answer is not lost to a reset ===========================
+
+
+def blocking_exchange(port: int, head: bytes, body_chunks: int, chunk: bytes) -> bytes:
+    """As an upload client does (http.client, curl -T): send the whole request, then read
+    the answer. Returns what came back before the end, or raises what the socket raised."""
+    with socket.create_connection((HOST, port), timeout=10) as s:
+        s.sendall(head)
+        for _ in range(body_chunks):
+            s.sendall(chunk)
+        got = b""
+        while data := s.recv(65536):
+            got += data
+        return got
+
+
+REFUSE_413 = b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 4\r\nConnection: close\r\n\r\nbig!"
+
+
+@aio(20)
+async def test_an_answer_that_refuses_an_upload_reaches_the_client_still_sending_it() -> None:
+    # The instance answers 413 on the head (an app with a body limit), `Connection:
+    # close`. The proxy passes it on and ends the connection: closed at once with the rest
+    # of 8 MiB unread, its socket would reset the client before it has read the 413.
+    def refuse(conn: FakeConn, seen: Seen) -> None:
+        if conn.transport is not None:
+            conn.transport.write(REFUSE_413)
+
+    async with (
+        fake_backend(respond=lambda conn, seen: b"", on_head=refuse) as fb,
+        running_proxy(fb.target()) as p,
+    ):
+        head = request_bytes("POST", "/upload", headers=[("Content-Length", str(8 * MiB))])
+        for _ in range(3):
+            got = await asyncio.to_thread(blocking_exchange, p.port, head, 128, b"u" * 65536)
+            assert got.startswith(b"HTTP/1.1 413 Payload Too Large\r\n") and got.endswith(b"big!")
+        assert p.targets[0].in_flight == 0
+        await until(lambda: p.listener is not None and not p.listener.connections)
+
+
+@aio(20)
+async def test_a_431_reaches_a_client_still_sending_its_head() -> None:
+    async with running_proxy(None, limits=Limits(max_header_size=8192)) as p:
+        head = b"GET / HTTP/1.1\r\nHost: x\r\n"
+        for _ in range(3):
+            got = await asyncio.to_thread(
+                blocking_exchange, p.port, head, 4096, b"X-Filler: " + b"f" * 90 + b"\r\n"
+            )
+            assert got.startswith(b"HTTP/1.1 431 "), got[:40]
+
+
+@aio(10)
+async def test_a_lingering_connection_is_closed_after_linger_time(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(protocol, "LINGER_TIME", 0.3)
+    target = Target(Endpoint(HOST, backend.port))
+    async with running_proxy(target) as p:
+        assert p.listener is not None
+        c = await p.connect()
+        # The first asks to close; the one pipelined behind it is dropped, never answered.
+        c.send(
+            request_bytes("GET", "/", headers=[("Connection", "close")])
+            + request_bytes("GET", "/slow?seconds=5")
+        )
+        r = await c.response()
+        assert r.status == 200 and r.get("Connection") == b"close"
+        assert await c.rest() == b""  # our side is shut; the client keeps its own open
+        assert target.in_flight == 0 and len(p.listener.connections) == 1
+        c.send(b"more bytes, dropped")  # read and dropped: no reset
+        started = time.monotonic()
+        await until(lambda: not p.listener.connections, timeout=3)
+        assert 0.2 < time.monotonic() - started < 2.5
