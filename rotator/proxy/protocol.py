@@ -658,6 +658,7 @@ class ClientConnection(asyncio.Protocol):
         self.held: list[bytes] | None = None
         self._held_size = 0
         self.client_done = False  # the client half-closed (eof_received)
+        self.last_request = False  # the client asked to close after this one (Connection)
         self.lingering = 0.0  # clock() at the last answer, while closing (see Lingering)
 
     # -- asyncio.Protocol --------------------------------------------------
@@ -814,7 +815,10 @@ class ClientConnection(asyncio.Protocol):
             upgrade = next((v for n, v in self._headers if n.lower() == b"upgrade"), b"")
             if b"websocket" not in upgrade.lower():
                 upgrade = b""  # only websockets are tunnelled; others go on as plain requests
-        keep_alive = parser.should_keep_alive() and not upgrading and not self.closing
+        keep_alive = parser.should_keep_alive()
+        if not keep_alive:
+            self.last_request = True  # the client said so: nothing follows its body
+        keep_alive = keep_alive and not upgrading and not self.closing
         if method == b"CONNECT":
             self._enqueue(Exchange(self, b"", keep_alive=False, error=Answer.CONNECT))
             return
@@ -973,7 +977,10 @@ class ClientConnection(asyncio.Protocol):
         # Back-pressure from the exchange's instance connection ends with the exchange.
         self._upstream_full = False
         if not (ex.keep_alive and ex.body_done) or self.transport is None:
-            self._linger()
+            if self.last_request and ex.body_done and not self.queue:
+                self.close()  # the client sent all it will send: no reset to fear
+            else:
+                self._linger()
             return
         if self.queue:
             self._start(self.queue[0])

@@ -1690,3 +1690,16 @@ async def test_a_lingering_connection_is_closed_after_linger_time(
         started = time.monotonic()
         await until(lambda: not p.listener.connections, timeout=3)
         assert 0.2 < time.monotonic() - started < 2.5
+
+
+@aio(10)
+async def test_a_client_that_asked_to_close_is_closed_at_once(backend: Backend) -> None:
+    # Nothing more is coming after its whole request: no lingering, no extra cost for a
+    # new connection per request.
+    async with running_proxy(Target(Endpoint(HOST, backend.port))) as p:
+        assert p.listener is not None
+        c = await p.connect()
+        c.send(request_bytes("GET", "/", headers=[("Connection", "close")]))
+        assert (await c.response()).status == 200
+        assert await c.rest() == b""
+        await until(lambda: not p.listener.connections, timeout=0.5)  # lingering: 2 s
