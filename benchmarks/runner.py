@@ -25,7 +25,7 @@ from benchlib import RESULTS, RUN_ENV, handle_sigterm, machine, sweep, table
 HERE = Path(__file__).resolve().parent
 # name: (time limit of a full run, of a --quick run), seconds
 BENCHMARKS = {
-    "proxy_overhead": (900.0, 240.0),
+    "proxy_overhead": (1200.0, 240.0),
     "restart_under_load": (720.0, 240.0),
     "switch_latency": (240.0, 120.0),
     "memory": (300.0, 120.0),
