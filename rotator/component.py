@@ -269,11 +269,12 @@ class Component:
         self.bus.publish(Event(self.name, kind, message, data))
 
     # -- operations (each is one admin API call) --------------------------------
-    async def rotate(self, reason: Reason = Reason.MANUAL) -> None:
-        """Replace every replica (or start them) with zero downtime. Raises RotationFailed."""
+    async def rotate(self, reason: Reason = Reason.MANUAL, *, says_failure: bool = True) -> None:
+        """Replace every replica (or start them) with zero downtime. Raises RotationFailed;
+        without `says_failure` no `failed` event tells of it (the caller tells it its way)."""
         self._refuse_if_canary()
         self._reset_supervision()
-        await self._rotate(self.spec, reason=reason)
+        await self._rotate(self.spec, reason=reason, says_failure=says_failure)
 
     async def replace_replica(self, slot: int, reason: Reason) -> None:
         """Replace the instance of one slot with zero downtime (a limit it passed, say); the
@@ -769,6 +770,7 @@ class Component:
         slots: list[int] | None = None,
         undo: ComponentSpec | None = None,
         reason: Reason = Reason.MANUAL,
+        says_failure: bool = True,
     ) -> None:
         """Fill or replace the instances of `slots` (default: every slot) from `spec`.
         Given `undo` (a deploy's old definition), a failure puts the slots already
@@ -797,7 +799,7 @@ class Component:
                 exc = error if isinstance(error, RotationFailed) else _failed_start(error)
                 self.last_error = exc.reason
                 self._settle(idle=ComponentState.STARTING if recovering else ComponentState.FAILED)
-                if reason is not Reason.WATCH:  # the watcher says it, in its one `watch` event
+                if says_failure:
                     self.emit(Kind.FAILED, exc.reason, log_tail=exc.log_tail)
                 if not recovering:  # a recovery retries by itself
                     self._retry_missing()

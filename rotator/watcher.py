@@ -159,7 +159,7 @@ class ComponentWatch:
         files = self.coalescer.begin()
         comp.emit(Kind.WATCH, f"{files} changed, rotating", files=files)
         try:
-            await comp.rotate(Reason.WATCH)
+            await comp.rotate(Reason.WATCH, says_failure=False)  # said below, in one event
         except RotationFailed as exc:
             pids = ", ".join(str(s.instance.pid) for s in comp.serving.values())
             kept = f"pid {pids} keeps serving" if pids else "nothing serves"
