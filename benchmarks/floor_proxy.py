@@ -77,7 +77,8 @@ class Client(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         ip = transport.get_extra_info("peername")[0].encode()
         self.forwarded = b"X-Forwarded-For: " + ip + b"\r\nX-Forwarded-Proto: http\r\n"
-        asyncio.get_running_loop().create_task(self._connect())
+        if self.upstream is None:  # (proxy_instructions.py wires one in beforehand)
+            asyncio.get_running_loop().create_task(self._connect())
 
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()

@@ -10,7 +10,9 @@ So this counts the Python and httptools work per exchange, not the kernel's, not
 reads and writes, and not the scheduling: proxy_overhead.py measures all of those.
 The `+ canary 10%` cases run the same requests while a canary takes 10% of them (a second
 target in the canary's set, each side counting its figures): the difference from the
-plain case is what a canary costs a request.
+plain case is what a canary costs a request. The `minimal proxy` cases run the same
+requests through floor_proxy.py's minimal proxy (httptools both ways, nothing else): the
+floor under rotator's Python. Each case is also timed in-process (the best of 7 runs).
 Instructions are the difference between a run of N requests and a run of none, after the
 same warm-up, with a fixed hash seed: the same code gives the same count to within a
 fraction of a percent, on a busy machine too.
@@ -34,7 +36,8 @@ import re
 import shutil
 import subprocess
 import sys
-from typing import Any, cast
+import time
+from typing import Any, NamedTuple, cast
 
 from benchlib import machine, table, write_result
 
@@ -58,12 +61,21 @@ RESPONSE = (
     b"Date: Mon, 07 Dec 2026 16:00:00 GMT\r\nServer: Python/3.11 aiohttp/3.14.5\r\n\r\n" + b"x" * 95
 )
 WARM_UP = 200
-# Each case: the request, and the canary's weight (None: no canary, one target).
+
+
+class Case(NamedTuple):
+    request: str  # a key of REQUESTS
+    canary: int | None = None  # a canary's weight (%), or None: no canary, one target
+    proxy: str = "rotator"  # or "minimal": floor_proxy.py's, the floor under rotator's
+
+
 CASES = {
-    "wrk": ("wrk", None),
-    "browser": ("browser", None),
-    "wrk + canary 10%": ("wrk", 10),
-    "browser + canary 10%": ("browser", 10),
+    "wrk": Case("wrk"),
+    "browser": Case("browser"),
+    "wrk + canary 10%": Case("wrk", 10),
+    "browser + canary 10%": Case("browser", 10),
+    "wrk, minimal proxy": Case("wrk", proxy="minimal"),
+    "browser, minimal proxy": Case("browser", proxy="minimal"),
 }
 
 
@@ -88,15 +100,31 @@ class MemoryTransport:
         return ("127.0.0.1", 40000) if name == "peername" else default
 
 
-async def exchanges(case: str, n: int, profile: cProfile.Profile | None = None) -> int:
-    """Run WARM_UP + n requests through one client and one pooled instance connection;
-    the cyclic collector's passes during the n."""
+class Run(NamedTuple):
+    passes: int  # the cyclic collector's, during the n requests
+    seconds: float  # the n requests took (with the profiler, if one ran)
+
+
+def minimal_proxy(to_client: MemoryTransport, to_instance: MemoryTransport) -> tuple[Any, Any]:
+    """floor_proxy.py's minimal proxy, its client and instance sides wired to each other."""
+    import floor_proxy
+
+    client = floor_proxy.Client(1, parse=True)
+    upstream = floor_proxy.Upstream(client, parse=True)
+    upstream.connection_made(cast(Any, to_instance))
+    client.upstream = upstream
+    client.connection_made(cast(Any, to_client))
+    return client, upstream
+
+
+async def exchanges(case: str, n: int, profile: cProfile.Profile | None = None) -> Run:
+    """Run WARM_UP + n requests through one client and one pooled instance connection."""
     from rotator.config import Endpoint
     from rotator.proxy.protocol import ClientConnection, Listener
     from rotator.proxy.route import Route, Target
     from rotator.proxy.upstream import UpstreamConnection
 
-    kind, weight = CASES[case]
+    kind, weight, proxy = CASES[case]
     # A fixed draw: the same requests go to the canary in every run.
     route = Route("web", draw=random.Random(0).random)
     target = Target(Endpoint("127.0.0.1", 1))
@@ -109,12 +137,17 @@ async def exchanges(case: str, n: int, profile: cProfile.Profile | None = None) 
         route.add(canary, canary=True)
         route.canary_weight = weight
         route.reset_figures()
-    client = ClientConnection(Listener(route, "127.0.0.1", 8080))
     to_client, to_instance = MemoryTransport(), MemoryTransport()
-    client.connection_made(cast(Any, to_client))
-    upstream = UpstreamConnection(target)
-    upstream.connection_made(cast(Any, to_instance))
-    target.put_idle(upstream)
+    client: Any
+    upstream: Any
+    if proxy == "minimal":
+        client, upstream = minimal_proxy(to_client, to_instance)
+    else:
+        client = ClientConnection(Listener(route, "127.0.0.1", 8080))
+        client.connection_made(cast(Any, to_client))
+        upstream = UpstreamConnection(target)
+        upstream.connection_made(cast(Any, to_instance))
+        target.put_idle(upstream)
     request = REQUESTS[kind]
 
     def one() -> None:
@@ -130,18 +163,20 @@ async def exchanges(case: str, n: int, profile: cProfile.Profile | None = None) 
     passes = gc.get_stats()[0]["collections"]
     if profile is not None:
         profile.enable()
+    started = time.perf_counter()
     for _ in range(n):
         one()
+    seconds = time.perf_counter() - started
     if profile is not None:
         profile.disable()
     if weight is not None:
         figures = route.canary_figures.requests + route.stable_figures.requests
         if figures != WARM_UP + n or not route.canary_figures.requests:
             raise RuntimeError(f"the sides did not count every request: {figures}")
-    return int(gc.get_stats()[0]["collections"] - passes)
+    return Run(int(gc.get_stats()[0]["collections"] - passes), seconds)
 
 
-def run_loop(case: str, n: int, profile: cProfile.Profile | None = None) -> int:
+def run_loop(case: str, n: int, profile: cProfile.Profile | None = None) -> Run:
     try:
         import uvloop
 
@@ -172,7 +207,7 @@ def instructions(case: str, n: int) -> int | None:
 def calls(case: str, n: int) -> tuple[float, int, list[dict[str, Any]]]:
     """Python calls per request (cProfile), collector passes, the most frequent calls."""
     profile = cProfile.Profile()
-    passes = run_loop(case, n, profile)
+    passes = run_loop(case, n, profile).passes
     stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]
     total = sum(v[1] for v in stats.values())
     top = sorted(stats.items(), key=lambda kv: -kv[1][1])[:12]
@@ -181,6 +216,13 @@ def calls(case: str, n: int) -> tuple[float, int, list[dict[str, Any]]]:
         for (f, line, name), v in top
     ]
     return total / n, passes, rows
+
+
+def microseconds(case: str, n: int, repeats: int = 7) -> float:
+    """The time a request takes in-process, the best of `repeats` runs of n: timed, so
+    moved by the machine's load (the best of several, on a quiet machine, is stable to a
+    few percent), unlike the counts. For comparing cases side by side in one run."""
+    return min(run_loop(case, n).seconds for _ in range(repeats)) / n * 1e6
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(
             {
                 "request": case,
+                "microseconds": round(microseconds(case, 20 * args.requests), 2),
                 "instructions": instructions(case, args.requests),
                 "python_calls": round(per_call, 1),
                 "collector_passes_per_1000": round(1000 * passes / (20 * args.requests), 3),
@@ -209,16 +252,20 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(
         table(
-            ["request", "instructions/request", "Python calls/request", "gc passes/1000 req"],
-            [[r["request"], r["instructions"], r["python_calls"],
+            ["request", "instructions/request", "us/request in-process", "Python calls/request",
+             "gc passes/1000 req"],
+            [[r["request"], r["instructions"], r["microseconds"], r["python_calls"],
               r["collector_passes_per_1000"]] for r in rows],
         )
     )  # fmt: skip
     counts = {r["request"]: r["instructions"] for r in rows}
-    for case, (kind, weight) in CASES.items():
+    for case, (kind, weight, proxy) in CASES.items():
         if weight is not None and counts[case] and counts[kind]:
             extra = counts[case] - counts[kind]
             print(f"{case}: {extra:+} instructions a request ({100 * extra / counts[kind]:+.1f}%)")
+        if proxy == "minimal" and counts[case] and counts[kind]:
+            above = counts[kind] - counts[case]
+            print(f"{kind}: rotator {above:+} instructions a request above the minimal proxy")
     path = write_result(NAME, {"machine": machine(), "requests": args.requests, "rows": rows})
     print(f"\n{NAME}: results in {path}")
     return 0
