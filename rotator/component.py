@@ -1447,8 +1447,9 @@ class Component:
         serve: each empty slot is retried as a crashed replica's is (backoff, within the
         restart budget), so that the count asked for is reached once the cause passes.
         With nothing serving, the component is `failed` instead, as a lone instance that
-        cannot start is."""
-        if not self.serving or self.stopped_on_purpose:
+        cannot start is. A stop under way (it lets go of `holding` before it waits for the
+        lock this start holds) is not undone by a retry."""
+        if not self.serving or self.stopped_on_purpose or not self.route.holding:
             return
         for slot in self._missing():
             recovery = self._recoveries.get(slot)

@@ -265,3 +265,26 @@ def test_start_fills_only_the_missing_replicas() -> None:
         assert serving_pids(c)[:2] == first[:2] and len(c.serving) == 3
 
     run(scenario())
+
+
+def test_a_stop_during_a_failing_scale_up_is_not_undone_by_a_retry() -> None:
+    async def scenario() -> None:
+        w = World()
+        c = w.component(dataclasses.replace(THREE, replicas=1))
+        await c.rotate()
+        w.gate = asyncio.Event()
+        w.health_script = [NotHealthy("exited with code 3 before becoming healthy"), None]
+        scaling = asyncio.ensure_future(c.scale(3))
+        await settle()
+        stopping = asyncio.ensure_future(c.stop(on_purpose=False))  # the daemon going down
+        await settle()
+        w.gate.set()
+        with pytest.raises(RotationFailed):
+            await scaling
+        await stopping
+        spawned = len(w.instances)
+        await w.clock.advance(600)
+        assert len(w.instances) == spawned and not c.serving and not c.busy
+        assert c.state == ComponentState.STOPPED
+
+    run(scenario())
