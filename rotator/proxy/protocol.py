@@ -1134,7 +1134,12 @@ class ClientConnection(asyncio.Protocol):
         """Close after an answer that ends the connection, without losing the answer to a
         reset (see Lingering); at once if the client has closed its side already."""
         transport = self.transport
-        if transport is None or self.client_done or not transport.can_write_eof():
+        if (
+            transport is None
+            or transport.is_closing()  # aborted already (a body that broke mid-way)
+            or self.client_done
+            or not transport.can_write_eof()
+        ):
             self.close()
             return
         self.flush()
