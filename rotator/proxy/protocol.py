@@ -1013,10 +1013,7 @@ class ClientConnection(asyncio.Protocol):
         # Back-pressure from the exchange's instance connection ends with the exchange.
         self._upstream_full = False
         if not (ex.keep_alive and ex.body_done) or self.transport is None:
-            if self.last_request and ex.body_done and not self.queue:
-                self.close()  # the client sent all it will send: no reset to fear
-            else:
-                self._linger()
+            self._linger(sent_all=self.last_request and ex.body_done and not self.queue)
             return
         if self.queue:
             self._start(self.queue[0])
@@ -1130,14 +1127,16 @@ class ClientConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    def _linger(self) -> None:
+    def _linger(self, sent_all: bool) -> None:
         """Close after an answer that ends the connection, without losing the answer to a
-        reset (see Lingering); at once if the client has closed its side already."""
+        reset (see Lingering); at once when nothing more can come from the client: it has
+        closed its side, or `sent_all` (it asked to close and its request is all in)."""
         transport = self.transport
         if (
             transport is None
             or transport.is_closing()  # aborted already (a body that broke mid-way)
             or self.client_done
+            or sent_all
             or not transport.can_write_eof()
         ):
             self.close()
@@ -1164,16 +1163,11 @@ class Lingering(asyncio.Protocol):
     LINGER_TIME passes (the Listener's sweep). Closed at once instead, a socket with
     unread bytes sends a reset, which reaches a client that is still sending before it
     has read the answer: it reports "connection reset" rather than the 408 or the 413.
-    nginx's lingering close does the same, for the same reason."""
+    nginx's lingering close does the same, for the same reason. asyncio.Protocol's own
+    data_received (drop) and eof_received (close) are what lingering needs."""
 
     def __init__(self, conn: ClientConnection) -> None:
         self.conn = conn
-
-    def data_received(self, data: bytes) -> None:
-        pass
-
-    def eof_received(self) -> bool | None:
-        return None  # the client is done: the transport closes
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.conn.connection_lost(exc)
