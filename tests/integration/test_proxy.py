@@ -1654,6 +1654,10 @@ async def test_an_answer_that_refuses_an_upload_reaches_the_client_still_sending
             got = await asyncio.to_thread(blocking_exchange, p.port, head, 128, b"u" * 65536)
             assert got.startswith(b"HTTP/1.1 413 Payload Too Large\r\n") and got.endswith(b"big!")
         assert p.targets[0].in_flight == 0
+        # The instance saw each refused upload's head once, on a connection of its own
+        # (closed after its 413), and never a request made of the dropped body bytes.
+        assert fb.errors == 0 and fb.requests == [] and len(fb.conns) == 3
+        assert [bytes(c.raw).count(b"POST /upload HTTP/1.1\r\n") for c in fb.conns] == [1, 1, 1]
         await until(lambda: p.listener is not None and not p.listener.connections)
 
 
